@@ -1,0 +1,166 @@
+"""Command line: parse, call one function, map errors to exit codes.
+
+Exit codes: 0 done, 1 the sweep stopped (too many failed trials), 2 bad input (nothing written),
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Heavy imports (TensorFlow, MLflow, Optuna) happen
+only inside the commands that need them, so `validate` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from mnist_sweep.config import ConfigError, SweepConfig, load_sweep
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the running trial is closed as failed everywhere."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def _echo(line: str) -> None:
+    print(line, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnist-sweep", description=__doc__.splitlines()[0] if __doc__ else None)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("sweep", metavar="SWEEP", help="the sweep file, e.g. sweeps/fcn.toml")
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a key, value in TOML syntax: --set study.trials=3",
+        )
+        sub.add_argument("--trials", type=int, help="shortcut for --set study.trials=N")
+        sub.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
+        sub.add_argument("--data", help="shortcut for --set data.path=PATH")
+        return sub
+
+    command("run", "run trials until study.trials are finished, then score the chosen model on the test set once")
+    command("worker", "join the study and run trials (never touches the test set)")
+    finalize = command("finalize", "score the chosen trial's model on the test set once and write the report")
+    finalize.add_argument(
+        "--reclaim",
+        action="store_true",
+        help="take over a scoring claim left by a process that died before recording a result",
+    )
+    command("validate", "print the resolved configuration, or the error (exit 2)")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    shortcuts = (("trials", "study.trials"), ("epochs", "train.epochs"))
+    for flag, key in shortcuts:
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.data is not None:
+        overrides.append("data.path=" + '"' + args.data.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return overrides
+
+
+def _validate(cfg: SweepConfig) -> int:
+    from mnist_sweep.data import resolve_source
+
+    source = resolve_source(cfg.data.path)
+    sys.stdout.write(cfg.to_toml())
+    sys.stdout.write(f"# data source: {source.describe()}\n")
+    return EXIT_OK
+
+
+def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
+    if args.command == "validate":
+        return _validate(cfg)
+    _quiet_libraries()
+    from mnist_sweep import sweep
+
+    if args.command == "run":
+        return sweep.run(cfg, echo=_echo, finalize=True)
+    if args.command == "worker":
+        return sweep.run(cfg, echo=_echo, finalize=False, as_worker=True)
+    if args.command == "finalize":
+        return sweep.finalize(cfg, echo=_echo, reclaim=args.reclaim)
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    import logging
+    import warnings
+
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input: one line, exit 2."""
+    from mnist_sweep.data import DataError
+
+    errors: list[type[BaseException]] = [ConfigError, DataError]
+    if "mnist_sweep.sweep" in sys.modules:
+        from mnist_sweep.final import FinalizeError
+        from mnist_sweep.preflight import PreflightError
+        from mnist_sweep.study import StorageError, StudyMismatchError
+        from mnist_sweep.sweep import NoSuchStudyError, StudySealedError
+        from mnist_sweep.tracking import TrackingError
+
+        errors += [
+            PreflightError,
+            StorageError,
+            StudyMismatchError,
+            StudySealedError,
+            NoSuchStudyError,
+            TrackingError,
+            FinalizeError,
+        ]
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    previous: Callable[..., object] | int | None = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        cfg = load_sweep(args.sweep, _overrides(args))
+        return _dispatch(args, cfg)
+    except Terminated:
+        print("mnist-sweep: terminated; the running trial was recorded as failed, rerun to resume", file=sys.stderr)
+        return EXIT_SIGTERM
+    except KeyboardInterrupt:
+        print("mnist-sweep: interrupted; the running trial was recorded as failed, rerun to resume", file=sys.stderr)
+        return EXIT_SIGINT
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            print(f"mnist-sweep: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        from mnist_sweep.study import TooManyFailures
+
+        if isinstance(exc, TooManyFailures):
+            print(f"mnist-sweep: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

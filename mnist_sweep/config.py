@@ -1,0 +1,424 @@
+"""The sweep file, validated into typed, frozen objects.
+
+Every key has a default (the lecture's value where it gives one), so a sweep file holds only what it
+changes; unknown keys are errors. This module imports neither TensorFlow nor MLflow, so
+`mnist-sweep validate` answers in about a second.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A sweep file or command-line value that cannot be used; the message is one line for the user."""
+
+
+OPTIMIZERS = ("sgd", "adam", "rmsprop", "adamw", "nadam")
+ACTIVATIONS = ("sigmoid", "relu", "tanh", "elu", "gelu", "selu")
+METRIC_DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql")
+TRACKING_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "https", "file")
+
+
+# --------------------------------------------------------------------------- search-space values
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A categorical parameter; a single choice is a fixed value that is not searched."""
+
+    values: tuple[str | int | float, ...]
+
+    @property
+    def is_fixed(self) -> bool:
+        return len(self.values) == 1
+
+    def to_toml_value(self) -> Any:
+        return self.values[0] if self.is_fixed else list(self.values)
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric interval, sampled uniformly or (log = true) log-uniformly."""
+
+    low: float
+    high: float
+    log: bool
+    integer: bool
+
+    @property
+    def is_fixed(self) -> bool:
+        return False
+
+    def to_toml_value(self) -> Any:
+        cast = int if self.integer else float
+        return {"low": cast(self.low), "high": cast(self.high), "log": self.log}
+
+
+ParamSpec = Choice | Range
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if not isinstance(value, dict) else "{" + ", ".join(value) + "}"
+
+
+def _parse_range(value: dict[str, Any], *, integer: bool, minimum: float) -> Range:
+    unknown = sorted(set(value) - {"low", "high", "log"})
+    if unknown:
+        raise ValueError(f"unknown range key {unknown[0]!r}; a range takes low, high and log")
+    if "low" not in value or "high" not in value:
+        raise ValueError(f"a range needs both low and high, got {_describe(value)}")
+    low, high, log = value["low"], value["high"], value.get("log", False)
+    number_type = (int,) if integer else (int, float)
+    for key, bound in (("low", low), ("high", high)):
+        if isinstance(bound, bool) or not isinstance(bound, number_type):
+            kind = "an integer" if integer else "a number"
+            raise ValueError(f"range {key} must be {kind}, got {bound!r}")
+    if not isinstance(log, bool):
+        raise ValueError(f"range log must be true or false, got {log!r}")
+    if low > high:
+        raise ValueError(f"range low must be <= high, got low={low!r} > high={high!r}")
+    if log and low <= 0:
+        raise ValueError(f"a log range needs low > 0, got low={low!r}")
+    if low < minimum:
+        raise ValueError(f"range low must be >= {minimum}, got {low!r}")
+    return Range(low=float(low), high=float(high), log=log, integer=integer)
+
+
+def _numeric_param(*, integer: bool, minimum: float, strictly_positive: bool) -> Any:
+    """A validator for a number: fixed, a list of choices, or {low, high, log}."""
+    kind = "an integer" if integer else "a number"
+
+    def check_number(number: Any) -> int | float:
+        ok_type = (int,) if integer else (int, float)
+        if isinstance(number, bool) or not isinstance(number, ok_type):
+            raise ValueError(f"must be {kind}, a list of them or {{low, high, log}}, got {number!r}")
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ValueError(f"must be finite, got {number!r}")
+        if number < minimum or (strictly_positive and number <= 0):
+            bound = f"> {minimum}" if strictly_positive else f">= {minimum}"
+            raise ValueError(f"must be {bound}, got {number!r}")
+        return number
+
+    def parse(value: Any) -> ParamSpec:
+        if isinstance(value, (Choice, Range)):
+            return value
+        if isinstance(value, dict):
+            spec = _parse_range(value, integer=integer, minimum=minimum)
+            if strictly_positive and spec.low <= 0:
+                raise ValueError(f"range low must be > 0, got {spec.low!r}")
+            return spec
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("the list of choices is empty; give at least one value")
+            return Choice(tuple(dict.fromkeys(check_number(v) for v in value)))
+        return Choice((check_number(value),))
+
+    return BeforeValidator(parse)
+
+
+def _name_param(allowed: Sequence[str]) -> Any:
+    """A validator for a categorical name: fixed or a list of choices, each from `allowed`."""
+
+    def check_name(name: Any) -> str:
+        if not isinstance(name, str) or name.lower() not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {name!r}")
+        return name.lower()
+
+    def parse(value: Any) -> ParamSpec:
+        if isinstance(value, Choice):
+            return value
+        if isinstance(value, dict):
+            raise ValueError(f"is categorical and takes a name or a list of names, got {_describe(value)}")
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("the list of choices is empty; give at least one value")
+            return Choice(tuple(dict.fromkeys(check_name(v) for v in value)))
+        return Choice((check_name(value),))
+
+    return BeforeValidator(parse)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class StudyConfig(_Section):
+    """[study]: the Optuna study, which is also the MLflow experiment."""
+
+    name: str = "fcn"
+    trials: int = Field(default=30, ge=1)
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    direction: Literal["maximize", "minimize"] | None = None
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["none", "median"] = "median"
+    pruner_startup_trials: int = Field(default=5, ge=0)
+    pruner_warmup_epochs: int = Field(default=1, ge=0)
+    seed: int = 42
+    storage: str = "sqlite:///mlruns/optuna.db"
+    heartbeat_seconds: int = Field(default=60, ge=1)
+    max_failures: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyConfig:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name):
+            raise ValueError(
+                f"study.name must be letters, digits, '.', '_' or '-' (it names a folder), got {self.name!r}"
+            )
+        expected = METRIC_DIRECTIONS[self.metric]
+        if self.direction is None:
+            object.__setattr__(self, "direction", expected)
+        elif self.direction != expected:
+            raise ValueError(
+                f"study.direction {self.direction!r} contradicts study.metric {self.metric!r}, "
+                f"which is {expected}d; set direction = {expected!r} or leave it out"
+            )
+        _check_uri("study.storage", self.storage, STORAGE_SCHEMES)
+        return self
+
+    @property
+    def goal(self) -> Literal["maximize", "minimize"]:
+        assert self.direction is not None  # filled in by the validator
+        return self.direction
+
+
+class DataConfig(_Section):
+    """[data]: where MNIST comes from and how the 60k training images are split."""
+
+    path: str = ""
+    validation: int = Field(default=5000, ge=1)
+    train_limit: int = Field(default=0, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.validation >= 60000:
+            raise ValueError(f"data.validation must leave training images out of MNIST's 60000, got {self.validation}")
+        if self.train_limit > 60000 - self.validation:
+            raise ValueError(
+                f"data.train_limit must be <= {60000 - self.validation} (60000 minus data.validation), "
+                f"got {self.train_limit}"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    """[model]: the fully connected network (the lecture's 784 -> 500 -> 500 -> 10)."""
+
+    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [500, 500])
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if not self.hidden:
+            raise ValueError("model.hidden needs at least one layer size, got []")
+        return self
+
+
+class TrainConfig(_Section):
+    """[train]: how long each trial trains."""
+
+    epochs: int = Field(default=10, ge=1, le=10000)
+    early_stopping_patience: int = Field(default=0, ge=0)
+
+
+class SearchConfig(_Section):
+    """[search]: each key is a fixed value, a list of choices, or {low, high, log}."""
+
+    optimizer: Annotated[ParamSpec, _name_param(OPTIMIZERS)] = Choice(("sgd", "adam", "rmsprop"))
+    learning_rate: Annotated[ParamSpec, _numeric_param(integer=False, minimum=0.0, strictly_positive=True)] = Range(
+        low=1e-4, high=0.3, log=True, integer=False
+    )
+    batch_size: Annotated[ParamSpec, _numeric_param(integer=True, minimum=1, strictly_positive=True)] = Choice(
+        (32, 64, 128, 256)
+    )
+    activation: Annotated[ParamSpec, _name_param(ACTIVATIONS)] = Choice(("sigmoid", "relu", "tanh"))
+    dropout: Annotated[ParamSpec, _numeric_param(integer=False, minimum=0.0, strictly_positive=False)] = Choice((0.0,))
+    weight_decay: Annotated[ParamSpec, _numeric_param(integer=False, minimum=0.0, strictly_positive=False)] = Choice(
+        (0.0,)
+    )
+    momentum: Annotated[ParamSpec, _numeric_param(integer=False, minimum=0.0, strictly_positive=False)] = Choice((0.0,))
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        for key in ("dropout", "momentum"):
+            spec: ParamSpec = getattr(self, key)
+            upper = spec.high if isinstance(spec, Range) else max(float(v) for v in spec.values)
+            if upper >= 1.0:
+                raise ValueError(f"search.{key} must be < 1, got {spec.to_toml_value()!r}")
+        return self
+
+    def specs(self) -> dict[str, ParamSpec]:
+        return {name: getattr(self, name) for name in type(self).model_fields}
+
+
+class TrackingConfig(_Section):
+    """[tracking]: the MLflow tracking store, its artifact root, and where reports are written."""
+
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifacts: str = "mlruns/artifacts"
+    reports: str = "reports"
+
+    @model_validator(mode="after")
+    def _check(self) -> TrackingConfig:
+        _check_uri("tracking.uri", self.uri, TRACKING_SCHEMES)
+        if not self.artifacts:
+            raise ValueError("tracking.artifacts must name a folder or URI, got ''")
+        if not self.reports:
+            raise ValueError("tracking.reports must name a folder, got ''")
+        return self
+
+
+class SweepConfig(_Section):
+    """The whole sweep file."""
+
+    study: StudyConfig = Field(default_factory=StudyConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def to_toml(self) -> str:
+        """The resolved configuration as a sweep file, every key spelled out."""
+        return dumps_toml(self.to_dict())
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for section_name in type(self).model_fields:
+            section: BaseModel = getattr(self, section_name)
+            out[section_name] = {
+                key: (value.to_toml_value() if isinstance(value, (Choice, Range)) else value)
+                for key, value in ((k, getattr(section, k)) for k in type(section).model_fields)
+            }
+        return out
+
+
+def _check_uri(key: str, uri: str, schemes: Sequence[str]) -> None:
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme not in schemes:
+        raise ValueError(f"{key} must start with one of {', '.join(s + '://' for s in schemes)}, got {uri!r}")
+    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
+        raise ValueError(f"{key} needs a file path: sqlite:///relative/path.db or sqlite:////abs.db, got {uri!r}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """`section.key=value` with a TOML value; a bare word that is not TOML is taken as a string."""
+    key, sep, raw = assignment.partition("=")
+    parts = [p.strip() for p in key.strip().split(".")]
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set takes section.key=value, got {assignment!r}")
+    try:
+        value = tomllib.loads(f"value = {raw.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def apply_overrides(document: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
+    """A copy of `document` with each `section.key=value` assignment applied."""
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in document.items()}
+    for assignment in assignments:
+        parts, value = parse_override(assignment)
+        node = merged
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
+    """Read, merge and validate a sweep file; raises ConfigError with a one-line message."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: sweep file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read sweep file: {exc}") from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return build_config(apply_overrides(document, overrides), origin=str(source))
+
+
+def build_config(document: Mapping[str, Any], *, origin: str = "<config>") -> SweepConfig:
+    """Validate a parsed sweep document."""
+    try:
+        return SweepConfig.model_validate(dict(document))
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors(include_url=False)[0]
+    location = ".".join(str(part) for part in error["loc"])
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        section_name = location.rsplit(".", 1)[0] if "." in location else ""
+        model: type[BaseModel] = SweepConfig
+        if section_name:
+            model = SweepConfig.model_fields[section_name].annotation  # type: ignore[assignment]
+        known = ", ".join(model.model_fields)
+        return f"unknown key {location!r}; known keys{' in [' + section_name + ']' if section_name else ''}: {known}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if message.startswith(("study.", "data.", "model.", "train.", "search.", "tracking.")):
+        return message
+    if error["type"].startswith("model_") or not location:
+        return f"{message}, got {value!r}"
+    if error["type"] in ("value_error", "assertion_error"):
+        return f"{location} {message}"
+    return f"{location} {message.lower()}, got {value!r}"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if value is None:
+        raise ConfigError("cannot write None to TOML")
+    raise ConfigError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dumps_toml(document: Mapping[str, Mapping[str, Any]]) -> str:
+    """Sections of scalars, lists and inline tables: all a sweep file holds."""
+    blocks = []
+    for section, values in document.items():
+        lines = [f"[{section}]"] + [f"{key} = {_toml_value(v)}" for key, v in values.items()]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"

@@ -1,0 +1,284 @@
+"""MNIST in, split and normalised; the test split sealed away.
+
+Sources, in order: `data.path` (a folder of the four IDX files, gz or raw, or a Keras `mnist.npz`),
+then $MNIST_SWEEP_DATA, then Keras' download. Training images are decoded once per process. The test
+images are read only by `load_test_split`, which raises while the test set is sealed (i.e. while
+trials run), so no trial can look at them, even by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gzip
+import hashlib
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+DATA_ENV = "MNIST_SWEEP_DATA"
+KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+KERAS_MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+IMAGE_SIDE = 28
+NUM_CLASSES = 10
+
+# MNIST's well-known md5s of the uncompressed files: a file under a standard name must match.
+STANDARD_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+Images = npt.NDArray[np.float32]
+Labels = npt.NDArray[np.int64]
+
+
+class DataError(ValueError):
+    """Missing or corrupt MNIST data; the message is one line naming the file and what is wrong."""
+
+
+class TestSetSealedError(RuntimeError):
+    """Something asked for the test images while trials run."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training and validation images (float32 in [0, 1], shape (n, 28, 28)) and int labels."""
+
+    x_train: Images
+    y_train: Labels
+    x_val: Images
+    y_val: Labels
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where MNIST is read from: a folder of IDX files, an npz file, or Keras' download."""
+
+    kind: str  # "idx", "npz" or "download"
+    location: str
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.location}" if self.location else self.kind
+
+
+# --------------------------------------------------------------------------- sealing the test set
+
+_seal = threading.local()
+
+
+@contextlib.contextmanager
+def test_set_sealed() -> Iterator[None]:
+    """While inside, `load_test_split` raises: trials run here."""
+    previous = getattr(_seal, "active", False)
+    _seal.active = True
+    try:
+        yield
+    finally:
+        _seal.active = previous
+
+
+def _refuse_if_sealed() -> None:
+    if getattr(_seal, "active", False):
+        raise TestSetSealedError("the test split was asked for while trials run; it is scored once, at the end")
+
+
+# --------------------------------------------------------------------------- locating the data
+
+
+def resolve_source(path: str) -> DataSource:
+    """The data source for `data.path` ('' falls back to $MNIST_SWEEP_DATA, then to Keras' download)."""
+    chosen = path or os.environ.get(DATA_ENV, "")
+    if not chosen:
+        return DataSource("download", "")
+    where = "data.path" if path else f"${DATA_ENV}"
+    candidate = Path(chosen).expanduser()
+    if candidate.is_dir():
+        for name in TRAIN_FILES + TEST_FILES:
+            _find_idx(candidate, name, where=where)
+        return DataSource("idx", str(candidate.resolve()))
+    if candidate.is_file():
+        if candidate.suffix != ".npz":
+            raise DataError(f"{where} = {chosen!r} is a file but not an .npz; give a folder of IDX files or mnist.npz")
+        return DataSource("npz", str(candidate.resolve()))
+    raise DataError(f"{where} = {chosen!r} does not exist")
+
+
+def _find_idx(folder: Path, name: str, *, where: str) -> Path:
+    for candidate in (folder / f"{name}.gz", folder / name):
+        if candidate.is_file():
+            if not os.access(candidate, os.R_OK):
+                raise DataError(f"{where}: {candidate} is not readable")
+            return candidate
+    raise DataError(f"{where} = {str(folder)!r} has no {name}[.gz]; it needs the four MNIST IDX files")
+
+
+# --------------------------------------------------------------------------- reading IDX files
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                return handle.read()
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+
+
+def _parse_idx(path: Path, raw: bytes, *, images: bool) -> npt.NDArray[np.uint8]:
+    magic_expected = IMAGE_MAGIC if images else LABEL_MAGIC
+    header_size = 16 if images else 8
+    if len(raw) < header_size:
+        raise DataError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+    magic, count = struct.unpack(">ii", raw[:8])
+    if magic != magic_expected:
+        raise DataError(f"{path}: IDX magic is {magic}, expected {magic_expected}")
+    shape: tuple[int, ...] = (count,)
+    if images:
+        rows, cols = struct.unpack(">ii", raw[8:16])
+        if (rows, cols) != (IMAGE_SIDE, IMAGE_SIDE):
+            raise DataError(f"{path}: images are {rows}x{cols}, expected 28x28")
+        shape = (count, rows, cols)
+    expected_bytes = header_size + int(np.prod(shape))
+    if len(raw) != expected_bytes:
+        raise DataError(f"{path}: {len(raw)} bytes, expected {expected_bytes} for {count} items")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(shape)
+
+
+def read_idx(path: Path, *, images: bool) -> npt.NDArray[np.uint8]:
+    """One IDX file, gz or raw, checked: magic, sizes, and the standard md5 for the standard names."""
+    raw = _read_bytes(path)
+    standard_name = path.name.removesuffix(".gz")
+    expected_md5 = STANDARD_MD5.get(standard_name)
+    if expected_md5 is not None:
+        actual = hashlib.md5(raw, usedforsecurity=False).hexdigest()
+        if actual != expected_md5:
+            # A renamed or cut file fails the header checks with a clearer message first.
+            array = _parse_idx(path, raw, images=images)
+            raise DataError(
+                f"{path}: checksum mismatch (md5 {actual}, expected {expected_md5}); "
+                f"{len(array)} items — the file is not the standard MNIST file"
+            )
+    return _parse_idx(path, raw, images=images)
+
+
+def _check_labels(path: str, labels: npt.NDArray[np.uint8]) -> Labels:
+    if labels.size and int(labels.max()) >= NUM_CLASSES:
+        bad = int(np.argmax(labels >= NUM_CLASSES))
+        raise DataError(f"{path}: label {int(labels[bad])} at index {bad} is out of range 0..9")
+    return labels.astype(np.int64)
+
+
+def _check_pair(where: str, images: npt.NDArray[np.uint8], labels: npt.NDArray[np.uint8]) -> None:
+    if len(images) != len(labels):
+        raise DataError(f"{where}: {len(images)} images but {len(labels)} labels")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@functools.lru_cache(maxsize=4)
+def _load_raw(source: DataSource, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
+    """uint8 images and int labels of one part ('train' or 'test'), decoded once per process."""
+    if source.kind == "download":
+        source = DataSource("npz", _download_keras_npz())
+    if source.kind == "npz":
+        return _load_npz(Path(source.location), part)
+    names = TRAIN_FILES if part == "train" else TEST_FILES
+    folder = Path(source.location)
+    image_path, label_path = (_find_idx(folder, name, where="data.path") for name in names)
+    images = read_idx(image_path, images=True)
+    labels = read_idx(label_path, images=False)
+    _check_pair(str(folder), images, labels)
+    return images, _check_labels(str(label_path), labels)
+
+
+def _load_npz(path: Path, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
+    x_key, y_key = f"x_{part}", f"y_{part}"
+    try:
+        # NpzFile reads an array only when its key is accessed: the test arrays stay on disk here.
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in (x_key, y_key) if k not in archive.files]
+            if missing:
+                raise DataError(
+                    f"{path}: no {missing[0]!r} array; a Keras mnist.npz has x_train, y_train, x_test, y_test"
+                )
+            images, labels = archive[x_key], archive[y_key]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read as .npz ({exc})") from None
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise DataError(f"{path}: {x_key} has shape {images.shape}, expected (n, 28, 28)")
+    if labels.ndim != 1:
+        raise DataError(f"{path}: {y_key} has shape {labels.shape}, expected (n,)")
+    _check_pair(str(path), images, labels)
+    return images.astype(np.uint8, copy=False), _check_labels(f"{path}:{y_key}", labels.astype(np.int64))
+
+
+def _download_keras_npz() -> str:
+    """Keras' own mnist.npz (what keras.datasets.mnist.load_data fetches), kept in ~/.keras/datasets."""
+    import keras
+
+    return str(keras.utils.get_file("mnist.npz", KERAS_MNIST_URL, file_hash=KERAS_MNIST_SHA256))
+
+
+def _normalise(images: npt.NDArray[np.uint8]) -> Images:
+    return (images.astype(np.float32) / np.float32(255.0)).astype(np.float32, copy=False)
+
+
+@functools.lru_cache(maxsize=4)
+def load_split(source: DataSource, *, validation: int, train_limit: int, seed: int) -> Split:
+    """The training images shuffled with `seed`, the first `validation` held out, then `train_limit`."""
+    images, labels = _load_raw(source, "train")
+    if validation >= len(images):
+        raise DataError(f"data.validation = {validation} must be smaller than the {len(images)} training images")
+    order = np.random.default_rng(seed).permutation(len(images))
+    val_idx, train_idx = order[:validation], order[validation:]
+    if train_limit:
+        if train_limit > len(train_idx):
+            raise DataError(f"data.train_limit = {train_limit} exceeds the {len(train_idx)} training images left")
+        train_idx = train_idx[:train_limit]
+    return Split(
+        x_train=_normalise(images[train_idx]),
+        y_train=labels[train_idx],
+        x_val=_normalise(images[val_idx]),
+        y_val=labels[val_idx],
+    )
+
+
+def check_test_split_present(source: DataSource) -> None:
+    """Before any trial: the test files exist and have sane headers, without reading their images."""
+    if source.kind != "idx":
+        return  # an npz is checked as a whole when read; the download brings both splits
+    folder = Path(source.location)
+    for name, images in zip(TEST_FILES, (True, False), strict=True):
+        path = _find_idx(folder, name, where="data.path")
+        opener = gzip.open if path.suffix == ".gz" else open
+        try:
+            with opener(path, "rb") as handle:
+                header = handle.read(8)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{path}: cannot read ({exc})") from None
+        expected = IMAGE_MAGIC if images else LABEL_MAGIC
+        if len(header) < 8 or struct.unpack(">i", header[:4])[0] != expected:
+            raise DataError(f"{path}: not an IDX {'image' if images else 'label'} file (magic != {expected})")
+
+
+def load_test_split(source: DataSource) -> tuple[Images, Labels]:
+    """The 10,000 test images and labels. Only the final step calls this, once per study."""
+    _refuse_if_sealed()
+    images, labels = _load_raw(source, "test")
+    return _normalise(images), labels

@@ -1,0 +1,165 @@
+"""Choose the trial, score the test set once, and seal the study.
+
+The seal is a second Optuna study named `<study>.test-seal`: creating a study is atomic in every RDB
+storage (a unique name), so of two processes that finish at the same moment exactly one scores the test
+set; the other waits for the recorded result.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mnist_sweep.data import DataSource, load_test_split
+from mnist_sweep.metrics import classification_report, confusion_matrix, wilson_interval
+from mnist_sweep.study import MODEL_URI_ATTR, RUN_ID_ATTR, TEST_RESULT_ATTR
+from mnist_sweep.tracking import Tracker
+
+SEAL_SUFFIX = ".test-seal"
+RESULT_WAIT_SECONDS = 600.0
+
+
+class FinalizeError(RuntimeError):
+    """The test set cannot be scored now; one line for the user."""
+
+
+def seal_name(study_name: str) -> str:
+    return study_name + SEAL_SUFFIX
+
+
+def recorded_result(study: optuna.Study) -> dict[str, Any] | None:
+    """The test result stored on the study, if its test set was scored."""
+    result = study.user_attrs.get(TEST_RESULT_ATTR)
+    return dict(result) if result else None
+
+
+def seal_claimed(storage: optuna.storages.BaseStorage, study_name: str) -> bool:
+    """True once a process has started scoring the test set (or finished)."""
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    return seal_name(study_name) in names
+
+
+def choose_trial(study: optuna.Study, metric: str) -> FrozenTrial:
+    """The best complete trial by the study metric that has a logged model."""
+    candidates = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None and t.user_attrs.get(MODEL_URI_ATTR)
+    ]
+    if not candidates:
+        raise FinalizeError(f"study {study.study_name!r} has no complete trial with a logged model to score")
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    # Ties go to the earlier trial, so the choice does not depend on the order workers finished.
+    return sorted(candidates, key=lambda t: ((-t.value if maximize else t.value), t.number))[0]  # type: ignore[operator]
+
+
+def _claim(storage: optuna.storages.BaseStorage, study_name: str, *, reclaim: bool) -> bool:
+    if reclaim and seal_claimed(storage, study_name):
+        optuna.delete_study(study_name=seal_name(study_name), storage=storage)
+    try:
+        seal = optuna.create_study(study_name=seal_name(study_name), storage=storage)
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+    seal.set_user_attr("claimed_by", f"{socket.gethostname()}:{os.getpid()}")
+    seal.set_user_attr("claimed_at", _now())
+    return True
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _wait_for_result(
+    study: optuna.Study, storage: optuna.storages.BaseStorage, echo: Callable[[str], None]
+) -> dict[str, Any]:
+    echo("another process is scoring the test set; waiting for its result")
+    deadline = time.monotonic() + RESULT_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        fresh = optuna.load_study(study_name=study.study_name, storage=storage)
+        result = recorded_result(fresh)
+        if result is not None:
+            return result
+        time.sleep(1.0)
+    seal = optuna.load_study(study_name=seal_name(study.study_name), storage=storage)
+    raise FinalizeError(
+        f"the test set was claimed by {seal.user_attrs.get('claimed_by')} at {seal.user_attrs.get('claimed_at')} "
+        "but no result was recorded; if that process died, run `mnist-sweep finalize SWEEP --reclaim`"
+    )
+
+
+def score_test_set(
+    *,
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    tracker: Tracker,
+    parent_run_id: str,
+    source: DataSource,
+    metric: str,
+    echo: Callable[[str], None],
+    reclaim: bool = False,
+) -> tuple[dict[str, Any], bool]:
+    """Score the chosen trial's logged model on the test set, once; returns (result, scored_now)."""
+    existing = recorded_result(study)
+    if existing is not None:
+        return existing, False
+    chosen = choose_trial(study, metric)
+    # Load before claiming, so a corrupt test file or a missing model leaves the seal unclaimed.
+    model = tracker.load_model(chosen.user_attrs[MODEL_URI_ATTR])
+    x_test, y_test = load_test_split(source)
+    if not _claim(storage, study.study_name, reclaim=reclaim):
+        return _wait_for_result(study, storage, echo), False
+    probabilities = np.asarray(model.predict(x_test, batch_size=2048, verbose=0))
+    # Keras' sparse cross-entropy clips at 1e-7 too; regularisation terms are not part of a test loss.
+    picked = np.clip(probabilities[np.arange(len(y_test)), y_test], 1e-7, 1.0)
+    test_loss = float(-np.mean(np.log(picked)))
+    report = classification_report(confusion_matrix(y_test, probabilities.argmax(axis=1)))
+    correct = int(np.trace(report.matrix))
+    low, high = wilson_interval(correct, len(y_test))
+    result: dict[str, Any] = {
+        "study": study.study_name,
+        "trial_number": chosen.number,
+        "run_id": chosen.user_attrs.get(RUN_ID_ATTR),
+        "model_uri": chosen.user_attrs[MODEL_URI_ATTR],
+        "params": dict(chosen.params),
+        "metric": metric,
+        "val_loss": chosen.user_attrs.get("val_loss"),
+        "val_accuracy": chosen.user_attrs.get("val_accuracy"),
+        "epochs_trained": chosen.user_attrs.get("epochs_trained"),
+        "test_images": len(y_test),
+        "test_loss": test_loss,
+        "test_accuracy": report.overall_accuracy,
+        "test_accuracy_ci95": [low, high],
+        "test_confusion_matrix": report.matrix.tolist(),
+        "test_per_class": report.per_class_rows(),
+        "scored_at": _now(),
+        "scored_by": f"{socket.gethostname()}:{os.getpid()}",
+    }
+    tracker.log_test_result(
+        parent_run_id,
+        test_loss=test_loss,
+        report=report,
+        tags={
+            "test_scored_trial": str(chosen.number),
+            "test_scored_at": result["scored_at"],
+            "test_scored_run_id": str(result["run_id"]),
+        },
+    )
+    study.set_user_attr(TEST_RESULT_ATTR, result)
+    return result, True
+
+
+def result_line(result: dict[str, Any]) -> str:
+    low, high = result["test_accuracy_ci95"]
+    return (
+        f"test accuracy {result['test_accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
+        f"test loss {result['test_loss']:.4f} on {result['test_images']} images; "
+        f"trial {result['trial_number']} (run {result['run_id']}), scored {result['scored_at']}"
+    )

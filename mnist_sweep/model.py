@@ -1,0 +1,60 @@
+"""The lecture's fully connected network, built from a dict of hyperparameters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+
+INPUT_SHAPE = (28, 28)
+NUM_CLASSES = 10
+
+
+def build_model(
+    *,
+    hidden: Sequence[int],
+    activation: str,
+    dropout: float = 0.0,
+    weight_decay: float = 0.0,
+) -> keras.Model:
+    """784 -> hidden... -> 10 softmax; dropout after each hidden layer and L2 on the kernels if > 0."""
+    regularizer = keras.regularizers.L2(weight_decay) if weight_decay > 0 else None
+    layers: list[keras.layers.Layer] = [keras.Input(shape=INPUT_SHAPE), keras.layers.Flatten()]
+    for units in hidden:
+        layers.append(keras.layers.Dense(units, activation=activation, kernel_regularizer=regularizer))
+        if dropout > 0:
+            layers.append(keras.layers.Dropout(dropout))
+    layers.append(keras.layers.Dense(NUM_CLASSES, activation="softmax"))
+    return keras.Sequential(layers, name="fcn")
+
+
+def build_optimizer(*, name: str, learning_rate: float, momentum: float = 0.0) -> keras.optimizers.Optimizer:
+    """The optimizer by its sweep-file name; momentum applies to sgd and rmsprop only."""
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=learning_rate, momentum=momentum)
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=learning_rate)
+    if name == "adamw":
+        return keras.optimizers.AdamW(learning_rate=learning_rate)
+    if name == "nadam":
+        return keras.optimizers.Nadam(learning_rate=learning_rate)
+    raise ValueError(f"optimizer must be one of sgd, adam, rmsprop, adamw, nadam, got {name!r}")
+
+
+def compiled_model(params: dict[str, object], hidden: Sequence[int]) -> keras.Model:
+    """A fresh, compiled model for one trial's hyperparameters."""
+    model = build_model(
+        hidden=hidden,
+        activation=str(params["activation"]),
+        dropout=float(params.get("dropout", 0.0)),  # type: ignore[arg-type]
+        weight_decay=float(params.get("weight_decay", 0.0)),  # type: ignore[arg-type]
+    )
+    optimizer = build_optimizer(
+        name=str(params["optimizer"]),
+        learning_rate=float(params["learning_rate"]),  # type: ignore[arg-type]
+        momentum=float(params.get("momentum", 0.0)),  # type: ignore[arg-type]
+    )
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model

@@ -1,0 +1,328 @@
+"""The Optuna study: storage, sampler, pruner, the objective, and the loop that runs trials."""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from mnist_sweep.config import StudyConfig, SweepConfig
+from mnist_sweep.data import Split, test_set_sealed
+from mnist_sweep.space import sample_params
+from mnist_sweep.tracking import Tracker, sqlite_file
+from mnist_sweep.trial import TrainSettings, TrialOutcome, run_trial
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+RUN_ID_ATTR = "mlflow_run_id"
+MODEL_URI_ATTR = "model_uri"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+TEST_RESULT_ATTR = "test_result"
+PARENT_WAIT_SECONDS = 60.0
+
+
+class StorageError(RuntimeError):
+    """The Optuna storage cannot be used as configured; one line for the user."""
+
+
+class StudyMismatchError(RuntimeError):
+    """The stored study disagrees with the sweep file (direction, sealed test set)."""
+
+
+class TooManyFailures(RuntimeError):
+    """Trials keep failing: stop instead of burning the machine."""
+
+
+def make_storage(study: StudyConfig) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats, so trials of a killed worker are failed and retried."""
+    database = sqlite_file(study.storage)
+    engine_kwargs: dict[str, Any] = {}
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        # Several local workers share the file: wait for the lock instead of "database is locked".
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                study.storage,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=study.heartbeat_seconds,
+                grace_period=2 * study.heartbeat_seconds,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
+    except Exception as exc:  # sqlalchemy raises many kinds; the user needs one line
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(f"study.storage = {study.storage!r}: cannot open ({first_line})") from None
+
+
+def make_sampler(study: StudyConfig, *, seed_offset: int) -> optuna.samplers.BaseSampler:
+    """Seeded by study.seed plus the trials already in the study, so a resumed run draws new points."""
+    seed = study.seed + seed_offset
+    if study.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
+    if study.pruner == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=study.pruner_startup_trials, n_warmup_steps=study.pruner_warmup_epochs
+    )
+
+
+def load_existing_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> optuna.Study | None:
+    """The stored study of this name, or None if there is none yet."""
+    try:
+        return optuna.load_study(study_name=cfg.study.name, storage=storage)
+    except KeyError:
+        return None
+
+
+def open_study(
+    cfg: SweepConfig, storage: optuna.storages.BaseStorage, *, worker_salt: int = 0
+) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it if it exists; returns (study, created_here)."""
+    existing = load_existing_study(cfg, storage)
+    offset = len(existing.get_trials(deepcopy=False)) if existing is not None else 0
+    sampler = make_sampler(cfg.study, seed_offset=offset + worker_salt)
+    pruner = make_pruner(cfg.study)
+    created = False
+    try:
+        study = optuna.create_study(
+            study_name=cfg.study.name,
+            storage=storage,
+            sampler=sampler,
+            pruner=pruner,
+            direction=cfg.study.goal,
+            load_if_exists=False,
+        )
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=cfg.study.name, storage=storage, sampler=sampler, pruner=pruner)
+    stored = study.direction.name.lower()
+    if stored != cfg.study.goal:
+        raise StudyMismatchError(
+            f"study {cfg.study.name!r} in {cfg.study.storage} was created to {stored} "
+            f"but the sweep file says study.direction = {cfg.study.goal!r}; use a new study.name"
+        )
+    return study, created
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def parent_run_id(study: optuna.Study, tracker: Tracker, *, created: bool, config: Mapping[str, Any]) -> str:
+    """The study's MLflow parent run: made once by the process that created the study."""
+    if created:
+        run_id = tracker.create_parent_run(study_name=study.study_name, config=config)
+        study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        return run_id
+    deadline = time.monotonic() + PARENT_WAIT_SECONDS
+    while True:
+        stored = study.user_attrs.get(PARENT_RUN_ATTR)
+        if stored and tracker.parent_exists(stored):
+            return str(stored)
+        if time.monotonic() > deadline or stored:
+            # The creator died before making it, or the run was deleted: make a new one.
+            fresh = tracker.create_parent_run(study_name=study.study_name, config=config)
+            study.set_user_attr(PARENT_RUN_ATTR, fresh)
+            return fresh
+        time.sleep(0.5)
+
+
+def close_stale_runs(study: optuna.Study, tracker: Tracker) -> int:
+    """MLflow runs of trials Optuna failed for a stale heartbeat (a killed worker) end as KILLED."""
+    closed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id and tracker.close_orphaned_run(run_id, "its worker stopped (no heartbeat); Optuna failed it"):
+            closed += 1
+    return closed
+
+
+def trial_seed(study_seed: int, trial_number: int) -> int:
+    return (study_seed * 1_000_003 + trial_number) % (2**31 - 1)
+
+
+@dataclass
+class TrialRecord:
+    """How the last trial of this process ended, for the console line and the failure budget."""
+
+    number: int
+    state: str
+    value: float | None = None
+    message: str = ""
+    fit_seconds: float = 0.0
+    tracking_seconds: float = 0.0
+
+
+class PruningHook:
+    """Reports the study metric to Optuna after each epoch and prunes when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial = trial
+        self.metric = metric
+        self.last_epoch = 0
+
+    def __call__(self, epoch: int, values: Mapping[str, float]) -> None:
+        if self.metric not in values:
+            # KerasPruningCallback only warns here, and then never prunes; fail loudly instead.
+            raise KeyError(f"study.metric {self.metric!r} is not among the epoch metrics {sorted(values)}")
+        self.last_epoch = epoch
+        self.trial.report(values[self.metric], step=epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}: {self.metric} = {values[self.metric]:.4f}")
+
+
+class TimedHook:
+    """Wraps an epoch hook and adds up the seconds it takes (the tracking overhead)."""
+
+    def __init__(self, hook: Callable[[int, Mapping[str, float]], None]) -> None:
+        self.hook = hook
+        self.seconds = 0.0
+
+    def __call__(self, epoch: int, values: Mapping[str, float]) -> None:
+        started = time.perf_counter()
+        self.hook(epoch, values)
+        self.seconds += time.perf_counter() - started
+
+
+class Objective:
+    """One Optuna trial: sample, open its MLflow run, fit, log, and close the run however it ends."""
+
+    def __init__(
+        self, *, cfg: SweepConfig, split: Split, tracker: Tracker, parent_run_id: str, data_source: str
+    ) -> None:
+        self.cfg = cfg
+        self.split = split
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+        self.settings = TrainSettings(
+            hidden=tuple(cfg.model.hidden),
+            epochs=cfg.train.epochs,
+            early_stopping_patience=cfg.train.early_stopping_patience,
+        )
+        self.fixed_run_params = {
+            "hidden": "-".join(str(h) for h in cfg.model.hidden),
+            "epochs": cfg.train.epochs,
+            "early_stopping_patience": cfg.train.early_stopping_patience,
+            "data_validation": cfg.data.validation,
+            "data_train_limit": cfg.data.train_limit,
+            "data_seed": cfg.data.seed,
+            "data_source": data_source,
+            "n_train": len(split.y_train),
+            "n_val": len(split.y_val),
+        }
+        self.last: TrialRecord | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = sample_params(trial, self.cfg.search)
+        seed = trial_seed(self.cfg.study.seed, trial.number)
+        run_id = self.tracker.start_trial_run(
+            parent_run_id=self.parent_run_id,
+            study_name=trial.study.study_name,
+            trial_number=trial.number,
+            params={**params, **self.fixed_run_params, "seed": seed},
+        )
+        trial.set_user_attr(RUN_ID_ATTR, run_id)
+        trial.set_user_attr("seed", seed)
+        self.last = record = TrialRecord(number=trial.number, state="RUNNING")
+        logging_hook = TimedHook(lambda epoch, values: self.tracker.log_epoch(run_id, epoch, values))
+        pruning_hook = PruningHook(trial, self.cfg.study.metric)
+        try:
+            with test_set_sealed():
+                outcome = run_trial(
+                    params=params,
+                    split=self.split,
+                    settings=self.settings,
+                    seed=seed,
+                    epoch_hooks=[logging_hook, pruning_hook],
+                )
+            record.fit_seconds = outcome.fit_seconds
+            value = self._finish(trial, run_id, outcome, logging_hook)
+            record.state, record.value = "COMPLETE", value
+            record.tracking_seconds = logging_hook.seconds
+            return value
+        except optuna.TrialPruned as exc:
+            record.state, record.message = "PRUNED", str(exc)
+            self.tracker.end_trial_run(run_id, state="PRUNED", message=str(exc), pruned_epoch=pruning_hook.last_epoch)
+            raise
+        except KeyboardInterrupt as exc:
+            record.state, record.message = "FAIL", f"interrupted ({type(exc).__name__})"
+            trial.set_user_attr("fail_reason", record.message)
+            self.tracker.end_trial_run(run_id, state="KILLED", message=record.message)
+            raise
+        except Exception as exc:
+            record.state, record.message = "FAIL", f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("fail_reason", record.message[:1000])
+            self.tracker.log_traceback(run_id, traceback.format_exc())
+            self.tracker.end_trial_run(run_id, state="FAIL", message=record.message)
+            raise
+
+    def _finish(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, logging_hook: TimedHook) -> float:
+        started = time.perf_counter()
+        model_uri = self.tracker.log_outcome(run_id, outcome)
+        trial.set_user_attr(MODEL_URI_ATTR, model_uri)
+        trial.set_user_attr("epochs_trained", outcome.epochs_trained)
+        trial.set_user_attr("val_loss", outcome.val_loss)
+        trial.set_user_attr("val_accuracy", outcome.val_accuracy)
+        trial.set_user_attr("fit_seconds", round(outcome.fit_seconds, 3))
+        logging_hook.seconds += time.perf_counter() - started
+        self.tracker.client.log_metric(run_id, "tracking_seconds", logging_hook.seconds)
+        self.tracker.end_trial_run(run_id, state="COMPLETE")
+        return outcome.metric(self.cfg.study.metric)
+
+
+def run_trials(
+    study: optuna.Study, objective: Objective, *, target: int, max_failures: int, echo: Callable[[str], None]
+) -> int:
+    """Run trials until the study has `target` finished ones; returns how many this process ran."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print one line per trial ourselves
+    ran = failures = 0
+    while count_finished(study) < target:
+        close_stale_runs(study, objective.tracker)
+        objective.last = None
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        ran += 1
+        record = objective.last
+        if record is None:
+            continue
+        echo(_trial_line(record, metric=objective.cfg.study.metric, finished=count_finished(study), target=target))
+        if record.state == "FAIL":
+            failures += 1
+            if failures >= max_failures:
+                raise TooManyFailures(
+                    f"{failures} trials failed in this process (study.max_failures = {max_failures}); "
+                    f"last error: {record.message}"
+                )
+    return ran
+
+
+def _trial_line(record: TrialRecord, *, metric: str, finished: int, target: int) -> str:
+    head = f"trial {record.number:4d}  {record.state:<8}"
+    if record.state == "COMPLETE":
+        body = (
+            f"{metric} = {record.value:.4f}  (fit {record.fit_seconds:.1f} s, tracking {record.tracking_seconds:.2f} s)"
+        )
+    else:
+        body = record.message
+    return f"{head}  {body}  [{finished}/{target} finished]"
+
+
+def worker_salt() -> int:
+    """Decorrelates the samplers of workers that start at the same moment."""
+    return os.getpid() + int.from_bytes(os.urandom(2), "little")
+
+

@@ -1,0 +1,271 @@
+"""Everything MLflow knows about: the experiment, the study's parent run and one child run per trial."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mnist_sweep.figures import confusion_matrix_png
+from mnist_sweep.metrics import ClassificationReport
+
+if TYPE_CHECKING:
+    import keras
+
+    from mnist_sweep.trial import TrialOutcome
+
+ROLE_TAG = "mnist_sweep.role"
+STUDY_TAG = "optuna.study_name"
+TRIAL_NUMBER_TAG = "optuna.trial_number"
+STATE_TAG = "trial_state"
+PARENT_TAG = "mlflow.parentRunId"
+MODEL_URI_TAG = "model_uri"
+TEST_SCORED_TAG = "test_set_scored"
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot be used as configured; the message is one line for the user."""
+
+
+def artifact_location(artifacts: str) -> str:
+    """A URI for the experiment's artifact root; plain paths are made absolute."""
+    if "://" in artifacts:
+        return artifacts
+    return Path(artifacts).expanduser().resolve().as_uri()
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI, else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def _model_pip_requirements() -> list[str]:
+    """Explicit requirements: inferring them spawns a subprocess that costs ~10 s per model."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import keras
+
+    backend_package = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(keras.backend.backend())
+    requirements = [f"mlflow=={mlflow.__version__}", f"keras=={keras.__version__}"]
+    for package in (backend_package, "numpy"):
+        if package is None:
+            continue
+        try:
+            requirements.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            requirements.append(package)
+    return requirements
+
+
+def _model_signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities")]),
+    )
+
+
+def _csv_text(rows: Iterable[Mapping[str, Any]]) -> str:
+    rows = list(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _matrix_csv(matrix: np.ndarray[Any, Any]) -> str:
+    header = "true\\predicted," + ",".join(str(k) for k in range(matrix.shape[1]))
+    body = [f"{k}," + ",".join(str(int(v)) for v in row) for k, row in enumerate(matrix)]
+    return "\n".join([header, *body]) + "\n"
+
+
+class Tracker:
+    """One MLflow experiment per study; its parent run and the trial runs nested under it."""
+
+    def __init__(self, *, uri: str, artifacts: str, experiment: str) -> None:
+        database = sqlite_file(uri)
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        if "://" not in artifacts:
+            Path(artifacts).mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(uri)
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = self._experiment(experiment, artifact_location(artifacts))
+        self._requirements = _model_pip_requirements()
+
+    def _experiment(self, name: str, location: str) -> str:
+        try:
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                try:
+                    return self.client.create_experiment(name, artifact_location=location)
+                except MlflowException:  # another worker created it a moment ago
+                    found = self.client.get_experiment_by_name(name)
+                    if found is None:
+                        raise
+        except MlflowException as exc:
+            raise TrackingError(f"tracking.uri = {self.uri!r}: {exc.message.splitlines()[0]}") from None
+        if found.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
+                f"--experiment-id {found.experiment_id}) or choose another study.name"
+            )
+        return str(found.experiment_id)
+
+    # ----------------------------------------------------------------------- the study's parent run
+
+    def create_parent_run(self, *, study_name: str, config: Mapping[str, Any]) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=study_name,
+            tags={ROLE_TAG: "study", STUDY_TAG: study_name},
+        )
+        self.client.log_dict(run.info.run_id, dict(config), "sweep.json")
+        return str(run.info.run_id)
+
+    def parent_exists(self, run_id: str) -> bool:
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            return False
+
+    def set_parent_status(self, run_id: str, status: str) -> None:
+        self.client.update_run(run_id, status=status)
+
+    # ----------------------------------------------------------------------- trial runs
+
+    def start_trial_run(
+        self, *, parent_run_id: str, study_name: str, trial_number: int, params: Mapping[str, Any]
+    ) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{trial_number:04d}",
+            tags={
+                PARENT_TAG: parent_run_id,
+                ROLE_TAG: "trial",
+                STUDY_TAG: study_name,
+                TRIAL_NUMBER_TAG: str(trial_number),
+                STATE_TAG: "RUNNING",
+            },
+        )
+        run_id = str(run.info.run_id)
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run_id
+
+    def log_epoch(self, run_id: str, epoch: int, values: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
+
+    def log_outcome(self, run_id: str, outcome: TrialOutcome) -> str:
+        """Final validation metrics, the confusion matrix and the model; returns the model URI."""
+        now = int(time.time() * 1000)
+        final = {
+            "final_val_loss": outcome.val_loss,
+            "final_val_accuracy": outcome.val_accuracy,
+            "epochs_trained": float(outcome.epochs_trained),
+            "best_epoch": float(outcome.best_epoch),
+            "fit_seconds": outcome.fit_seconds,
+            **outcome.report.as_flat_metrics("val"),
+        }
+        self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in final.items()])
+        self.log_report_artifacts(run_id, outcome.report, prefix="val", title="validation")
+        model_uri = self.log_model(run_id, outcome.model)
+        self.client.set_tag(run_id, MODEL_URI_TAG, model_uri)
+        return model_uri
+
+    def log_report_artifacts(self, run_id: str, report: ClassificationReport, *, prefix: str, title: str) -> None:
+        matrix = report.matrix
+        self.client.log_dict(
+            run_id,
+            {"labels": list(range(matrix.shape[0])), "rows": "true", "columns": "predicted", "counts": matrix.tolist()},
+            f"{prefix}_confusion_matrix.json",
+        )
+        self.client.log_text(run_id, _matrix_csv(matrix), f"{prefix}_confusion_matrix.csv")
+        self.client.log_text(run_id, _csv_text(report.per_class_rows()), f"{prefix}_per_class_metrics.csv")
+        png = confusion_matrix_png(matrix, title=f"{title} confusion matrix")
+        self._log_bytes(run_id, png, f"{prefix}_confusion_matrix.png")
+
+    def _log_bytes(self, run_id: str, payload: bytes, artifact_file: str) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / artifact_file
+            path.write_bytes(payload)
+            self.client.log_artifact(run_id, str(path))
+
+    def log_model(self, run_id: str, model: keras.Model) -> str:
+        import mlflow.keras
+
+        # log_model links the model to the active run, so resume the trial's run around it.
+        with mlflow.start_run(run_id=run_id, nested=True):
+            info = mlflow.keras.log_model(
+                model, name="model", pip_requirements=self._requirements, signature=_model_signature()
+            )
+        return str(info.model_uri)
+
+    def end_trial_run(self, run_id: str, *, state: str, message: str = "", pruned_epoch: int | None = None) -> None:
+        """Record how the trial ended: COMPLETE, PRUNED (with the epoch) or FAIL (with the error)."""
+        tags = [RunTag(STATE_TAG, state)]
+        if message:
+            tags.append(RunTag("state_reason", message[:4900]))
+        if pruned_epoch is not None:
+            tags.append(RunTag("pruned_at_epoch", str(pruned_epoch)))
+        self.client.log_batch(run_id, tags=tags)
+        status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}[state]
+        self.client.set_terminated(run_id, status=status)
+
+    def log_traceback(self, run_id: str, text: str) -> None:
+        self.client.log_text(run_id, text, "error_traceback.txt")
+
+    def run_status(self, run_id: str) -> str | None:
+        try:
+            return str(self.client.get_run(run_id).info.status)
+        except MlflowException:
+            return None
+
+    def close_orphaned_run(self, run_id: str, reason: str) -> bool:
+        """End a run left RUNNING by a worker that died; returns whether it was still RUNNING."""
+        if self.run_status(run_id) != RunStatus.to_string(RunStatus.RUNNING):
+            return False
+        self.client.log_batch(run_id, tags=[RunTag(STATE_TAG, "FAIL"), RunTag("state_reason", reason)])
+        self.client.set_terminated(run_id, status="KILLED")
+        return True
+
+    # ----------------------------------------------------------------------- the test set, on the parent
+
+    def load_model(self, model_uri: str) -> keras.Model:
+        import mlflow.keras
+
+        return mlflow.keras.load_model(model_uri)
+
+    def log_test_result(
+        self, parent_run_id: str, *, test_loss: float, report: ClassificationReport, tags: Mapping[str, str]
+    ) -> None:
+        now = int(time.time() * 1000)
+        metrics = {"test_loss": test_loss, "test_accuracy": report.overall_accuracy, **report.as_flat_metrics("test")}
+        self.client.log_batch(
+            parent_run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+            tags=[RunTag(k, v) for k, v in {TEST_SCORED_TAG: "true", **tags}.items()],
+        )
+        self.log_report_artifacts(parent_run_id, report, prefix="test", title="test set")
+
+    def log_folder(self, run_id: str, folder: Path, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+
+    def log_json(self, run_id: str, payload: Mapping[str, Any], artifact_file: str) -> None:
+        self.client.log_text(run_id, json.dumps(payload, indent=2), artifact_file)

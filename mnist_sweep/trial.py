@@ -1,0 +1,155 @@
+"""One trial: build the model, fit it, evaluate it on the validation images.
+
+This module knows neither Optuna nor MLflow: the study passes epoch hooks (pruning, metric logging)
+that are called after every epoch with the Keras logs, and gets a TrialOutcome back.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+
+from mnist_sweep.data import Split
+from mnist_sweep.metrics import ClassificationReport, classification_report, confusion_matrix
+from mnist_sweep.model import compiled_model
+
+EpochHook = Callable[[int, Mapping[str, float]], None]
+"""Called with the 1-based epoch number and that epoch's loss, accuracy, val_loss, val_accuracy."""
+
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+NAN_CHECK_EVERY_BATCHES = 20
+
+
+class TrialDiverged(RuntimeError):
+    """The loss became NaN or infinite; the trial is stopped and recorded as failed."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What every trial of a study shares."""
+
+    hidden: tuple[int, ...]
+    epochs: int
+    early_stopping_patience: int = 0
+
+
+@dataclass
+class TrialOutcome:
+    """What one finished fit produced."""
+
+    params: dict[str, Any]
+    history: dict[str, list[float]]
+    epochs_trained: int
+    best_epoch: int
+    val_loss: float
+    val_accuracy: float
+    report: ClassificationReport
+    fit_seconds: float
+    model: keras.Model = field(repr=False)
+
+    def metric(self, name: str) -> float:
+        return {"val_loss": self.val_loss, "val_accuracy": self.val_accuracy}[name]
+
+
+class _EpochCallback(keras.callbacks.Callback):  # type: ignore[misc]
+    """Feeds epoch logs to the hooks and stops at once when the loss diverges."""
+
+    def __init__(self, hooks: Sequence[EpochHook]) -> None:
+        super().__init__()
+        self.hooks = hooks
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self.epoch = epoch + 1
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        # Reading the loss forces a device sync, so look only every few batches.
+        if batch % NAN_CHECK_EVERY_BATCHES == 0 and logs and "loss" in logs:
+            _check_finite("loss", float(logs["loss"]), self.epoch, batch)
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        values = {k: float(v) for k, v in (logs or {}).items() if k in EPOCH_METRICS}
+        for key in ("loss", "val_loss"):
+            if key in values:
+                _check_finite(key, values[key], epoch + 1, None)
+        for hook in self.hooks:
+            hook(epoch + 1, values)
+
+
+def _check_finite(name: str, value: float, epoch: int, batch: int | None) -> None:
+    if not math.isfinite(value):
+        where = f"epoch {epoch}" + (f", batch {batch}" if batch is not None else "")
+        raise TrialDiverged(f"{name} became {value} at {where}; the learning rate is probably too high")
+
+
+def fresh_session(seed: int) -> None:
+    """No state leaks from the previous trial: a clean Keras session and seeded RNGs."""
+    keras.backend.clear_session()
+    gc.collect()
+    keras.utils.set_random_seed(seed)
+
+
+def run_trial(
+    *,
+    params: Mapping[str, Any],
+    split: Split,
+    settings: TrainSettings,
+    seed: int,
+    epoch_hooks: Sequence[EpochHook] = (),
+) -> TrialOutcome:
+    """Fit one model with `params` on `split` and measure it on the validation images."""
+    fresh_session(seed)
+    model = compiled_model(dict(params), settings.hidden)
+    callbacks: list[keras.callbacks.Callback] = [_EpochCallback(epoch_hooks)]
+    if settings.early_stopping_patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=settings.early_stopping_patience, restore_best_weights=True
+            )
+        )
+    started = time.perf_counter()
+    history = model.fit(
+        split.x_train,
+        split.y_train,
+        batch_size=int(params["batch_size"]),
+        epochs=settings.epochs,
+        validation_data=(split.x_val, split.y_val),
+        callbacks=callbacks,
+        verbose=0,
+    ).history
+    fit_seconds = time.perf_counter() - started
+    return _evaluate(model, dict(params), split, history, fit_seconds, settings)
+
+
+def _evaluate(
+    model: keras.Model,
+    params: dict[str, Any],
+    split: Split,
+    history: Mapping[str, list[float]],
+    fit_seconds: float,
+    settings: TrainSettings,
+) -> TrialOutcome:
+    epochs_trained = len(history["loss"])
+    # With early stopping the weights are the best epoch's, so report that epoch's numbers.
+    restored = settings.early_stopping_patience > 0 and epochs_trained > 0
+    best = int(np.argmin(history["val_loss"])) if restored else epochs_trained - 1
+    probabilities = model.predict(split.x_val, batch_size=2048, verbose=0)
+    report = classification_report(confusion_matrix(split.y_val, np.argmax(probabilities, axis=1)))
+    return TrialOutcome(
+        params=params,
+        history={k: [float(v) for v in values] for k, values in history.items()},
+        epochs_trained=epochs_trained,
+        best_epoch=best + 1,
+        val_loss=float(history["val_loss"][best]),
+        val_accuracy=report.overall_accuracy,
+        report=report,
+        fit_seconds=fit_seconds,
+        model=model,
+    )
