@@ -100,14 +100,19 @@ def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
 
 
 def _quiet_libraries() -> None:
+    """One line per trial from us; the libraries' INFO chatter would bury it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     import logging
     import warnings
 
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    import mlflow  # noqa: F401  # configures its loggers on import, so quiet them afterwards
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    for name in ("mlflow", "alembic", "tensorflow", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -289,7 +289,6 @@ def run_trials(
     study: optuna.Study, objective: Objective, *, target: int, max_failures: int, echo: Callable[[str], None]
 ) -> int:
     """Run trials until the study has `target` finished ones; returns how many this process ran."""
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print one line per trial ourselves
     ran = failures = 0
     while count_finished(study) < target:
         close_stale_runs(study, objective.tracker)

@@ -1,0 +1,38 @@
+# Two commands do all the set-up: `make sweep` and `make test` (each creates .venv on first use).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SWEEP ?= sweeps/fcn.toml
+ARGS ?=
+PYTEST_ARGS ?=
+export MNIST_SWEEP_DATA ?= $(abspath ../shared/data/mnist)
+
+.PHONY: sweep test lint ui install install-dev
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+sweep: $(VENV)/.installed            ## run the default sweep (ARGS="--trials 3 --epochs 1" to shrink it)
+	$(BIN)/mnist-sweep run $(SWEEP) $(ARGS)
+
+test: $(VENV)/.installed-dev         ## the whole test suite, slow end-to-end tests included
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check mnist_sweep tests bench
+	$(BIN)/mypy
+
+ui: $(VENV)/.installed               ## the MLflow UI on the default local store
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts --host 127.0.0.1
