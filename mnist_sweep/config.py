@@ -110,7 +110,7 @@ def _numeric_param(*, integer: bool, minimum: float, strictly_positive: bool) ->
         if isinstance(number, float) and not math.isfinite(number):
             raise ValueError(f"must be finite, got {number!r}")
         if number < minimum or (strictly_positive and number <= 0):
-            bound = f"> {minimum}" if strictly_positive else f">= {minimum}"
+            bound = "> 0" if strictly_positive else f">= {minimum}"
             raise ValueError(f"must be {bound}, got {number!r}")
         return number
 
@@ -245,7 +245,7 @@ class SearchConfig(_Section):
     learning_rate: Annotated[ParamSpec, _numeric_param(integer=False, minimum=0.0, strictly_positive=True)] = Range(
         low=1e-4, high=0.3, log=True, integer=False
     )
-    batch_size: Annotated[ParamSpec, _numeric_param(integer=True, minimum=1, strictly_positive=True)] = Choice(
+    batch_size: Annotated[ParamSpec, _numeric_param(integer=True, minimum=1, strictly_positive=False)] = Choice(
         (32, 64, 128, 256)
     )
     activation: Annotated[ParamSpec, _name_param(ACTIVATIONS)] = Choice(("sigmoid", "relu", "tanh"))
@@ -382,16 +382,15 @@ def _first_error(exc: ValidationError) -> str:
         model: type[BaseModel] = SweepConfig
         if section_name:
             model = SweepConfig.model_fields[section_name].annotation  # type: ignore[assignment]
-        known = ", ".join(model.model_fields)
-        return f"unknown key {location!r}; known keys{' in [' + section_name + ']' if section_name else ''}: {known}"
+        where = f" in [{section_name}]" if section_name else ""
+        return f"unknown key {location!r}; known keys{where}: {', '.join(model.model_fields)}"
     message = str(error["msg"]).removeprefix("Value error, ")
+    message = re.sub(r" or instance of \w+", "", message)
     if message.startswith(("study.", "data.", "model.", "train.", "search.", "tracking.")):
-        return message
-    if error["type"].startswith("model_") or not location:
-        return f"{message}, got {value!r}"
-    if error["type"] in ("value_error", "assertion_error"):
+        return message  # our own validators already name the key and the value
+    if error["type"] == "value_error":
         return f"{location} {message}"
-    return f"{location} {message.lower()}, got {value!r}"
+    return f"{location} = {value!r}: {message[0].lower() + message[1:]}"
 
 
 # --------------------------------------------------------------------------- writing

@@ -48,7 +48,7 @@ class DataError(ValueError):
     """Missing or corrupt MNIST data; the message is one line naming the file and what is wrong."""
 
 
-class TestSetSealedError(RuntimeError):
+class SealedTestSetError(RuntimeError):
     """Something asked for the test images while trials run."""
 
 
@@ -79,7 +79,7 @@ _seal = threading.local()
 
 
 @contextlib.contextmanager
-def test_set_sealed() -> Iterator[None]:
+def sealed_test_set() -> Iterator[None]:
     """While inside, `load_test_split` raises: trials run here."""
     previous = getattr(_seal, "active", False)
     _seal.active = True
@@ -91,7 +91,7 @@ def test_set_sealed() -> Iterator[None]:
 
 def _refuse_if_sealed() -> None:
     if getattr(_seal, "active", False):
-        raise TestSetSealedError("the test split was asked for while trials run; it is scored once, at the end")
+        raise SealedTestSetError("the test split was asked for while trials run; it is scored once, at the end")
 
 
 # --------------------------------------------------------------------------- locating the data

@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_sweep.config import StudyConfig, SweepConfig
-from mnist_sweep.data import Split, test_set_sealed
+from mnist_sweep.data import Split, sealed_test_set
 from mnist_sweep.space import sample_params
 from mnist_sweep.tracking import Tracker, sqlite_file
 from mnist_sweep.trial import TrainSettings, TrialOutcome, run_trial
@@ -242,7 +242,7 @@ class Objective:
         logging_hook = TimedHook(lambda epoch, values: self.tracker.log_epoch(run_id, epoch, values))
         pruning_hook = PruningHook(trial, self.cfg.study.metric)
         try:
-            with test_set_sealed():
+            with sealed_test_set():
                 outcome = run_trial(
                     params=params,
                     split=self.split,

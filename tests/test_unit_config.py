@@ -1,0 +1,106 @@
+"""The sweep file: defaults, overrides, and one clear line for each kind of bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mnist_sweep.config import Choice, ConfigError, Range, build_config, load_sweep
+from tests.conftest import DEFAULT_SWEEP, write_sweep
+
+
+def test_default_sweep_file_is_the_lecture_setup() -> None:
+    cfg = load_sweep(DEFAULT_SWEEP)
+    assert cfg.model.hidden == [500, 500]
+    assert cfg.data.validation == 5000
+    assert cfg.study.goal == "maximize"
+    assert cfg.search.optimizer == Choice(("sgd", "adam", "rmsprop"))
+    assert cfg.search.learning_rate == Range(low=1e-4, high=0.3, log=True, integer=False)
+    assert cfg.search.batch_size == Choice((32, 64, 128, 256))
+
+
+def test_empty_file_takes_every_default(tmp_path: Path) -> None:
+    cfg = load_sweep(write_sweep(tmp_path, ""))
+    assert cfg.study.trials == 30 and cfg.train.epochs == 10
+    assert cfg.tracking.uri == "sqlite:///mlruns/mlflow.db"
+
+
+def test_overrides_take_toml_values_and_bare_words(tmp_path: Path) -> None:
+    cfg = load_sweep(
+        DEFAULT_SWEEP,
+        ["study.trials=3", "data.train_limit=2000", "study.sampler=random", "search.batch_size=[64]", "model.hidden=[32]"],
+    )
+    assert cfg.study.trials == 3 and cfg.data.train_limit == 2000
+    assert cfg.study.sampler == "random"
+    assert cfg.search.batch_size.is_fixed
+    assert cfg.model.hidden == [32]
+
+
+def test_val_loss_metric_defaults_to_minimize() -> None:
+    assert build_config({"study": {"metric": "val_loss"}}).study.goal == "minimize"
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
+    cfg = load_sweep(DEFAULT_SWEEP, ["search.dropout={low = 0.0, high = 0.5}"])
+    again = load_sweep(write_sweep(tmp_path, cfg.to_toml()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ({"study": {"trails": 3}}, "unknown key 'study.trails'"),
+        ({"studdy": {}}, "unknown key 'studdy'"),
+        ({"search": {"optimiser": ["adam"]}}, "unknown key 'search.optimiser'"),
+        ({"study": {"trials": "many"}}, "study.trials"),
+        ({"study": {"trials": 0}}, "study.trials"),
+        ({"train": {"epochs": -1}}, "train.epochs"),
+        ({"study": {"direction": "max"}}, "study.direction"),
+        ({"study": {"metric": "val_accuracy", "direction": "minimize"}}, "contradicts"),
+        ({"study": {"sampler": "grid"}}, "study.sampler"),
+        ({"study": {"pruner": "hyperband"}}, "study.pruner"),
+        ({"study": {"metric": "accuracy"}}, "study.metric"),
+        ({"study": {"name": "a/b"}}, "study.name"),
+        ({"search": {"optimizer": []}}, "empty"),
+        ({"search": {"optimizer": ["adamax"]}}, "'adamax'"),
+        ({"search": {"activation": "swish"}}, "'swish'"),
+        ({"search": {"learning_rate": {"low": 0.5, "high": 0.1}}}, "low must be <= high"),
+        ({"search": {"learning_rate": {"low": 0.0, "high": 0.1, "log": True}}}, "low > 0"),
+        ({"search": {"learning_rate": {"low": 0.1}}}, "needs both low and high"),
+        ({"search": {"batch_size": [0, 32]}}, "search.batch_size"),
+        ({"search": {"batch_size": 12.5}}, "integer"),
+        ({"search": {"optimizer": {"low": 1, "high": 2}}}, "categorical"),
+        ({"search": {"dropout": 1.0}}, "search.dropout"),
+        ({"model": {"hidden": []}}, "model.hidden"),
+        ({"model": {"hidden": [500, 0]}}, "model.hidden"),
+        ({"data": {"validation": 60000}}, "data.validation"),
+        ({"data": {"validation": 5000, "train_limit": 56000}}, "data.train_limit"),
+        ({"study": {"storage": "redis://localhost"}}, "study.storage"),
+        ({"tracking": {"uri": "ftp://x"}}, "tracking.uri"),
+    ],
+)
+def test_bad_values_name_the_key_and_value(document: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config(document, origin="sweep.toml")
+    message = str(caught.value)
+    assert expected in message
+    assert message.startswith("sweep.toml: ")
+    assert "\n" not in message
+
+
+def test_malformed_toml_names_the_file(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, "[study\nname = 'x'\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_sweep(path)
+
+
+def test_missing_sweep_file() -> None:
+    with pytest.raises(ConfigError, match="sweep file not found"):
+        load_sweep("does/not/exist.toml")
+
+
+@pytest.mark.parametrize("assignment", ["trials=3", "study.=3", "study.trials"])
+def test_bad_override_syntax(assignment: str) -> None:
+    with pytest.raises(ConfigError, match="--set takes section.key=value"):
+        load_sweep(DEFAULT_SWEEP, [assignment])

@@ -1,0 +1,114 @@
+"""Search space, model builder and one trial on synthetic MNIST-shaped arrays (no MLflow involved)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import optuna
+import pytest
+
+from mnist_sweep.config import build_config
+from mnist_sweep.data import Split
+from mnist_sweep.model import build_model, compiled_model
+from mnist_sweep.space import fixed_params, sample_params, searched_names, to_keras_tuner
+from mnist_sweep.study import PruningHook
+from mnist_sweep.trial import TrainSettings, TrialDiverged, run_trial
+
+PARAMS = {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "activation": "relu"}
+
+
+@pytest.fixture
+def split(synthetic_mnist: tuple[np.ndarray, np.ndarray]) -> Split:
+    images, labels = synthetic_mnist
+    x = images.astype(np.float32) / 255.0
+    return Split(x_train=x[:1000], y_train=labels[:1000], x_val=x[1000:], y_val=labels[1000:])
+
+
+def test_search_space_maps_to_optuna_distributions() -> None:
+    cfg = build_config({"search": {"batch_size": {"low": 16, "high": 256, "log": True}, "dropout": [0.0, 0.2]}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    params = sample_params(trial, cfg.search)
+    assert set(searched_names(cfg.search)) == {"optimizer", "learning_rate", "batch_size", "activation", "dropout"}
+    assert fixed_params(cfg.search) == {"weight_decay": 0.0, "momentum": 0.0}
+    assert isinstance(trial.distributions["batch_size"], optuna.distributions.IntDistribution)
+    assert trial.distributions["batch_size"].log
+    assert isinstance(trial.distributions["learning_rate"], optuna.distributions.FloatDistribution)
+    assert 1e-4 <= params["learning_rate"] <= 0.3 and params["optimizer"] in ("sgd", "adam", "rmsprop")
+    assert params["weight_decay"] == 0.0 and "weight_decay" not in trial.params  # fixed keys are not searched
+
+
+def test_search_space_maps_to_keras_tuner() -> None:
+    hp = to_keras_tuner(build_config({}).search)
+    assert hp.get("optimizer") == "sgd" and hp.get("batch_size") == 32
+    assert {p.name for p in hp.space} >= {"optimizer", "learning_rate", "batch_size", "activation"}
+
+
+def test_model_is_the_lecture_network() -> None:
+    model = build_model(hidden=[500, 500], activation="sigmoid")
+    assert [layer.units for layer in model.layers if hasattr(layer, "units")] == [500, 500, 10]
+    assert model.count_params() == 784 * 500 + 500 + 500 * 500 + 500 + 500 * 10 + 10
+    assert model.output_shape == (None, 10)
+
+
+def test_trial_fits_reports_every_epoch_and_measures_validation(split: Split) -> None:
+    seen: list[tuple[int, Mapping[str, float]]] = []
+    outcome = run_trial(
+        params=PARAMS, split=split, settings=TrainSettings(hidden=(64,), epochs=2), seed=1,
+        epoch_hooks=[lambda epoch, values: seen.append((epoch, dict(values)))],
+    )
+    assert [epoch for epoch, _ in seen] == [1, 2]
+    assert set(seen[0][1]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert outcome.epochs_trained == 2 and outcome.best_epoch == 2
+    assert outcome.report.matrix.sum() == len(split.y_val)
+    # the confusion matrix and Keras agree on the validation accuracy
+    assert outcome.val_accuracy == pytest.approx(seen[-1][1]["val_accuracy"], abs=1e-6)
+    assert outcome.val_accuracy > 0.5, "the synthetic classes are learnable"
+
+
+def test_same_seed_same_result(split: Split) -> None:
+    settings = TrainSettings(hidden=(32,), epochs=1)
+    first = run_trial(params=PARAMS, split=split, settings=settings, seed=7)
+    second = run_trial(params=PARAMS, split=split, settings=settings, seed=7)
+    assert first.val_loss == pytest.approx(second.val_loss, rel=1e-5)
+
+
+def test_early_stopping_reports_the_restored_epoch(split: Split) -> None:
+    outcome = run_trial(
+        params={**PARAMS, "learning_rate": 0.05}, split=split,
+        settings=TrainSettings(hidden=(32,), epochs=6, early_stopping_patience=1), seed=3,
+    )
+    assert outcome.val_loss == pytest.approx(min(outcome.history["val_loss"]))
+    assert outcome.best_epoch == int(np.argmin(outcome.history["val_loss"])) + 1
+
+
+def test_diverging_loss_stops_the_trial(split: Split) -> None:
+    params = {"optimizer": "sgd", "learning_rate": 1e12, "batch_size": 32, "activation": "relu"}
+    with pytest.raises(TrialDiverged, match="loss became (nan|inf)"):
+        run_trial(params=params, split=split, settings=TrainSettings(hidden=(32,), epochs=3), seed=0)
+
+
+def test_pruning_hook_prunes_a_trial_below_the_median() -> None:
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    for value in (0.9, 0.95):
+        good = study.ask()
+        good.report(value, step=1)
+        study.tell(good, value)
+    hook = PruningHook(study.ask(), "val_accuracy")
+    with pytest.raises(optuna.TrialPruned, match="pruned at epoch 1"):
+        hook(1, {"val_accuracy": 0.1, "val_loss": 2.0})
+
+
+def test_pruning_hook_refuses_a_missing_metric() -> None:
+    hook = PruningHook(optuna.create_study().ask(), "val_accuracy")
+    with pytest.raises(KeyError, match="not among the epoch metrics"):
+        hook(1, {"loss": 1.0})
+
+
+def test_compiled_model_takes_every_optimizer() -> None:
+    expected = {"sgd": "SGD", "adam": "Adam", "rmsprop": "RMSprop", "adamw": "AdamW", "nadam": "Nadam"}
+    for name, class_name in expected.items():
+        params = {**PARAMS, "optimizer": name, "momentum": 0.5, "dropout": 0.1, "weight_decay": 1e-4}
+        model = compiled_model(params, (8,))
+        assert type(model.optimizer).__name__ == class_name
