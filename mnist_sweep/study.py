@@ -7,7 +7,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
@@ -16,7 +16,9 @@ from mnist_sweep.config import StudyConfig, SweepConfig
 from mnist_sweep.data import Split, sealed_test_set
 from mnist_sweep.space import sample_params
 from mnist_sweep.tracking import Tracker, sqlite_file
-from mnist_sweep.trial import TrainSettings, TrialOutcome, run_trial
+
+if TYPE_CHECKING:
+    from mnist_sweep.trial import TrainSettings, TrialOutcome
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RUN_ID_ATTR = "mlflow_run_id"
@@ -209,7 +211,10 @@ class Objective:
         self.split = split
         self.tracker = tracker
         self.parent_run_id = parent_run_id
-        self.settings = TrainSettings(
+        # TensorFlow loads here, after every input check: bad input fails fast and prints one line.
+        from mnist_sweep.trial import TrainSettings
+
+        self.settings: TrainSettings = TrainSettings(
             hidden=tuple(cfg.model.hidden),
             epochs=cfg.train.epochs,
             early_stopping_patience=cfg.train.early_stopping_patience,
@@ -241,6 +246,8 @@ class Objective:
         self.last = record = TrialRecord(number=trial.number, state="RUNNING")
         logging_hook = TimedHook(lambda epoch, values: self.tracker.log_epoch(run_id, epoch, values))
         pruning_hook = PruningHook(trial, self.cfg.study.metric)
+        from mnist_sweep.trial import run_trial
+
         try:
             with sealed_test_set():
                 outcome = run_trial(
@@ -323,5 +330,3 @@ def _trial_line(record: TrialRecord, *, metric: str, finished: int, target: int)
 def worker_salt() -> int:
     """Decorrelates the samplers of workers that start at the same moment."""
     return os.getpid() + int.from_bytes(os.urandom(2), "little")
-
-

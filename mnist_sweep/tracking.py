@@ -105,7 +105,7 @@ class Tracker:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = self._experiment(experiment, artifact_location(artifacts))
-        self._requirements = _model_pip_requirements()
+        self._requirements: list[str] | None = None  # needs keras, so only when the first model is logged
 
     def _experiment(self, name: str, location: str) -> str:
         try:
@@ -210,6 +210,8 @@ class Tracker:
     def log_model(self, run_id: str, model: keras.Model) -> str:
         import mlflow.keras
 
+        if self._requirements is None:
+            self._requirements = _model_pip_requirements()
         # log_model links the model to the active run, so resume the trial's run around it.
         with mlflow.start_run(run_id=run_id, nested=True):
             info = mlflow.keras.log_model(

@@ -56,16 +56,29 @@ def synthetic_mnist() -> tuple[np.ndarray, np.ndarray]:
 CliRunner = Callable[..., subprocess.CompletedProcess[str]]
 
 
+def cli(
+    *args: str, cwd: Path, data: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m mnist_sweep ARGS` in `cwd` with this checkout's code and real data."""
+    environment = {**os.environ, "MNIST_SWEEP_DATA": str(data), "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_sweep", *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture
 def run_cli(tmp_path: Path, mnist_dir: Path) -> CliRunner:
-    """Runs `python -m mnist_sweep ARGS` in tmp_path (this checkout's code, real data), returns the result."""
+    """`cli` bound to tmp_path and the real MNIST folder."""
 
-    def runner(*args: str, cwd: Path = tmp_path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        environment = {**os.environ, "MNIST_SWEEP_DATA": str(mnist_dir), "PYTHONPATH": str(REPO), **(env or {})}
-        return subprocess.run(
-            [sys.executable, "-m", "mnist_sweep", *args],
-            cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout,
-        )
+    def runner(
+        *args: str, cwd: Path = tmp_path, env: dict[str, str] | None = None, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        return cli(*args, cwd=cwd, data=mnist_dir, env=env, timeout=timeout)
 
     return runner
 
@@ -73,8 +86,14 @@ def run_cli(tmp_path: Path, mnist_dir: Path) -> CliRunner:
 def small_sweep_args(*extra: str, trials: int = 3, train_limit: int = 2000, validation: int = 1000) -> list[str]:
     """The default sweep shrunk: few trials, 1 epoch, a small real subset."""
     return [
-        "--trials", str(trials), "--epochs", "1",
-        "--set", f"data.train_limit={train_limit}", "--set", f"data.validation={validation}",
+        "--trials",
+        str(trials),
+        "--epochs",
+        "1",
+        "--set",
+        f"data.train_limit={train_limit}",
+        "--set",
+        f"data.validation={validation}",
         *extra,
     ]
 

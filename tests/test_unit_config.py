@@ -29,7 +29,13 @@ def test_empty_file_takes_every_default(tmp_path: Path) -> None:
 def test_overrides_take_toml_values_and_bare_words(tmp_path: Path) -> None:
     cfg = load_sweep(
         DEFAULT_SWEEP,
-        ["study.trials=3", "data.train_limit=2000", "study.sampler=random", "search.batch_size=[64]", "model.hidden=[32]"],
+        [
+            "study.trials=3",
+            "data.train_limit=2000",
+            "study.sampler=random",
+            "search.batch_size=[64]",
+            "model.hidden=[32]",
+        ],
     )
     assert cfg.study.trials == 3 and cfg.data.train_limit == 2000
     assert cfg.study.sampler == "random"

@@ -13,7 +13,6 @@ import pytest
 from mnist_sweep import data
 from mnist_sweep.data import (
     DataError,
-    DataSource,
     SealedTestSetError,
     load_split,
     load_test_split,
@@ -38,7 +37,7 @@ def _fresh_caches() -> None:
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_round_trip(tmp_path: Path, synthetic_mnist: tuple[np.ndarray, np.ndarray], gz: bool) -> None:
-    images, labels = synthetic_mnist
+    images = synthetic_mnist[0]
     suffix = ".gz" if gz else ""
     path = tmp_path / f"images{suffix}"
     payload = idx_bytes(images, images=True)
@@ -55,7 +54,9 @@ def test_idx_round_trip(tmp_path: Path, synthetic_mnist: tuple[np.ndarray, np.nd
         (lambda raw: raw[:5], "too short"),
     ],
 )
-def test_corrupt_idx_is_named(tmp_path: Path, synthetic_mnist: tuple[np.ndarray, np.ndarray], mutate, expected: str) -> None:  # type: ignore[no-untyped-def]
+def test_corrupt_idx_is_named(
+    tmp_path: Path, synthetic_mnist: tuple[np.ndarray, np.ndarray], mutate, expected: str
+) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "images"
     path.write_bytes(mutate(idx_bytes(synthetic_mnist[0], images=True)))
     with pytest.raises(DataError, match=expected) as caught:

@@ -55,7 +55,10 @@ def test_model_is_the_lecture_network() -> None:
 def test_trial_fits_reports_every_epoch_and_measures_validation(split: Split) -> None:
     seen: list[tuple[int, Mapping[str, float]]] = []
     outcome = run_trial(
-        params=PARAMS, split=split, settings=TrainSettings(hidden=(64,), epochs=2), seed=1,
+        params=PARAMS,
+        split=split,
+        settings=TrainSettings(hidden=(64,), epochs=2),
+        seed=1,
         epoch_hooks=[lambda epoch, values: seen.append((epoch, dict(values)))],
     )
     assert [epoch for epoch, _ in seen] == [1, 2]
@@ -76,8 +79,10 @@ def test_same_seed_same_result(split: Split) -> None:
 
 def test_early_stopping_reports_the_restored_epoch(split: Split) -> None:
     outcome = run_trial(
-        params={**PARAMS, "learning_rate": 0.05}, split=split,
-        settings=TrainSettings(hidden=(32,), epochs=6, early_stopping_patience=1), seed=3,
+        params={**PARAMS, "learning_rate": 0.05},
+        split=split,
+        settings=TrainSettings(hidden=(32,), epochs=6, early_stopping_patience=1),
+        seed=3,
     )
     assert outcome.val_loss == pytest.approx(min(outcome.history["val_loss"]))
     assert outcome.best_epoch == int(np.argmin(outcome.history["val_loss"])) + 1
@@ -90,7 +95,9 @@ def test_diverging_loss_stops_the_trial(split: Split) -> None:
 
 
 def test_pruning_hook_prunes_a_trial_below_the_median() -> None:
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    study = optuna.create_study(
+        direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    )
     for value in (0.9, 0.95):
         good = study.ask()
         good.report(value, step=1)

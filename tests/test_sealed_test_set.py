@@ -1,0 +1,48 @@
+"""The test split is read only after every trial, by the final step; trials cannot reach it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mnist_sweep import data, study, sweep
+from mnist_sweep.config import load_sweep
+from tests.conftest import DEFAULT_SWEEP
+
+pytestmark = pytest.mark.slow
+
+
+def test_trials_never_read_the_test_split(tmp_path: Path, mnist_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    events: list[str] = []
+    data._load_raw.cache_clear()
+    data.load_split.cache_clear()
+    real_load_raw, real_call = data._load_raw, study.Objective.__call__
+
+    def load_raw(source: data.DataSource, part: str) -> Any:
+        events.append(f"read {part}")
+        return real_load_raw(source, part)
+
+    def objective_call(self: study.Objective, trial: Any) -> float:
+        events.append("trial")
+        # a trial that reaches for the test images is refused
+        with pytest.raises(data.SealedTestSetError), data.sealed_test_set():
+            data.load_test_split(data.resolve_source(str(mnist_dir)))
+        return real_call(self, trial)
+
+    monkeypatch.setattr(data, "_load_raw", load_raw)
+    monkeypatch.setattr(study.Objective, "__call__", objective_call)
+    cfg = load_sweep(
+        DEFAULT_SWEEP,
+        [
+            f'data.path="{mnist_dir}"',
+            "study.trials=2",
+            "train.epochs=1",
+            "data.train_limit=1000",
+            "data.validation=500",
+        ],
+    )
+    assert sweep.run(cfg, echo=lambda line: None, finalize=True) == 0
+    assert events == ["read train", "trial", "trial", "read test"]

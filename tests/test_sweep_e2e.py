@@ -1,0 +1,222 @@
+"""The real CLI on a small real MNIST subset, read back from MLflow and Optuna."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import DEFAULT_SWEEP, REPO, cli, created_files, mnist_location, small_sweep_args
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class FinishedSweep:
+    workdir: Path
+    data: Path
+    first: subprocess.CompletedProcess[str]
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=f"sqlite:///{self.workdir / 'mlruns' / 'mlflow.db'}")
+
+    @property
+    def study(self) -> optuna.Study:
+        return optuna.load_study(study_name="fcn", storage=f"sqlite:///{self.workdir / 'mlruns' / 'optuna.db'}")
+
+    def runs(self) -> list:  # type: ignore[type-arg]
+        experiment = self.client.get_experiment_by_name("fcn")
+        assert experiment is not None
+        return list(self.client.search_runs([experiment.experiment_id], max_results=100))
+
+    def children(self) -> list:  # type: ignore[type-arg]
+        return sorted(
+            (r for r in self.runs() if r.data.tags.get("mnist_sweep.role") == "trial"), key=lambda r: r.info.run_name
+        )
+
+    def parent(self):  # type: ignore[no-untyped-def]
+        (parent,) = [r for r in self.runs() if r.data.tags.get("mnist_sweep.role") == "study"]
+        return parent
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return cli(*args, cwd=self.workdir, data=self.data)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedSweep]:
+    data = mnist_location()
+    if data is None:
+        pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
+    workdir = tmp_path_factory.mktemp("sweep")
+    first = cli("run", str(DEFAULT_SWEEP), *small_sweep_args(), cwd=workdir, data=data)
+    assert first.returncode == 0, first.stderr
+    yield FinishedSweep(workdir, data, first)
+
+
+def test_run_prints_one_line_per_trial_and_the_test_accuracy(sweep: FinishedSweep) -> None:
+    out = sweep.first.stdout
+    assert out.count("COMPLETE") + out.count("PRUNED") == 3
+    assert "test accuracy 0." in out
+    assert "Traceback" not in sweep.first.stderr
+
+
+def test_three_child_runs_under_one_parent(sweep: FinishedSweep) -> None:
+    parent, children = sweep.parent(), sweep.children()
+    assert [c.info.run_name for c in children] == ["trial-0000", "trial-0001", "trial-0002"]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sweep.study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["trial_state"] in ("COMPLETE", "PRUNED")
+        assert child.data.tags["optuna.study_name"] == "fcn"
+
+
+def test_params_and_per_epoch_metrics(sweep: FinishedSweep) -> None:
+    param_keys = None
+    for child in sweep.children():
+        params = child.data.params
+        assert {"optimizer", "learning_rate", "batch_size", "activation", "hidden", "epochs", "seed"} <= set(params)
+        assert params["hidden"] == "500-500" and params["n_train"] == "2000" and params["n_val"] == "1000"
+        param_keys = param_keys or set(params)
+        assert set(params) == param_keys, "identical param keys make MLflow's compare view work"
+        history = sweep.client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == [1]
+        for key in ("loss", "accuracy", "val_loss"):
+            assert len(sweep.client.get_metric_history(child.info.run_id, key)) == 1
+        if child.data.tags["trial_state"] == "COMPLETE":
+            metrics = child.data.metrics
+            assert metrics["final_val_accuracy"] == pytest.approx(history[0].value, abs=1e-6)
+            assert 0.0 <= metrics["val_f1_macro"] <= 1.0 and "val_iou_class_7" in metrics
+
+
+def test_optuna_and_mlflow_point_at_each_other(sweep: FinishedSweep) -> None:
+    runs = {r.info.run_id: r for r in sweep.children()}
+    trials = sweep.study.get_trials()
+    assert len(trials) == 3
+    for trial in trials:
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["optuna.trial_number"] == str(trial.number)
+        assert run.data.params["optimizer"] == trial.params["optimizer"]
+
+
+def test_confusion_matrix_artifacts_and_loadable_model(sweep: FinishedSweep, mnist_dir: Path) -> None:
+    import mlflow.keras
+
+    complete = [c for c in sweep.children() if c.data.tags["trial_state"] == "COMPLETE"]
+    assert complete
+    child = complete[0]
+    names = {a.path for a in sweep.client.list_artifacts(child.info.run_id)}
+    assert {
+        "val_confusion_matrix.csv",
+        "val_confusion_matrix.json",
+        "val_confusion_matrix.png",
+        "val_per_class_metrics.csv",
+    } <= names
+    local = sweep.client.download_artifacts(child.info.run_id, "val_confusion_matrix.json", str(sweep.workdir / "dl"))
+    counts = np.array(json.loads(Path(local).read_text())["counts"])
+    assert counts.shape == (10, 10) and counts.sum() == 1000
+    assert np.trace(counts) / 1000 == pytest.approx(child.data.metrics["final_val_accuracy"], abs=1e-9)
+    mlflow.set_tracking_uri(sweep.client.tracking_uri)  # models:/ URIs resolve through the tracking store
+    model = mlflow.keras.load_model(child.data.tags["model_uri"])
+    assert model.predict(np.zeros((2, 28, 28), np.float32), verbose=0).shape == (2, 10)
+
+
+def test_test_set_scored_once_on_the_parent(sweep: FinishedSweep) -> None:
+    parent = sweep.parent()
+    result = sweep.study.user_attrs["test_result"]
+    assert parent.data.tags["test_set_scored"] == "true"
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(result["test_accuracy"])
+    assert result["test_images"] == 10000 and sum(map(sum, result["test_confusion_matrix"])) == 10000
+    best = max((t for t in sweep.study.get_trials() if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert result["trial_number"] == best.number
+    report = json.loads((sweep.workdir / "reports" / "fcn" / "test_metrics.json").read_text())
+    assert report["test_accuracy"] == pytest.approx(result["test_accuracy"])
+    assert "test accuracy" in (sweep.workdir / "reports" / "fcn" / "report.md").read_text()
+    names = {a.path for a in sweep.client.list_artifacts(parent.info.run_id)}
+    assert {"test_confusion_matrix.csv", "test_confusion_matrix.png", "report"} <= names
+
+
+def test_rerun_trains_nothing_and_scores_nothing(sweep: FinishedSweep) -> None:
+    before = {r.info.run_id for r in sweep.runs()}
+    scored_at = sweep.study.user_attrs["test_result"]["scored_at"]
+    again = sweep.run("run", str(DEFAULT_SWEEP), *small_sweep_args())
+    assert again.returncode == 0, again.stderr
+    assert "already scored" in again.stdout and "test accuracy" in again.stdout
+    assert {r.info.run_id for r in sweep.runs()} == before
+    assert sweep.study.user_attrs["test_result"]["scored_at"] == scored_at
+    final = sweep.run("finalize", str(DEFAULT_SWEEP), *small_sweep_args())
+    assert final.returncode == 0 and "already scored" in final.stdout
+    assert sweep.study.user_attrs["test_result"]["scored_at"] == scored_at
+
+
+def test_scored_study_refuses_more_trials(sweep: FinishedSweep) -> None:
+    more = sweep.run("run", str(DEFAULT_SWEEP), *small_sweep_args(trials=4))
+    assert more.returncode == 2
+    assert "start a new study name" in more.stderr and more.stderr.count("\n") == 1
+    assert len(sweep.study.get_trials()) == 3
+
+
+def test_validate_answers_without_tensorflow_or_mlflow() -> None:
+    code = (
+        "import sys; from mnist_sweep.cli import main; rc = main(['validate', sys.argv[1]]); "
+        "heavy = [m for m in ('tensorflow', 'keras', 'mlflow', 'optuna') if m in sys.modules]; "
+        "assert not heavy, heavy; sys.exit(rc)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(DEFAULT_SWEEP)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "[search]" in done.stdout and "learning_rate = { low = 0.0001, high = 0.3, log = true }" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "study.trails=3"], "unknown key 'study.trails'"),
+        (["--set", "search.activation=['swish']"], "'swish'"),
+        (["--data", "/nonexistent/mnist"], "does not exist"),
+        (["--set", "tracking.uri='http://127.0.0.1:9'"], "tracking.uri"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    run_cli, tmp_path: Path, args: list[str], expected: str
+) -> None:  # type: ignore[no-untyped-def]
+    done = run_cli("run", str(DEFAULT_SWEEP), *args)
+    assert done.returncode == 2
+    assert expected in done.stderr and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert created_files(tmp_path) == []
+
+
+def test_failed_trial_is_recorded_and_the_study_goes_on(run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    done = run_cli(
+        "run",
+        str(DEFAULT_SWEEP),
+        *small_sweep_args(trials=2, train_limit=1000, validation=500),
+        "--set",
+        "search.optimizer='sgd'",
+        "--set",
+        "search.learning_rate=[0.05, 1e12]",
+        "--set",
+        "search.activation='relu'",
+        "--set",
+        "study.sampler='random'",
+        "--set",
+        "study.max_failures=10",
+    )
+    assert done.returncode == 0, done.stderr
+    study = optuna.load_study(study_name="fcn", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
+    states = [t.state.name for t in study.get_trials()]
+    assert states.count("COMPLETE") == 2 and "FAIL" in states
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    for trial in study.get_trials(states=(optuna.trial.TrialState.FAIL,)):
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED" and run.data.tags["trial_state"] == "FAIL"
+        assert "became" in run.data.tags["state_reason"]
+        assert "error_traceback.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
