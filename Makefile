@@ -7,7 +7,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 export MNIST_SWEEP_DATA ?= $(abspath ../shared/data/mnist)
 
-.PHONY: sweep test lint ui install install-dev
+.PHONY: sweep test lint ui install install-dev bench-overhead bench-epoch
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,9 @@ lint: $(VENV)/.installed-dev
 
 ui: $(VENV)/.installed               ## the MLflow UI on the default local store
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts --host 127.0.0.1
+
+bench-overhead: $(VENV)/.installed-dev   ## one trial against raw fit; tracking and start-up times
+	$(BIN)/python bench/overhead.py
+
+bench-epoch: $(VENV)/.installed-dev      ## epoch time against the arithmetic floor
+	$(BIN)/python bench/epoch.py
