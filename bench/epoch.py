@@ -17,7 +17,7 @@ import numpy as np
 from _common import data_dir, record, table
 
 FORWARD_FLOP_PER_IMAGE = 2 * (784 * 500 + 500 * 500 + 500 * 10)
-TRAIN_FLOP_PER_IMAGE = 3 * FORWARD_FLOP_PER_IMAGE  # backward ≈ 2 × forward
+TRAIN_FLOP_PER_IMAGE = 3 * FORWARD_FLOP_PER_IMAGE  # the backward pass costs about twice the forward
 
 
 def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
