@@ -61,6 +61,11 @@ class TrialOutcome:
 class _EpochCallback(keras.callbacks.Callback):  # type: ignore[misc]
     """Feeds epoch logs to the hooks and stops at once when the loss diverges."""
 
+    # A batch hook makes Keras convert every batch's logs on the training thread (a device sync per
+    # batch) unless the callback is declared safe to run on Keras' callback thread; the NaN check is.
+    # Its TrialDiverged then surfaces on the training thread a batch or two later.
+    async_safe = True
+
     def __init__(self, hooks: Sequence[EpochHook]) -> None:
         super().__init__()
         self.hooks = hooks
