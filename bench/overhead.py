@@ -141,8 +141,7 @@ def main() -> None:
     body = (
         f"{len(split.y_train)} training images, 1 epoch, batch 128, adam 1e-3 relu; "
         f"{args.repeats} alternating repeats, medians. raw: {', '.join(f'{t:.2f}' for t in raw_times)} s; "
-        f"trial: {', '.join(f'{t:.2f}' for t in trial_times)} s.\n\n"
-        + table(["measure", "value", "target"], rows)
+        f"trial: {', '.join(f'{t:.2f}' for t in trial_times)} s.\n\n" + table(["measure", "value", "target"], rows)
     )
     record("bench/overhead: one trial against raw fit", body)
 

@@ -173,9 +173,10 @@ class TrialRecord:
 class PruningHook:
     """Reports the study metric to Optuna after each epoch and prunes when the pruner says so."""
 
-    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+    def __init__(self, trial: optuna.Trial, metric: str, epochs: int) -> None:
         self.trial = trial
         self.metric = metric
+        self.epochs = epochs
         self.last_epoch = 0
 
     def __call__(self, epoch: int, values: Mapping[str, float]) -> None:
@@ -184,7 +185,8 @@ class PruningHook:
             raise KeyError(f"study.metric {self.metric!r} is not among the epoch metrics {sorted(values)}")
         self.last_epoch = epoch
         self.trial.report(values[self.metric], step=epoch)
-        if self.trial.should_prune():
+        # After the last epoch the training is paid for: keep the model rather than prune it.
+        if epoch < self.epochs and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch}: {self.metric} = {values[self.metric]:.4f}")
 
 
@@ -245,7 +247,7 @@ class Objective:
         trial.set_user_attr("seed", seed)
         self.last = record = TrialRecord(number=trial.number, state="RUNNING")
         logging_hook = TimedHook(lambda epoch, values: self.tracker.log_epoch(run_id, epoch, values))
-        pruning_hook = PruningHook(trial, self.cfg.study.metric)
+        pruning_hook = PruningHook(trial, self.cfg.study.metric, self.cfg.train.epochs)
         from mnist_sweep.trial import run_trial
 
         try:

@@ -102,13 +102,24 @@ def test_pruning_hook_prunes_a_trial_below_the_median() -> None:
         good = study.ask()
         good.report(value, step=1)
         study.tell(good, value)
-    hook = PruningHook(study.ask(), "val_accuracy")
+    hook = PruningHook(study.ask(), "val_accuracy", epochs=3)
     with pytest.raises(optuna.TrialPruned, match="pruned at epoch 1"):
         hook(1, {"val_accuracy": 0.1, "val_loss": 2.0})
 
 
+def test_pruning_hook_keeps_a_trial_that_reached_its_last_epoch() -> None:
+    study = optuna.create_study(
+        direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    )
+    for value in (0.9, 0.95):
+        good = study.ask()
+        good.report(value, step=1)
+        study.tell(good, value)
+    PruningHook(study.ask(), "val_accuracy", epochs=1)(1, {"val_accuracy": 0.1})  # no TrialPruned
+
+
 def test_pruning_hook_refuses_a_missing_metric() -> None:
-    hook = PruningHook(optuna.create_study().ask(), "val_accuracy")
+    hook = PruningHook(optuna.create_study().ask(), "val_accuracy", epochs=3)
     with pytest.raises(KeyError, match="not among the epoch metrics"):
         hook(1, {"loss": 1.0})
 

@@ -1,0 +1,105 @@
+"""The default sweep on full MNIST, then the same sweep with pruning off and with the random sampler.
+
+Reports wall time, epochs spent, best validation accuracy and the once-scored test accuracy of each, and
+plots best-validation-accuracy against epochs spent for the three (bench/search.html).
+
+    python bench/search.py                       # the real benchmark (hours on 2 cores)
+    python bench/search.py --set study.trials=4 --set train.epochs=2 --set data.train_limit=5000   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import REPO, data_dir, record, table
+
+VARIANTS = {
+    "default (TPE + median pruner)": [],
+    "pruning off": ["--set", "study.pruner='none'"],
+    "random sampler": ["--set", "study.sampler='random'"],
+}
+
+
+def run_variant(name: str, extra: list[str], overrides: list[str], folder: Path) -> dict[str, Any]:
+    """One sweep through the real CLI in its own folder; returns what the study recorded."""
+    workdir = folder / name.split(" ")[0]
+    workdir.mkdir()
+    command = [sys.executable, "-m", "mnist_sweep", "run", str(REPO / "sweeps" / "fcn.toml"), *extra]
+    for assignment in overrides:
+        command += ["--set", assignment]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MNIST_SWEEP_DATA": data_dir()}
+    started = time.perf_counter()
+    subprocess.run(command, cwd=workdir, env=env, check=True, stdout=sys.stderr)
+    wall = time.perf_counter() - started
+    return {"name": name, "wall": wall, **read_study(workdir)}
+
+
+def read_study(workdir: Path) -> dict[str, Any]:
+    import optuna
+
+    storage = f"sqlite:///{workdir / 'mlruns' / 'optuna.db'}"
+    (summary,) = [s for s in optuna.get_all_study_summaries(storage) if not s.study_name.endswith(".test-seal")]
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    curve: list[tuple[int, float]] = []
+    epochs = 0
+    best = 0.0
+    for trial in sorted(study.trials, key=lambda t: t.number):
+        epochs += len(trial.intermediate_values)
+        if trial.intermediate_values:
+            best = max(best, max(trial.intermediate_values.values()))
+        curve.append((epochs, best))
+    result = study.user_attrs["test_result"]
+    return {
+        "epochs": epochs,
+        "best_val": best,
+        "test": result["test_accuracy"],
+        "curve": curve,
+        "trials": len(study.trials),
+    }
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import plotly.graph_objects as go
+
+    figure = go.Figure()
+    for result in results:
+        xs, ys = zip(*result["curve"], strict=True)
+        figure.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=result["name"], line_shape="hv"))
+    figure.update_layout(
+        title="best validation accuracy against epochs spent",
+        xaxis_title="epochs spent (all trials)",
+        yaxis_title="best val_accuracy so far",
+    )
+    figure.write_html(path, include_plotlyjs=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name, extra in VARIANTS.items():
+            results.append(run_variant(name, extra, args.overrides, Path(folder)))
+    plot(results, REPO / "bench" / "search.html")
+    default, unpruned = results[0], results[1]
+    rows = [[r["name"], r["trials"], f"{r['wall'] / 60:.1f}", r["epochs"], r["best_val"], r["test"]] for r in results]
+    body = (
+        table(["variant", "trials", "wall min", "epochs spent", "best val acc", "test acc (once)"], rows)
+        + f"\n\npruning spent {default['epochs'] / max(unpruned['epochs'], 1):.0%} of the epochs of no pruning "
+        f"(target ≤ 60 %), best val accuracy {100 * (default['best_val'] - unpruned['best_val']):+.2f} points "
+        f"(target within 0.1); default test accuracy {default['test']:.4f} (target ≥ 0.984) in "
+        f"{default['wall'] / 60:.1f} min (target ≤ 45). Overrides: {args.overrides or 'none'}. Plot: bench/search.html"
+    )
+    record("bench/search: the default sweep, pruning off, random sampler", body)
+
+
+if __name__ == "__main__":
+    main()
