@@ -94,7 +94,7 @@ def test_diverging_loss_stops_the_trial(split: Split) -> None:
         run_trial(params=params, split=split, settings=TrainSettings(hidden=(32,), epochs=3), seed=0)
 
 
-def test_pruning_hook_prunes_a_trial_below_the_median() -> None:
+def study_with_two_good_trials() -> optuna.Study:
     study = optuna.create_study(
         direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
     )
@@ -102,19 +102,18 @@ def test_pruning_hook_prunes_a_trial_below_the_median() -> None:
         good = study.ask()
         good.report(value, step=1)
         study.tell(good, value)
+    return study
+
+
+def test_pruning_hook_prunes_a_trial_below_the_median() -> None:
+    study = study_with_two_good_trials()
     hook = PruningHook(study.ask(), "val_accuracy", epochs=3)
     with pytest.raises(optuna.TrialPruned, match="pruned at epoch 1"):
         hook(1, {"val_accuracy": 0.1, "val_loss": 2.0})
 
 
 def test_pruning_hook_keeps_a_trial_that_reached_its_last_epoch() -> None:
-    study = optuna.create_study(
-        direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
-    )
-    for value in (0.9, 0.95):
-        good = study.ask()
-        good.report(value, step=1)
-        study.tell(good, value)
+    study = study_with_two_good_trials()
     PruningHook(study.ask(), "val_accuracy", epochs=1)(1, {"val_accuracy": 0.1})  # no TrialPruned
 
 
