@@ -54,18 +54,31 @@ def synthetic_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 
 CliRunner = Callable[..., subprocess.CompletedProcess[str]]
+CLI = [sys.executable, "-m", "mnist_sweep"]
+
+
+def cli_environment(data: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The CLI's environment: this checkout's code, the real MNIST folder, and `env` on top."""
+    return {**os.environ, "MNIST_SWEEP_DATA": str(data), "PYTHONPATH": str(REPO), **(env or {})}
+
+
+def cli(
+    *args: str, cwd: Path, data: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m mnist_sweep ARGS` in `cwd` with this checkout's code and real data."""
+    return subprocess.run(
+        [*CLI, *args], cwd=cwd, env=cli_environment(data, env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
 def run_cli(tmp_path: Path, mnist_dir: Path) -> CliRunner:
-    """Runs `python -m mnist_sweep ARGS` in tmp_path (this checkout's code, real data), returns the result."""
+    """`cli` bound to tmp_path and the real MNIST folder."""
 
-    def runner(*args: str, cwd: Path = tmp_path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        environment = {**os.environ, "MNIST_SWEEP_DATA": str(mnist_dir), "PYTHONPATH": str(REPO), **(env or {})}
-        return subprocess.run(
-            [sys.executable, "-m", "mnist_sweep", *args],
-            cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout,
-        )
+    def runner(
+        *args: str, cwd: Path = tmp_path, env: dict[str, str] | None = None, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        return cli(*args, cwd=cwd, data=mnist_dir, env=env, timeout=timeout)
 
     return runner
 
