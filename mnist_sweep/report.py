@@ -96,7 +96,9 @@ def study_summary(study: optuna.Study, rows: Sequence[Row]) -> dict[str, Any]:
         "trial_states": {state.name: states.get(state.name, 0) for state in TrialState},
         "total_trial_seconds": round(sum(durations), 1),
         "mean_trial_seconds": round(sum(durations) / len(durations), 2) if durations else 0.0,
-        "top_trials": [row for row in rows if row["state"] == TrialState.COMPLETE.name][:TOP_TRIALS],
+        "top_trials": [
+            {k: v for k, v in row.items() if k != "state"} for row in rows if row["state"] == TrialState.COMPLETE.name
+        ][:TOP_TRIALS],
         "environment": environment(),
     }
 

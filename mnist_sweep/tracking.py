@@ -333,7 +333,8 @@ def serve_ui(*, uri: str, artifacts: str, experiment: str, port: int, echo: Call
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     command += ["--default-artifact-root", artifact_location(artifacts), "--host", "127.0.0.1", "--port", str(port)]
     # A session of its own: Ctrl-C reaches only us, and stopping the group ends MLflow's workers too.
-    server = subprocess.Popen([*command, "--workers", str(UI_WORKERS)], start_new_session=True)
+    # Its access log goes to stderr, so our stdout holds only the URL (for scripts) and the goodbye.
+    server = subprocess.Popen([*command, "--workers", str(UI_WORKERS)], start_new_session=True, stdout=2)
     try:
         _wait_until_serving(server, base)
         echo(f"MLflow UI for study {experiment!r}: {base}/#/experiments/{experiment_id}  (Ctrl-C to stop)")

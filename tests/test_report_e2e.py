@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import re
-import select
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -228,11 +229,24 @@ def free_port() -> int:
 
 
 def read_line_with(process: subprocess.Popen[str], needle: str, *, seconds: float) -> str:
+    """The first stdout line holding `needle`; a reader thread, since select() misses lines already buffered."""
+    lines: queue.Queue[str] = queue.Queue()
     assert process.stdout is not None
+    stdout = process.stdout
+
+    def pump() -> None:
+        for line in stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and process.poll() is None:
-        ready, _, _ = select.select([process.stdout], [], [], 1.0)
-        line = process.stdout.readline() if ready else ""
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=min(left, 1.0))
+        except queue.Empty:
+            if process.poll() is not None:
+                break
+            continue
         if needle in line:
             return line.strip()
     raise AssertionError(f"no line with {needle!r} within {seconds} s (exit code {process.poll()})")
