@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         help="take over a scoring claim left by a process that died before recording a result",
     )
     command("validate", "print the resolved configuration, or the error (exit 2)")
+    command("report", "rewrite report.html, report.md and test_metrics.json from what is recorded (never scores)")
+    trials = command("trials", "print the leaderboard of the study's trials (Optuna + MLflow)")
+    trials.add_argument("--csv", metavar="FILE", help="also write the leaderboard to FILE as CSV")
+    trials.add_argument("--sort", metavar="METRIC", help="sort by this column (default: study.metric, best first)")
+    ui = command("ui", "serve the MLflow UI on the sweep's tracking store at 127.0.0.1 until Ctrl-C")
+    ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
     return parser
 
 
@@ -96,6 +102,12 @@ def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
         return sweep.run(cfg, echo=_echo, finalize=False, as_worker=True)
     if args.command == "finalize":
         return sweep.finalize(cfg, echo=_echo, reclaim=args.reclaim)
+    if args.command == "report":
+        return sweep.report(cfg, echo=_echo)
+    if args.command == "trials":
+        return sweep.trials(cfg, echo=_echo, csv_file=args.csv, sort=args.sort)
+    if args.command == "ui":
+        return sweep.ui(cfg, echo=_echo, port=args.port)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
@@ -126,7 +138,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from mnist_sweep.final import FinalizeError
         from mnist_sweep.preflight import PreflightError
         from mnist_sweep.study import StorageError, StudyMismatchError
-        from mnist_sweep.sweep import NoSuchStudyError, StudySealedError
+        from mnist_sweep.sweep import NoSuchStudyError, NotScoredError, StudySealedError
         from mnist_sweep.tracking import TrackingError
 
         errors += [
@@ -135,6 +147,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             StudyMismatchError,
             StudySealedError,
             NoSuchStudyError,
+            NotScoredError,
             TrackingError,
             FinalizeError,
         ]

@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep.data import DataSource, load_test_split
 from mnist_sweep.metrics import classification_report, confusion_matrix, wilson_interval
+from mnist_sweep.report import environment
 from mnist_sweep.study import MODEL_URI_ATTR, RUN_ID_ATTR, TEST_RESULT_ATTR
 from mnist_sweep.tracking import Tracker
 
@@ -141,6 +142,7 @@ def score_test_set(
         "test_per_class": report.per_class_rows(),
         "scored_at": _now(),
         "scored_by": f"{socket.gethostname()}:{os.getpid()}",
+        "environment": environment(),
     }
     tracker.log_test_result(
         parent_run_id,

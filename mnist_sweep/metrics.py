@@ -21,6 +21,7 @@ PER_CLASS_METRICS = ("precision", "recall", "f1", "iou", "accuracy")
 
 IntMatrix = npt.NDArray[np.int64]
 FloatVector = npt.NDArray[np.float64]
+FloatMatrix = npt.NDArray[np.float64]
 
 
 def confusion_matrix(y_true: npt.ArrayLike, y_pred: npt.ArrayLike, num_classes: int = NUM_CLASSES) -> IntMatrix:
@@ -115,6 +116,28 @@ def classification_report(matrix: npt.ArrayLike) -> ClassificationReport:
         overall_accuracy=float(_ratio(tp.sum(), total)),
         **per_class,
     )
+
+
+def row_normalised(matrix: npt.ArrayLike) -> FloatMatrix:
+    """Each row divided by its sum: the share of each true digit predicted as each digit (an empty row stays 0)."""
+    counts = np.asarray(matrix, dtype=np.float64)
+    return _ratio(counts, np.broadcast_to(counts.sum(axis=1, keepdims=True), counts.shape))
+
+
+def most_confused(matrix: npt.ArrayLike, top: int = 5) -> list[dict[str, int | float]]:
+    """The largest off-diagonal counts, largest first (ties: lower true, then predicted digit first).
+
+    Each pair carries its count and its share of the true digit's images, so a rare digit's confusion
+    is not hidden behind a common one's.
+    """
+    counts = np.asarray(matrix, dtype=np.int64)
+    shares = row_normalised(counts)
+    pairs = [(int(counts[t, p]), t, p) for t in range(counts.shape[0]) for p in range(counts.shape[1]) if t != p]
+    ranked = sorted((pair for pair in pairs if pair[0] > 0), key=lambda pair: (-pair[0], pair[1], pair[2]))
+    return [
+        {"true": t, "predicted": p, "count": count, "share_of_true": float(shares[t, p])}
+        for count, t, p in ranked[:top]
+    ]
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:

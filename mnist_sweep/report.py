@@ -1,29 +1,95 @@
-"""The held-out test report: reports/<study>/report.md and test_metrics.json."""
+"""The held-out test report: reports/<study>/report.html, report.md, test_metrics.json, leaderboard.csv, plots/.
+
+Everything comes from what the sweep recorded (the study's trials, its stored test result, the trial runs'
+metrics in MLflow): writing the report never reads a test image.
+"""
 
 from __future__ import annotations
 
+import html
 import json
 import platform
+import shutil
+import subprocess
+import sys
 from collections import Counter
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
 
+from mnist_sweep import plots
+from mnist_sweep.config import ConfigError
+from mnist_sweep.metrics import most_confused
 from mnist_sweep.study import RUN_ID_ATTR
 
 TOP_TRIALS = 10
+CONFUSED_PAIRS = 5
+# The trial-run metrics the leaderboard reads from MLflow, beside what Optuna holds.
+LOGGED_METRICS = ("val_accuracy", "val_loss", "val_f1_macro")
+LOWER_IS_BETTER = ("trial", "val_loss", "duration_s")
+NOT_SCORED = "Test set not scored yet."
+PACKAGES = ("tensorflow", "keras", "optuna", "mlflow", "numpy", "pandas", "plotly")
+
+Row = dict[str, Any]
 
 
-def study_summary(study: optuna.Study) -> dict[str, Any]:
-    """Plain data about the sweep: state counts, durations and the top trials."""
+# --------------------------------------------------------------------------- plain data
+
+
+def _ranked(trials: Sequence[FrozenTrial], maximize: bool) -> list[FrozenTrial]:
+    """Complete trials best first (ties: the earlier trial), then the others by number."""
+
+    def key(t: FrozenTrial) -> tuple[int, float, int]:
+        if t.state == TrialState.COMPLETE and t.value is not None:
+            return (0, -t.value if maximize else t.value, t.number)
+        return (1, 0.0, t.number)
+
+    return sorted(trials, key=key)
+
+
+def leaderboard_rows(study: optuna.Study, run_metrics: Mapping[str, Mapping[str, float]]) -> list[Row]:
+    """Every trial, best first: number, state, params, validation metrics, epochs, duration, run id.
+
+    Optuna holds the final validation numbers of complete trials; MLflow adds the macro F1 and, for pruned
+    or failed trials, the last epoch's numbers.
+    """
+    trials = study.get_trials(deepcopy=False)
+    param_names = list(dict.fromkeys(name for t in trials for name in t.params))
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    rows = []
+    for t in _ranked(trials, maximize):
+        run_id = t.user_attrs.get(RUN_ID_ATTR)
+        logged = run_metrics.get(run_id, {}) if run_id else {}
+        row: Row = {"trial": t.number, "state": t.state.name}
+        row.update({name: t.params.get(name) for name in param_names})
+        row.update({name: t.user_attrs.get(name, logged.get(name)) for name in LOGGED_METRICS})
+        row["epochs"] = t.user_attrs.get("epochs_trained", len(t.intermediate_values) or None)
+        row["duration_s"] = round(t.duration.total_seconds(), 1) if t.duration is not None else None
+        row["run_id"] = run_id
+        rows.append(row)
+    return rows
+
+
+def leaderboard_table(rows: Sequence[Row], *, sort: str) -> pd.DataFrame:
+    """The rows as a table sorted by one column: losses, durations and trial numbers up, other numbers down."""
+    columns = ["trial", "state", *LOGGED_METRICS, "epochs", "duration_s", "run_id"]
+    frame = pd.DataFrame(list(rows)) if rows else pd.DataFrame(columns=columns)
+    if sort not in frame.columns:
+        raise ConfigError(f"--sort must be one of {', '.join(frame.columns)}, got {sort!r}")
+    ascending = sort in LOWER_IS_BETTER or not pd.api.types.is_numeric_dtype(frame[sort])
+    return frame.sort_values(sort, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def study_summary(study: optuna.Study, rows: Sequence[Row]) -> dict[str, Any]:
+    """Plain data about the sweep: state counts, durations, the top trials (of `rows`) and the environment."""
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
     durations = [t.duration.total_seconds() for t in trials if t.duration is not None]
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    complete.sort(key=lambda t: (-t.value if maximize else t.value, t.number))  # type: ignore[operator]
     return {
         "study": study.study_name,
         "direction": study.direction.name.lower(),
@@ -31,33 +97,113 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
         "total_trial_seconds": round(sum(durations), 1),
         "mean_trial_seconds": round(sum(durations) / len(durations), 2) if durations else 0.0,
         "top_trials": [
-            {
-                "number": t.number,
-                "value": t.value,
-                "params": dict(t.params),
-                "epochs_trained": t.user_attrs.get("epochs_trained"),
-                "seconds": round(t.duration.total_seconds(), 1) if t.duration else None,
-                "run_id": t.user_attrs.get(RUN_ID_ATTR),
-            }
-            for t in complete[:TOP_TRIALS]
-        ],
+            {k: v for k, v in row.items() if k != "state"} for row in rows if row["state"] == TrialState.COMPLETE.name
+        ][:TOP_TRIALS],
         "environment": environment(),
     }
 
 
 def environment() -> dict[str, str]:
+    """Python, package versions and the device, without importing anything heavy."""
     from importlib.metadata import PackageNotFoundError, version
 
     packages = {}
-    for name in ("tensorflow", "keras", "optuna", "mlflow", "numpy"):
+    for name in PACKAGES:
         try:
             packages[name] = version(name)
         except PackageNotFoundError:
             packages[name] = "not installed"
-    return {"python": platform.python_version(), "machine": platform.machine(), **packages}
+    return {"python": platform.python_version(), "machine": platform.machine(), "device": device(), **packages}
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
+def device() -> str:
+    """'GPU: <names>' or 'CPU: <model>'. Asks TensorFlow only when it is already loaded (importing costs seconds)."""
+    tf = sys.modules.get("tensorflow")
+    gpus = _tensorflow_gpus(tf) if tf is not None else _nvidia_smi_gpus()
+    return f"GPU: {', '.join(gpus)}" if gpus else f"CPU: {_cpu_name()}"
+
+
+def _tensorflow_gpus(tf: Any) -> list[str]:
+    devices = tf.config.list_physical_devices("GPU")
+    return [str(tf.config.experimental.get_device_details(d).get("device_name", d.name)) for d in devices]
+
+
+def _nvidia_smi_gpus() -> list[str]:
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        found = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in found.stdout.splitlines() if line.strip()] if found.returncode == 0 else []
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gaps(result: Mapping[str, Any]) -> dict[str, float | None]:
+    """Validation minus test accuracy (positive: the test set scored lower), and test minus validation loss."""
+    val_accuracy, val_loss = result.get("val_accuracy"), result.get("val_loss")
+    return {
+        "accuracy": None if val_accuracy is None else val_accuracy - result["test_accuracy"],
+        "loss": None if val_loss is None else result["test_loss"] - val_loss,
+    }
+
+
+def _chosen_rows(result: Mapping[str, Any]) -> list[Row]:
+    facts = {
+        "trial": result["trial_number"],
+        "MLflow run id": result["run_id"],
+        "model": result["model_uri"],
+        "epochs trained": result["epochs_trained"],
+        "validation accuracy": result["val_accuracy"],
+        "validation loss": result["val_loss"],
+        **{f"param {k}": v for k, v in result["params"].items()},
+    }
+    return [{"": key, "value": value} for key, value in facts.items()]
+
+
+def _confused_rows(result: Mapping[str, Any]) -> list[Row]:
+    return [
+        {
+            "true digit": p["true"],
+            "predicted as": p["predicted"],
+            "images": p["count"],
+            "share of true digit": f"{p['share_of_true']:.1%}",
+        }
+        for p in most_confused(result["test_confusion_matrix"], top=CONFUSED_PAIRS)
+    ]
+
+
+def _state_line(summary: Mapping[str, Any]) -> str:
+    states = ", ".join(f"{k.lower()} {v}" for k, v in summary["trial_states"].items() if v)
+    return states or "none"
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        # Four decimals suit accuracies and losses; a learning rate of 0.0004 needs significant digits.
+        return f"{value:.3g}" if 0 < abs(value) < 0.01 else f"{value:.4f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _table(rows: Sequence[Row]) -> str:
     if not rows:
         return "_none_\n"
     columns = list(rows[0])
@@ -67,37 +213,27 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
-    return str(value)
-
-
 def render_markdown(result: dict[str, Any] | None, summary: dict[str, Any]) -> str:
+    """The report as Markdown: the same facts as the HTML page, without the plots."""
     lines = [f"# mnist-sweep report: study `{summary['study']}`", ""]
     if result is None:
-        lines += ["**Test set not scored yet.** Run `mnist-sweep finalize SWEEP` to score the chosen trial once.", ""]
+        lines += [f"**{NOT_SCORED}** Run `mnist-sweep finalize SWEEP` to score the chosen trial once.", ""]
     else:
         low, high = result["test_accuracy_ci95"]
-        gap = (result["val_accuracy"] or 0.0) - result["test_accuracy"]
+        gap = gaps(result)
         lines += [
             "## Held-out test set (scored once)",
             "",
             f"- test accuracy: **{result['test_accuracy']:.4f}** (95 % Wilson CI {low:.4f} to {high:.4f}) "
             f"on {result['test_images']} images",
             f"- test loss: {result['test_loss']:.4f}",
-            f"- validation -> test accuracy gap: {gap:+.4f}",
+            f"- validation -> test gap: accuracy {_cell(gap['accuracy'])} (validation minus test), "
+            f"loss {_cell(gap['loss'])} (test minus validation)",
             f"- scored at {result['scored_at']} by {result['scored_by']}",
             "",
             "## Chosen trial",
             "",
-            f"- trial {result['trial_number']}, MLflow run `{result['run_id']}`, model `{result['model_uri']}`",
-            f"- hyperparameters: {_cell(result['params'])}",
-            f"- epochs trained: {result['epochs_trained']}",
-            f"- validation accuracy {_cell(result['val_accuracy'])}, validation loss {_cell(result['val_loss'])}",
-            "",
+            _table(_chosen_rows(result)),
             "## Test confusion matrix (rows: true digit, columns: predicted)",
             "",
             _table(
@@ -106,34 +242,208 @@ def render_markdown(result: dict[str, Any] | None, summary: dict[str, Any]) -> s
                     for k, row in enumerate(result["test_confusion_matrix"])
                 ]
             ),
+            "### Most confused digits",
+            "",
+            _table(_confused_rows(result)),
             "## Per-class test metrics",
             "",
             _table(result["test_per_class"]),
         ]
-    states = ", ".join(f"{k.lower()} {v}" for k, v in summary["trial_states"].items() if v)
     lines += [
         "## Sweep",
         "",
-        f"- trials: {states or 'none'}",
+        f"- trials: {_state_line(summary)}",
         f"- time in trials: {summary['total_trial_seconds']} s (mean {summary['mean_trial_seconds']} s per trial)",
+        "- plots: report.html, and one page each in plots/",
         "",
         "### Top trials",
         "",
-        _table([{k: v for k, v in t.items() if k != "run_id"} for t in summary["top_trials"]]),
+        _table(summary["top_trials"]),
         "## Environment",
         "",
-        _cell(summary["environment"]),
+        _cell(result.get("environment", summary["environment"]) if result else summary["environment"]),
         "",
     ]
     return "\n".join(lines)
 
 
-def write_report(folder: Path, result: dict[str, Any] | None, summary: dict[str, Any]) -> list[Path]:
-    """Write report.md and test_metrics.json; returns the files written."""
+# --------------------------------------------------------------------------- the HTML page
+
+
+def _html_cell(value: Any) -> str:
+    return html.escape(_cell(value))
+
+
+def _html_table(rows: Sequence[Row], *, table_id: str) -> str:
+    if not rows:
+        return '<p class="note">none yet</p>'
+    columns = list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_html_cell(row[c])}</td>" for c in columns) + "</tr>" for row in rows)
+    table = f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<div class="scroll">{table}</div>'
+
+
+def _card(label: str, value: str, detail: str = "", *, value_id: str = "") -> str:
+    identifier = f' id="{value_id}"' if value_id else ""
+    return (
+        f'<div class="card"><div class="label">{html.escape(label)}</div>'
+        f'<div class="value"{identifier}>{html.escape(value)}</div>'
+        f'<div class="detail">{html.escape(detail)}</div></div>'
+    )
+
+
+def _plot(figure_html: str, *, key: str) -> str:
+    return f'<figure class="plot" data-plot="{key}">{figure_html}</figure>'
+
+
+def _note(title: str, note: str, *, key: str) -> str:
+    return f'<div class="plot-note" data-plot="{key}"><strong>{html.escape(title)}</strong>: {html.escape(note)}</div>'
+
+
+def _test_section(result: Mapping[str, Any]) -> str:
+    low, high = result["test_accuracy_ci95"]
+    gap = gaps(result)
+    matrix = result["test_confusion_matrix"]
+    ci = f"95 % Wilson CI {low:.4f} to {high:.4f}"
+    cards = [
+        _card("test accuracy", f"{result['test_accuracy']:.4f}", ci, value_id="test-accuracy"),
+        _card("test loss", f"{result['test_loss']:.4f}"),
+        _card(
+            "validation → test gap",
+            _cell(gap["accuracy"]),
+            f"accuracy, validation minus test; loss {_cell(gap['loss'])}",
+        ),
+        _card("test images", str(result["test_images"]), f"scored {result['scored_at']}"),
+    ]
+    heatmaps = [
+        _plot(
+            plots.figure_div(plots.confusion_heatmap(matrix, normalised=normalised, title=title), div_id=key),
+            key=key,
+        )
+        for key, normalised, title in (
+            ("confusion-counts", False, "Test confusion matrix: counts"),
+            ("confusion-normalised", True, "Test confusion matrix: share of each true digit"),
+        )
+    ]
+    return f"""
+<section id="test"><h2>Held-out test set, scored once</h2>
+<div class="cards">{"".join(cards)}</div>
+<h2>Chosen trial</h2>{_html_table(_chosen_rows(result), table_id="chosen-trial")}
+<h2>Test confusion matrix</h2><p>rows: true digit, columns: predicted digit</p>
+<div class="grid">{"".join(heatmaps)}</div>
+<h3>Most confused digits</h3>{_html_table(_confused_rows(result), table_id="confused-pairs")}
+<h3>Per-class test metrics</h3>{_html_table(result["test_per_class"], table_id="per-class")}
+</section>"""
+
+
+def _sweep_section(summary: Mapping[str, Any], sweep_plots: Sequence[plots.SweepPlot]) -> str:
+    states = summary["trial_states"]
+    cards = [
+        _card(label, str(states[state]))
+        for label, state in (("complete", "COMPLETE"), ("pruned", "PRUNED"), ("failed", "FAIL"))
+    ]
+    seconds = f"mean {summary['mean_trial_seconds']} s per trial"
+    cards.append(_card("time in trials", f"{summary['total_trial_seconds']} s", seconds))
+    drawn = [
+        _plot(plots.figure_div(p.figure, div_id=p.key), key=p.key)
+        if p.figure is not None
+        else _note(p.title, p.note, key=p.key)
+        for p in sweep_plots
+    ]
+    return f"""
+<section id="sweep"><h2>Sweep</h2>
+<div class="cards">{"".join(cards)}</div>
+<h3>Top trials</h3>{_html_table(summary["top_trials"], table_id="top-trials")}
+{"".join(drawn)}
+</section>"""
+
+
+def render_html(result: dict[str, Any] | None, summary: dict[str, Any], sweep_plots: Sequence[plots.SweepPlot]) -> str:
+    """The report as one self-contained page: plotly.js embedded once, nothing fetched."""
+    study = html.escape(summary["study"])
+    written = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    test = (
+        _test_section(result)
+        if result is not None
+        else f'<div class="banner" id="not-scored"><strong>{NOT_SCORED}</strong> Run <code>mnist-sweep finalize '
+        f"SWEEP</code> to score the chosen trial once.</div>"
+    )
+    env = result.get("environment", summary["environment"]) if result else summary["environment"]
+    env_rows = [{"": key, "value": value} for key, value in env.items()]
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>mnist-sweep report: {study}</title>
+<style>{_CSS}</style>
+<script type="text/javascript">{plots.plotly_js()}</script>
+</head><body>
+<h1>mnist-sweep report: study <code>{study}</code></h1>
+<p class="note">written {written}; direction: {html.escape(summary["direction"])}</p>
+{test}
+{_sweep_section(summary, sweep_plots)}
+<section id="environment"><h2>Environment</h2>{_html_table(env_rows, table_id="environment-table")}</section>
+</body></html>
+"""
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, sans-serif; margin: 24px auto; max-width: 1280px; color: #222;
+       padding: 0 16px; }
+h1 { font-size: 1.6em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+code { background: #f3f3f3; padding: 1px 4px; border-radius: 3px; }
+.note { color: #666; }
+.banner { background: #fff4e5; border: 1px solid #f0b35a; padding: 12px 16px; border-radius: 6px; margin: 16px 0; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; margin: 12px 0; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 10px 16px; min-width: 180px; }
+.card .label { color: #666; font-size: 0.9em; } .card .value { font-size: 1.8em; font-weight: 600; }
+.card .detail { color: #666; font-size: 0.85em; }
+table { border-collapse: collapse; margin: 8px 0 16px; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: right; }
+th { background: #f6f8fa; } td:first-child, th:first-child { text-align: left; }
+/* auto-fill, not auto-fit: the first heatmap is drawn before the second exists, and must get its half then. */
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 12px; }
+.grid > * { min-width: 0; }
+.scroll { overflow-x: auto; }
+figure.plot { margin: 12px 0; border: 1px solid #eee; border-radius: 6px; padding: 4px; }
+.plot-note { margin: 12px 0; padding: 12px 16px; background: #f6f8fa; border: 1px dashed #bbb; border-radius: 6px; }
+"""
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_report(
+    folder: Path,
+    *,
+    study: optuna.Study,
+    result: dict[str, Any] | None,
+    metric: str,
+    run_metrics: Mapping[str, Mapping[str, float]],
+) -> list[Path]:
+    """report.html, report.md, test_metrics.json, leaderboard.csv and plots/<plot>.html; returns them."""
+    rows = leaderboard_rows(study, run_metrics)
+    summary = study_summary(study, rows)
+    sweep_plots = plots.sweep_plots(study, metric=metric)
     folder.mkdir(parents=True, exist_ok=True)
-    markdown = folder / "report.md"
-    markdown.write_text(render_markdown(result, summary), encoding="utf-8")
-    metrics = folder / "test_metrics.json"
-    payload = {"test_set_scored": result is not None, **(result or {}), "sweep": summary}
-    metrics.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
-    return [markdown, metrics]
+    written = {
+        "report.html": render_html(result, summary, sweep_plots),
+        "report.md": render_markdown(result, summary),
+        "test_metrics.json": json.dumps(
+            {"test_set_scored": result is not None, **(result or {}), "sweep": summary}, indent=2, default=str
+        ),
+        "leaderboard.csv": leaderboard_table(rows, sort=metric).to_csv(index=False),
+    }
+    # One page per sweep plot, so MLflow's artifact view shows each on its own.
+    written.update(
+        {
+            f"plots/{p.key}.html": plots.standalone_html(p.figure, title=p.title)
+            for p in sweep_plots
+            if p.figure is not None
+        }
+    )
+    paths = []
+    for name, text in written.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        paths.append(path)
+    return paths

@@ -1,4 +1,4 @@
-"""The top-level flows, each a straight line: run, worker, finalize, report."""
+"""The top-level flows, each a straight line: run, worker, finalize, report, trials, ui."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from mnist_sweep import preflight
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.data import DataSource, Split, check_test_split_present, load_split, resolve_source
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
-from mnist_sweep.report import study_summary, write_report
+from mnist_sweep.report import leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.study import (
+    PARENT_RUN_ATTR,
     Objective,
     count_finished,
     load_existing_study,
@@ -23,7 +24,7 @@ from mnist_sweep.study import (
     run_trials,
     worker_salt,
 )
-from mnist_sweep.tracking import Tracker
+from mnist_sweep.tracking import Tracker, recorded_trial_metrics, serve_ui, sqlite_file
 
 Echo = Callable[[str], None]
 
@@ -34,6 +35,10 @@ class StudySealedError(RuntimeError):
 
 class NoSuchStudyError(RuntimeError):
     """finalize/report on a study that is not in the storage."""
+
+
+class NotScoredError(RuntimeError):
+    """`report` on a study whose test set is not scored yet (the report is written, marked so)."""
 
 
 def prepare_data(cfg: SweepConfig) -> tuple[DataSource, Split]:
@@ -133,9 +138,69 @@ def _finalize(
     )
     if not scored_now:
         echo("test set already scored; nothing scored again")
-    folder = Path(cfg.tracking.reports) / cfg.study.name
-    write_report(folder, result, study_summary(study))
-    tracker.log_folder(parent, folder, "report")
-    echo(f"report: {folder / 'report.md'}")
+    _write_report(cfg, study, result, tracker=tracker, parent=parent, echo=echo)
     echo(result_line(result))
     return result
+
+
+def _write_report(
+    cfg: SweepConfig,
+    study: optuna.Study,
+    result: dict[str, Any] | None,
+    *,
+    tracker: Tracker,
+    parent: str | None,
+    echo: Echo,
+) -> None:
+    """Write the report folder from what is recorded, and log it to the study's parent run (if any)."""
+    folder = Path(cfg.tracking.reports) / cfg.study.name
+    run_metrics = recorded_trial_metrics(uri=cfg.tracking.uri, experiment=cfg.study.name)
+    write_report(folder, study=study, result=result, metric=cfg.study.metric, run_metrics=run_metrics)
+    if parent is not None:
+        tracker.log_folder(parent, folder, "report")
+    echo(f"report: {folder / 'report.html'} (and report.md, test_metrics.json, leaderboard.csv)")
+
+
+def _recorded_study(cfg: SweepConfig) -> optuna.Study:
+    """The stored study, for commands that only read: a missing sqlite file is a missing study, not a new one."""
+    database = sqlite_file(cfg.study.storage)
+    if database is not None and not database.exists():
+        return _existing_study(cfg, optuna.storages.InMemoryStorage())
+    return _existing_study(cfg, make_storage(cfg.study))
+
+
+def report(cfg: SweepConfig, *, echo: Echo) -> int:
+    """Rewrite the report from the recorded study and test result; never reads or scores the test set."""
+    study = _recorded_study(cfg)
+    tracker = make_tracker(cfg)
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    result = recorded_result(study)
+    _write_report(
+        cfg, study, result, tracker=tracker, parent=parent if tracker.parent_exists(parent or "") else None, echo=echo
+    )
+    if result is None:
+        raise NotScoredError(
+            f"study {cfg.study.name!r} has no scored test set yet; the report says so "
+            "(`mnist-sweep finalize SWEEP` scores it once)"
+        )
+    echo(result_line(result))
+    return 0
+
+
+def trials(cfg: SweepConfig, *, echo: Echo, csv_file: str | None, sort: str | None) -> int:
+    """Print the leaderboard (Optuna + MLflow), best first by `sort` (default: the study metric)."""
+    study = _recorded_study(cfg)
+    rows = leaderboard_rows(study, recorded_trial_metrics(uri=cfg.tracking.uri, experiment=cfg.study.name))
+    table = leaderboard_table(rows, sort=sort or cfg.study.metric)
+    echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(table) else "no trials yet")
+    if csv_file:
+        table.to_csv(csv_file, index=False)
+        echo(f"leaderboard: {csv_file}")
+    return 0
+
+
+def ui(cfg: SweepConfig, *, echo: Echo, port: int) -> int:
+    """The MLflow UI on the sweep's tracking store, bound to 127.0.0.1, until Ctrl-C."""
+    _recorded_study(cfg)
+    serve_ui(uri=cfg.tracking.uri, artifacts=cfg.tracking.artifacts, experiment=cfg.study.name, port=port, echo=echo)
+    return 0

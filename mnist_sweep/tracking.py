@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Iterable, Mapping
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +23,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnist_sweep.figures import confusion_matrix_png
+from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
 from mnist_sweep.metrics import ClassificationReport
 
 if TYPE_CHECKING:
@@ -105,7 +112,11 @@ class Tracker:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = self._experiment(experiment, artifact_location(artifacts))
-        self._requirements: list[str] | None = None  # needs keras, so only when the first model is logged
+
+    @functools.cached_property
+    def _requirements(self) -> list[str]:
+        # Computed at the first model, so `report` and `trials` never import Keras and TensorFlow.
+        return _model_pip_requirements()
 
     def _experiment(self, name: str, location: str) -> str:
         try:
@@ -198,6 +209,9 @@ class Tracker:
         self.client.log_text(run_id, _csv_text(report.per_class_rows()), f"{prefix}_per_class_metrics.csv")
         png = confusion_matrix_png(matrix, title=f"{title} confusion matrix")
         self._log_bytes(run_id, png, f"{prefix}_confusion_matrix.png")
+        self.client.log_text(
+            run_id, confusion_matrix_html(matrix, title=f"{title} confusion matrix"), f"{prefix}_confusion_matrix.html"
+        )
 
     def _log_bytes(self, run_id: str, payload: bytes, artifact_file: str) -> None:
         import tempfile
@@ -210,8 +224,6 @@ class Tracker:
     def log_model(self, run_id: str, model: keras.Model) -> str:
         import mlflow.keras
 
-        if self._requirements is None:
-            self._requirements = _model_pip_requirements()
         # log_model links the model to the active run, so resume the trial's run around it.
         with mlflow.start_run(run_id=run_id, nested=True):
             info = mlflow.keras.log_model(
@@ -271,3 +283,99 @@ class Tracker:
 
     def log_json(self, run_id: str, payload: Mapping[str, Any], artifact_file: str) -> None:
         self.client.log_text(run_id, json.dumps(payload, indent=2), artifact_file)
+
+
+# --------------------------------------------------------------------------- reading back, and the UI
+
+TRIAL_RUNS_FILTER = f"tags.`{ROLE_TAG}` = 'trial'"
+UI_WORKERS = 1  # one person browsing; MLflow's default of 4 workers would crowd small machines
+UI_START_SECONDS = 120.0
+
+
+def find_experiment_id(*, uri: str, experiment: str) -> str | None:
+    """The experiment's id, or None where there is none; creates nothing, not even a sqlite file."""
+    database = sqlite_file(uri)
+    if database is not None and not database.exists():
+        return None
+    try:
+        found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    except MlflowException as exc:
+        raise TrackingError(f"tracking.uri = {uri!r}: {exc.message.splitlines()[0]}") from None
+    return None if found is None else str(found.experiment_id)
+
+
+def recorded_trial_metrics(*, uri: str, experiment: str) -> dict[str, dict[str, float]]:
+    """The latest value of every metric of each trial run, by run id; {} where nothing is recorded."""
+    experiment_id = find_experiment_id(uri=uri, experiment=experiment)
+    if experiment_id is None:
+        return {}
+    client = MlflowClient(tracking_uri=uri)
+    metrics: dict[str, dict[str, float]] = {}
+    token: str | None = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=TRIAL_RUNS_FILTER, max_results=1000, page_token=token)
+        metrics.update({str(run.info.run_id): dict(run.data.metrics) for run in page})
+        token = page.token
+        if not token:
+            return metrics
+
+
+def serve_ui(*, uri: str, artifacts: str, experiment: str, port: int, echo: Callable[[str], None]) -> None:
+    """The MLflow UI on the sweep's tracking store and artifact root, on 127.0.0.1, until Ctrl-C."""
+    experiment_id = find_experiment_id(uri=uri, experiment=experiment)
+    if experiment_id is None:
+        raise TrackingError(f"tracking.uri = {uri!r} has no MLflow experiment {experiment!r}; run `mnist-sweep run`")
+    if uri.startswith(("http://", "https://")):
+        echo(f"the sweep's tracking server serves the UI: {uri.rstrip('/')}/#/experiments/{experiment_id}")
+        return
+    _check_port_free(port)
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    command += ["--default-artifact-root", artifact_location(artifacts), "--host", "127.0.0.1", "--port", str(port)]
+    # A session of its own: Ctrl-C reaches only us, and stopping the group ends MLflow's workers too.
+    # Its access log goes to stderr, so our stdout holds only the URL (for scripts) and the goodbye.
+    server = subprocess.Popen([*command, "--workers", str(UI_WORKERS)], start_new_session=True, stdout=2)
+    try:
+        _wait_until_serving(server, base)
+        echo(f"MLflow UI for study {experiment!r}: {base}/#/experiments/{experiment_id}  (Ctrl-C to stop)")
+        code = server.wait()
+        raise TrackingError(f"the MLflow UI server stopped by itself (exit code {code})")
+    except KeyboardInterrupt:
+        echo("MLflow UI stopped")
+    finally:
+        _stop_group(server)
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise TrackingError(f"--port {port}: cannot listen on 127.0.0.1:{port} ({exc.strerror})") from None
+
+
+def _wait_until_serving(server: subprocess.Popen[bytes], base: str) -> None:
+    deadline = time.monotonic() + UI_START_SECONDS
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise TrackingError(f"the MLflow UI server exited at start (exit code {server.returncode})")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.5)
+    raise TrackingError(f"the MLflow UI server did not answer on {base} within {UI_START_SECONDS:.0f} s")
+
+
+def _stop_group(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is not None:
+        return
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()

@@ -54,6 +54,21 @@ def synthetic_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 
 CliRunner = Callable[..., subprocess.CompletedProcess[str]]
+CLI = [sys.executable, "-m", "mnist_sweep"]
+
+
+def cli_environment(data: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The CLI's environment: this checkout's code, the real MNIST folder, and `env` on top."""
+    return {**os.environ, "MNIST_SWEEP_DATA": str(data), "PYTHONPATH": str(REPO), **(env or {})}
+
+
+def cli(
+    *args: str, cwd: Path, data: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m mnist_sweep ARGS` in `cwd` with this checkout's code and real data."""
+    return subprocess.run(
+        [*CLI, *args], cwd=cwd, env=cli_environment(data, env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def cli(

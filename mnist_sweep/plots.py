@@ -1,0 +1,148 @@
+"""Plotly figures for the report: the test confusion matrix and Optuna's sweep plots.
+
+Drawn in two steps: `plan_sweep_plots` decides from plain trial data which sweep plots can say something
+(and why not, for a note in the report); the draw functions only draw.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import optuna
+import plotly.graph_objects as go
+from optuna.trial import FrozenTrial, TrialState
+
+from mnist_sweep.metrics import row_normalised
+
+SWEEP_PLOT_TITLES = {
+    "optimization_history": "Optimisation history",
+    "param_importances": "Hyperparameter importances",
+    "parallel_coordinate": "Parallel coordinates",
+    "slice": "Slice plots",
+    "intermediate_values": "Intermediate values (learning curves)",
+}
+PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+MIN_COMPLETE = 2
+
+
+@dataclass(frozen=True)
+class SweepPlot:
+    """One sweep plot: its figure, or the reason it is not drawn."""
+
+    key: str
+    title: str
+    figure: go.Figure | None
+    note: str = ""
+
+
+def plan_sweep_plots(trials: Sequence[FrozenTrial]) -> dict[str, str]:
+    """For each sweep plot, '' where it can be drawn, else why not (one line for the reader)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    names = {name for t in complete for name in t.params}
+    varied = [name for name in names if len({repr(t.params.get(name)) for t in complete}) > 1]
+    few = f"not enough trials: {len(complete)} complete, {MIN_COMPLETE} needed" if len(complete) < MIN_COMPLETE else ""
+    flat = "" if varied else "not enough trials: no hyperparameter took two different values in the complete trials"
+    return {
+        "optimization_history": few,
+        "param_importances": few or flat,
+        "parallel_coordinate": few or flat,
+        "slice": few or flat,
+        "intermediate_values": "" if any(t.intermediate_values for t in trials) else "no trial reported an epoch yet",
+    }
+
+
+def _drawers(metric: str) -> dict[str, Callable[[optuna.Study], go.Figure]]:
+    vis = optuna.visualization
+    return {
+        "optimization_history": lambda s: vis.plot_optimization_history(s, target_name=metric),
+        "param_importances": lambda s: vis.plot_param_importances(s, target_name=metric),
+        "parallel_coordinate": lambda s: vis.plot_parallel_coordinate(s, target_name=metric),
+        "slice": lambda s: vis.plot_slice(s, target_name=metric),
+        "intermediate_values": vis.plot_intermediate_values,
+    }
+
+
+def sweep_plots(study: optuna.Study, *, metric: str) -> list[SweepPlot]:
+    """Optuna's sweep plots of `study`, each drawn or replaced by a note saying why not."""
+    notes = plan_sweep_plots(study.get_trials(deepcopy=False))
+    drawers = _drawers(metric)
+    plots = []
+    for key, title in SWEEP_PLOT_TITLES.items():
+        figure, note = (None, notes[key]) if notes[key] else _draw(drawers[key], study)
+        plots.append(SweepPlot(key=key, title=title, figure=figure, note=note))
+    return plots
+
+
+def _draw(drawer: Callable[[optuna.Study], go.Figure], study: optuna.Study) -> tuple[go.Figure | None, str]:
+    with warnings.catch_warnings():
+        # "too few trials for importances" and experimental-API notices: the plan already judged that.
+        warnings.simplefilter("ignore")
+        try:
+            figure = drawer(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            # One odd plot must not cost the report that closes a long sweep; the reader sees why.
+            return None, f"Optuna could not draw it: {type(exc).__name__}: {exc}"
+    if not figure.data:
+        return None, "Optuna drew nothing for these trials"
+    figure.update_layout(template="plotly_white", height=460, margin={"t": 60, "r": 30, "b": 60, "l": 70})
+    return figure, ""
+
+
+def confusion_heatmap(matrix: npt.ArrayLike, *, normalised: bool, title: str) -> go.Figure:
+    """The confusion matrix as a heatmap: counts, or each row as shares of the true digit."""
+    counts = np.asarray(matrix, dtype=np.int64)
+    shares = row_normalised(counts)
+    digits = [str(k) for k in range(counts.shape[0])]
+    values: Any = shares if normalised else counts
+    text = [[f"{v:.1%}" for v in row] for row in shares] if normalised else counts.tolist()
+    heatmap = go.Heatmap(
+        z=values,
+        x=digits,
+        y=digits,
+        text=text,
+        texttemplate="%{text}",
+        customdata=np.dstack([counts, shares]),
+        hovertemplate="true %{y}, predicted %{x}: %{customdata[0]} images, %{customdata[1]:.1%} of true %{y}"
+        "<extra></extra>",
+        colorscale="Blues",
+        zmin=0,
+        zmax=1 if normalised else None,
+        colorbar={"tickformat": ".0%"} if normalised else None,
+    )
+    figure = go.Figure(heatmap)
+    figure.update_layout(
+        title=title,
+        template="plotly_white",
+        height=480,
+        margin={"t": 60, "r": 20, "b": 60, "l": 60},
+        xaxis={"title": "predicted digit", "side": "bottom", "constrain": "domain"},
+        yaxis={"title": "true digit", "autorange": "reversed", "scaleanchor": "x"},
+    )
+    return figure
+
+
+def figure_div(figure: go.Figure, *, div_id: str) -> str:
+    """The figure as a <div> for a page that embeds plotly.js once (see `plotly_js`)."""
+    return str(
+        figure.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config=PLOT_CONFIG, default_width="100%")
+    )
+
+
+def standalone_html(figure: go.Figure, *, title: str) -> str:
+    """One figure as a page that opens offline: plotly.js embedded, nothing fetched."""
+    figure = go.Figure(figure)
+    if not figure.layout.title.text:
+        figure.update_layout(title=title)
+    return str(figure.to_html(full_html=True, include_plotlyjs=True, config=PLOT_CONFIG))
+
+
+def plotly_js() -> str:
+    """plotly.js itself, for a page's one <script> (the same bundle `include_plotlyjs=True` embeds)."""
+    from plotly.offline import get_plotlyjs
+
+    return str(get_plotlyjs())

@@ -1,0 +1,331 @@
+"""After a tiny real sweep: the report in a browser, the leaderboard, the MLflow UI, as a person would check them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mnist_sweep.plots import SWEEP_PLOT_TITLES
+from mnist_sweep.report import NOT_SCORED
+from tests.conftest import CLI, DEFAULT_SWEEP, CliRunner, cli, cli_environment, mnist_location, small_sweep_args
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SWEEP = str(DEFAULT_SWEEP)
+TINY = small_sweep_args(trials=3, train_limit=1000, validation=500)
+TRIAL_RUNS = "tags.`mnist_sweep.role` = 'trial'"
+HEATMAPS = ("confusion-counts", "confusion-normalised")
+# Each plot container, and whether plotly drew into it (an SVG or a WebGL canvas).
+PLOT_STATE = """() => Object.fromEntries([...document.querySelectorAll('figure.plot')].map(
+    f => [f.dataset.plot, f.querySelector('svg.main-svg, canvas') !== null]))"""
+ALL_DRAWN = "() => [...document.querySelectorAll('figure.plot')].every(f => f.querySelector('svg.main-svg, canvas'))"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A folder where `mnist-sweep run` finished, with ways to read back what it recorded."""
+
+    folder: Path
+    data: Path
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return cli(*args, cwd=self.folder, data=self.data)
+
+    @property
+    def reports(self) -> Path:
+        return self.folder / "reports" / "fcn"
+
+    def result(self) -> dict[str, Any]:
+        return dict(json.loads((self.reports / "test_metrics.json").read_text(encoding="utf-8")))
+
+    def mlflow(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=f"sqlite:///{self.folder}/mlruns/mlflow.db")
+
+    def study(self) -> optuna.Study:
+        return optuna.load_study(study_name="fcn", storage=f"sqlite:///{self.folder}/mlruns/optuna.db")
+
+    def experiment_id(self) -> str:
+        experiment = self.mlflow().get_experiment_by_name("fcn")
+        assert experiment is not None
+        return str(experiment.experiment_id)
+
+    def trial_runs(self) -> list[Any]:
+        return list(self.mlflow().search_runs([self.experiment_id()], TRIAL_RUNS))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
+    """One tiny real sweep (3 trials, 1 epoch, 1,000 images), shared by the tests that only read it."""
+    data = mnist_location()
+    if data is None:
+        pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
+    done = Sweep(tmp_path_factory.mktemp("sweep"), data)
+    finished = done.run("run", SWEEP, *TINY)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return done
+
+
+def user_error_lines(done: subprocess.CompletedProcess[str]) -> list[str]:
+    """Our own error lines (TensorFlow may add log lines of its own to stderr)."""
+    return [line for line in done.stderr.splitlines() if line.startswith("mnist-sweep:")]
+
+
+@contextlib.contextmanager
+def chromium_page() -> Iterator[tuple[Any, list[str]]]:
+    """A headless Chromium page, offline: JavaScript errors and any network request are collected."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"headless Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    problems: list[str] = []
+
+    def refuse(route: Any) -> None:
+        problems.append(f"network request: {route.request.url}")
+        route.abort()
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+            page.on("console", lambda msg: msg.type == "error" and problems.append(f"console error: {msg.text}"))
+            page.route(re.compile(r"^(https?|wss?)://"), refuse)
+            yield page, problems
+        finally:
+            browser.close()
+
+
+def open_report(page: Any, path: Path) -> dict[str, bool]:
+    """Open a report page, wait until plotly drew every plot, return which plot drew what."""
+    page.goto(path.as_uri())
+    page.wait_for_function(ALL_DRAWN, timeout=60_000)
+    return dict(page.evaluate(PLOT_STATE))
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def test_report_opens_offline_in_chromium_and_every_plot_draws(sweep: Sweep) -> None:
+    with chromium_page() as (page, problems):
+        drawn = open_report(page, sweep.reports / "report.html")
+        shown_accuracy = page.inner_text("#test-accuracy")
+        notes = page.locator(".plot-note").count()
+    assert problems == []
+    assert shown_accuracy == f"{sweep.result()['test_accuracy']:.4f}"
+    assert drawn == dict.fromkeys([*HEATMAPS, *SWEEP_PLOT_TITLES], True)
+    assert notes == 0  # three complete trials with varied hyperparameters: every sweep plot says something
+
+
+def test_each_sweep_plot_page_opens_offline(sweep: Sweep) -> None:
+    pages = sorted((sweep.reports / "plots").glob("*.html"))
+    assert [p.stem for p in pages] == sorted(SWEEP_PLOT_TITLES)
+    with chromium_page() as (page, problems):
+        for path in pages:
+            page.goto(path.as_uri())
+            page.wait_for_function("() => document.querySelector('svg.main-svg, canvas') !== null", timeout=60_000)
+    assert problems == []
+
+
+def test_trial_confusion_matrix_page_shows_counts_and_row_shares(sweep: Sweep) -> None:
+    run = sweep.trial_runs()[0]
+    path = Path(urlparse(run.info.artifact_uri).path) / "val_confusion_matrix.html"
+    with chromium_page() as (page, problems):
+        page.goto(path.as_uri())
+        counts = [int(text) for text in page.locator("svg g text").all_text_contents()]
+        page.click("#share")
+        shares = page.locator("svg g text").all_text_contents()
+    assert problems == []
+    assert len(counts) == 100 and sum(counts) == 500  # every validation image, once
+    assert all(share.endswith("%") for share in shares)
+    assert path.with_suffix(".png").exists()
+
+
+def test_parent_run_holds_report_plots_and_leaderboard_and_runs_compare_cleanly(sweep: Sweep) -> None:
+    client = sweep.mlflow()
+    parent = client.search_runs([sweep.experiment_id()], "tags.`mnist_sweep.role` = 'study'")[0]
+    logged = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
+    for name in ("report.html", "report.md", "test_metrics.json", "leaderboard.csv"):
+        assert f"report/{name}" in logged
+    plot_pages = {Path(f.path).name for f in client.list_artifacts(parent.info.run_id, "report/plots")}
+    assert plot_pages == {f"{key}.html" for key in SWEEP_PLOT_TITLES}
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(sweep.result()["test_accuracy"])
+
+    trials = sweep.trial_runs()
+    leaderboard = pd.read_csv(sweep.reports / "leaderboard.csv")
+    assert sorted(leaderboard["run_id"]) == sorted(run.info.run_id for run in trials)
+    assert len({frozenset(run.data.params) for run in trials}) == 1  # identical keys: MLflow's compare view
+    assert len({frozenset(run.data.metrics) for run in trials}) == 1
+    page = (sweep.reports / "report.html").read_text(encoding="utf-8")
+    assert "Plotly.newPlot" in page and not re.search(r"<script[^>]+src=", page)  # plotly.js inline, once
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def test_report_command_rewrites_from_records_without_touching_test_data(sweep: Sweep) -> None:
+    before = sweep.result()
+    shutil.rmtree(sweep.reports)
+    # A data path that does not exist: reading any image, test or training, would fail.
+    done = sweep.run("report", SWEEP, "--data", str(sweep.folder / "no-mnist-here"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = sweep.result()
+    assert (after["test_accuracy"], after["scored_at"]) == (before["test_accuracy"], before["scored_at"])
+    assert f"{before['test_accuracy']:.4f}" in (sweep.reports / "report.html").read_text(encoding="utf-8")
+    assert "report: reports/fcn/report.html" in done.stdout
+
+
+def test_trials_prints_the_leaderboard_and_writes_it_as_csv(sweep: Sweep) -> None:
+    done = sweep.run("trials", SWEEP, "--csv", "board.csv", "--sort", "val_loss")
+    assert done.returncode == 0, done.stderr[-2000:]
+    board = pd.read_csv(sweep.folder / "board.csv")
+    assert list(board.columns) == [
+        "trial", "state", "optimizer", "learning_rate", "batch_size", "activation",
+        "val_accuracy", "val_loss", "val_f1_macro", "epochs", "duration_s", "run_id",
+    ]  # fmt: skip
+    assert board["val_loss"].tolist() == sorted(board["val_loss"])
+    recorded = {t.number: t for t in sweep.study().trials}
+    for row in board.itertuples():
+        assert row.val_accuracy == pytest.approx(recorded[row.trial].user_attrs["val_accuracy"])
+        assert row.run_id == recorded[row.trial].user_attrs["mlflow_run_id"] and row.run_id in done.stdout
+        assert row.state == "COMPLETE" and row.epochs == 1
+
+    misspelt = sweep.run("trials", SWEEP, "--sort", "val_los")
+    assert misspelt.returncode == 2
+    assert len(user_error_lines(misspelt)) == 1 and "got 'val_los'" in misspelt.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def read_line_with(process: subprocess.Popen[str], needle: str, *, seconds: float) -> str:
+    """The first stdout line holding `needle`; a reader thread, since select() misses lines already buffered."""
+    lines: queue.Queue[str] = queue.Queue()
+    assert process.stdout is not None
+    stdout = process.stdout
+
+    def pump() -> None:
+        for line in stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=min(left, 1.0))
+        except queue.Empty:
+            if process.poll() is not None:
+                break
+            continue
+        if needle in line:
+            return line.strip()
+    raise AssertionError(f"no line with {needle!r} within {seconds} s (exit code {process.poll()})")
+
+
+def rest(base: str, endpoint: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    payload = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + endpoint, data=payload, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return dict(json.loads(response.read()))
+
+
+def test_ui_serves_the_experiment_and_every_trial_run_over_mlflow_rest(sweep: Sweep, tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with (tmp_path / "ui.log").open("w") as log:
+        server = subprocess.Popen(
+            [*CLI, "ui", SWEEP, "--port", str(port)],
+            cwd=sweep.folder,
+            env=cli_environment(sweep.data),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        try:
+            url = read_line_with(server, "MLflow UI for study", seconds=180)
+            experiment = rest(base, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=fcn")["experiment"]
+            search = {"experiment_ids": [experiment["experiment_id"]], "filter": TRIAL_RUNS, "max_results": 100}
+            runs = rest(base, "/api/2.0/mlflow/runs/search", search)["runs"]
+        finally:
+            server.send_signal(signal.SIGTERM)
+            code = server.wait(timeout=60)
+    assert url.endswith(f"{base}/#/experiments/{experiment['experiment_id']}  (Ctrl-C to stop)")
+    served = {run["info"]["run_id"]: run["data"] for run in runs}
+    trials = sweep.study().trials
+    assert sorted(served) == sorted(t.user_attrs["mlflow_run_id"] for t in trials)
+    for trial in trials:
+        data = served[trial.user_attrs["mlflow_run_id"]]
+        params = {p["key"]: p["value"] for p in data["params"]}
+        metrics = {m["key"]: m["value"] for m in data["metrics"]}
+        assert {k: params[k] for k in trial.params} == {k: str(v) for k, v in trial.params.items()}
+        assert metrics["final_val_accuracy"] == pytest.approx(trial.user_attrs["val_accuracy"])
+    assert code == 0
+    with socket.socket() as probe:  # the MLflow server went with it
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("command", ["report", "trials", "ui"])
+def test_commands_on_a_missing_study_exit_2_and_write_nothing(command: str, run_cli: CliRunner, tmp_path: Path) -> None:
+    done = run_cli(command, SWEEP, "--set", "study.name=nope")
+    assert done.returncode == 2
+    assert user_error_lines(done) == [
+        "mnist-sweep: study 'nope' does not exist in sqlite:///mlruns/optuna.db; run `mnist-sweep run` first"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_report_before_the_test_set_is_scored_is_marked_and_exits_2(run_cli: CliRunner, tmp_path: Path) -> None:
+    worker = run_cli("worker", SWEEP, *small_sweep_args(trials=1, train_limit=1000, validation=500))
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    done = run_cli("report", SWEEP)
+    assert done.returncode == 2
+    assert user_error_lines(done) == [
+        "mnist-sweep: study 'fcn' has no scored test set yet; the report says so "
+        "(`mnist-sweep finalize SWEEP` scores it once)"
+    ]
+    reports = tmp_path / "reports" / "fcn"
+    assert json.loads((reports / "test_metrics.json").read_text(encoding="utf-8"))["test_set_scored"] is False
+    assert NOT_SCORED in (reports / "report.md").read_text(encoding="utf-8")
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["fcn"]  # no test-set seal
+    with chromium_page() as (page, problems):
+        drawn = open_report(page, reports / "report.html")
+        banner = page.inner_text("#not-scored")
+        notes = page.locator(".plot-note").all_inner_texts()
+    assert problems == []
+    assert NOT_SCORED in banner
+    assert drawn == {"intermediate_values": True}  # one trial: the others are notes, not crashes
+    assert len(notes) == 4 and all("not enough trials: 1 complete, 2 needed" in note for note in notes)
