@@ -71,21 +71,6 @@ def cli(
     )
 
 
-def cli(
-    *args: str, cwd: Path, data: Path, env: dict[str, str] | None = None, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:
-    """Runs `python -m mnist_sweep ARGS` in `cwd` with this checkout's code and real data."""
-    environment = {**os.environ, "MNIST_SWEEP_DATA": str(data), "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_sweep", *args],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.fixture
 def run_cli(tmp_path: Path, mnist_dir: Path) -> CliRunner:
     """`cli` bound to tmp_path and the real MNIST folder."""
