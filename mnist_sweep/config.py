@@ -236,6 +236,7 @@ class TrainConfig(_Section):
 
     epochs: int = Field(default=10, ge=1, le=10000)
     early_stopping_patience: int = Field(default=0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
 
 class SearchConfig(_Section):

@@ -28,7 +28,9 @@ def build_model(
     return keras.Sequential(layers, name="fcn")
 
 
-def build_optimizer(*, name: str, learning_rate: float, momentum: float = 0.0) -> keras.optimizers.Optimizer:
+def build_optimizer(
+    *, name: str, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule, momentum: float = 0.0
+) -> keras.optimizers.Optimizer:
     """The optimizer by its sweep-file name; momentum applies to sgd and rmsprop only."""
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
@@ -43,7 +45,18 @@ def build_optimizer(*, name: str, learning_rate: float, momentum: float = 0.0) -
     raise ValueError(f"optimizer must be one of sgd, adam, rmsprop, adamw, nadam, got {name!r}")
 
 
-def compiled_model(params: dict[str, object], hidden: Sequence[int]) -> keras.Model:
+def learning_rate(
+    initial: float, *, schedule: str, total_steps: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """A constant rate, or cosine decay to 1 % of it over the whole training run."""
+    if schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(initial, decay_steps=max(total_steps, 1), alpha=0.01)
+    return initial
+
+
+def compiled_model(
+    params: dict[str, object], hidden: Sequence[int], *, schedule: str = "constant", total_steps: int = 1
+) -> keras.Model:
     """A fresh, compiled model for one trial's hyperparameters."""
     model = build_model(
         hidden=hidden,
@@ -53,7 +66,11 @@ def compiled_model(params: dict[str, object], hidden: Sequence[int]) -> keras.Mo
     )
     optimizer = build_optimizer(
         name=str(params["optimizer"]),
-        learning_rate=float(params["learning_rate"]),  # type: ignore[arg-type]
+        learning_rate=learning_rate(
+            float(params["learning_rate"]),  # type: ignore[arg-type]
+            schedule=schedule,
+            total_steps=total_steps,
+        ),
         momentum=float(params.get("momentum", 0.0)),  # type: ignore[arg-type]
     )
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])

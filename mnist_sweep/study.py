@@ -220,11 +220,14 @@ class Objective:
             hidden=tuple(cfg.model.hidden),
             epochs=cfg.train.epochs,
             early_stopping_patience=cfg.train.early_stopping_patience,
+            monitor=cfg.study.metric,
+            lr_schedule=cfg.train.lr_schedule,
         )
         self.fixed_run_params = {
             "hidden": "-".join(str(h) for h in cfg.model.hidden),
             "epochs": cfg.train.epochs,
             "early_stopping_patience": cfg.train.early_stopping_patience,
+            "lr_schedule": cfg.train.lr_schedule,
             "data_validation": cfg.data.validation,
             "data_train_limit": cfg.data.train_limit,
             "data_seed": cfg.data.seed,

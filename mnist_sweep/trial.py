@@ -38,6 +38,12 @@ class TrainSettings:
     hidden: tuple[int, ...]
     epochs: int
     early_stopping_patience: int = 0
+    monitor: str = "val_loss"  # what early stopping watches and which epoch counts as best
+    lr_schedule: str = "constant"
+
+    @property
+    def monitor_maximizes(self) -> bool:
+        return self.monitor.endswith("accuracy")
 
 
 @dataclass
@@ -111,19 +117,26 @@ def run_trial(
 ) -> TrialOutcome:
     """Fit one model with `params` on `split` and measure it on the validation images."""
     fresh_session(seed)
-    model = compiled_model(dict(params), settings.hidden)
+    batch_size = int(params["batch_size"])
+    steps_per_epoch = -(-len(split.y_train) // batch_size)
+    model = compiled_model(
+        dict(params), settings.hidden, schedule=settings.lr_schedule, total_steps=settings.epochs * steps_per_epoch
+    )
     callbacks: list[keras.callbacks.Callback] = [_EpochCallback(epoch_hooks)]
     if settings.early_stopping_patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=settings.early_stopping_patience, restore_best_weights=True
+                monitor=settings.monitor,
+                mode="max" if settings.monitor_maximizes else "min",
+                patience=settings.early_stopping_patience,
+                restore_best_weights=True,
             )
         )
     started = time.perf_counter()
     history = model.fit(
         split.x_train,
         split.y_train,
-        batch_size=int(params["batch_size"]),
+        batch_size=batch_size,
         epochs=settings.epochs,
         validation_data=(split.x_val, split.y_val),
         callbacks=callbacks,
@@ -144,7 +157,8 @@ def _evaluate(
     epochs_trained = len(history["loss"])
     # With early stopping the weights are the best epoch's, so report that epoch's numbers.
     restored = settings.early_stopping_patience > 0 and epochs_trained > 0
-    best = int(np.argmin(history["val_loss"])) if restored else epochs_trained - 1
+    choose = np.argmax if settings.monitor_maximizes else np.argmin
+    best = int(choose(history[settings.monitor])) if restored else epochs_trained - 1
     probabilities = model.predict(split.x_val, batch_size=2048, verbose=0)
     report = classification_report(confusion_matrix(split.y_val, np.argmax(probabilities, axis=1)))
     return TrialOutcome(

@@ -129,3 +129,18 @@ def test_compiled_model_takes_every_optimizer() -> None:
         params = {**PARAMS, "optimizer": name, "momentum": 0.5, "dropout": 0.1, "weight_decay": 1e-4}
         model = compiled_model(params, (8,))
         assert type(model.optimizer).__name__ == class_name
+
+
+def test_cosine_schedule_decays_to_one_percent() -> None:
+    from mnist_sweep.model import learning_rate
+
+    schedule = learning_rate(0.1, schedule="cosine", total_steps=100)
+    assert float(schedule(0)) == pytest.approx(0.1)
+    assert float(schedule(100)) == pytest.approx(0.001)
+    assert learning_rate(0.1, schedule="constant", total_steps=100) == 0.1
+
+
+def test_early_stopping_on_accuracy_keeps_the_most_accurate_epoch(split: Split) -> None:
+    settings = TrainSettings(hidden=(32,), epochs=4, early_stopping_patience=1, monitor="val_accuracy")
+    outcome = run_trial(params={**PARAMS, "learning_rate": 0.05}, split=split, settings=settings, seed=3)
+    assert outcome.best_epoch == int(np.argmax(outcome.history["val_accuracy"])) + 1
