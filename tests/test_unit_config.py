@@ -10,14 +10,21 @@ from mnist_sweep.config import Choice, ConfigError, Range, build_config, load_sw
 from tests.conftest import DEFAULT_SWEEP, write_sweep
 
 
-def test_default_sweep_file_is_the_lecture_setup() -> None:
+def test_default_sweep_file_is_the_lecture_network_with_the_four_searched_keys() -> None:
     cfg = load_sweep(DEFAULT_SWEEP)
     assert cfg.model.hidden == [500, 500]
     assert cfg.data.validation == 5000
     assert cfg.study.goal == "maximize"
+    searched = {name for name, spec in cfg.search.specs().items() if not spec.is_fixed}
+    assert {"optimizer", "learning_rate", "batch_size", "activation"} <= searched
+
+
+def test_defaults_without_a_file_are_the_lecture_space() -> None:
+    cfg = build_config({})
     assert cfg.search.optimizer == Choice(("sgd", "adam", "rmsprop"))
     assert cfg.search.learning_rate == Range(low=1e-4, high=0.3, log=True, integer=False)
     assert cfg.search.batch_size == Choice((32, 64, 128, 256))
+    assert cfg.train.lr_schedule == "constant" and cfg.search.dropout == Choice((0.0,))
 
 
 def test_empty_file_takes_every_default(tmp_path: Path) -> None:
