@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
-from types import FrameType
+from collections.abc import Sequence
 
+from mnist_sweep import interrupt
 from mnist_sweep.config import ConfigError, SweepConfig, load_sweep
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so the running trial is closed as failed everywhere."""
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGINT = 0, 1, 2, 130
 
 
 def _echo(line: str) -> None:
@@ -143,28 +134,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    previous: Callable[..., object] | int | None = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        cfg = load_sweep(args.sweep, _overrides(args))
-        return _dispatch(args, cfg)
-    except Terminated:
-        print("mnist-sweep: terminated; the running trial was recorded as failed, rerun to resume", file=sys.stderr)
-        return EXIT_SIGTERM
-    except KeyboardInterrupt:
-        print("mnist-sweep: interrupted; the running trial was recorded as failed, rerun to resume", file=sys.stderr)
-        return EXIT_SIGINT
-    except Exception as exc:
-        if isinstance(exc, _user_errors()):
-            print(f"mnist-sweep: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        from mnist_sweep.study import TooManyFailures
+    with interrupt.deferred_signals():
+        try:
+            cfg = load_sweep(args.sweep, _overrides(args))
+            code = _dispatch(args, cfg)
+            interrupt.raise_if_requested()  # a signal during the last step still ends in its exit code
+            return code
+        except interrupt.Interrupted as stop:
+            print(f"mnist-sweep: {stop}; the running trial was recorded as failed, rerun to resume", file=sys.stderr)
+            return stop.exit_code
+        except KeyboardInterrupt:  # a second Ctrl-C, where nothing checks
+            print("mnist-sweep: interrupted; rerun to resume", file=sys.stderr)
+            return EXIT_SIGINT
+        except Exception as exc:
+            if isinstance(exc, _user_errors()):
+                print(f"mnist-sweep: {exc}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            from mnist_sweep.study import TooManyFailures
 
-        if isinstance(exc, TooManyFailures):
-            print(f"mnist-sweep: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            if isinstance(exc, TooManyFailures):
+                print(f"mnist-sweep: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+            raise
 
 
 if __name__ == "__main__":

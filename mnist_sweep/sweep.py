@@ -21,6 +21,7 @@ from mnist_sweep.study import (
     open_study,
     parent_run_id,
     run_trials,
+    wait_for_running_trials,
     worker_salt,
 )
 from mnist_sweep.tracking import Tracker
@@ -64,9 +65,12 @@ def run(cfg: SweepConfig, *, echo: Echo, finalize: bool, as_worker: bool = False
         f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {parent}"
     )
     objective = Objective(cfg=cfg, split=split, tracker=tracker, parent_run_id=parent, data_source=source.describe())
+    tracker.set_parent_status(parent, "RUNNING")  # a rerun after an interrupt: the study is running again
     status = "KILLED"
     try:
         run_trials(study, objective, target=cfg.study.trials, max_failures=cfg.study.max_failures, echo=echo)
+        if finalize:  # score only once every trial has ended, so none is left RUNNING behind the seal
+            wait_for_running_trials(study, tracker, parent, poll_seconds=cfg.study.heartbeat_seconds, echo=echo)
         status = "FINISHED"
     finally:
         tracker.set_parent_status(parent, status)

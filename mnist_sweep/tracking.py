@@ -16,6 +16,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mnist_sweep import local_store
 from mnist_sweep.figures import confusion_matrix_png
 from mnist_sweep.metrics import ClassificationReport
 
@@ -31,6 +32,7 @@ STATE_TAG = "trial_state"
 PARENT_TAG = "mlflow.parentRunId"
 MODEL_URI_TAG = "model_uri"
 TEST_SCORED_TAG = "test_set_scored"
+MAX_RUNNING_RUNS = 1000
 
 
 class TrackingError(RuntimeError):
@@ -42,11 +44,6 @@ def artifact_location(artifacts: str) -> str:
     if "://" in artifacts:
         return artifacts
     return Path(artifacts).expanduser().resolve().as_uri()
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a sqlite:/// URI, else None."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def _model_pip_requirements() -> list[str]:
@@ -96,15 +93,16 @@ class Tracker:
     """One MLflow experiment per study; its parent run and the trial runs nested under it."""
 
     def __init__(self, *, uri: str, artifacts: str, experiment: str) -> None:
-        database = sqlite_file(uri)
+        database = local_store.sqlite_file(uri)
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
         if "://" not in artifacts:
             Path(artifacts).mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = self._experiment(experiment, artifact_location(artifacts))
+        with local_store.schema_lock(uri):  # opening the store creates or migrates its tables
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment(experiment, artifact_location(artifacts))
         self._requirements = _model_pip_requirements()
 
     def _experiment(self, name: str, location: str) -> str:
@@ -236,6 +234,19 @@ class Tracker:
             return str(self.client.get_run(run_id).info.status)
         except MlflowException:
             return None
+
+    def running_trial_runs(self, parent_run_id: str) -> list[tuple[str, int]]:
+        """(run id, trial number) of the study's trial runs that MLflow still has as RUNNING."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+            max_results=MAX_RUNNING_RUNS,
+        )
+        return [
+            (str(run.info.run_id), int(run.data.tags[TRIAL_NUMBER_TAG]))
+            for run in runs
+            if run.data.tags.get(ROLE_TAG) == "trial" and TRIAL_NUMBER_TAG in run.data.tags
+        ]
 
     def close_orphaned_run(self, run_id: str, reason: str) -> bool:
         """End a run left RUNNING by a worker that died; returns whether it was still RUNNING."""

@@ -54,20 +54,43 @@ def synthetic_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 
 CliRunner = Callable[..., subprocess.CompletedProcess[str]]
+CliStarter = Callable[..., subprocess.Popen[str]]
+
+
+def cli_env(mnist_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the CLI runs with in tests: this checkout's code and the real data."""
+    return {**os.environ, "MNIST_SWEEP_DATA": str(mnist_dir), "PYTHONPATH": str(REPO), **(extra or {})}
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mnist_sweep", *args]
 
 
 @pytest.fixture
 def run_cli(tmp_path: Path, mnist_dir: Path) -> CliRunner:
     """Runs `python -m mnist_sweep ARGS` in tmp_path (this checkout's code, real data), returns the result."""
 
-    def runner(*args: str, cwd: Path = tmp_path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        environment = {**os.environ, "MNIST_SWEEP_DATA": str(mnist_dir), "PYTHONPATH": str(REPO), **(env or {})}
+    def runner(
+        *args: str, cwd: Path = tmp_path, env: dict[str, str] | None = None, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "mnist_sweep", *args],
-            cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout,
+            cli_command(*args), cwd=cwd, env=cli_env(mnist_dir, env), capture_output=True, text=True, timeout=timeout,
         )
 
     return runner
+
+
+@pytest.fixture
+def start_cli(tmp_path: Path, mnist_dir: Path) -> CliStarter:
+    """Starts `python -m mnist_sweep ARGS` in tmp_path without waiting (for signals and concurrent workers)."""
+
+    def starter(*args: str, cwd: Path = tmp_path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            cli_command(*args), cwd=cwd, env=cli_env(mnist_dir, env),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    return starter
 
 
 def small_sweep_args(*extra: str, trials: int = 3, train_limit: int = 2000, validation: int = 1000) -> list[str]:
