@@ -8,9 +8,10 @@ only inside the commands that need them, so `validate` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from mnist_sweep import interrupt
 from mnist_sweep.config import ConfigError, SweepConfig, load_sweep
@@ -78,6 +79,10 @@ def _validate(cfg: SweepConfig) -> int:
 def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
     if args.command == "validate":
         return _validate(cfg)
+    from mnist_sweep import preflight
+
+    # Before TensorFlow and MLflow are imported: a bad input answers in a second, and nothing is written.
+    preflight.check_inputs(cfg, training=args.command in ("run", "worker"))
     _quiet_libraries()
     from mnist_sweep import sweep
 
@@ -98,6 +103,8 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
+    with _native_stderr_silenced():  # TensorFlow's C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL
+        import keras  # noqa: F401
     import mlflow  # noqa: F401  # configures its loggers on import, so quiet them afterwards
     import optuna
 
@@ -108,20 +115,32 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: one line, exit 2."""
     from mnist_sweep.data import DataError
+    from mnist_sweep.preflight import PreflightError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError]
+    errors: list[type[BaseException]] = [ConfigError, DataError, PreflightError]
     if "mnist_sweep.sweep" in sys.modules:
         from mnist_sweep.final import FinalizeError
-        from mnist_sweep.preflight import PreflightError
         from mnist_sweep.study import StorageError, StudyMismatchError
         from mnist_sweep.sweep import NoSuchStudyError, StudySealedError
         from mnist_sweep.tracking import TrackingError
 
         errors += [
-            PreflightError,
             StorageError,
             StudyMismatchError,
             StudySealedError,

@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from mnist_sweep import local_store
+from mnist_sweep import databases
 from mnist_sweep.config import StudyConfig, SweepConfig
 from mnist_sweep.data import Split, test_set_sealed
 from mnist_sweep.interrupt import raise_if_requested
@@ -47,11 +47,11 @@ class TooManyFailures(RuntimeError):
 def make_storage(study: StudyConfig) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats, so trials of a killed worker are failed and retried."""
     try:
-        with warnings.catch_warnings(), local_store.schema_lock(study.storage):
+        with warnings.catch_warnings(), databases.schema_lock(study.storage):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 study.storage,
-                engine_kwargs=local_store.engine_kwargs(study.storage),
+                engine_kwargs=databases.engine_kwargs(study.storage),
                 heartbeat_interval=study.heartbeat_seconds,
                 grace_period=2 * study.heartbeat_seconds,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
@@ -201,10 +201,12 @@ class TrialRecord:
 
     number: int
     state: str
+    run_id: str = ""
     value: float | None = None
     message: str = ""
     fit_seconds: float = 0.0
     tracking_seconds: float = 0.0
+    stale: bool = False  # another worker failed it for a late heartbeat while it ran here
 
 
 class PruningHook:
@@ -277,7 +279,7 @@ class Objective:
         )
         trial.set_user_attr(RUN_ID_ATTR, run_id)
         trial.set_user_attr("seed", seed)
-        self.last = record = TrialRecord(number=trial.number, state="RUNNING")
+        self.last = record = TrialRecord(number=trial.number, state="RUNNING", run_id=run_id)
         logging_hook = TimedHook(lambda epoch, values: self.tracker.log_epoch(run_id, epoch, values))
         pruning_hook = PruningHook(trial, self.cfg.study.metric)
         try:
@@ -333,13 +335,17 @@ def run_trials(
         raise_if_requested()
         settle_stale(study, objective.tracker, objective.parent_run_id)
         objective.last = None
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        try:
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        except ValueError:  # Optuna's "Cannot tell a FAIL trial"
+            if not _failed_as_stale(study, objective):
+                raise
         ran += 1
         record = objective.last
         if record is None:
             continue
         echo(_trial_line(record, metric=objective.cfg.study.metric, finished=count_finished(study), target=target))
-        if record.state == "FAIL":
+        if record.state == "FAIL" and not record.stale:
             failures += 1
             if failures >= max_failures:
                 raise TooManyFailures(
@@ -349,6 +355,27 @@ def run_trials(
     # The last trial may have been the one to find a dead worker's trial stale: end that run too.
     settle_stale(study, objective.tracker, objective.parent_run_id)
     return ran
+
+
+def _failed_as_stale(study: optuna.Study, objective: Objective) -> bool:
+    """True when this process's trial was failed by another worker for a late heartbeat while it ran.
+
+    Its parameters are retried (RetryHeartbeatStaleTrialCallback), so this is recorded, not fatal; the
+    run is marked failed too, so MLflow agrees with Optuna.
+    """
+    record = objective.last
+    if record is None:
+        return False
+    state = next((t.state for t in study.get_trials(deepcopy=False) if t.number == record.number), None)
+    if state != TrialState.FAIL:
+        return False
+    record.state, record.stale = "FAIL", True
+    record.message = (
+        "another worker failed this trial as stale (its heartbeat was late) and will retry its parameters; "
+        "a larger study.heartbeat_seconds avoids this on a busy machine"
+    )
+    objective.tracker.end_trial_run(record.run_id, state="FAIL", message=record.message)
+    return True
 
 
 def _trial_line(record: TrialRecord, *, metric: str, finished: int, target: int) -> str:

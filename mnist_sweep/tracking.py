@@ -16,7 +16,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnist_sweep import local_store
+from mnist_sweep import databases
 from mnist_sweep.figures import confusion_matrix_png
 from mnist_sweep.metrics import ClassificationReport
 
@@ -93,14 +93,14 @@ class Tracker:
     """One MLflow experiment per study; its parent run and the trial runs nested under it."""
 
     def __init__(self, *, uri: str, artifacts: str, experiment: str) -> None:
-        database = local_store.sqlite_file(uri)
+        database = databases.sqlite_file(uri)
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
         if "://" not in artifacts:
             Path(artifacts).mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
         self.uri = uri
-        with local_store.schema_lock(uri):  # opening the store creates or migrates its tables
+        with databases.schema_lock(uri):  # opening the store creates or migrates its tables
             self.client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._experiment(experiment, artifact_location(artifacts))
         self._requirements = _model_pip_requirements()

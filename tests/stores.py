@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -110,3 +111,20 @@ def assert_runs_linked(study: optuna.Study, runs: list[Run]) -> None:
     numbers = [r.data.tags["optuna.trial_number"] for r in children]
     finished_numbers = {str(t.number) for t in finished}
     assert sorted(n for n in numbers if n in finished_numbers) == sorted(finished_numbers), "a trial has two runs"
+
+
+def parent_run(runs: list[Run]) -> Run:
+    (parent,) = [r for r in runs if r.data.tags.get("mnist_sweep.role") == "study"]
+    return parent
+
+
+def assert_scored_once(folder: Path, study: optuna.Study, runs: list[Run], outputs: list[str]) -> None:
+    """One test-set score in MLflow and Optuna, made by exactly one of the processes that finalized."""
+    parent = parent_run(runs)
+    history = MlflowClient(tracking_url(folder)).get_metric_history(parent.info.run_id, "test_accuracy")
+    assert len(history) == 1, f"test_accuracy logged {len(history)} times"
+    result = study.user_attrs["test_result"]
+    assert history[0].value == pytest.approx(result["test_accuracy"])
+    scorers = [out for out in outputs if "test accuracy" in out and "already scored" not in out]
+    scorers = [out for out in scorers if "another process is scoring" not in out]
+    assert len(scorers) == 1, f"{len(scorers)} processes say they scored the test set"
