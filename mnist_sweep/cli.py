@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         help="take over a scoring claim left by a process that died before recording a result",
     )
     command("validate", "print the resolved configuration, or the error (exit 2)")
+    replay = command("replay", "retrain one trial from its MLflow run and compare with its logged metrics")
+    replay.add_argument("run_id", metavar="RUN_ID", help="the trial's MLflow run id")
     return parser
 
 
@@ -81,9 +83,14 @@ def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
         return _validate(cfg)
     from mnist_sweep import preflight
 
-    # Before TensorFlow and MLflow are imported: a bad input answers in a second, and nothing is written.
-    preflight.check_inputs(cfg, training=args.command in ("run", "worker"))
+    if args.command != "replay":  # replay writes nothing
+        # Before TensorFlow and MLflow are imported: a bad input answers in a second, and nothing is written.
+        preflight.check_inputs(cfg, training=args.command in ("run", "worker"))
     _quiet_libraries()
+    if args.command == "replay":
+        from mnist_sweep.replay import replay
+
+        return replay(cfg, args.run_id, echo=_echo)
     from mnist_sweep import sweep
 
     if args.command == "run":
@@ -134,7 +141,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mnist_sweep.preflight import PreflightError
 
     errors: list[type[BaseException]] = [ConfigError, DataError, PreflightError]
-    if "mnist_sweep.sweep" in sys.modules:
+    if "mnist_sweep.tracking" in sys.modules:  # these modules are heavy: only the commands that ran them
         from mnist_sweep.final import FinalizeError
         from mnist_sweep.study import StorageError, StudyMismatchError
         from mnist_sweep.sweep import NoSuchStudyError, StudySealedError

@@ -89,6 +89,18 @@ def _matrix_csv(matrix: np.ndarray[Any, Any]) -> str:
     return "\n".join([header, *body]) + "\n"
 
 
+def read_run(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
+    """A run's params and latest metrics, read without creating anything (no store, no experiment)."""
+    database = databases.sqlite_file(uri)
+    if database is not None and not database.is_file():
+        raise TrackingError(f"tracking.uri = {uri!r}: no MLflow store there yet")
+    try:
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException as exc:
+        raise TrackingError(f"run {run_id!r} in tracking.uri = {uri!r}: {exc.message.splitlines()[0]}") from None
+    return dict(run.data.params), dict(run.data.metrics)
+
+
 class Tracker:
     """One MLflow experiment per study; its parent run and the trial runs nested under it."""
 
