@@ -8,23 +8,15 @@ only inside the commands that need them, so `validate` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
-from types import FrameType
+from collections.abc import Iterator, Sequence
 
+from mnist_sweep import interrupt
 from mnist_sweep.config import ConfigError, SweepConfig, load_sweep
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so the running trial is closed as failed everywhere."""
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGINT = 0, 1, 2, 130
 
 
 def _echo(line: str) -> None:
@@ -66,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     trials.add_argument("--sort", metavar="METRIC", help="sort by this column (default: study.metric, best first)")
     ui = command("ui", "serve the MLflow UI on the sweep's tracking store at 127.0.0.1 until Ctrl-C")
     ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    replay = command("replay", "retrain one trial from its MLflow run and compare with its logged metrics")
+    replay.add_argument("run_id", metavar="RUN_ID", help="the trial's MLflow run id")
     return parser
 
 
@@ -93,7 +87,16 @@ def _validate(cfg: SweepConfig) -> int:
 def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
     if args.command == "validate":
         return _validate(cfg)
+    from mnist_sweep import preflight
+
+    if args.command != "replay":  # replay writes nothing
+        # Before TensorFlow and MLflow are imported: a bad input answers in a second, and nothing is written.
+        preflight.check_inputs(cfg, training=args.command in ("run", "worker"))
     _quiet_libraries()
+    if args.command == "replay":
+        from mnist_sweep.replay import replay
+
+        return replay(cfg, args.run_id, echo=_echo)
     from mnist_sweep import sweep
 
     if args.command == "run":
@@ -119,6 +122,8 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
+    with _native_stderr_silenced():  # TensorFlow's C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL
+        import keras  # noqa: F401
     import mlflow  # noqa: F401  # configures its loggers on import, so quiet them afterwards
     import optuna
 
@@ -129,20 +134,32 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: one line, exit 2."""
     from mnist_sweep.data import DataError
+    from mnist_sweep.preflight import PreflightError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError]
-    if "mnist_sweep.sweep" in sys.modules:
+    errors: list[type[BaseException]] = [ConfigError, DataError, PreflightError]
+    if "mnist_sweep.tracking" in sys.modules:  # these modules are heavy: only the commands that ran them
         from mnist_sweep.final import FinalizeError
-        from mnist_sweep.preflight import PreflightError
         from mnist_sweep.study import StorageError, StudyMismatchError
         from mnist_sweep.sweep import NoSuchStudyError, NotScoredError, StudySealedError
         from mnist_sweep.tracking import TrackingError
 
         errors += [
-            PreflightError,
             StorageError,
             StudyMismatchError,
             StudySealedError,
@@ -156,28 +173,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    previous: Callable[..., object] | int | None = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        cfg = load_sweep(args.sweep, _overrides(args))
-        return _dispatch(args, cfg)
-    except Terminated:
-        print("mnist-sweep: terminated; the running trial was recorded as failed, rerun to resume", file=sys.stderr)
-        return EXIT_SIGTERM
-    except KeyboardInterrupt:
-        print("mnist-sweep: interrupted; the running trial was recorded as failed, rerun to resume", file=sys.stderr)
-        return EXIT_SIGINT
-    except Exception as exc:
-        if isinstance(exc, _user_errors()):
-            print(f"mnist-sweep: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        from mnist_sweep.study import TooManyFailures
+    with interrupt.deferred_signals():
+        try:
+            cfg = load_sweep(args.sweep, _overrides(args))
+            code = _dispatch(args, cfg)
+            interrupt.raise_if_requested()  # a signal during the last step still ends in its exit code
+            return code
+        except interrupt.Interrupted as stop:
+            print(f"mnist-sweep: {stop}; the running trial was recorded as failed, rerun to resume", file=sys.stderr)
+            return stop.exit_code
+        except KeyboardInterrupt:  # a second Ctrl-C, where nothing checks
+            print("mnist-sweep: interrupted; rerun to resume", file=sys.stderr)
+            return EXIT_SIGINT
+        except Exception as exc:
+            if isinstance(exc, _user_errors()):
+                print(f"mnist-sweep: {exc}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            from mnist_sweep.study import TooManyFailures
 
-        if isinstance(exc, TooManyFailures):
-            print(f"mnist-sweep: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            if isinstance(exc, TooManyFailures):
+                print(f"mnist-sweep: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+            raise
 
 
 if __name__ == "__main__":

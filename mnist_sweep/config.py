@@ -30,8 +30,9 @@ class ConfigError(ValueError):
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "adamw", "nadam")
 ACTIVATIONS = ("sigmoid", "relu", "tanh", "elu", "gelu", "selu")
 METRIC_DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize"}
-STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql")
-TRACKING_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "https", "file")
+POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
+STORAGE_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "mysql+pymysql")
+TRACKING_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "http", "https", "file")
 
 
 # --------------------------------------------------------------------------- search-space values
@@ -110,7 +111,7 @@ def _numeric_param(*, integer: bool, minimum: float, strictly_positive: bool) ->
         if isinstance(number, float) and not math.isfinite(number):
             raise ValueError(f"must be finite, got {number!r}")
         if number < minimum or (strictly_positive and number <= 0):
-            bound = "> 0" if strictly_positive else f">= {minimum}"
+            bound = "> 0" if strictly_positive and minimum <= 0 else f">= {minimum}"
             raise ValueError(f"must be {bound}, got {number!r}")
         return number
 
@@ -124,7 +125,7 @@ def _numeric_param(*, integer: bool, minimum: float, strictly_positive: bool) ->
             return spec
         if isinstance(value, list):
             if not value:
-                raise ValueError("the list of choices is empty; give at least one value")
+                raise ValueError("is an empty list of choices; give at least one value, got []")
             return Choice(tuple(dict.fromkeys(check_number(v) for v in value)))
         return Choice((check_number(value),))
 
@@ -146,7 +147,7 @@ def _name_param(allowed: Sequence[str]) -> Any:
             raise ValueError(f"is categorical and takes a name or a list of names, got {_describe(value)}")
         if isinstance(value, list):
             if not value:
-                raise ValueError("the list of choices is empty; give at least one value")
+                raise ValueError("is an empty list of choices; give at least one value, got []")
             return Choice(tuple(dict.fromkeys(check_name(v) for v in value)))
         return Choice((check_name(value),))
 

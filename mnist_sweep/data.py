@@ -15,9 +15,11 @@ import hashlib
 import os
 import struct
 import threading
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -68,9 +70,14 @@ class DataSource:
 
     kind: str  # "idx", "npz" or "download"
     location: str
+    origin: str = "data.path"  # the key that named it, for error messages
 
     def describe(self) -> str:
         return f"{self.kind}:{self.location}" if self.location else self.kind
+
+    def error(self, detail: str) -> DataError:
+        """A one-line error naming the key, its value and what is wrong."""
+        return DataError(f"{self.origin} = {self.location!r}: {detail}")
 
 
 # --------------------------------------------------------------------------- sealing the test set
@@ -105,23 +112,28 @@ def resolve_source(path: str) -> DataSource:
     where = "data.path" if path else f"${DATA_ENV}"
     candidate = Path(chosen).expanduser()
     if candidate.is_dir():
+        source = DataSource("idx", str(candidate.resolve()), where)
         for name in TRAIN_FILES + TEST_FILES:
-            _find_idx(candidate, name, where=where)
-        return DataSource("idx", str(candidate.resolve()))
+            _find_idx(source, name)
+        return source
     if candidate.is_file():
         if candidate.suffix != ".npz":
             raise DataError(f"{where} = {chosen!r} is a file but not an .npz; give a folder of IDX files or mnist.npz")
-        return DataSource("npz", str(candidate.resolve()))
+        return DataSource("npz", str(candidate.resolve()), where)
     raise DataError(f"{where} = {chosen!r} does not exist")
 
 
-def _find_idx(folder: Path, name: str, *, where: str) -> Path:
+def _find_idx(source: DataSource, name: str) -> Path:
+    folder = Path(source.location)
     for candidate in (folder / f"{name}.gz", folder / name):
         if candidate.is_file():
-            if not os.access(candidate, os.R_OK):
-                raise DataError(f"{where}: {candidate} is not readable")
+            try:
+                with open(candidate, "rb"):
+                    pass  # opening is the only honest test: os.access says yes to root
+            except OSError as exc:
+                raise source.error(f"cannot open {candidate.name} ({exc.strerror})") from None
             return candidate
-    raise DataError(f"{where} = {str(folder)!r} has no {name}[.gz]; it needs the four MNIST IDX files")
+    raise source.error(f"has no {name}[.gz]; it needs the four MNIST IDX files")
 
 
 # --------------------------------------------------------------------------- reading IDX files
@@ -134,49 +146,51 @@ def _read_bytes(path: Path) -> bytes:
                 return handle.read()
         return path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from None
+        raise DataError(f"{path.name}: cannot read ({exc})") from None
 
 
 def _parse_idx(path: Path, raw: bytes, *, images: bool) -> npt.NDArray[np.uint8]:
     magic_expected = IMAGE_MAGIC if images else LABEL_MAGIC
     header_size = 16 if images else 8
     if len(raw) < header_size:
-        raise DataError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+        raise DataError(f"{path.name}: too short for an IDX header ({len(raw)} bytes)")
     magic, count = struct.unpack(">ii", raw[:8])
     if magic != magic_expected:
-        raise DataError(f"{path}: IDX magic is {magic}, expected {magic_expected}")
+        raise DataError(f"{path.name}: IDX magic is {magic}, expected {magic_expected}")
     shape: tuple[int, ...] = (count,)
     if images:
         rows, cols = struct.unpack(">ii", raw[8:16])
         if (rows, cols) != (IMAGE_SIDE, IMAGE_SIDE):
-            raise DataError(f"{path}: images are {rows}x{cols}, expected 28x28")
+            raise DataError(f"{path.name}: images are {rows}x{cols}, expected 28x28")
         shape = (count, rows, cols)
     expected_bytes = header_size + int(np.prod(shape))
     if len(raw) != expected_bytes:
-        raise DataError(f"{path}: {len(raw)} bytes, expected {expected_bytes} for {count} items")
+        raise DataError(f"{path.name}: {len(raw)} bytes, expected {expected_bytes} for {count} items")
     return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(shape)
 
 
 def read_idx(path: Path, *, images: bool) -> npt.NDArray[np.uint8]:
-    """One IDX file, gz or raw, checked: magic, sizes, and the standard md5 for the standard names."""
+    """One IDX file, gz or raw, checked: magic, sizes, label range, and the standard md5 for standard names."""
     raw = _read_bytes(path)
-    standard_name = path.name.removesuffix(".gz")
-    expected_md5 = STANDARD_MD5.get(standard_name)
+    # The header and label checks come first: they say more precisely what is wrong than a checksum.
+    array = _parse_idx(path, raw, images=images)
+    if not images:
+        _check_labels(path.name, array)
+    expected_md5 = STANDARD_MD5.get(path.name.removesuffix(".gz"))
     if expected_md5 is not None:
         actual = hashlib.md5(raw, usedforsecurity=False).hexdigest()
         if actual != expected_md5:
-            # A renamed or cut file fails the header checks with a clearer message first.
-            array = _parse_idx(path, raw, images=images)
             raise DataError(
-                f"{path}: checksum mismatch (md5 {actual}, expected {expected_md5}); "
-                f"{len(array)} items — the file is not the standard MNIST file"
+                f"{path.name}: checksum mismatch (md5 {actual}, expected {expected_md5}); "
+                "the file is not the standard MNIST file"
             )
-    return _parse_idx(path, raw, images=images)
+    return array
 
 
-def _check_labels(path: str, labels: npt.NDArray[np.uint8]) -> Labels:
-    if labels.size and int(labels.max()) >= NUM_CLASSES:
-        bad = int(np.argmax(labels >= NUM_CLASSES))
+def _check_labels(path: str, labels: npt.NDArray[Any]) -> Labels:
+    outside = (labels < 0) | (labels >= NUM_CLASSES)
+    if outside.any():
+        bad = int(np.argmax(outside))
         raise DataError(f"{path}: label {int(labels[bad])} at index {bad} is out of range 0..9")
     return labels.astype(np.int64)
 
@@ -193,16 +207,20 @@ def _check_pair(where: str, images: npt.NDArray[np.uint8], labels: npt.NDArray[n
 def _load_raw(source: DataSource, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
     """uint8 images and int labels of one part ('train' or 'test'), decoded once per process."""
     if source.kind == "download":
-        source = DataSource("npz", _download_keras_npz())
-    if source.kind == "npz":
-        return _load_npz(Path(source.location), part)
-    names = TRAIN_FILES if part == "train" else TEST_FILES
-    folder = Path(source.location)
-    image_path, label_path = (_find_idx(folder, name, where="data.path") for name in names)
-    images = read_idx(image_path, images=True)
-    labels = read_idx(label_path, images=False)
-    _check_pair(str(folder), images, labels)
-    return images, _check_labels(str(label_path), labels)
+        source = DataSource("npz", _download_keras_npz(), "the Keras download")
+    try:
+        if source.kind == "npz":
+            return _load_npz(Path(source.location), part)
+        names = TRAIN_FILES if part == "train" else TEST_FILES
+        image_path, label_path = (_find_idx(source, name) for name in names)
+        images = read_idx(image_path, images=True)
+        labels = read_idx(label_path, images=False)
+        _check_pair(f"{image_path.name} and {label_path.name}", images, labels)
+        return images, labels.astype(np.int64)
+    except DataError as exc:
+        if str(exc).startswith(source.origin):
+            raise
+        raise source.error(str(exc)) from None
 
 
 def _load_npz(path: Path, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
@@ -212,20 +230,18 @@ def _load_npz(path: Path, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
         with np.load(path, allow_pickle=False) as archive:
             missing = [k for k in (x_key, y_key) if k not in archive.files]
             if missing:
-                raise DataError(
-                    f"{path}: no {missing[0]!r} array; a Keras mnist.npz has x_train, y_train, x_test, y_test"
-                )
+                raise DataError(f"no {missing[0]!r} array; a Keras mnist.npz has x_train, y_train, x_test, y_test")
             images, labels = archive[x_key], archive[y_key]
     except DataError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read as .npz ({exc})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read as .npz ({exc})") from None
     if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
-        raise DataError(f"{path}: {x_key} has shape {images.shape}, expected (n, 28, 28)")
+        raise DataError(f"{x_key} has shape {images.shape}, expected (n, 28, 28)")
     if labels.ndim != 1:
-        raise DataError(f"{path}: {y_key} has shape {labels.shape}, expected (n,)")
-    _check_pair(str(path), images, labels)
-    return images.astype(np.uint8, copy=False), _check_labels(f"{path}:{y_key}", labels.astype(np.int64))
+        raise DataError(f"{y_key} has shape {labels.shape}, expected (n,)")
+    _check_pair(f"{x_key} and {y_key}", images, labels)
+    return images.astype(np.uint8, copy=False), _check_labels(y_key, labels.astype(np.int64))
 
 
 def _download_keras_npz() -> str:
@@ -244,12 +260,12 @@ def load_split(source: DataSource, *, validation: int, train_limit: int, seed: i
     """The training images shuffled with `seed`, the first `validation` held out, then `train_limit`."""
     images, labels = _load_raw(source, "train")
     if validation >= len(images):
-        raise DataError(f"data.validation = {validation} must be smaller than the {len(images)} training images")
+        raise source.error(f"data.validation = {validation} must be smaller than the {len(images)} training images")
     order = np.random.default_rng(seed).permutation(len(images))
     val_idx, train_idx = order[:validation], order[validation:]
     if train_limit:
         if train_limit > len(train_idx):
-            raise DataError(f"data.train_limit = {train_limit} exceeds the {len(train_idx)} training images left")
+            raise source.error(f"data.train_limit = {train_limit} exceeds the {len(train_idx)} training images left")
         train_idx = train_idx[:train_limit]
     return Split(
         x_train=_normalise(images[train_idx]),
@@ -263,18 +279,17 @@ def check_test_split_present(source: DataSource) -> None:
     """Before any trial: the test files exist and have sane headers, without reading their images."""
     if source.kind != "idx":
         return  # an npz is checked as a whole when read; the download brings both splits
-    folder = Path(source.location)
     for name, images in zip(TEST_FILES, (True, False), strict=True):
-        path = _find_idx(folder, name, where="data.path")
+        path = _find_idx(source, name)
         opener = gzip.open if path.suffix == ".gz" else open
         try:
             with opener(path, "rb") as handle:
                 header = handle.read(8)
         except (OSError, EOFError) as exc:
-            raise DataError(f"{path}: cannot read ({exc})") from None
+            raise source.error(f"{path.name}: cannot read ({exc})") from None
         expected = IMAGE_MAGIC if images else LABEL_MAGIC
         if len(header) < 8 or struct.unpack(">i", header[:4])[0] != expected:
-            raise DataError(f"{path}: not an IDX {'image' if images else 'label'} file (magic != {expected})")
+            raise source.error(f"{path.name}: not an IDX {'image' if images else 'label'} file (magic != {expected})")
 
 
 def load_test_split(source: DataSource) -> tuple[Images, Labels]:

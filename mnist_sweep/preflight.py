@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from mnist_sweep.config import SweepConfig
+from mnist_sweep.data import check_test_split_present, load_split, resolve_source
 
 
 class PreflightError(RuntimeError):
@@ -27,8 +28,12 @@ def check_creatable(key: str, value: str, path: Path) -> None:
     if not anchor.is_dir() and anchor != path.expanduser().absolute():
         raise PreflightError(f"{key} = {value!r}: {anchor} is a file, not a folder")
     folder = anchor if anchor.is_dir() else anchor.parent
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PreflightError(f"{key} = {value!r}: cannot write in {folder}")
+    try:
+        # A real file, gone at once: os.access answers yes to root even on a read-only folder.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise PreflightError(f"{key} = {value!r}: cannot write in {folder} ({exc.strerror})") from None
 
 
 def check_database(key: str, uri: str) -> None:
@@ -74,3 +79,12 @@ def check_all(cfg: SweepConfig) -> None:
     if "://" not in tracking.artifacts:
         check_creatable("tracking.artifacts", tracking.artifacts, Path(tracking.artifacts))
     check_creatable("tracking.reports", tracking.reports, Path(tracking.reports))
+
+
+def check_inputs(cfg: SweepConfig, *, training: bool) -> None:
+    """The data (training images read and checked when `training`) and every place written to."""
+    source = resolve_source(cfg.data.path)
+    if training:
+        load_split(source, validation=cfg.data.validation, train_limit=cfg.data.train_limit, seed=cfg.data.seed)
+    check_test_split_present(source)
+    check_all(cfg)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -12,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
+from mnist_sweep import databases
 from mnist_sweep.config import StudyConfig, SweepConfig
 from mnist_sweep.data import Split, sealed_test_set
+from mnist_sweep.interrupt import raise_if_requested
 from mnist_sweep.space import sample_params
-from mnist_sweep.tracking import Tracker, sqlite_file
+from mnist_sweep.tracking import Tracker
 
 if TYPE_CHECKING:
     from mnist_sweep.trial import TrainSettings, TrialOutcome
@@ -26,6 +31,7 @@ MODEL_URI_ATTR = "model_uri"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TEST_RESULT_ATTR = "test_result"
 PARENT_WAIT_SECONDS = 60.0
+ABANDONED_SECONDS = 600.0
 
 
 class StorageError(RuntimeError):
@@ -42,22 +48,12 @@ class TooManyFailures(RuntimeError):
 
 def make_storage(study: StudyConfig) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats, so trials of a killed worker are failed and retried."""
-    database = sqlite_file(study.storage)
-    engine_kwargs: dict[str, Any] = {}
-    if database is not None:
-        database.parent.mkdir(parents=True, exist_ok=True)
-        # Several local workers share the file: wait for the lock instead of "database is locked".
-        engine_kwargs = {"connect_args": {"timeout": 120}}
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
     try:
-        import warnings
-
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), databases.schema_lock(study.storage):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 study.storage,
-                engine_kwargs=engine_kwargs,
+                engine_kwargs=databases.engine_kwargs(study.storage),
                 heartbeat_interval=study.heartbeat_seconds,
                 grace_period=2 * study.heartbeat_seconds,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
@@ -144,14 +140,57 @@ def parent_run_id(study: optuna.Study, tracker: Tracker, *, created: bool, confi
         time.sleep(0.5)
 
 
-def close_stale_runs(study: optuna.Study, tracker: Tracker) -> int:
-    """MLflow runs of trials Optuna failed for a stale heartbeat (a killed worker) end as KILLED."""
+def settle_stale(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> None:
+    """Fail the trials of dead workers (stale heartbeat; their parameters are retried), end their runs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    close_stale_runs(study, tracker, parent_run_id)
+
+
+def close_stale_runs(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> int:
+    """Trial runs still RUNNING in MLflow whose Optuna trial has ended (its worker died) end as KILLED."""
+    running_runs = tracker.running_trial_runs(parent_run_id)
+    if not running_runs:
+        return 0
+    # Found by MLflow's trial-number tag, so a run made just before a kill, not yet linked, is found too.
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     closed = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if run_id and tracker.close_orphaned_run(run_id, "its worker stopped (no heartbeat); Optuna failed it"):
-            closed += 1
+    for run_id, number in running_runs:
+        state = states.get(number)
+        if state != TrialState.RUNNING:
+            reason = f"its worker stopped; Optuna recorded trial {number} as {state.name if state else 'missing'}"
+            closed += tracker.close_orphaned_run(run_id, reason)
     return closed
+
+
+def wait_for_running_trials(
+    study: optuna.Study, tracker: Tracker, parent_run_id: str, *, poll_seconds: float, echo: Callable[[str], None]
+) -> None:
+    """Until no trial is RUNNING: live workers' trials finish, dead workers' go stale and are failed."""
+    announced = False
+    while True:
+        raise_if_requested()
+        settle_stale(study, tracker, parent_run_id)
+        _fail_abandoned(study, older_than_seconds=ABANDONED_SECONDS)
+        running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        if not running:
+            return
+        if not announced:
+            echo(f"waiting for trials {running} to finish in other workers (or go stale if theirs died)")
+            announced = True
+        time.sleep(poll_seconds)
+
+
+def _fail_abandoned(study: optuna.Study, *, older_than_seconds: float) -> None:
+    # A process stopped between Optuna's ask and its first heartbeat leaves a trial that never goes
+    # stale; it never got as far as its MLflow run, so a missing run id after a long while marks it.
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.datetime_start or now
+        if RUN_ID_ATTR not in trial.user_attrs and (now - started).total_seconds() > older_than_seconds:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, ValueError):
+                study.tell(trial.number, state=TrialState.FAIL)
 
 
 def trial_seed(study_seed: int, trial_number: int) -> int:
@@ -164,10 +203,12 @@ class TrialRecord:
 
     number: int
     state: str
+    run_id: str = ""
     value: float | None = None
     message: str = ""
     fit_seconds: float = 0.0
     tracking_seconds: float = 0.0
+    stale: bool = False  # another worker failed it for a late heartbeat while it ran here
 
 
 class PruningHook:
@@ -248,7 +289,7 @@ class Objective:
         )
         trial.set_user_attr(RUN_ID_ATTR, run_id)
         trial.set_user_attr("seed", seed)
-        self.last = record = TrialRecord(number=trial.number, state="RUNNING")
+        self.last = record = TrialRecord(number=trial.number, state="RUNNING", run_id=run_id)
         logging_hook = TimedHook(lambda epoch, values: self.tracker.log_epoch(run_id, epoch, values))
         pruning_hook = PruningHook(trial, self.cfg.study.metric, self.cfg.train.epochs)
         from mnist_sweep.trial import run_trial
@@ -272,7 +313,7 @@ class Objective:
             self.tracker.end_trial_run(run_id, state="PRUNED", message=str(exc), pruned_epoch=pruning_hook.last_epoch)
             raise
         except KeyboardInterrupt as exc:
-            record.state, record.message = "FAIL", f"interrupted ({type(exc).__name__})"
+            record.state, record.message = "FAIL", str(exc) or "interrupted"
             trial.set_user_attr("fail_reason", record.message)
             self.tracker.end_trial_run(run_id, state="KILLED", message=record.message)
             raise
@@ -303,22 +344,50 @@ def run_trials(
     """Run trials until the study has `target` finished ones; returns how many this process ran."""
     ran = failures = 0
     while count_finished(study) < target:
-        close_stale_runs(study, objective.tracker)
+        raise_if_requested()
+        settle_stale(study, objective.tracker, objective.parent_run_id)
         objective.last = None
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        try:
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        except ValueError:  # Optuna's "Cannot tell a FAIL trial"
+            if not _failed_as_stale(study, objective):
+                raise
         ran += 1
         record = objective.last
         if record is None:
             continue
         echo(_trial_line(record, metric=objective.cfg.study.metric, finished=count_finished(study), target=target))
-        if record.state == "FAIL":
+        if record.state == "FAIL" and not record.stale:
             failures += 1
             if failures >= max_failures:
                 raise TooManyFailures(
                     f"{failures} trials failed in this process (study.max_failures = {max_failures}); "
                     f"last error: {record.message}"
                 )
+    # The last trial may have been the one to find a dead worker's trial stale: end that run too.
+    settle_stale(study, objective.tracker, objective.parent_run_id)
     return ran
+
+
+def _failed_as_stale(study: optuna.Study, objective: Objective) -> bool:
+    """True when this process's trial was failed by another worker for a late heartbeat while it ran.
+
+    Its parameters are retried (RetryHeartbeatStaleTrialCallback), so this is recorded, not fatal; the
+    run is marked failed too, so MLflow agrees with Optuna.
+    """
+    record = objective.last
+    if record is None:
+        return False
+    state = next((t.state for t in study.get_trials(deepcopy=False) if t.number == record.number), None)
+    if state != TrialState.FAIL:
+        return False
+    record.state, record.stale = "FAIL", True
+    record.message = (
+        "another worker failed this trial as stale (its heartbeat was late) and will retry its parameters; "
+        "a larger study.heartbeat_seconds avoids this on a busy machine"
+    )
+    objective.tracker.end_trial_run(record.run_id, state="FAIL", message=record.message)
+    return True
 
 
 def _trial_line(record: TrialRecord, *, metric: str, finished: int, target: int) -> str:

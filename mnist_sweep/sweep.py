@@ -11,6 +11,7 @@ import optuna
 from mnist_sweep import preflight
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.data import DataSource, Split, check_test_split_present, load_split, resolve_source
+from mnist_sweep.databases import sqlite_file
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
 from mnist_sweep.report import leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.study import (
@@ -22,9 +23,10 @@ from mnist_sweep.study import (
     open_study,
     parent_run_id,
     run_trials,
+    wait_for_running_trials,
     worker_salt,
 )
-from mnist_sweep.tracking import Tracker, recorded_trial_metrics, serve_ui, sqlite_file
+from mnist_sweep.tracking import Tracker, recorded_trial_metrics, serve_ui
 
 Echo = Callable[[str], None]
 
@@ -69,9 +71,12 @@ def run(cfg: SweepConfig, *, echo: Echo, finalize: bool, as_worker: bool = False
         f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {parent}"
     )
     objective = Objective(cfg=cfg, split=split, tracker=tracker, parent_run_id=parent, data_source=source.describe())
+    tracker.set_parent_status(parent, "RUNNING")  # a rerun after an interrupt: the study is running again
     status = "KILLED"
     try:
         run_trials(study, objective, target=cfg.study.trials, max_failures=cfg.study.max_failures, echo=echo)
+        if finalize:  # score only once every trial has ended, so none is left RUNNING behind the seal
+            wait_for_running_trials(study, tracker, parent, poll_seconds=cfg.study.heartbeat_seconds, echo=echo)
         status = "FINISHED"
     finally:
         tracker.set_parent_status(parent, status)

@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mnist_sweep import databases
 from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
 from mnist_sweep.metrics import ClassificationReport
 
@@ -38,6 +39,7 @@ STATE_TAG = "trial_state"
 PARENT_TAG = "mlflow.parentRunId"
 MODEL_URI_TAG = "model_uri"
 TEST_SCORED_TAG = "test_set_scored"
+MAX_RUNNING_RUNS = 1000
 
 
 class TrackingError(RuntimeError):
@@ -49,11 +51,6 @@ def artifact_location(artifacts: str) -> str:
     if "://" in artifacts:
         return artifacts
     return Path(artifacts).expanduser().resolve().as_uri()
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a sqlite:/// URI, else None."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def _model_pip_requirements() -> list[str]:
@@ -99,19 +96,32 @@ def _matrix_csv(matrix: np.ndarray[Any, Any]) -> str:
     return "\n".join([header, *body]) + "\n"
 
 
+def read_run(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
+    """A run's params and latest metrics, read without creating anything (no store, no experiment)."""
+    database = databases.sqlite_file(uri)
+    if database is not None and not database.is_file():
+        raise TrackingError(f"tracking.uri = {uri!r}: no MLflow store there yet")
+    try:
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException as exc:
+        raise TrackingError(f"run {run_id!r} in tracking.uri = {uri!r}: {exc.message.splitlines()[0]}") from None
+    return dict(run.data.params), dict(run.data.metrics)
+
+
 class Tracker:
     """One MLflow experiment per study; its parent run and the trial runs nested under it."""
 
     def __init__(self, *, uri: str, artifacts: str, experiment: str) -> None:
-        database = sqlite_file(uri)
+        database = databases.sqlite_file(uri)
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
         if "://" not in artifacts:
             Path(artifacts).mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = self._experiment(experiment, artifact_location(artifacts))
+        with databases.schema_lock(uri):  # opening the store creates or migrates its tables
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment(experiment, artifact_location(artifacts))
 
     @functools.cached_property
     def _requirements(self) -> list[str]:
@@ -251,6 +261,19 @@ class Tracker:
         except MlflowException:
             return None
 
+    def running_trial_runs(self, parent_run_id: str) -> list[tuple[str, int]]:
+        """(run id, trial number) of the study's trial runs that MLflow still has as RUNNING."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+            max_results=MAX_RUNNING_RUNS,
+        )
+        return [
+            (str(run.info.run_id), int(run.data.tags[TRIAL_NUMBER_TAG]))
+            for run in runs
+            if run.data.tags.get(ROLE_TAG) == "trial" and TRIAL_NUMBER_TAG in run.data.tags
+        ]
+
     def close_orphaned_run(self, run_id: str, reason: str) -> bool:
         """End a run left RUNNING by a worker that died; returns whether it was still RUNNING."""
         if self.run_status(run_id) != RunStatus.to_string(RunStatus.RUNNING):
@@ -294,7 +317,7 @@ UI_START_SECONDS = 120.0
 
 def find_experiment_id(*, uri: str, experiment: str) -> str | None:
     """The experiment's id, or None where there is none; creates nothing, not even a sqlite file."""
-    database = sqlite_file(uri)
+    database = databases.sqlite_file(uri)
     if database is not None and not database.exists():
         return None
     try:

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from mnist_sweep.data import Split
+from mnist_sweep.interrupt import raise_if_requested
 from mnist_sweep.metrics import ClassificationReport, classification_report, confusion_matrix
 from mnist_sweep.model import compiled_model
 
@@ -81,6 +82,7 @@ class _EpochCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self.epoch = epoch + 1
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        raise_if_requested()  # a Ctrl-C or SIGTERM stops the fit within a batch
         # Reading the loss forces a device sync, so look only every few batches.
         if batch % NAN_CHECK_EVERY_BATCHES == 0 and logs and "loss" in logs:
             _check_finite("loss", float(logs["loss"]), self.epoch, batch)

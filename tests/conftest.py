@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +58,7 @@ def synthetic_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 
 CliRunner = Callable[..., subprocess.CompletedProcess[str]]
+CliStarter = Callable[..., subprocess.Popen[str]]
 CLI = [sys.executable, "-m", "mnist_sweep"]
 
 
@@ -62,12 +67,26 @@ def cli_environment(data: Path, env: dict[str, str] | None = None) -> dict[str, 
     return {**os.environ, "MNIST_SWEEP_DATA": str(data), "PYTHONPATH": str(REPO), **(env or {})}
 
 
+def cli_command(*args: str) -> list[str]:
+    return [*CLI, *args]
+
+
 def cli(
-    *args: str, cwd: Path, data: Path, env: dict[str, str] | None = None, timeout: float = 600
+    *args: str,
+    cwd: Path,
+    data: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    prefix: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Runs `python -m mnist_sweep ARGS` in `cwd` with this checkout's code and real data."""
     return subprocess.run(
-        [*CLI, *args], cwd=cwd, env=cli_environment(data, env), capture_output=True, text=True, timeout=timeout
+        [*prefix, *cli_command(*args)],
+        cwd=cwd,
+        env=cli_environment(data, env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -76,11 +95,32 @@ def run_cli(tmp_path: Path, mnist_dir: Path) -> CliRunner:
     """`cli` bound to tmp_path and the real MNIST folder."""
 
     def runner(
-        *args: str, cwd: Path = tmp_path, env: dict[str, str] | None = None, timeout: float = 600
+        *args: str,
+        cwd: Path = tmp_path,
+        env: dict[str, str] | None = None,
+        timeout: float = 600,
+        prefix: Sequence[str] = (),
     ) -> subprocess.CompletedProcess[str]:
-        return cli(*args, cwd=cwd, data=mnist_dir, env=env, timeout=timeout)
+        return cli(*args, cwd=cwd, data=mnist_dir, env=env, timeout=timeout, prefix=prefix)
 
     return runner
+
+
+@pytest.fixture
+def start_cli(tmp_path: Path, mnist_dir: Path) -> CliStarter:
+    """Starts `python -m mnist_sweep ARGS` in tmp_path without waiting (for signals and concurrent workers)."""
+
+    def starter(*args: str, cwd: Path = tmp_path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            cli_command(*args),
+            cwd=cwd,
+            env=cli_environment(mnist_dir, env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    return starter
 
 
 def small_sweep_args(*extra: str, trials: int = 3, train_limit: int = 2000, validation: int = 1000) -> list[str]:
@@ -107,3 +147,65 @@ def write_sweep(folder: Path, text: str, name: str = "sweep.toml") -> Path:
 def created_files(folder: Path, ignore: Sequence[str] = ()) -> list[str]:
     """Every file under `folder`, relative, except those named in `ignore`."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name not in ignore)
+
+
+# --------------------------------------------------------------------------- a real PostgreSQL server
+
+
+def _postgres_bin() -> Path | None:
+    """The newest /usr/lib/postgresql/*/bin holding initdb, pg_ctl and postgres (Debian's layout)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    return found[-1].parent if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL on 127.0.0.1 (initdb + pg_ctl in a temp dir); yields its base URL."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); .ci/run installs it")
+    # postgres refuses to run as root: run it as the 'postgres' user the Debian package creates.
+    as_user: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-pg-"))
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", _free_port()
+
+    def pg(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
+
+    try:
+        pg(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "sweep", "--no-sync")
+        options = f"-h 127.0.0.1 -p {port} -k {folder} -F -c max_connections=200"
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"could not start PostgreSQL from {bin_dir}: {exc.stderr.decode(errors='replace').strip()}")
+    try:
+        yield f"postgresql://sweep@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_database(postgres_server: str, request: pytest.FixtureRequest) -> str:
+    """A fresh database on the test server, named after the test; returns its URL."""
+    import psycopg
+
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return f"{postgres_server}/{name}"

@@ -1,0 +1,56 @@
+"""SIGINT and SIGTERM, acted on at safe points instead of wherever the signal happens to land.
+
+Python raises KeyboardInterrupt in whatever code runs when the signal arrives: inside a garbage
+collector callback it is printed and swallowed, and the sweep went on as if nothing happened. So the
+handlers only record the signal; training checks after every batch, the trial loop before every trial,
+and the exception raised there closes the running trial as failed in Optuna and MLflow. A second signal
+acts at once, for a process stuck where nothing checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from types import FrameType
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Interrupted(KeyboardInterrupt):
+    """The user asked the process to stop (SIGINT or SIGTERM)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(signal.Signals(self.signum), 128 + self.signum)
+
+
+_requested: list[int] = []
+
+
+def _record(signum: int, frame: FrameType | None) -> None:
+    _requested.append(signum)
+    # The next one stops the process the ordinary way, wherever it is.
+    signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+
+def raise_if_requested() -> None:
+    """Raise Interrupted if a signal arrived since the handlers were installed."""
+    if _requested:
+        raise Interrupted(_requested[0])
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM are recorded and acted on by `raise_if_requested`."""
+    previous = {signum: signal.signal(signum, _record) for signum in EXIT_CODES}
+    _requested.clear()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

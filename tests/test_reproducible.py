@@ -1,0 +1,59 @@
+"""Same seeds, same sweep: two fresh runs agree, and `replay` retrains a logged trial to its numbers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args
+from stores import load_study
+from test_sealed import unreadable_test_images
+
+pytestmark = pytest.mark.slow
+
+
+def everything_under(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if "-wal" not in p.name}
+
+
+def test_two_fresh_runs_agree_and_replay_matches_the_logged_metrics(
+    tmp_path: Path, run_cli: CliRunner, mnist_dir: Path
+) -> None:
+    args = [
+        str(DEFAULT_SWEEP),
+        *small_sweep_args("--set", 'study.pruner="none"', trials=3, train_limit=1000, validation=500),
+    ]
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        result = run_cli("run", *args, cwd=tmp_path / name)
+        assert result.returncode == 0, result.stderr
+
+    first, second = load_study(tmp_path / "first"), load_study(tmp_path / "second")
+    assert [t.params for t in first.trials] == [t.params for t in second.trials]
+    for one, other in zip(first.trials, second.trials, strict=True):
+        assert other.user_attrs["val_accuracy"] == pytest.approx(one.user_attrs["val_accuracy"], abs=1e-6)
+        assert other.user_attrs["val_loss"] == pytest.approx(one.user_attrs["val_loss"], rel=1e-5)
+
+    # Replayed with test images that cannot be read: it succeeds, so it never touched them.
+    broken = unreadable_test_images(mnist_dir, tmp_path / "inputs")
+    before = everything_under(tmp_path / "first")
+    run_id = first.best_trial.user_attrs["mlflow_run_id"]
+    replayed = run_cli("replay", *args, run_id, "--data", str(broken), cwd=tmp_path / "first")
+
+    assert replayed.returncode == 0, replayed.stderr
+    differences = [float(d) for d in re.findall(r"difference ([-+0-9.e]+)", replayed.stdout)]
+    assert len(differences) == 2, replayed.stdout
+    assert all(abs(d) < 1e-5 for d in differences), replayed.stdout
+    assert everything_under(tmp_path / "first") == before
+
+
+def test_replay_of_an_unknown_run_is_one_line(tmp_path: Path, run_cli: CliRunner) -> None:
+    args = [str(DEFAULT_SWEEP), *small_sweep_args(trials=1, train_limit=1000, validation=500)]
+    assert run_cli("worker", *args).returncode == 0
+
+    result = run_cli("replay", *args, "0123456789abcdef0123456789abcdef")
+
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "0123456789abcdef0123456789abcdef" in result.stderr

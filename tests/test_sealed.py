@@ -1,0 +1,58 @@
+"""The sealed test set: only finalize reads the test images, and a scored study takes no more trials."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args
+from stores import all_runs, load_study, parent_run, storage_url
+
+from mnist_sweep import data  # not its test_* names: pytest would collect them
+
+
+def test_the_test_split_cannot_be_loaded_while_sealed(mnist_dir: Path) -> None:
+    with data.test_set_sealed(), pytest.raises(data.TestSetSealedError):
+        data.load_test_split(data.DataSource("idx", str(mnist_dir)))
+
+
+def unreadable_test_images(mnist_dir: Path, folder: Path) -> Path:
+    """MNIST whose test images keep a valid header but lose their pixels: fine until someone reads them."""
+    copy = folder / "mnist"
+    shutil.copytree(mnist_dir, copy)
+    images = copy / "t10k-images-idx3-ubyte.gz"
+    images.chmod(0o644)
+    images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[:1000]))
+    return copy
+
+
+@pytest.mark.slow
+def test_only_finalize_reads_the_test_set_and_a_scored_study_takes_no_more_trials(
+    tmp_path: Path, run_cli: CliRunner, mnist_dir: Path
+) -> None:
+    args = [str(DEFAULT_SWEEP), *small_sweep_args(trials=2, train_limit=1000, validation=500)]
+    broken = unreadable_test_images(mnist_dir, tmp_path / "inputs")
+
+    trained = run_cli("worker", *args, "--data", str(broken))
+    cannot_score = run_cli("finalize", *args, "--data", str(broken))
+
+    assert trained.returncode == 0, trained.stderr  # two trials, and the test pixels were never read
+    assert cannot_score.returncode == 2, cannot_score.stderr
+    assert "t10k-images-idx3-ubyte.gz" in cannot_score.stderr.strip().splitlines()[-1]
+    assert "fcn.test-seal" not in optuna.get_all_study_names(storage_url(tmp_path)), "a failed score sealed it"
+
+    scored = run_cli("finalize", *args)
+    more_trials = [run_cli(command, *args, "--trials", "3") for command in ("run", "worker")]
+
+    assert scored.returncode == 0, scored.stderr
+    for refused in more_trials:
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2, refused.stderr
+        assert len(lines) == 1, refused.stderr
+        assert "start a new study name" in lines[0]
+        assert "study.name=fcn-2" in lines[0]
+    assert len(load_study(tmp_path).trials) == 2
+    assert "test_accuracy" in parent_run(all_runs(tmp_path)).data.metrics
