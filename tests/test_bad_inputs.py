@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import CliRunner, write_sweep
+
+from tests.conftest import CliRunner, write_sweep
 
 # Valid everywhere else, so the one bad value is what fails.
 VALID = """

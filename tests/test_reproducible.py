@@ -6,9 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args
-from stores import load_study
-from test_sealed import unreadable_test_images
+
+from tests.conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args
+from tests.stores import load_study
+from tests.test_sealed import unreadable_test_images
 
 pytestmark = pytest.mark.slow
 

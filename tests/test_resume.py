@@ -7,8 +7,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import DEFAULT_SWEEP, CliRunner, CliStarter, small_sweep_args
-from stores import (
+
+from tests.conftest import DEFAULT_SWEEP, CliRunner, CliStarter, small_sweep_args
+from tests.stores import (
     all_runs,
     assert_nothing_running,
     assert_runs_linked,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args
-from stores import all_runs, load_study, parent_run, storage_url
 
 from mnist_sweep import data  # not its test_* names: pytest would collect them
+from tests.conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args
+from tests.stores import all_runs, load_study, parent_run, storage_url
 
 
 def test_the_test_split_cannot_be_loaded_while_sealed(mnist_dir: Path) -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import DEFAULT_SWEEP, CliStarter, small_sweep_args
-from stores import all_runs, assert_nothing_running, assert_runs_linked, assert_scored_once
+
+from tests.conftest import DEFAULT_SWEEP, CliStarter, small_sweep_args
+from tests.stores import all_runs, assert_nothing_running, assert_runs_linked, assert_scored_once
 
 pytestmark = pytest.mark.slow
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
