@@ -91,7 +91,11 @@ def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
 
     if args.command != "replay":  # replay writes nothing
         # Before TensorFlow and MLflow are imported: a bad input answers in a second, and nothing is written.
-        preflight.check_inputs(cfg, training=args.command in ("run", "worker"))
+        preflight.check_inputs(
+            cfg,
+            training=args.command in ("run", "worker"),
+            needs_data=args.command in ("run", "worker", "finalize"),  # report, trials, ui read records only
+        )
     _quiet_libraries()
     if args.command == "replay":
         from mnist_sweep.replay import replay

@@ -81,10 +81,11 @@ def check_all(cfg: SweepConfig) -> None:
     check_creatable("tracking.reports", tracking.reports, Path(tracking.reports))
 
 
-def check_inputs(cfg: SweepConfig, *, training: bool) -> None:
+def check_inputs(cfg: SweepConfig, *, training: bool, needs_data: bool = True) -> None:
     """The data (training images read and checked when `training`) and every place written to."""
-    source = resolve_source(cfg.data.path)
-    if training:
-        load_split(source, validation=cfg.data.validation, train_limit=cfg.data.train_limit, seed=cfg.data.seed)
-    check_test_split_present(source)
+    if needs_data:
+        source = resolve_source(cfg.data.path)
+        if training:
+            load_split(source, validation=cfg.data.validation, train_limit=cfg.data.train_limit, seed=cfg.data.seed)
+        check_test_split_present(source)
     check_all(cfg)
