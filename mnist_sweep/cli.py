@@ -175,9 +175,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+# These train or score: a signal is acted on at a safe point, so the running trial is closed everywhere.
+SAFE_POINT_COMMANDS = ("run", "worker", "finalize", "replay")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    with interrupt.deferred_signals():
+    signals = interrupt.deferred_signals if args.command in SAFE_POINT_COMMANDS else interrupt.immediate_signals
+    with signals():
         try:
             cfg = load_sweep(args.sweep, _overrides(args))
             code = _dispatch(args, cfg)

@@ -54,3 +54,18 @@ def deferred_signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _raise_now(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def immediate_signals() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM raise Interrupted at once (commands with no trial to close)."""
+    previous = {signum: signal.signal(signum, _raise_now) for signum in EXIT_CODES}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

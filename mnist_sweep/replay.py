@@ -46,6 +46,8 @@ def replay(cfg: SweepConfig, run_id: str, *, echo: Callable[[str], None]) -> int
         hidden=tuple(int(units) for units in params["hidden"].split("-")),
         epochs=int(params["epochs"]),
         early_stopping_patience=int(params.get("early_stopping_patience", "0")),
+        monitor=params.get("early_stopping_monitor", "val_loss"),
+        lr_schedule=params.get("lr_schedule", "constant"),
     )
     with sealed_test_set():
         outcome = run_trial(params=hyperparameters(params), split=split, settings=settings, seed=int(params["seed"]))

@@ -268,6 +268,7 @@ class Objective:
             "hidden": "-".join(str(h) for h in cfg.model.hidden),
             "epochs": cfg.train.epochs,
             "early_stopping_patience": cfg.train.early_stopping_patience,
+            "early_stopping_monitor": cfg.study.metric,
             "lr_schedule": cfg.train.lr_schedule,
             "data_validation": cfg.data.validation,
             "data_train_limit": cfg.data.train_limit,

@@ -207,7 +207,7 @@ def test_trials_prints_the_leaderboard_and_writes_it_as_csv(sweep: Sweep) -> Non
     assert done.returncode == 0, done.stderr[-2000:]
     board = pd.read_csv(sweep.folder / "board.csv")
     assert list(board.columns) == [
-        "trial", "state", "optimizer", "learning_rate", "batch_size", "activation",
+        "trial", "state", "optimizer", "learning_rate", "batch_size", "activation", "dropout",
         "val_accuracy", "val_loss", "val_f1_macro", "epochs", "duration_s", "run_id",
     ]  # fmt: skip
     assert board["val_loss"].tolist() == sorted(board["val_loss"])

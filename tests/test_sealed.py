@@ -9,14 +9,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from mnist_sweep import data  # not its test_* names: pytest would collect them
 from tests.conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args
 from tests.stores import all_runs, load_study, parent_run, storage_url
-
-
-def test_the_test_split_cannot_be_loaded_while_sealed(mnist_dir: Path) -> None:
-    with data.test_set_sealed(), pytest.raises(data.TestSetSealedError):
-        data.load_test_split(data.DataSource("idx", str(mnist_dir)))
 
 
 def unreadable_test_images(mnist_dir: Path, folder: Path) -> Path:

@@ -173,7 +173,7 @@ def test_validate_answers_without_tensorflow_or_mlflow() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code, str(DEFAULT_SWEEP)], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
-    assert "[search]" in done.stdout and "learning_rate = { low = 0.0001, high = 0.3, log = true }" in done.stdout
+    assert "[search]" in done.stdout and "learning_rate = { low = 0.0003, high = 0.003, log = true }" in done.stdout
 
 
 @pytest.mark.parametrize(

@@ -61,7 +61,7 @@ def test_corrupt_idx_is_named(
     path.write_bytes(mutate(idx_bytes(synthetic_mnist[0], images=True)))
     with pytest.raises(DataError, match=expected) as caught:
         read_idx(path, images=True)
-    assert str(path) in str(caught.value)
+    assert str(caught.value).startswith(path.name)
 
 
 def test_truncated_gzip(tmp_path: Path, synthetic_mnist: tuple[np.ndarray, np.ndarray]) -> None:
