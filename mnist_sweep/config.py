@@ -238,6 +238,9 @@ class TrainConfig(_Section):
     epochs: int = Field(default=10, ge=1, le=10000)
     early_stopping_patience: int = Field(default=0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Batches per compiled step: fewer Python round trips. bench/epoch.py at batch 128: 2.75 s/epoch with 16
+    # against 3.36 s with 1, the same accuracy after one epoch; at batch 256 no difference.
+    steps_per_execution: int = Field(default=16, ge=1, le=1024)
 
 
 class SearchConfig(_Section):

@@ -55,7 +55,12 @@ def learning_rate(
 
 
 def compiled_model(
-    params: dict[str, object], hidden: Sequence[int], *, schedule: str = "constant", total_steps: int = 1
+    params: dict[str, object],
+    hidden: Sequence[int],
+    *,
+    schedule: str = "constant",
+    total_steps: int = 1,
+    steps_per_execution: int = 1,
 ) -> keras.Model:
     """A fresh, compiled model for one trial's hyperparameters."""
     model = build_model(
@@ -73,5 +78,10 @@ def compiled_model(
         ),
         momentum=float(params.get("momentum", 0.0)),  # type: ignore[arg-type]
     )
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer=optimizer,
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+    )
     return model

@@ -263,6 +263,7 @@ class Objective:
             early_stopping_patience=cfg.train.early_stopping_patience,
             monitor=cfg.study.metric,
             lr_schedule=cfg.train.lr_schedule,
+            steps_per_execution=cfg.train.steps_per_execution,
         )
         self.fixed_run_params = {
             "hidden": "-".join(str(h) for h in cfg.model.hidden),
@@ -270,6 +271,7 @@ class Objective:
             "early_stopping_patience": cfg.train.early_stopping_patience,
             "early_stopping_monitor": cfg.study.metric,
             "lr_schedule": cfg.train.lr_schedule,
+            "steps_per_execution": cfg.train.steps_per_execution,
             "data_validation": cfg.data.validation,
             "data_train_limit": cfg.data.train_limit,
             "data_seed": cfg.data.seed,

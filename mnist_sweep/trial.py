@@ -25,7 +25,6 @@ EpochHook = Callable[[int, Mapping[str, float]], None]
 """Called with the 1-based epoch number and that epoch's loss, accuracy, val_loss, val_accuracy."""
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
-NAN_CHECK_EVERY_BATCHES = 20
 
 
 class TrialDiverged(RuntimeError):
@@ -41,6 +40,7 @@ class TrainSettings:
     early_stopping_patience: int = 0
     monitor: str = "val_loss"  # what early stopping watches and which epoch counts as best
     lr_schedule: str = "constant"
+    steps_per_execution: int = 1
 
     @property
     def monitor_maximizes(self) -> bool:
@@ -69,8 +69,9 @@ class _EpochCallback(keras.callbacks.Callback):  # type: ignore[misc]
     """Feeds epoch logs to the hooks and stops at once when the loss diverges."""
 
     # A batch hook makes Keras convert every batch's logs on the training thread (a device sync per
-    # batch) unless the callback is declared safe to run on Keras' callback thread; the NaN check is.
-    # Its TrialDiverged then surfaces on the training thread a batch or two later.
+    # batch) unless the callback is declared safe to run on Keras' callback thread; these checks are.
+    # Their exceptions surface on the training thread a step or two later. With steps_per_execution = N
+    # Keras calls the batch hook once per N batches.
     async_safe = True
 
     def __init__(self, hooks: Sequence[EpochHook]) -> None:
@@ -82,9 +83,8 @@ class _EpochCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self.epoch = epoch + 1
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        raise_if_requested()  # a Ctrl-C or SIGTERM stops the fit within a batch
-        # Reading the loss forces a device sync, so look only every few batches.
-        if batch % NAN_CHECK_EVERY_BATCHES == 0 and logs and "loss" in logs:
+        raise_if_requested()  # a Ctrl-C or SIGTERM stops the fit within a step
+        if logs and "loss" in logs:  # already plain floats here: Keras converted them on this thread
             _check_finite("loss", float(logs["loss"]), self.epoch, batch)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
@@ -122,7 +122,11 @@ def run_trial(
     batch_size = int(params["batch_size"])
     steps_per_epoch = -(-len(split.y_train) // batch_size)
     model = compiled_model(
-        dict(params), settings.hidden, schedule=settings.lr_schedule, total_steps=settings.epochs * steps_per_epoch
+        dict(params),
+        settings.hidden,
+        schedule=settings.lr_schedule,
+        total_steps=settings.epochs * steps_per_epoch,
+        steps_per_execution=settings.steps_per_execution,
     )
     callbacks: list[keras.callbacks.Callback] = [_EpochCallback(epoch_hooks)]
     if settings.early_stopping_patience:
