@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 SWEEP ?= sweeps/fcn.toml
 ARGS ?=
 PYTEST_ARGS ?=
+# The project's local MNIST copy, when the checkout has one beside it; else data.path, or the download.
+ifneq ($(wildcard ../shared/data/mnist),)
 export MNIST_SWEEP_DATA ?= $(abspath ../shared/data/mnist)
+endif
 
 .PHONY: sweep test lint ui install install-dev bench-overhead bench-epoch
 
