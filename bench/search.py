@@ -10,6 +10,7 @@ plots best-validation-accuracy against epochs spent for the three (bench/search.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 
 from _common import REPO, data_dir, record, table
 
+SAVED = REPO / "bench" / "search_runs"
 VARIANTS = {
     "default (TPE + median pruner)": [],
     "pruning off": ["--set", "study.pruner='none'"],
@@ -29,7 +31,7 @@ VARIANTS = {
 
 def run_variant(name: str, extra: list[str], overrides: list[str], folder: Path) -> dict[str, Any]:
     """One sweep through the real CLI in its own folder; returns what the study recorded."""
-    workdir = folder / name.split(" ")[0]
+    workdir = folder / slug(name)
     workdir.mkdir()
     command = [sys.executable, "-m", "mnist_sweep", "run", str(REPO / "sweeps" / "fcn.toml"), *extra]
     for assignment in overrides:
@@ -38,7 +40,26 @@ def run_variant(name: str, extra: list[str], overrides: list[str], folder: Path)
     started = time.perf_counter()
     subprocess.run(command, cwd=workdir, env=env, check=True, stdout=sys.stderr)
     wall = time.perf_counter() - started
-    return {"name": name, "wall": wall, **read_study(workdir)}
+    result = {"name": name, "wall": wall, **read_study(workdir)}
+    result["threads"] = os.environ.get("TF_NUM_INTRAOP_THREADS", "default")
+    result["overrides"] = overrides
+    SAVED.mkdir(exist_ok=True)
+    (SAVED / f"{slug(name)}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def slug(name: str) -> str:
+    return name.split(" ")[0]
+
+
+def saved_results(skip: set[str]) -> list[dict[str, Any]]:
+    """Variants measured by earlier invocations (e.g. run side by side), so one plot shows all three."""
+    results = []
+    for name in VARIANTS:
+        path = SAVED / f"{slug(name)}.json"
+        if name not in skip and path.exists():
+            results.append({**json.loads(path.read_text()), "earlier": True})
+    return results
 
 
 def read_study(workdir: Path) -> dict[str, Any]:
@@ -96,8 +117,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for name in chosen:
             results.append(run_variant(name, VARIANTS[name], args.overrides, Path(folder)))
+    results += saved_results(skip={r["name"] for r in results})
+    results.sort(key=lambda r: list(VARIANTS).index(r["name"]))
     plot(results, REPO / "bench" / "search.html")
-    rows = [[r["name"], r["trials"], f"{r['wall'] / 60:.1f}", r["epochs"], r["best_val"], r["test"]] for r in results]
+    rows = [
+        [
+            r["name"] + (" (earlier run)" if r.get("earlier") else ""),
+            r["trials"],
+            f"{r['wall'] / 60:.1f}",
+            r["epochs"],
+            r["best_val"],
+            r["test"],
+        ]
+        for r in results
+    ]
     body = table(["variant", "trials", "wall min", "epochs spent", "best val acc", "test acc (once)"], rows)
     by_name = {r["name"]: r for r in results}
     default, unpruned = by_name.get("default (TPE + median pruner)"), by_name.get("pruning off")

@@ -279,6 +279,9 @@ class TrackingConfig(_Section):
     uri: str = "sqlite:///mlruns/mlflow.db"
     artifacts: str = "mlruns/artifacts"
     reports: str = "reports"
+    # The logged model is for scoring and serving: architecture and weights, 2.6 MB. With the optimizer's
+    # state (Adam's two moments) it is 7.8 MB and takes 0.10 s to save instead of 0.02 s.
+    model_optimizer_state: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> TrackingConfig:

@@ -52,7 +52,12 @@ def prepare_data(cfg: SweepConfig) -> tuple[DataSource, Split]:
 
 
 def make_tracker(cfg: SweepConfig) -> Tracker:
-    return Tracker(uri=cfg.tracking.uri, artifacts=cfg.tracking.artifacts, experiment=cfg.study.name)
+    return Tracker(
+        uri=cfg.tracking.uri,
+        artifacts=cfg.tracking.artifacts,
+        experiment=cfg.study.name,
+        model_optimizer_state=cfg.tracking.model_optimizer_state,
+    )
 
 
 def run(cfg: SweepConfig, *, echo: Echo, finalize: bool, as_worker: bool = False) -> int:

@@ -105,8 +105,50 @@ def _check_finite(name: str, value: float, epoch: int, batch: int | None) -> Non
 def fresh_session(seed: int) -> None:
     """No state leaks from the previous trial: a clean Keras session and seeded RNGs."""
     keras.backend.clear_session()
+    _drop_traced_gradients_of_earlier_trials()
     gc.collect()
+    _freeze_long_lived_objects()
     keras.utils.set_random_seed(seed)
+
+
+_gc_frozen = False
+
+
+def _freeze_long_lived_objects() -> None:
+    # What is alive before the first trial (modules, TensorFlow, the data, the stores) lives as long as
+    # the process. Moving it out of the collector's sight makes each trial's full collection scan only
+    # the trial's own objects: measured 0.2-0.65 s -> 0.03 s per trial.
+    global _gc_frozen
+    if not _gc_frozen:
+        gc.freeze()
+        _gc_frozen = True
+
+
+_gradients_before_first_trial: set[str] | None = None
+
+
+def _drop_traced_gradients_of_earlier_trials() -> None:
+    """Work around a TensorFlow leak: ~14 MiB per trial, so memory grew without bound over a sweep.
+
+    Every trace of Keras' train step registers a `tf.custom_gradient` (from the optimizer's
+    all-reduce of gradients) in TensorFlow's global gradient registry, which keeps that trial's whole
+    traced graph alive forever; clear_session() does not remove it. After clear_session nothing can
+    use an earlier trial's graphs, so their entries go. Other backends have no such registry.
+    """
+    global _gradients_before_first_trial
+    if keras.backend.backend() != "tensorflow":
+        return
+    try:
+        from tensorflow.python.framework import ops  # private: checked, and skipped if it moves
+
+        registry: dict[str, Any] = ops.gradient_registry._registry
+    except (ImportError, AttributeError):
+        return
+    if _gradients_before_first_trial is None:
+        _gradients_before_first_trial = set(registry)
+        return
+    for name in [n for n in registry if n.startswith("CustomGradient-") and n not in _gradients_before_first_trial]:
+        del registry[name]
 
 
 def run_trial(

@@ -128,6 +128,10 @@ def test_confusion_matrix_artifacts_and_loadable_model(sweep: FinishedSweep, mni
     mlflow.set_tracking_uri(sweep.client.tracking_uri)  # models:/ URIs resolve through the tracking store
     model = mlflow.keras.load_model(child.data.tags["model_uri"])
     assert model.predict(np.zeros((2, 28, 28), np.float32), verbose=0).shape == (2, 10)
+    assert not model.compiled, "saved without optimizer state (tracking.model_optimizer_state = false)"
+    logged = sweep.client.get_logged_model(child.data.tags["model_uri"].removeprefix("models:/"))
+    linked = {m.key: m.value for m in logged.metrics or []}
+    assert linked["final_val_accuracy"] == pytest.approx(child.data.metrics["final_val_accuracy"])
 
 
 def test_test_set_scored_once_on_the_parent(sweep: FinishedSweep) -> None:

@@ -144,3 +144,27 @@ def test_early_stopping_on_accuracy_keeps_the_most_accurate_epoch(split: Split) 
     settings = TrainSettings(hidden=(32,), epochs=4, early_stopping_patience=1, monitor="val_accuracy")
     outcome = run_trial(params={**PARAMS, "learning_rate": 0.05}, split=split, settings=settings, seed=3)
     assert outcome.best_epoch == int(np.argmax(outcome.history["val_accuracy"])) + 1
+
+
+def test_trials_leave_no_graphs_behind(split: Split) -> None:
+    """Memory stays flat over a sweep: nothing keeps an earlier trial's model or traced graphs alive."""
+    import gc
+    import weakref
+
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the leak worked around is TensorFlow's gradient registry")
+    from tensorflow.python.framework import ops
+
+    settings = TrainSettings(hidden=(32,), epochs=1)
+    registry_sizes, models = [], []
+    for seed in range(4):
+        outcome = run_trial(params=PARAMS, split=split, settings=settings, seed=seed)
+        registry_sizes.append(len(ops.gradient_registry._registry))
+        models.append(weakref.ref(outcome.model))
+        del outcome
+    gc.collect()
+    # Each trial registers its own traced gradients; the next trial's fresh session drops them.
+    assert registry_sizes[1] == registry_sizes[2] == registry_sizes[3], registry_sizes
+    assert all(model() is None for model in models)
