@@ -10,7 +10,7 @@ ifneq ($(wildcard ../shared/data/mnist),)
 export MNIST_SWEEP_DATA ?= $(abspath ../shared/data/mnist)
 endif
 
-.PHONY: sweep test lint ui install install-dev bench-overhead bench-epoch
+.PHONY: sweep test lint ui install install-dev bench-overhead bench-epoch bench-memory bench-search
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,9 @@ bench-overhead: $(VENV)/.installed-dev   ## one trial against raw fit; tracking 
 
 bench-epoch: $(VENV)/.installed-dev      ## epoch time against the arithmetic floor
 	$(BIN)/python bench/epoch.py
+
+bench-memory: $(VENV)/.installed-dev     ## worker RSS after 1 and after 20 trials
+	$(BIN)/python bench/worker_memory.py --trials 20
+
+bench-search: $(VENV)/.installed-dev     ## the default sweep, pruning off, random sampler (hours on 2 cores)
+	$(BIN)/python bench/search.py

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -57,43 +58,88 @@ class EpochClock:
         self.callback = Callback()
 
 
-def fit_variant(split: Any, batch_size: int, compile_kwargs: dict[str, Any], with_sweep_callback: bool) -> EpochClock:
+def fit_variant(split: Any, batch_size: int, variant: Variant) -> EpochClock:
     """Two epochs; the first pays for tracing and XLA compilation, the second is the steady state."""
     import keras
 
     from mnist_sweep.model import build_model, build_optimizer
-    from mnist_sweep.trial import _EpochCallback, fresh_session
+    from mnist_sweep.trial import fresh_session
 
     fresh_session(0)
-    model = build_model(hidden=[500, 500], activation="relu")
-    model.compile(
-        optimizer=build_optimizer(name="adam", learning_rate=1e-3),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        **compile_kwargs,
-    )
-    clock = EpochClock()
-    callbacks: list[keras.callbacks.Callback] = [clock.callback]
-    if with_sweep_callback:
-        callbacks.append(_EpochCallback([]))
-    model.fit(
-        split.x_train,
-        split.y_train,
-        batch_size=batch_size,
-        epochs=2,
-        validation_data=(split.x_val, split.y_val),
-        callbacks=callbacks,
-        verbose=0,
-    )
+    keras.mixed_precision.set_global_policy(variant.policy)
+    try:
+        model = build_model(hidden=[500, 500], activation="relu")
+        model.compile(
+            optimizer=build_optimizer(name="adam", learning_rate=1e-3),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            **variant.compile_kwargs,
+        )
+        clock = EpochClock()
+        callbacks: list[keras.callbacks.Callback] = [clock.callback]
+        if variant.tf_data:
+            import tensorflow as tf
+
+            train = (
+                tf.data.Dataset.from_tensor_slices((split.x_train, split.y_train))
+                .cache()
+                .shuffle(len(split.y_train), seed=0)
+                .batch(batch_size)
+                .prefetch(tf.data.AUTOTUNE)
+            )
+            model.fit(train, epochs=2, validation_data=(split.x_val, split.y_val), callbacks=callbacks, verbose=0)
+        else:
+            model.fit(
+                split.x_train,
+                split.y_train,
+                batch_size=batch_size,
+                epochs=2,
+                validation_data=(split.x_val, split.y_val),
+                callbacks=callbacks,
+                verbose=0,
+            )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     return clock
 
 
-VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
-    "keras default (jit auto = XLA)": ({}, False),
-    "jit_compile=False": ({"jit_compile": False}, False),
-    "steps_per_execution=16": ({"steps_per_execution": 16}, False),
-    "mnist-sweep trial callbacks": ({}, True),
+def fit_trial(split: Any, batch_size: int) -> EpochClock:
+    """The same two epochs through mnist-sweep's own trial (its callbacks and defaults), timed by an epoch hook."""
+    from mnist_sweep.trial import TrainSettings, run_trial
+
+    clock = EpochClock()
+    last = [time.perf_counter()]
+
+    def hook(epoch: int, values: Any) -> None:
+        now = time.perf_counter()
+        clock.seconds.append(now - last[0])
+        clock.val_accuracy.append(float(values["val_accuracy"]))
+        last[0] = now
+
+    settings = TrainSettings(hidden=(500, 500), epochs=2, steps_per_execution=16)
+    run_trial(params={**PARAMS, "batch_size": batch_size}, split=split, settings=settings, seed=0, epoch_hooks=[hook])
+    return clock
+
+
+PARAMS = {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 128, "activation": "relu"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    compile_kwargs: dict[str, Any] = field(default_factory=dict)
+    tf_data: bool = False  # a cached, shuffled, prefetched tf.data pipeline instead of NumPy arrays
+    policy: str = "float32"
+
+
+VARIANTS: dict[str, Variant] = {
+    "keras default (jit auto = XLA)": Variant(),
+    "jit_compile=False": Variant({"jit_compile": False}),
+    "steps_per_execution=16": Variant({"steps_per_execution": 16}),
+    "steps_per_execution=64": Variant({"steps_per_execution": 64}),
+    "tf.data pipeline, steps_per_execution=16": Variant({"steps_per_execution": 16}, tf_data=True),
+    "mixed_bfloat16 (AMX), steps_per_execution=16": Variant({"steps_per_execution": 16}, policy="mixed_bfloat16"),
 }
+TRIAL = "mnist-sweep trial (its defaults: XLA, steps_per_execution=16)"
 
 
 def main() -> None:
@@ -109,9 +155,11 @@ def main() -> None:
     rate = matmul_rate()
     floor = images * TRAIN_FLOP_PER_IMAGE / rate
     rows: list[list[object]] = []
-    run: Callable[[int, str], EpochClock] = lambda bs, name: fit_variant(split, bs, *VARIANTS[name])  # noqa: E731
+    run: Callable[[int, str], EpochClock] = lambda bs, name: (  # noqa: E731
+        fit_trial(split, bs) if name == TRIAL else fit_variant(split, bs, VARIANTS[name])
+    )
     for batch_size in args.batch_sizes:
-        for name in VARIANTS:
+        for name in [*VARIANTS, TRIAL]:
             clock = run(batch_size, name)
             steady = clock.seconds[1]
             rows.append([batch_size, name, clock.seconds[0], steady, steady / floor, clock.val_accuracy[0]])

@@ -169,9 +169,11 @@ class StudyConfig(_Section):
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     direction: Literal["maximize", "minimize"] | None = None
     sampler: Literal["tpe", "random"] = "tpe"
-    pruner: Literal["none", "median"] = "median"
-    pruner_startup_trials: int = Field(default=5, ge=0)
-    pruner_warmup_epochs: int = Field(default=1, ge=0)
+    pruner: Literal["none", "median", "percentile", "successive_halving"] = "median"
+    pruner_startup_trials: int = Field(default=5, ge=0)  # median, percentile: trials before any pruning
+    pruner_warmup_epochs: int = Field(default=1, ge=0)  # epochs before a trial can be pruned (halving: >= 1)
+    pruner_percentile: float = Field(default=25.0, gt=0, lt=100)  # percentile: keep the top P % at each epoch
+    pruner_reduction_factor: int = Field(default=3, ge=2)  # successive_halving: 1 in N goes on at each rung
     seed: int = 42
     storage: str = "sqlite:///mlruns/optuna.db"
     heartbeat_seconds: int = Field(default=60, ge=1)
@@ -192,6 +194,10 @@ class StudyConfig(_Section):
                 f"which is {expected}d; set direction = {expected!r} or leave it out"
             )
         _check_uri("study.storage", self.storage, STORAGE_SCHEMES)
+        if self.pruner == "successive_halving" and self.pruner_warmup_epochs < 1:
+            raise ValueError(
+                "study.pruner_warmup_epochs is the first rung of successive halving and must be >= 1, got 0"
+            )
         return self
 
     @property

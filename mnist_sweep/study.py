@@ -74,8 +74,13 @@ def make_sampler(study: StudyConfig, *, seed_offset: int) -> optuna.samplers.Bas
 def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
     if study.pruner == "none":
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=study.pruner_startup_trials, n_warmup_steps=study.pruner_warmup_epochs
+    if study.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=study.pruner_warmup_epochs, reduction_factor=study.pruner_reduction_factor
+        )
+    percentile = 50.0 if study.pruner == "median" else study.pruner_percentile
+    return optuna.pruners.PercentilePruner(
+        percentile, n_startup_trials=study.pruner_startup_trials, n_warmup_steps=study.pruner_warmup_epochs
     )
 
 

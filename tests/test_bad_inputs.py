@@ -143,6 +143,7 @@ CASES = [
     setting("unknown-activation", 'search.activation=["relu", "relu6"]', "search.activation", "relu6"),
     setting("unknown-sampler", 'study.sampler="grid"'),
     setting("unknown-pruner", 'study.pruner="hyperband"'),
+    setting("percentile-out-of-range", "study.pruner_percentile=0", "study.pruner_percentile", "0"),
     setting("unknown-metric", 'study.metric="val_f1"'),
     setting("unknown-direction", 'study.direction="max"'),
     Bad(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import pytest
 
 from mnist_sweep.config import Choice, ConfigError, Range, build_config, load_sweep
@@ -73,6 +74,9 @@ def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
         ({"study": {"metric": "val_accuracy", "direction": "minimize"}}, "contradicts"),
         ({"study": {"sampler": "grid"}}, "study.sampler"),
         ({"study": {"pruner": "hyperband"}}, "study.pruner"),
+        ({"study": {"pruner_percentile": 100}}, "study.pruner_percentile"),
+        ({"study": {"pruner_reduction_factor": 1}}, "study.pruner_reduction_factor"),
+        ({"study": {"pruner": "successive_halving", "pruner_warmup_epochs": 0}}, "pruner_warmup_epochs"),
         ({"study": {"metric": "accuracy"}}, "study.metric"),
         ({"study": {"name": "a/b"}}, "study.name"),
         ({"search": {"optimizer": []}}, "empty"),
@@ -117,3 +121,28 @@ def test_missing_sweep_file() -> None:
 def test_bad_override_syntax(assignment: str) -> None:
     with pytest.raises(ConfigError, match="--set takes section.key=value"):
         load_sweep(DEFAULT_SWEEP, [assignment])
+
+
+@pytest.mark.parametrize(
+    ("study", "pruner_type", "checks"),
+    [
+        ({"pruner": "none"}, "NopPruner", {}),
+        (
+            {"pruner": "median", "pruner_warmup_epochs": 2},
+            "PercentilePruner",
+            {"_percentile": 50.0, "_n_warmup_steps": 2},
+        ),
+        ({"pruner": "percentile", "pruner_percentile": 25}, "PercentilePruner", {"_percentile": 25.0}),
+        (
+            {"pruner": "successive_halving", "pruner_warmup_epochs": 4, "pruner_reduction_factor": 2},
+            "SuccessiveHalvingPruner",
+            {"_min_resource": 4, "_reduction_factor": 2},
+        ),
+    ],
+)
+def test_pruner_keys_reach_optuna(study: dict[str, object], pruner_type: str, checks: dict[str, object]) -> None:
+    from mnist_sweep.study import make_pruner
+
+    pruner = make_pruner(build_config({"study": study}).study)
+    assert isinstance(pruner, getattr(optuna.pruners, pruner_type))
+    assert {name: getattr(pruner, name) for name in checks} == checks
