@@ -61,6 +61,7 @@ def compiled_model(
     schedule: str = "constant",
     total_steps: int = 1,
     steps_per_execution: int = 1,
+    metrics: Sequence[str | keras.metrics.Metric] = ("accuracy",),
 ) -> keras.Model:
     """A fresh, compiled model for one trial's hyperparameters."""
     model = build_model(
@@ -81,7 +82,7 @@ def compiled_model(
     model.compile(
         optimizer=optimizer,
         loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        metrics=list(metrics),
         steps_per_execution=steps_per_execution,
     )
     return model

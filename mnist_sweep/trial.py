@@ -18,7 +18,7 @@ import numpy as np
 
 from mnist_sweep.data import Split
 from mnist_sweep.interrupt import raise_if_requested
-from mnist_sweep.metrics import ClassificationReport, classification_report, confusion_matrix
+from mnist_sweep.metrics import NUM_CLASSES, ClassificationReport, classification_report
 from mnist_sweep.model import compiled_model
 
 EpochHook = Callable[[int, Mapping[str, float]], None]
@@ -96,6 +96,31 @@ class _EpochCallback(keras.callbacks.Callback):  # type: ignore[misc]
             hook(epoch + 1, values)
 
 
+class ConfusionCounts(keras.metrics.Metric):  # type: ignore[misc]
+    """The confusion matrix (rows true, columns predicted) as a Keras metric.
+
+    Counted during the validation pass fit already makes after every epoch, so a trial needs no extra
+    prediction pass over the validation images for its confusion matrix and per-class metrics.
+    """
+
+    def __init__(self, classes: int = NUM_CLASSES, name: str = "confusion_counts") -> None:
+        super().__init__(name=name)
+        self.classes = classes
+        self.counts = self.add_variable(shape=(classes, classes), initializer="zeros", name="counts")
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        ops = keras.ops
+        true = ops.one_hot(ops.reshape(ops.cast(y_true, "int32"), (-1,)), self.classes)
+        predicted = ops.one_hot(ops.argmax(y_pred, axis=-1), self.classes)
+        self.counts.assign_add(ops.matmul(ops.transpose(true), predicted))  # float32: exact below 2**24
+
+    def result(self) -> Any:
+        return keras.ops.copy(self.counts)  # a tensor, not the variable: logs turn it into NumPy
+
+    def reset_state(self) -> None:
+        self.counts.assign(keras.ops.zeros((self.classes, self.classes)))
+
+
 def _check_finite(name: str, value: float, epoch: int, batch: int | None) -> None:
     if not math.isfinite(value):
         where = f"epoch {epoch}" + (f", batch {batch}" if batch is not None else "")
@@ -169,6 +194,7 @@ def run_trial(
         schedule=settings.lr_schedule,
         total_steps=settings.epochs * steps_per_epoch,
         steps_per_execution=settings.steps_per_execution,
+        metrics=("accuracy", ConfusionCounts()),
     )
     callbacks: list[keras.callbacks.Callback] = [_EpochCallback(epoch_hooks)]
     if settings.early_stopping_patience:
@@ -207,11 +233,12 @@ def _evaluate(
     restored = settings.early_stopping_patience > 0 and epochs_trained > 0
     choose = np.argmax if settings.monitor_maximizes else np.argmin
     best = int(choose(history[settings.monitor])) if restored else epochs_trained - 1
-    probabilities = model.predict(split.x_val, batch_size=2048, verbose=0)
-    report = classification_report(confusion_matrix(split.y_val, np.argmax(probabilities, axis=1)))
+    # The validation pass of the reported epoch counted it; no second pass over the images.
+    matrix = np.rint(np.asarray(history["val_confusion_counts"][best])).astype(np.int64)
+    report = classification_report(matrix)
     return TrialOutcome(
         params=params,
-        history={k: [float(v) for v in values] for k, values in history.items()},
+        history={k: [float(v) for v in values] for k, values in history.items() if k in EPOCH_METRICS},
         epochs_trained=epochs_trained,
         best_epoch=best + 1,
         val_loss=float(history["val_loss"][best]),

@@ -10,6 +10,7 @@ import pytest
 
 from mnist_sweep.config import build_config
 from mnist_sweep.data import Split
+from mnist_sweep.metrics import confusion_matrix
 from mnist_sweep.model import build_model, compiled_model
 from mnist_sweep.space import fixed_params, sample_params, searched_names, to_keras_tuner
 from mnist_sweep.study import PruningHook
@@ -68,6 +69,9 @@ def test_trial_fits_reports_every_epoch_and_measures_validation(split: Split) ->
     # the confusion matrix and Keras agree on the validation accuracy
     assert outcome.val_accuracy == pytest.approx(seen[-1][1]["val_accuracy"], abs=1e-6)
     assert outcome.val_accuracy > 0.5, "the synthetic classes are learnable"
+    # counted during fit's validation pass; the same as predicting the validation images afterwards
+    predicted = np.argmax(outcome.model.predict(split.x_val, verbose=0), axis=1)
+    np.testing.assert_array_equal(outcome.report.matrix, confusion_matrix(split.y_val, predicted))
 
 
 def test_same_seed_same_result(split: Split) -> None:
