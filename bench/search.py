@@ -145,7 +145,7 @@ def main() -> None:
             f"(target ≤ 60 %), best val accuracy {100 * (default['best_val'] - unpruned['best_val']):+.2f} points "
             "(target within 0.1)."
         )
-    body += f" Overrides: {args.overrides or 'none'}. Plot: bench/search.html"
+    body += f"\n\nOverrides: {args.overrides or 'none'}. Plot: bench/search.html"
     record("bench/search: the default sweep, pruning off, random sampler", body)
 
 

@@ -172,6 +172,7 @@ class StudyConfig(_Section):
     pruner: Literal["none", "median", "percentile", "successive_halving"] = "median"
     pruner_startup_trials: int = Field(default=5, ge=0)  # median, percentile: trials before any pruning
     pruner_warmup_epochs: int = Field(default=1, ge=0)  # epochs before a trial can be pruned (halving: >= 1)
+    pruner_interval_epochs: int = Field(default=1, ge=1)  # median, percentile: consider pruning every N epochs
     pruner_percentile: float = Field(default=25.0, gt=0, lt=100)  # percentile: keep the top P % at each epoch
     pruner_reduction_factor: int = Field(default=3, ge=2)  # successive_halving: 1 in N goes on at each rung
     seed: int = 42

@@ -80,7 +80,10 @@ def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
         )
     percentile = 50.0 if study.pruner == "median" else study.pruner_percentile
     return optuna.pruners.PercentilePruner(
-        percentile, n_startup_trials=study.pruner_startup_trials, n_warmup_steps=study.pruner_warmup_epochs
+        percentile,
+        n_startup_trials=study.pruner_startup_trials,
+        n_warmup_steps=study.pruner_warmup_epochs,
+        interval_steps=study.pruner_interval_epochs,
     )
 
 
