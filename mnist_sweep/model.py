@@ -24,7 +24,8 @@ def build_model(
         layers.append(keras.layers.Dense(units, activation=activation, kernel_regularizer=regularizer))
         if dropout > 0:
             layers.append(keras.layers.Dropout(dropout))
-    layers.append(keras.layers.Dense(NUM_CLASSES, activation="softmax"))
+    # float32 softmax even under a mixed-precision policy: stable probabilities and loss.
+    layers.append(keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"))
     return keras.Sequential(layers, name="fcn")
 
 

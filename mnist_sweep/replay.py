@@ -49,6 +49,7 @@ def replay(cfg: SweepConfig, run_id: str, *, echo: Callable[[str], None]) -> int
         monitor=params.get("early_stopping_monitor", "val_loss"),
         lr_schedule=params.get("lr_schedule", "constant"),
         steps_per_execution=int(params.get("steps_per_execution", "1")),
+        precision=params.get("precision", "float32"),
     )
     with sealed_test_set():
         outcome = run_trial(params=hyperparameters(params), split=split, settings=settings, seed=int(params["seed"]))

@@ -272,6 +272,7 @@ class Objective:
             monitor=cfg.study.metric,
             lr_schedule=cfg.train.lr_schedule,
             steps_per_execution=cfg.train.steps_per_execution,
+            precision=cfg.train.precision,
         )
         self.fixed_run_params = {
             "hidden": "-".join(str(h) for h in cfg.model.hidden),
@@ -280,6 +281,7 @@ class Objective:
             "early_stopping_monitor": cfg.study.metric,
             "lr_schedule": cfg.train.lr_schedule,
             "steps_per_execution": cfg.train.steps_per_execution,
+            "precision": cfg.train.precision,
             "data_validation": cfg.data.validation,
             "data_train_limit": cfg.data.train_limit,
             "data_seed": cfg.data.seed,

@@ -6,10 +6,11 @@ that are called after every epoch with the Keras logs, and gets a TrialOutcome b
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ class TrainSettings:
     monitor: str = "val_loss"  # what early stopping watches and which epoch counts as best
     lr_schedule: str = "constant"
     steps_per_execution: int = 1
+    precision: str = "float32"  # a Keras dtype policy: "float32" or "mixed_bfloat16"
 
     @property
     def monitor_maximizes(self) -> bool:
@@ -188,14 +190,15 @@ def run_trial(
     fresh_session(seed)
     batch_size = int(params["batch_size"])
     steps_per_epoch = -(-len(split.y_train) // batch_size)
-    model = compiled_model(
-        dict(params),
-        settings.hidden,
-        schedule=settings.lr_schedule,
-        total_steps=settings.epochs * steps_per_epoch,
-        steps_per_execution=settings.steps_per_execution,
-        metrics=("accuracy", ConfusionCounts()),
-    )
+    with _dtype_policy(settings.precision):  # layers take the policy when built
+        model = compiled_model(
+            dict(params),
+            settings.hidden,
+            schedule=settings.lr_schedule,
+            total_steps=settings.epochs * steps_per_epoch,
+            steps_per_execution=settings.steps_per_execution,
+            metrics=("accuracy", ConfusionCounts()),
+        )
     callbacks: list[keras.callbacks.Callback] = [_EpochCallback(epoch_hooks)]
     if settings.early_stopping_patience:
         callbacks.append(
@@ -218,6 +221,16 @@ def run_trial(
     ).history
     fit_seconds = time.perf_counter() - started
     return _evaluate(model, dict(params), split, history, fit_seconds, settings)
+
+
+@contextlib.contextmanager
+def _dtype_policy(name: str) -> Iterator[None]:
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def _evaluate(

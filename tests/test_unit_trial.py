@@ -172,3 +172,15 @@ def test_trials_leave_no_graphs_behind(split: Split) -> None:
     # Each trial registers its own traced gradients; the next trial's fresh session drops them.
     assert registry_sizes[1] == registry_sizes[2] == registry_sizes[3], registry_sizes
     assert all(model() is None for model in models)
+
+
+def test_mixed_bfloat16_trains_in_bfloat16_with_float32_outputs(split: Split) -> None:
+    import keras
+
+    settings = TrainSettings(hidden=(32,), epochs=1, precision="mixed_bfloat16")
+    outcome = run_trial(params=PARAMS, split=split, settings=settings, seed=0)
+    hidden, output = outcome.model.layers[1], outcome.model.layers[-1]
+    assert (hidden.compute_dtype, hidden.variable_dtype) == ("bfloat16", "float32")
+    assert output.compute_dtype == "float32"
+    assert outcome.val_accuracy > 0.5
+    assert keras.mixed_precision.dtype_policy().name == "float32", "the global policy is restored"
