@@ -98,7 +98,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         xaxis_title="epochs spent (all trials)",
         yaxis_title="best val_accuracy so far",
     )
-    figure.write_html(path, include_plotlyjs=True)
+    figure.write_html(path, include_plotlyjs="cdn")  # a small file to commit; plotly.js comes from its CDN
 
 
 def main() -> None:
@@ -111,7 +111,11 @@ def main() -> None:
         action="append",
         help="run only these variants (0 default, 1 pruning off, 2 random sampler)",
     )
+    parser.add_argument("--replot", action="store_true", help="only redraw bench/search.html from bench/search_runs/")
     args = parser.parse_args()
+    if args.replot:
+        plot(saved_results(skip=set()), REPO / "bench" / "search.html")
+        return
     chosen = [name for index, name in enumerate(VARIANTS) if args.only is None or index in args.only]
     results = []
     with tempfile.TemporaryDirectory() as folder:
