@@ -77,7 +77,10 @@ def read_study(workdir: Path) -> dict[str, Any]:
             best = max(best, max(trial.intermediate_values.values()))
         curve.append((epochs, best))
     result = study.user_attrs["test_result"]
+    chosen = next(t for t in study.trials if t.number == result["trial_number"])
     return {
+        "chosen_trial": {"number": chosen.number, "params": chosen.params, "value": chosen.value},
+        "states": {state: sum(t.state.name == state for t in study.trials) for state in ("COMPLETE", "PRUNED", "FAIL")},
         "epochs": epochs,
         "best_val": best,
         "test": result["test_accuracy"],
