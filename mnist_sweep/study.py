@@ -346,8 +346,7 @@ class Objective:
         trial.set_user_attr("val_accuracy", outcome.val_accuracy)
         trial.set_user_attr("fit_seconds", round(outcome.fit_seconds, 3))
         logging_hook.seconds += time.perf_counter() - started
-        self.tracker.client.log_metric(run_id, "tracking_seconds", logging_hook.seconds)
-        self.tracker.end_trial_run(run_id, state="COMPLETE")
+        self.tracker.end_trial_run(run_id, state="COMPLETE", metrics={"tracking_seconds": logging_hook.seconds})
         return outcome.metric(self.cfg.study.metric)
 
 

@@ -234,27 +234,23 @@ class Tracker:
         return model_uri
 
     def log_report_artifacts(self, run_id: str, report: ClassificationReport, *, prefix: str, title: str) -> None:
-        matrix = report.matrix
-        self.client.log_dict(
-            run_id,
-            {"labels": list(range(matrix.shape[0])), "rows": "true", "columns": "predicted", "counts": matrix.tolist()},
-            f"{prefix}_confusion_matrix.json",
-        )
-        self.client.log_text(run_id, _matrix_csv(matrix), f"{prefix}_confusion_matrix.csv")
-        self.client.log_text(run_id, _csv_text(report.per_class_rows()), f"{prefix}_per_class_metrics.csv")
-        png = confusion_matrix_png(matrix, title=f"{title} confusion matrix")
-        self._log_bytes(run_id, png, f"{prefix}_confusion_matrix.png")
-        self.client.log_text(
-            run_id, confusion_matrix_html(matrix, title=f"{title} confusion matrix"), f"{prefix}_confusion_matrix.html"
-        )
-
-    def _log_bytes(self, run_id: str, payload: bytes, artifact_file: str) -> None:
+        """The confusion matrix (JSON, CSV, PNG, HTML) and the per-class metrics, in one upload."""
         import tempfile
 
+        matrix = report.matrix
+        title = f"{title} confusion matrix"
+        counts = {"labels": list(range(matrix.shape[0])), "rows": "true", "columns": "predicted"}
+        files = {
+            f"{prefix}_confusion_matrix.json": json.dumps({**counts, "counts": matrix.tolist()}).encode(),
+            f"{prefix}_confusion_matrix.csv": _matrix_csv(matrix).encode(),
+            f"{prefix}_per_class_metrics.csv": _csv_text(report.per_class_rows()).encode(),
+            f"{prefix}_confusion_matrix.png": confusion_matrix_png(matrix, title=title),
+            f"{prefix}_confusion_matrix.html": confusion_matrix_html(matrix, title=title).encode(),
+        }
         with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / artifact_file
-            path.write_bytes(payload)
-            self.client.log_artifact(run_id, str(path))
+            for name, payload in files.items():
+                (Path(folder) / name).write_bytes(payload)
+            self.client.log_artifacts(run_id, folder)
 
     def log_model(self, run_id: str, model: keras.Model) -> tuple[str, str]:
         """Log the trained model to the trial's run; returns its MLflow model id and URI."""
@@ -274,14 +270,23 @@ class Tracker:
             )
         return str(info.model_id), str(info.model_uri)
 
-    def end_trial_run(self, run_id: str, *, state: str, message: str = "", pruned_epoch: int | None = None) -> None:
+    def end_trial_run(
+        self,
+        run_id: str,
+        *,
+        state: str,
+        message: str = "",
+        pruned_epoch: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+    ) -> None:
         """Record how the trial ended: COMPLETE, PRUNED (with the epoch) or FAIL (with the error)."""
         tags = [RunTag(STATE_TAG, state)]
         if message:
             tags.append(RunTag("state_reason", message[:4900]))
         if pruned_epoch is not None:
             tags.append(RunTag("pruned_at_epoch", str(pruned_epoch)))
-        self.client.log_batch(run_id, tags=tags)
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, tags=tags, metrics=[Metric(k, v, now, 0) for k, v in (metrics or {}).items()])
         status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}[state]
         self.client.set_terminated(run_id, status=status)
 
