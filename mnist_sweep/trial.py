@@ -220,7 +220,7 @@ def run_trial(
         verbose=0,
     ).history
     fit_seconds = time.perf_counter() - started
-    return _evaluate(model, dict(params), split, history, fit_seconds, settings)
+    return _evaluate(model, dict(params), history, fit_seconds, settings)
 
 
 @contextlib.contextmanager
@@ -236,7 +236,6 @@ def _dtype_policy(name: str) -> Iterator[None]:
 def _evaluate(
     model: keras.Model,
     params: dict[str, Any],
-    split: Split,
     history: Mapping[str, list[float]],
     fit_seconds: float,
     settings: TrainSettings,
