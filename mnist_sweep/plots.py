@@ -133,14 +133,6 @@ def figure_div(figure: go.Figure, *, div_id: str) -> str:
     )
 
 
-def standalone_html(figure: go.Figure, *, title: str) -> str:
-    """One figure as a page that opens offline: plotly.js embedded, nothing fetched."""
-    figure = go.Figure(figure)
-    if not figure.layout.title.text:
-        figure.update_layout(title=title)
-    return str(figure.to_html(full_html=True, include_plotlyjs=True, config=PLOT_CONFIG))
-
-
 def plotly_js() -> str:
     """plotly.js itself, for a page's one <script> (the same bundle `include_plotlyjs=True` embeds)."""
     from plotly.offline import get_plotlyjs

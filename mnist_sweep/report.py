@@ -1,4 +1,4 @@
-"""The held-out test report: reports/<study>/report.html, report.md, test_metrics.json, leaderboard.csv, plots/.
+"""The held-out test report: reports/<study>/report.html, report.md, test_metrics.json, leaderboard.csv.
 
 Everything comes from what the sweep recorded (the study's trials, its stored test result, the trial runs'
 metrics in MLflow): writing the report never reads a test image.
@@ -254,7 +254,7 @@ def render_markdown(result: dict[str, Any] | None, summary: dict[str, Any]) -> s
         "",
         f"- trials: {_state_line(summary)}",
         f"- time in trials: {summary['total_trial_seconds']} s (mean {summary['mean_trial_seconds']} s per trial)",
-        "- plots: report.html, and one page each in plots/",
+        "- plots: report.html (one page, opens offline)",
         "",
         "### Top trials",
         "",
@@ -419,7 +419,11 @@ def write_report(
     metric: str,
     run_metrics: Mapping[str, Mapping[str, float]],
 ) -> list[Path]:
-    """report.html, report.md, test_metrics.json, leaderboard.csv and plots/<plot>.html; returns them."""
+    """report.html, report.md, test_metrics.json and leaderboard.csv; returns them.
+
+    Every plot is drawn in report.html alone, which carries the one copy of plotly.js (4.6 MB): a page per
+    plot had to embed its own copy to open offline and in MLflow's sandboxed artifact view (~28 MB a study).
+    """
     rows = leaderboard_rows(study, run_metrics)
     summary = study_summary(study, rows)
     sweep_plots = plots.sweep_plots(study, metric=metric)
@@ -432,14 +436,6 @@ def write_report(
         ),
         "leaderboard.csv": leaderboard_table(rows, sort=metric).to_csv(index=False),
     }
-    # One page per sweep plot, so MLflow's artifact view shows each on its own.
-    written.update(
-        {
-            f"plots/{p.key}.html": plots.standalone_html(p.figure, title=p.title)
-            for p in sweep_plots
-            if p.figure is not None
-        }
-    )
     paths = []
     for name, text in written.items():
         path = folder / name
