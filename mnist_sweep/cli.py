@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     trials.add_argument("--sort", metavar="METRIC", help="sort by this column (default: study.metric, best first)")
     ui = command("ui", "serve the MLflow UI on the sweep's tracking store at 127.0.0.1 until Ctrl-C")
     ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    dashboard = command("dashboard", "serve optuna-dashboard on the study's Optuna storage at 127.0.0.1 until Ctrl-C")
+    dashboard.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
     replay = command("replay", "retrain one trial from its MLflow run and compare with its logged metrics")
     replay.add_argument("run_id", metavar="RUN_ID", help="the trial's MLflow run id")
     return parser
@@ -87,6 +89,10 @@ def _validate(cfg: SweepConfig) -> int:
 def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
     if args.command == "validate":
         return _validate(cfg)
+    if args.command in ("ui", "dashboard"):
+        from mnist_sweep.ui import check_port
+
+        check_port(args.port)
     from mnist_sweep import preflight
 
     if args.command != "replay":  # replay writes nothing
@@ -94,7 +100,7 @@ def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
         preflight.check_inputs(
             cfg,
             training=args.command in ("run", "worker"),
-            needs_data=args.command in ("run", "worker", "finalize"),  # report, trials, ui read records only
+            needs_data=args.command in ("run", "worker", "finalize"),  # report, trials, ui, dashboard only read
         )
     _quiet_libraries()
     if args.command == "replay":
@@ -115,6 +121,8 @@ def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
         return sweep.trials(cfg, echo=_echo, csv_file=args.csv, sort=args.sort)
     if args.command == "ui":
         return sweep.ui(cfg, echo=_echo, port=args.port)
+    if args.command == "dashboard":
+        return sweep.dashboard(cfg, echo=_echo, port=args.port)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
@@ -155,8 +163,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: one line, exit 2."""
     from mnist_sweep.data import DataError
     from mnist_sweep.preflight import PreflightError
+    from mnist_sweep.ui import ServeError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, PreflightError]
+    errors: list[type[BaseException]] = [ConfigError, DataError, PreflightError, ServeError]
     if "mnist_sweep.tracking" in sys.modules:  # these modules are heavy: only the commands that ran them
         from mnist_sweep.final import FinalizeError
         from mnist_sweep.study import StorageError, StudyMismatchError

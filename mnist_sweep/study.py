@@ -114,6 +114,9 @@ def open_study(
             load_if_exists=False,
         )
         created = True
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and still so in 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([cfg.study.metric])  # optuna-dashboard's axes name the metric
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=cfg.study.name, storage=storage, sampler=sampler, pruner=pruner)
     stored = study.direction.name.lower()

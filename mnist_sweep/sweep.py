@@ -1,4 +1,4 @@
-"""The top-level flows, each a straight line: run, worker, finalize, report, trials, ui."""
+"""The top-level flows, each a straight line: run, worker, finalize, report, trials, ui, dashboard."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from mnist_sweep.study import (
     worker_salt,
 )
 from mnist_sweep.tracking import Tracker, recorded_trial_metrics, serve_ui
+from mnist_sweep.ui import serve_dashboard
 
 Echo = Callable[[str], None]
 
@@ -213,4 +214,11 @@ def ui(cfg: SweepConfig, *, echo: Echo, port: int) -> int:
     """The MLflow UI on the sweep's tracking store, bound to 127.0.0.1, until Ctrl-C."""
     _recorded_study(cfg)
     serve_ui(uri=cfg.tracking.uri, artifacts=cfg.tracking.artifacts, experiment=cfg.study.name, port=port, echo=echo)
+    return 0
+
+
+def dashboard(cfg: SweepConfig, *, echo: Echo, port: int) -> int:
+    """optuna-dashboard on the sweep's Optuna storage, bound to 127.0.0.1, until Ctrl-C."""
+    _recorded_study(cfg)
+    serve_dashboard(storage=make_storage(cfg.study), study_name=cfg.study.name, port=port, echo=echo)
     return 0
