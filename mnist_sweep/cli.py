@@ -110,9 +110,9 @@ def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
     from mnist_sweep import sweep
 
     if args.command == "run":
-        return sweep.run(cfg, echo=_echo, finalize=True)
+        return sweep.run(cfg, echo=_echo, finalize=True, sweep_file=args.sweep)
     if args.command == "worker":
-        return sweep.run(cfg, echo=_echo, finalize=False, as_worker=True)
+        return sweep.run(cfg, echo=_echo, finalize=False, as_worker=True, sweep_file=args.sweep)
     if args.command == "finalize":
         return sweep.finalize(cfg, echo=_echo, reclaim=args.reclaim)
     if args.command == "report":

@@ -14,6 +14,7 @@ from mnist_sweep.data import DataSource, Split, check_test_split_present, load_s
 from mnist_sweep.databases import sqlite_file
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
 from mnist_sweep.report import leaderboard_rows, leaderboard_table, write_report
+from mnist_sweep.space import searched_names
 from mnist_sweep.study import (
     PARENT_RUN_ATTR,
     Objective,
@@ -26,8 +27,8 @@ from mnist_sweep.study import (
     wait_for_running_trials,
     worker_salt,
 )
-from mnist_sweep.tracking import Tracker, recorded_trial_metrics, serve_ui
-from mnist_sweep.ui import serve_dashboard
+from mnist_sweep.tracking import Tracker, recorded_trial_metrics
+from mnist_sweep.ui import serve_dashboard, serve_mlflow_ui
 
 Echo = Callable[[str], None]
 
@@ -61,7 +62,7 @@ def make_tracker(cfg: SweepConfig) -> Tracker:
     )
 
 
-def run(cfg: SweepConfig, *, echo: Echo, finalize: bool, as_worker: bool = False) -> int:
+def run(cfg: SweepConfig, *, echo: Echo, finalize: bool, as_worker: bool = False, sweep_file: str = "") -> int:
     """Join or create the study, run trials until study.trials are finished, then (run) finalize."""
     source, split = prepare_data(cfg)
     preflight.check_all(cfg)
@@ -72,6 +73,7 @@ def run(cfg: SweepConfig, *, echo: Echo, finalize: bool, as_worker: bool = False
     tracker = make_tracker(cfg)
     study, created = open_study(cfg, storage, worker_salt=worker_salt() if as_worker else 0)
     parent = parent_run_id(study, tracker, created=created, config=cfg.to_dict())
+    tracker.describe_run(parent, study_description(cfg, sweep_file=sweep_file))
     echo(
         f"study {cfg.study.name!r}: {count_finished(study)}/{cfg.study.trials} trials finished; "
         f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {parent}"
@@ -89,6 +91,23 @@ def run(cfg: SweepConfig, *, echo: Echo, finalize: bool, as_worker: bool = False
     if finalize:
         _finalize(cfg, study, storage, tracker, parent, source, echo=echo, reclaim=False)
     return 0
+
+
+def study_description(cfg: SweepConfig, *, sweep_file: str = "") -> str:
+    """What the study is, for its parent run's description in the MLflow UI (Markdown)."""
+    study, searched = cfg.study, ", ".join(f"`{name}`" for name in searched_names(cfg.search))
+    source = f" from `{sweep_file}`" if sweep_file else ""
+    hidden = "-".join(str(units) for units in cfg.model.hidden)
+    return (
+        f"Optuna study **{study.name}**{source}: {study.trials} trials of the MNIST fully connected network "
+        f"(hidden layers {hidden}, up to {cfg.train.epochs} epochs), {study.sampler} sampler, "
+        f"{study.pruner} pruner.\n\n"
+        f"Searched: {searched or 'nothing (every hyperparameter fixed)'}. The trial with the best `{study.metric}` "
+        f"({study.goal}) on the validation split is chosen, and its model is scored once on the held-out test set "
+        "(the `test_*` metrics of this run, and `report/report.html`).\n\n"
+        "Each trial is a child run `trial-NNNN`: compare them by the columns `final_val_accuracy`, `final_val_loss` "
+        "and the searched params."
+    )
 
 
 def _already_scored(cfg: SweepConfig, study: optuna.Study, echo: Echo) -> int:
@@ -213,7 +232,8 @@ def trials(cfg: SweepConfig, *, echo: Echo, csv_file: str | None, sort: str | No
 def ui(cfg: SweepConfig, *, echo: Echo, port: int) -> int:
     """The MLflow UI on the sweep's tracking store, bound to 127.0.0.1, until Ctrl-C."""
     _recorded_study(cfg)
-    serve_ui(uri=cfg.tracking.uri, artifacts=cfg.tracking.artifacts, experiment=cfg.study.name, port=port, echo=echo)
+    tracking = cfg.tracking
+    serve_mlflow_ui(uri=tracking.uri, artifacts=tracking.artifacts, experiment=cfg.study.name, port=port, echo=echo)
     return 0
 
 

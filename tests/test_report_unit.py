@@ -96,7 +96,8 @@ def test_report_without_a_test_score_says_so(tmp_path: Path) -> None:
     assert "not enough trials: 1 complete, 2 needed" in page
     assert NOT_SCORED in (tmp_path / "report.md").read_text(encoding="utf-8")
     assert json.loads((tmp_path / "test_metrics.json").read_text(encoding="utf-8"))["test_set_scored"] is False
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["leaderboard.csv", "report.html", "report.md", "test_metrics.json"]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["leaderboard.csv", "report.html", "report.md", "test_metrics.json"]
 
 
 def test_a_report_carries_plotly_js_once_and_stays_light(tmp_path: Path) -> None:
