@@ -10,7 +10,7 @@ ifneq ($(wildcard ../shared/data/mnist),)
 export MNIST_SWEEP_DATA ?= $(abspath ../shared/data/mnist)
 endif
 
-.PHONY: sweep test lint ui install install-dev bench-overhead bench-epoch bench-memory bench-search
+.PHONY: sweep test lint ui dashboard install install-dev bench-overhead bench-epoch bench-memory bench-search
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,12 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check mnist_sweep tests bench
 	$(BIN)/mypy
 
-ui: $(VENV)/.installed               ## the MLflow UI on the default local store
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts --host 127.0.0.1
+ui: $(VENV)/.installed               ## the MLflow UI on the sweep's runs table, at 127.0.0.1:5000
+	$(BIN)/mnist-sweep ui $(SWEEP) $(ARGS)
+
+dashboard: $(VENV)/.installed        ## optuna-dashboard on the sweep's study, at 127.0.0.1:8080
+	$(BIN)/python -m pip install -q -e ".[dashboard]"
+	$(BIN)/mnist-sweep dashboard $(SWEEP) $(ARGS)
 
 bench-overhead: $(VENV)/.installed-dev   ## one trial against raw fit; tracking and start-up times
 	$(BIN)/python bench/overhead.py
