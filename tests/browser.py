@@ -30,6 +30,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 STOP_SECONDS = 60
+DASHBOARD_MISSING = "optuna-dashboard is not installed: pip install -e '.[dashboard]' (make install-dev does)"
 
 
 @contextlib.contextmanager

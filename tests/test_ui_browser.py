@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.browser import Served, chromium_page, free_port, nothing_listens, serving
+from tests.browser import DASHBOARD_MISSING, Served, chromium_page, free_port, nothing_listens, serving
 from tests.conftest import CLI, DEFAULT_SWEEP, cli, cli_environment, mnist_location, small_sweep_args
+
+pytestmark = pytest.mark.slow  # each test starts the real CLI (TensorFlow and MLflow imports)
 
 SWEEP = str(DEFAULT_SWEEP)
 TRIALS = 4
@@ -50,25 +54,39 @@ class Study:
         return f"{self.origin}/#/experiments/{self.experiment.experiment_id}/{route}?workflowType=machine_learning"
 
 
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """A folder where `mnist-sweep run` finished, and the MNIST folder it read."""
+
+    folder: Path
+    data: Path
+
+
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Study]:
-    """One tiny real sweep (4 trials, 1 epoch), served by `mnist-sweep ui` for every test here, then Ctrl-C."""
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
+    """One tiny real sweep (4 trials, 1 epoch), shared by every test here."""
     data = mnist_location()
     if data is None:
         pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
     folder = tmp_path_factory.mktemp("ui")
     done = cli("run", SWEEP, *small_sweep_args(trials=TRIALS, train_limit=1000, validation=500), cwd=folder, data=data)
     assert done.returncode == 0, done.stderr[-3000:]
+    return Finished(folder, data)
+
+
+@pytest.fixture(scope="module")
+def study(finished: Finished) -> Iterator[Study]:
+    """The finished sweep served by `mnist-sweep ui` for the MLflow tests, then stopped with Ctrl-C."""
     command = [*CLI, "ui", SWEEP, "--port", str(free_port())]
     with serving(
         command,
-        cwd=folder,
-        env=cli_environment(data),
+        cwd=finished.folder,
+        env=cli_environment(finished.data),
         needle="MLflow UI for study 'fcn'",
         goodbye="MLflow UI stopped",
-        log=folder / "ui.log",
+        log=finished.folder / "ui.log",
     ) as served:
-        yield Study(folder, served)
+        yield Study(finished.folder, served)
     assert served.exit_code == 0 and nothing_listens(served.url)  # Ctrl-C stopped MLflow's server too
 
 
@@ -183,6 +201,50 @@ def test_the_models_tab_lists_every_complete_trials_model(study: Study, browser:
     assert all(run.data.tags["trial_state"] == "COMPLETE" for run in study.trials)
 
 
+# --------------------------------------------------------------------------- optuna-dashboard
+
+
+def test_the_dashboard_shows_the_study_and_each_trial(finished: Finished, tmp_path: Path) -> None:
+    pytest.importorskip("optuna_dashboard", reason=DASHBOARD_MISSING)
+    trials = optuna.load_study(study_name="fcn", storage=f"sqlite:///{finished.folder}/mlruns/optuna.db")
+    port = free_port()
+    origin = f"http://127.0.0.1:{port}"
+    with (
+        serving(
+            [*CLI, "dashboard", SWEEP, "--port", str(port)],
+            cwd=finished.folder,
+            env=cli_environment(finished.data),
+            needle="optuna-dashboard for study 'fcn'",
+            goodbye="optuna-dashboard stopped",
+            log=tmp_path / "dashboard.log",
+        ) as served,
+        chromium_page(allow=origin) as (page, problems),
+    ):
+        page.goto(served.url)
+        page.get_by_text(f"fcn (id={trials._study_id})").first.wait_for(timeout=60_000)
+        best = page.get_by_text("Best Trial (number=").inner_text()
+        axis_named = page.get_by_text("val_accuracy").count() > 0  # the metric's name, not "Objective 0"
+        page.screenshot(path=tmp_path / "dashboard-study.png")
+        page.goto(served.url + "/trials")
+        page.get_by_text(f"{len(trials.trials)} Trials").wait_for(timeout=60_000)
+        shown = {}
+        for trial in trials.trials:
+            page.get_by_text(f"Trial {trial.number}", exact=True).first.click()
+            page.get_by_text(f"Trial {trial.number} (trial_id=").wait_for()
+            shown[trial.number] = page.inner_text("body")
+        page.screenshot(path=tmp_path / "dashboard-trials.png")
+    assert problems == []
+    assert served.url.startswith(f"{origin}/dashboard/studies/")
+    assert best == f"Best Trial (number={trials.best_trial.number})"
+    assert axis_named
+    assert len(shown) == TRIALS
+    for trial in trials.trials:
+        assert trial.state.name.title() in shown[trial.number]  # "Complete"
+        for name, value in trial.params.items():
+            assert f"{name} {value}" in shown[trial.number]
+    assert served.exit_code == 0 and nothing_listens(served.url)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -200,3 +262,11 @@ def test_a_port_outside_1_to_65535_exits_2_with_one_line(command: str, port: str
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f"mnist-sweep: --port must be a TCP port from 1 to 65535, got {port}"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ui_on_a_port_in_use_exits_2_naming_it(study: Study) -> None:
+    port = study.origin.rsplit(":", 1)[1]  # the fixture's UI holds it
+    done = cli("ui", SWEEP, "--port", port, cwd=study.folder, data=study.folder, timeout=300)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("mnist-sweep:")]
+    assert errors == [f"mnist-sweep: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)"]
