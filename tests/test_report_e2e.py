@@ -111,11 +111,11 @@ def test_a_study_writes_plotly_js_once_and_its_report_stays_light(sweep: Sweep) 
     client = sweep.mlflow()
     parent = client.search_runs([sweep.experiment_id()], "tags.`mnist_sweep.role` = 'study'")[0]
     logged = Path(urlparse(parent.info.artifact_uri).path) / "report"
-    bundle = plots.plotly_js()
+    packed = plots.plotly_js_packed().encode()
     for folder in (sweep.reports, logged):  # the report folder, and its copy in the parent run
         files = [p for p in folder.rglob("*") if p.is_file()]
-        assert sum(p.read_bytes().count(bundle.encode()) for p in files) == 1
-        assert sum(p.stat().st_size for p in files) <= 6_000_000
+        assert sum(p.read_bytes().count(packed) for p in files) == 1
+        assert sum(p.stat().st_size for p in files) <= 3_000_000  # both: <= 6 MB a study
 
 
 def test_trial_confusion_matrix_page_shows_counts_and_row_shares(sweep: Sweep) -> None:

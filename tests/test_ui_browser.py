@@ -201,6 +201,19 @@ def test_the_models_tab_lists_every_complete_trials_model(study: Study, browser:
     assert all(run.data.tags["trial_state"] == "COMPLETE" for run in study.trials)
 
 
+def test_the_report_draws_every_plot_in_the_study_runs_artifact_view(study: Study, browser: Any) -> None:
+    browser.goto(study.page_url(f"runs/{study.parent.info.run_id}/artifacts/report/report.html"))
+    browser.locator("iframe").first.wait_for(timeout=90_000)
+    frame = browser.frame_locator("iframe").first  # MLflow shows HTML in a sandboxed frame: no shared files
+    frame.locator("#test-accuracy").wait_for(timeout=60_000)
+    drawn = "figure.plot:has(svg.main-svg), figure.plot:has(canvas)"
+    frame.locator(f"{drawn} >> nth=6").wait_for(timeout=60_000)
+    plots = frame.locator("figure.plot").count()
+    accuracy = frame.locator("#test-accuracy").inner_text()
+    assert plots == frame.locator(drawn).count() == 7  # two confusion heatmaps and five sweep plots
+    assert accuracy == f"{study.parent.data.metrics['test_accuracy']:.4f}"
+
+
 # --------------------------------------------------------------------------- optuna-dashboard
 
 
