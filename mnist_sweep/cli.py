@@ -126,8 +126,10 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
+    from mnist_sweep.environment import prepare_backend
+
     with _native_stderr_silenced():  # TensorFlow's C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL
-        import keras  # noqa: F401
+        prepare_backend()  # imports Keras: GPUs shared, TensorFlow hidden under another backend
     import mlflow  # noqa: F401  # configures its loggers on import, so quiet them afterwards
     import optuna
 

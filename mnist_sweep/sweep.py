@@ -12,6 +12,7 @@ from mnist_sweep import preflight
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.data import DataSource, Split, check_test_split_present, load_split, resolve_source
 from mnist_sweep.databases import sqlite_file
+from mnist_sweep.environment import device_line, gpus
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
 from mnist_sweep.report import leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.study import (
@@ -71,6 +72,7 @@ def run(cfg: SweepConfig, *, echo: Echo, finalize: bool, as_worker: bool = False
     tracker = make_tracker(cfg)
     study, created = open_study(cfg, storage, worker_salt=worker_salt() if as_worker else 0)
     parent = parent_run_id(study, tracker, created=created, config=cfg.to_dict())
+    echo(device_line(gpus()))
     echo(
         f"study {cfg.study.name!r}: {count_finished(study)}/{cfg.study.trials} trials finished; "
         f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {parent}"
