@@ -8,8 +8,6 @@ that trains with another backend.
 from __future__ import annotations
 
 import contextlib
-import importlib.abc
-import importlib.machinery
 import json
 import os
 import platform
@@ -57,20 +55,6 @@ def keras_backend() -> str:
     return str(configured or "tensorflow")
 
 
-class _TensorFlowHidden(importlib.abc.MetaPathFinder):
-    """Makes `import tensorflow` fail as it does where TensorFlow is not installed."""
-
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
-
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None = None, target: object = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if fullname == "tensorflow" or fullname.startswith("tensorflow."):
-            raise ModuleNotFoundError(f"TensorFlow is not used with KERAS_BACKEND={self.backend}", name=fullname)
-        return None
-
-
 def prepare_backend() -> str:
     """Set the process up for its Keras backend before Keras is imported; returns the backend's name.
 
@@ -83,9 +67,10 @@ def prepare_backend() -> str:
     """
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     backend = keras_backend()
-    hidden = any(isinstance(finder, _TensorFlowHidden) for finder in sys.meta_path)
-    if backend != "tensorflow" and "tensorflow" not in sys.modules and not hidden:
-        sys.meta_path.insert(0, _TensorFlowHidden(backend))
+    if backend != "tensorflow":
+        # Python's own way to make a module absent: `import` raises ModuleNotFoundError and
+        # importlib.util.find_spec answers None, as where it is not installed.
+        sys.modules.setdefault("tensorflow", None)  # type: ignore[arg-type]
     import keras
 
     backend = str(keras.backend.backend())
