@@ -66,6 +66,7 @@ def prepare_backend() -> str:
       memory and CUDA start-up noise. Hidden, this process runs exactly as on a machine without it.
     """
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # as set_memory_growth, for every GPU
     backend = keras_backend()
     if backend != "tensorflow":
         # Python's own way to make a module absent: `import` raises ModuleNotFoundError and

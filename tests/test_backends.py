@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from importlib.metadata import version
@@ -69,6 +70,10 @@ def check_recorded(workdir: Path, backend: str, trials: int) -> None:
     (parent,) = [r for r in runs if r.data.tags.get("mnist_sweep.role") == "study"]
     assert parent.data.tags["test_set_scored"] == "true"
     assert 0.3 < parent.data.metrics["test_accuracy"] <= 1.0
+    scored_on = json.loads((workdir / "reports" / "fcn" / "test_metrics.json").read_text())["environment"]
+    assert scored_on["keras_backend"] == backend and scored_on[backend] == version(backend)
+    assert scored_on["device"] == children[0].data.tags[DEVICE_TAG]
+    assert f"keras_backend={backend}" in (workdir / "reports" / "fcn" / "report.md").read_text()
     study = optuna.load_study(study_name="fcn", storage=f"sqlite:///{workdir / 'mlruns' / 'optuna.db'}")
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == trials
 
