@@ -18,6 +18,11 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def python_path() -> str:
+    """PYTHONPATH for a child process: this checkout first, then whatever the parent had (carried wheels)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def machine() -> str:
     """Cores, CPU model, device and Keras backend, as one line."""
     from mnist_sweep.environment import cpu_model, device, keras_backend

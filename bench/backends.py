@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 
-from _common import REPO, data_dir, default_trial_epochs, load_average, record, table
+from _common import data_dir, default_trial_epochs, load_average, python_path, record, table
 
 BACKENDS = ("tensorflow", "jax", "torch")
 
@@ -24,7 +24,7 @@ BACKENDS = ("tensorflow", "jax", "torch")
 def measure(backend: str, *, epochs: int, batch_size: int) -> dict[str, object]:
     """One child process with KERAS_BACKEND=backend; its JSON line, or why it could not run."""
     command = [sys.executable, __file__, "--child", "--epochs", str(epochs), "--batch-size", str(batch_size)]
-    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": python_path()}
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
