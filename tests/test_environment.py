@@ -128,3 +128,25 @@ def test_bench_gpu_without_a_gpu_says_so_and_records_nothing(backend: str) -> No
     assert done.stdout.startswith(f"bench/gpu: no GPU found (Keras backend {backend}, CUDA_VISIBLE_DEVICES=''")
     assert "nothing measured, nothing recorded" in done.stdout and done.stdout.count("\n") == 1
     assert (results.read_bytes() if results.exists() else None) == before
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_every_step_on_the_cpu_when_asked_and_records_nothing(mnist_dir: Path) -> None:
+    backend = "jax" if importlib.util.find_spec("jax") is not None else "tensorflow"  # the GPU machines' backend
+    results = REPO / "bench" / "RESULTS.md"
+    before = results.read_bytes()
+    small = ["--batch-sizes", "256", "--epochs", "2", "--workers", "2", "--worker-epochs", "1"]
+    small += ["--trials-per-worker", "1", "--train-limit", "500", "--check-on-cpu"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu.py"), *small],
+        env={**cli_environment(mnist_dir), "KERAS_BACKEND": backend, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "NOT recorded (no GPU)" in done.stdout
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith("| 2 |")]
+    assert row.startswith("| 2 | 2 |"), row  # both workers finished their trial, on the CPU, and say so
+    assert row.endswith(f"ran on CPU: {environment.cpu_model()} |")
+    assert results.read_bytes() == before
