@@ -30,8 +30,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.compose_native import NativeService, Translation, load_compose, native_service
-from tests.conftest import _free_port, _postgres_bin
+from tests.compose_native import DOCKER, NativeService, Translation, load_compose, native_service
+from tests.conftest import REPO, _free_port, _postgres_bin, mnist_location
 from tests.stores import assert_nothing_running, assert_runs_linked, parent_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -54,16 +54,20 @@ def postgres_as_the_image_starts_it(service: Mapping[str, Any]) -> Iterator[tupl
         pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); .ci/run installs it")
     env = service["environment"]
     user, password, database = env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]
-    folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-compose-pg-"))  # pytest's tmp is closed to 'postgres'
     as_user: list[str] = []
+    owner = None
     if os.geteuid() == 0:  # postgres refuses root: the Debian package's 'postgres' user runs it
-        owner = pwd.getpwnam("postgres")
-        os.chown(folder, owner.pw_uid, owner.pw_gid)
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
         as_user = ["runuser", "-u", "postgres", "--"]
+    folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-compose-pg-"))  # pytest's tmp is closed to 'postgres'
     password_file = folder / "password"
     password_file.write_text(password, encoding="utf-8")
-    if as_user:
-        os.chown(password_file, pwd.getpwnam("postgres").pw_uid, -1)
+    if owner is not None:
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+        os.chown(password_file, owner.pw_uid, owner.pw_gid)
     data, port = folder / "data", _free_port()
 
     def pg(*args: str) -> None:
@@ -71,10 +75,14 @@ def postgres_as_the_image_starts_it(service: Mapping[str, Any]) -> Iterator[tupl
         assert done.returncode == 0, f"{args[0]}: {done.stderr.strip()}"
 
     initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", user, f"--pwfile={password_file}", "--no-sync"]
-    pg(*initdb, "--auth-host=scram-sha-256", "--auth-local=trust")
-    password_file.unlink()
     options = f"-h 127.0.0.1 -p {port} -k {folder} -F"
-    pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
+    try:
+        pg(*initdb, "--auth-host=scram-sha-256", "--auth-local=trust")
+        password_file.unlink()
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     try:
         client = {**os.environ, "PGPASSWORD": password, "PGHOST": "127.0.0.1", "PGPORT": str(port)}
         psql = [str(bin_dir / "psql"), "-v", "ON_ERROR_STOP=1", "--username", user]
@@ -82,7 +90,7 @@ def postgres_as_the_image_starts_it(service: Mapping[str, Any]) -> Iterator[tupl
         for volume in service.get("volumes", []):
             source, target = volume.split(":")[:2]
             if target.startswith("/docker-entrypoint-initdb.d/") and target.endswith(".sql"):
-                script = (Path(__file__).resolve().parents[1] / "docker" / source).resolve()
+                script = (DOCKER / source).resolve()  # a bind mount's source is relative to compose.yaml
                 subprocess.run([*psql, "--dbname", database, "-f", str(script)], env=client, check=True)
         yield port, bin_dir
     finally:
@@ -124,8 +132,8 @@ def start(service: NativeService, log: Path) -> subprocess.Popen[bytes]:
 def stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
+        try:  # uvicorn waits for keep-alive connections (this test's MlflowClient) before it exits
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
@@ -171,14 +179,12 @@ class Topology:
             "PATH": os.environ["PATH"],
             "HOME": str(home),
             "LANG": "C.UTF-8",
-            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            "PYTHONPATH": str(REPO),
         }
 
 
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Topology, int, int]]:
-    from tests.conftest import mnist_location
-
     mnist = mnist_location()
     if mnist is None:
         pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
@@ -199,6 +205,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Topolog
             server_flags={"--host": "127.0.0.1", "--port": str(mlflow_port)},
         )
         mlflow_process = start(server, top.folder / "mlflow.log")
+        processes: list[tuple[NativeService, subprocess.Popen[str]]] = []
         try:
             check = [
                 sys.executable if arg == "python" else arg.replace("127.0.0.1:5000", f"127.0.0.1:{mlflow_port}")
@@ -211,20 +218,18 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Topolog
                 )
                 for name, label in (("worker", "worker-1"), ("worker", "worker-2"), ("finalize", "finalize"))
             ]
-            processes = [
-                (
-                    s,
-                    subprocess.Popen(
-                        s.argv, cwd=s.cwd, env=s.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-                    ),
-                )
-                for s in sweepers
-            ]
+            for s in sweepers:
+                pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+                processes.append((s, subprocess.Popen(s.argv, cwd=s.cwd, env=s.env, **pipes)))  # type: ignore[call-overload]
             for sweeper, process in processes:
                 out, err = process.communicate(timeout=900)
                 top.outputs[sweeper.cwd.name] = (process.returncode, out, err)
             yield top, pg_port, mlflow_port
         finally:
+            for _, process in processes:  # only after a failure or a timeout are any still running
+                if process.poll() is None:
+                    process.kill()
+                    process.communicate()
             stop(mlflow_process)
 
 
