@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -169,7 +170,11 @@ def _quiet_libraries(*, verbose: bool) -> None:
     import warnings
 
     with _native_stderr_silenced():  # TensorFlow's C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL
-        import keras  # noqa: F401
+        import keras
+
+        if keras.backend.backend() != "tensorflow" and importlib.util.find_spec("tensorflow"):
+            # Keras' data adapters import it during the first fit on every backend: import it here, silenced.
+            import tensorflow  # noqa: F401
     import mlflow  # noqa: F401  # configures its loggers on import, so quiet them afterwards
     import optuna
 

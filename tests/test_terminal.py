@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.metadata
+import importlib.util
 import io
 import os
 import pty
@@ -127,9 +129,7 @@ def test_help_is_written_for_users_and_version_is_the_package_version(tmp_path: 
     assert "map errors to exit codes" not in shown.stdout  # the developers' docstring is not the help
     version = subprocess.run(cli_command("--version"), capture_output=True, text=True, env=env, timeout=60)
     assert version.returncode == 0 and version.stdout == f"mnist-sweep {__version__}\n"
-    import importlib.metadata
-
-    assert __version__ == importlib.metadata.version("mnist-sweep")
+    assert __version__ == importlib.metadata.version("mnist-sweep")  # pyproject.toml says the same
 
 
 # ---- slow: the real CLI --------------------------------------------------------------------------------
@@ -334,8 +334,19 @@ def test_shell_pipelines_into_head_and_true_print_no_traceback(run_into_head: Pi
 
 
 @pytest.mark.slow
-def test_quiet_prints_only_the_final_result(tmp_path: Path, data: Path) -> None:
-    done = cli("run", str(DEFAULT_SWEEP), *small_sweep_args(trials=1), "--quiet", cwd=tmp_path, data=data)
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_quiet_prints_only_the_final_result(tmp_path: Path, data: Path, backend: str) -> None:
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"Keras backend {backend} is not installed")
+    done = cli(
+        "run",
+        str(DEFAULT_SWEEP),
+        *small_sweep_args(trials=1),
+        "--quiet",
+        cwd=tmp_path,
+        data=data,
+        env={"KERAS_BACKEND": backend},  # on JAX, Keras imports TensorFlow later, during the first fit
+    )
     assert done.returncode == 0, done.stderr
     assert re.fullmatch(r"test accuracy 0\.\d{4} \(95% CI [^\n]*, scored [^\n]*\n", done.stdout), done.stdout
     assert_no_native_noise(done.stderr)
