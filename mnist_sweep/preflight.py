@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.data import check_test_split_present, load_split, resolve_source
+from mnist_sweep.locations import local_artifact_folder
 
 
 class PreflightError(RuntimeError):
@@ -76,8 +77,9 @@ def check_all(cfg: SweepConfig) -> None:
         check_creatable("tracking.uri", tracking.uri, Path(tracking.uri.removeprefix("file://")))
     else:
         check_database("tracking.uri", tracking.uri)
-    if "://" not in tracking.artifacts:
-        check_creatable("tracking.artifacts", tracking.artifacts, Path(tracking.artifacts))
+    artifacts = local_artifact_folder(tracking.uri, tracking.artifacts)
+    if artifacts is not None:
+        check_creatable("tracking.artifacts", tracking.artifacts or str(artifacts), artifacts)
     check_creatable("tracking.reports", tracking.reports, Path(tracking.reports))
 
 
