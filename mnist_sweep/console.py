@@ -152,11 +152,13 @@ def wants_live_display(stream: TextIO) -> bool:
 
 
 def stdout_console(*, quiet: bool, verbose: bool) -> Console:
-    """Guard sys.stdout against a closed pipe and build the console for it.
+    """Guard sys.stdout and sys.stderr against a closed pipe and build the console for stdout.
 
-    --verbose keeps plain lines: TensorFlow's C++ runtime writes to the terminal directly and would tear
-    a live display.
+    stderr too, for `run 2>&1 | head -2`. --verbose keeps plain lines: TensorFlow's C++ runtime writes
+    to the terminal directly and would tear a live display.
     """
+    if not isinstance(sys.stderr, ReaderSafeStream):
+        sys.stderr = cast(TextIO, ReaderSafeStream(sys.stderr))
     stream: TextIO = sys.stdout
     if not isinstance(stream, ReaderSafeStream):
         stream = sys.stdout = cast(TextIO, ReaderSafeStream(stream))
