@@ -34,7 +34,8 @@ where results go (paths set in the sweep file; these are the defaults):
   reports/<study>/report.html         the test report (with report.md, test_metrics.json, leaderboard.csv)
   `mnist-sweep ui SWEEP` opens the runs in the MLflow UI.
 
-On a terminal, `run` shows live progress; piped or redirected it prints one line per trial.
+On a terminal, `run` and `worker` show live progress; piped or redirected they print one line per trial.
+Every command takes --quiet (only the final result) and --verbose (the libraries' logs too).
 Exit codes: 0 done, 1 too many failed trials, 2 bad input (nothing written), 130 Ctrl-C, 143 SIGTERM.
 `mnist-sweep COMMAND --help` shows a command's options."""
 
