@@ -13,19 +13,50 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from mnist_sweep import interrupt
+from mnist_sweep import __version__, console, interrupt
 from mnist_sweep.config import ConfigError, SweepConfig, load_sweep
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGINT = 0, 1, 2, 130
 
+ABOUT = """\
+Hyperparameter sweeps of the MNIST lecture's fully connected network. An Optuna study samples the
+optimizer, learning rate, batch size and activation; every trial is logged to MLflow; the best trial's
+model is scored once on the held-out test set, and a report is written."""
 
-def _echo(line: str) -> None:
-    print(line, flush=True)
+USAGE_NOTES = """\
+example:
+  mnist-sweep run sweeps/fcn.toml --trials 3 --epochs 1
+
+where results go (paths set in the sweep file; these are the defaults):
+  mlruns/optuna.db                    the Optuna study: trials, params, the test result
+  mlruns/mlflow.db, mlruns/artifacts  MLflow: one parent run per study, one child run per trial, models
+  reports/<study>/report.html         the test report (with report.md, test_metrics.json, leaderboard.csv)
+  `mnist-sweep ui SWEEP` opens the runs in the MLflow UI.
+
+On a terminal, `run` and `worker` show live progress; piped or redirected they print one line per trial.
+Every command takes --quiet (only the final result) and --verbose (the libraries' logs too).
+Exit codes: 0 done, 1 too many failed trials, 2 bad input (nothing written), 130 Ctrl-C, 143 SIGTERM.
+`mnist-sweep COMMAND --help` shows a command's options."""
+
+# Commands whose chatter --quiet removes; the others print only their result anyway.
+QUIETABLE = ("run", "worker", "finalize", "report")
+
+_console = console.Console(sys.stdout)  # replaced in main once the flags are known
+
+
+def _echo(line: str, *, final: bool = False) -> None:
+    _console.echo(line, final=final)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnist-sweep", description=__doc__.splitlines()[0] if __doc__ else None)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(
+        prog="mnist-sweep",
+        description=ABOUT,
+        epilog=USAGE_NOTES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -41,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--trials", type=int, help="shortcut for --set study.trials=N")
         sub.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
         sub.add_argument("--data", help="shortcut for --set data.path=PATH")
+        loudness = sub.add_mutually_exclusive_group()
+        loudness.add_argument(
+            "-q", "--quiet", action="store_true", help="print only the final result (run, worker, finalize, report)"
+        )
+        loudness.add_argument(
+            "-v", "--verbose", action="store_true", help="show TensorFlow's and the libraries' logs too"
+        )
         return sub
 
     command("run", "run trials until study.trials are finished, then score the chosen model on the test set once")
@@ -102,7 +140,7 @@ def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
             training=args.command in ("run", "worker"),
             needs_data=args.command in ("run", "worker", "finalize"),  # report, trials, ui, dashboard only read
         )
-    _quiet_libraries()
+    _quiet_libraries(verbose=args.verbose)
     if args.command == "replay":
         from mnist_sweep.replay import replay
 
@@ -110,9 +148,11 @@ def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
     from mnist_sweep import sweep
 
     if args.command == "run":
-        return sweep.run(cfg, echo=_echo, finalize=True, sweep_file=args.sweep)
+        return sweep.run(cfg, echo=_echo, finalize=True, progress=_console.progress, sweep_file=args.sweep)
     if args.command == "worker":
-        return sweep.run(cfg, echo=_echo, finalize=False, as_worker=True, sweep_file=args.sweep)
+        return sweep.run(
+            cfg, echo=_echo, finalize=False, as_worker=True, progress=_console.progress, sweep_file=args.sweep
+        )
     if args.command == "finalize":
         return sweep.finalize(cfg, echo=_echo, reclaim=args.reclaim)
     if args.command == "report":
@@ -126,21 +166,29 @@ def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
-def _quiet_libraries() -> None:
-    """One line per trial from us; the libraries' INFO chatter would bury it."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _quiet_libraries(*, verbose: bool) -> None:
+    """Keras loaded for its backend; one line per trial from us, the libraries' chatter off (unless --verbose)."""
+    from mnist_sweep.environment import prepare_backend
+
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    if verbose:
+        prepare_backend()
+        return
+    # 3 = errors too: the C++ runtime's ERROR lines are start-up noise (`failed call to cuInit` on a
+    # machine without a GPU, at the first model build); a real failure reaches us as a Python exception.
+    # Set, not defaulted: importing JAX (here or in a parent process) leaves it at 1, which lets them through.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     import logging
     import warnings
 
     with _native_stderr_silenced():  # TensorFlow's C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL
-        import keras  # noqa: F401
+        prepare_backend()  # imports Keras: GPUs shared, TensorFlow hidden under another backend
     import mlflow  # noqa: F401  # configures its loggers on import, so quiet them afterwards
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    for name in ("mlflow", "alembic", "tensorflow", "absl"):
+    for name in ("mlflow", "alembic", "tensorflow", "absl", "jax"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -189,7 +237,9 @@ SAFE_POINT_COMMANDS = ("run", "worker", "finalize", "replay")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _console
     args = _parser().parse_args(argv)
+    _console = console.stdout_console(quiet=args.quiet and args.command in QUIETABLE, verbose=args.verbose)
     signals = interrupt.deferred_signals if args.command in SAFE_POINT_COMMANDS else interrupt.immediate_signals
     with signals():
         try:

@@ -245,10 +245,40 @@ def _load_npz(path: Path, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
 
 
 def _download_keras_npz() -> str:
-    """Keras' own mnist.npz (what keras.datasets.mnist.load_data fetches), kept in ~/.keras/datasets."""
-    import keras
+    """Keras' own mnist.npz (what keras.datasets.mnist.load_data fetches), kept in ~/.keras/datasets.
 
-    return str(keras.utils.get_file("mnist.npz", KERAS_MNIST_URL, file_hash=KERAS_MNIST_SHA256))
+    Fetched with the standard library, so reading MNIST needs NumPy only, whatever the Keras backend.
+    """
+    import tempfile
+    import urllib.request
+
+    folder = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "datasets"
+    target = folder / "mnist.npz"
+    if target.is_file() and _sha256(target) == KERAS_MNIST_SHA256:
+        return str(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".mnist.npz.", delete=False) as partial:
+        try:
+            with urllib.request.urlopen(KERAS_MNIST_URL, timeout=60) as response:
+                while chunk := response.read(1 << 20):
+                    partial.write(chunk)
+        except OSError as exc:
+            Path(partial.name).unlink(missing_ok=True)
+            detail = f"no data.path or ${DATA_ENV}, and the download of {KERAS_MNIST_URL} failed: {exc}"
+            raise DataError(detail) from None
+    if _sha256(Path(partial.name)) != KERAS_MNIST_SHA256:
+        Path(partial.name).unlink(missing_ok=True)
+        raise DataError(f"the download of {KERAS_MNIST_URL} does not match its sha256; try again")
+    os.replace(partial.name, target)  # atomic: a concurrent worker sees the whole file or none
+    return str(target)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _normalise(images: npt.NDArray[np.uint8]) -> Images:

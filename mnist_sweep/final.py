@@ -19,8 +19,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep.data import DataSource, load_test_split
+from mnist_sweep.environment import environment
 from mnist_sweep.metrics import classification_report, confusion_matrix, wilson_interval
-from mnist_sweep.report import environment
 from mnist_sweep.study import MODEL_URI_ATTR, RUN_ID_ATTR, TEST_RESULT_ATTR
 from mnist_sweep.tracking import Tracker
 

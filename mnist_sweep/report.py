@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import html
 import json
-import platform
-import shutil
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -24,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep import plots
 from mnist_sweep.config import ConfigError
+from mnist_sweep.environment import environment
 from mnist_sweep.metrics import most_confused
 from mnist_sweep.study import RUN_ID_ATTR
 
@@ -33,7 +30,6 @@ CONFUSED_PAIRS = 5
 LOGGED_METRICS = ("val_accuracy", "val_loss", "val_f1_macro")
 LOWER_IS_BETTER = ("trial", "val_loss", "duration_s")
 NOT_SCORED = "Test set not scored yet."
-PACKAGES = ("tensorflow", "keras", "optuna", "mlflow", "numpy", "pandas", "plotly")
 
 Row = dict[str, Any]
 
@@ -101,53 +97,6 @@ def study_summary(study: optuna.Study, rows: Sequence[Row]) -> dict[str, Any]:
         ][:TOP_TRIALS],
         "environment": environment(),
     }
-
-
-def environment() -> dict[str, str]:
-    """Python, package versions and the device, without importing anything heavy."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    packages = {}
-    for name in PACKAGES:
-        try:
-            packages[name] = version(name)
-        except PackageNotFoundError:
-            packages[name] = "not installed"
-    return {"python": platform.python_version(), "machine": platform.machine(), "device": device(), **packages}
-
-
-def device() -> str:
-    """'GPU: <names>' or 'CPU: <model>'. Asks TensorFlow only when it is already loaded (importing costs seconds)."""
-    tf = sys.modules.get("tensorflow")
-    gpus = _tensorflow_gpus(tf) if tf is not None else _nvidia_smi_gpus()
-    return f"GPU: {', '.join(gpus)}" if gpus else f"CPU: {_cpu_name()}"
-
-
-def _tensorflow_gpus(tf: Any) -> list[str]:
-    devices = tf.config.list_physical_devices("GPU")
-    return [str(tf.config.experimental.get_device_details(d).get("device_name", d.name)) for d in devices]
-
-
-def _nvidia_smi_gpus() -> list[str]:
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        found = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in found.stdout.splitlines() if line.strip()] if found.returncode == 0 else []
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def gaps(result: Mapping[str, Any]) -> dict[str, float | None]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +9,10 @@ import optuna
 
 from mnist_sweep import preflight
 from mnist_sweep.config import SweepConfig
+from mnist_sweep.console import NO_PROGRESS, Echo, TrialProgress
 from mnist_sweep.data import DataSource, Split, check_test_split_present, load_split, resolve_source
 from mnist_sweep.databases import sqlite_file
+from mnist_sweep.environment import device_line, gpus
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
 from mnist_sweep.report import leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.space import searched_names
@@ -29,8 +30,6 @@ from mnist_sweep.study import (
 )
 from mnist_sweep.tracking import Tracker, recorded_trial_metrics
 from mnist_sweep.ui import serve_dashboard, serve_mlflow_ui
-
-Echo = Callable[[str], None]
 
 
 class StudySealedError(RuntimeError):
@@ -62,7 +61,15 @@ def make_tracker(cfg: SweepConfig) -> Tracker:
     )
 
 
-def run(cfg: SweepConfig, *, echo: Echo, finalize: bool, as_worker: bool = False, sweep_file: str = "") -> int:
+def run(
+    cfg: SweepConfig,
+    *,
+    echo: Echo,
+    finalize: bool,
+    as_worker: bool = False,
+    progress: TrialProgress = NO_PROGRESS,
+    sweep_file: str = "",
+) -> int:
     """Join or create the study, run trials until study.trials are finished, then (run) finalize."""
     source, split = prepare_data(cfg)
     preflight.check_all(cfg)
@@ -74,11 +81,14 @@ def run(cfg: SweepConfig, *, echo: Echo, finalize: bool, as_worker: bool = False
     study, created = open_study(cfg, storage, worker_salt=worker_salt() if as_worker else 0)
     parent = parent_run_id(study, tracker, created=created, config=cfg.to_dict())
     tracker.describe_run(parent, study_description(cfg, sweep_file=sweep_file))
+    echo(device_line(gpus()))
     echo(
         f"study {cfg.study.name!r}: {count_finished(study)}/{cfg.study.trials} trials finished; "
         f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {parent}"
     )
-    objective = Objective(cfg=cfg, split=split, tracker=tracker, parent_run_id=parent, data_source=source.describe())
+    objective = Objective(
+        cfg=cfg, split=split, tracker=tracker, parent_run_id=parent, data_source=source.describe(), progress=progress
+    )
     tracker.set_parent_status(parent, "RUNNING")  # a rerun after an interrupt: the study is running again
     status = "KILLED"
     try:
@@ -120,7 +130,7 @@ def _already_scored(cfg: SweepConfig, study: optuna.Study, echo: Echo) -> int:
         )
     result = recorded_result(study)
     echo("test set already scored; nothing trained or scored again")
-    echo(result_line(result) if result else "the test set is being scored by another process")
+    echo(result_line(result) if result else "the test set is being scored by another process", final=True)
     return 0
 
 
@@ -169,7 +179,7 @@ def _finalize(
     if not scored_now:
         echo("test set already scored; nothing scored again")
     _write_report(cfg, study, result, tracker=tracker, parent=parent, echo=echo)
-    echo(result_line(result))
+    echo(result_line(result), final=True)
     return result
 
 
@@ -213,7 +223,7 @@ def report(cfg: SweepConfig, *, echo: Echo) -> int:
             f"study {cfg.study.name!r} has no scored test set yet; the report says so "
             "(`mnist-sweep finalize SWEEP` scores it once)"
         )
-    echo(result_line(result))
+    echo(result_line(result), final=True)
     return 0
 
 
@@ -222,7 +232,7 @@ def trials(cfg: SweepConfig, *, echo: Echo, csv_file: str | None, sort: str | No
     study = _recorded_study(cfg)
     rows = leaderboard_rows(study, recorded_trial_metrics(uri=cfg.tracking.uri, experiment=cfg.study.name))
     table = leaderboard_table(rows, sort=sort or cfg.study.metric)
-    echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(table) else "no trials yet")
+    echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(table) else "no trials yet", final=True)
     if csv_file:
         table.to_csv(csv_file, index=False)
         echo(f"leaderboard: {csv_file}")

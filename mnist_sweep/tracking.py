@@ -18,7 +18,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnist_sweep import databases
+from mnist_sweep import databases, environment
 from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
 from mnist_sweep.locations import artifact_location, local_artifact_folder
 from mnist_sweep.metrics import ClassificationReport
@@ -39,6 +39,8 @@ TEST_SCORED_TAG = "test_set_scored"
 # the runs table, the place to compare trials.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
+BACKEND_TAG = "keras_backend"
+DEVICE_TAG = "device"  # "GPU: <name, memory>" or "CPU: <model>"
 MAX_RUNNING_RUNS = 1000
 
 
@@ -47,20 +49,20 @@ class TrackingError(RuntimeError):
 
 
 def _model_pip_requirements() -> list[str]:
-    """Explicit requirements: inferring them spawns a subprocess that costs ~10 s per model."""
-    from importlib.metadata import PackageNotFoundError, version
+    """Explicit requirements: inferring them spawns a subprocess that costs ~10 s per model.
 
+    The backend's package is the one the model was trained with (tensorflow, jax or torch): a model
+    saved under JAX reloads without TensorFlow.
+    """
     import keras
 
-    backend_package = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(keras.backend.backend())
+    backend = keras.backend.backend()
+    packages = {"jax": ["jax", "jaxlib"]}.get(backend, [environment.BACKEND_PACKAGES.get(backend, backend)])
     requirements = [f"mlflow=={mlflow.__version__}", f"keras=={keras.__version__}"]
-    for package in (backend_package, "numpy"):
-        if package is None:
-            continue
-        try:
-            requirements.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            requirements.append(package)
+    for package in [*packages, "numpy"]:
+        installed = environment.package_version(package)
+        # A local build label (torch's "+cpu") names no release on PyPI.
+        requirements.append(package if installed == "not installed" else f"{package}=={installed.split('+')[0]}")
     return requirements
 
 
@@ -142,6 +144,11 @@ class Tracker:
         # Computed at the first model, so `report` and `trials` never import Keras and TensorFlow.
         return _model_pip_requirements()
 
+    @functools.cached_property
+    def _machine_tags(self) -> dict[str, str]:
+        # Asked at the first trial, once Keras is loaded: the device its backend trains on.
+        return {BACKEND_TAG: environment.keras_backend(), DEVICE_TAG: environment.device()}
+
     def _experiment(self, name: str, location: str | None) -> str:
         try:
             found = self.client.get_experiment_by_name(name)
@@ -209,6 +216,7 @@ class Tracker:
                 STUDY_TAG: study_name,
                 TRIAL_NUMBER_TAG: str(trial_number),
                 STATE_TAG: "RUNNING",
+                **self._machine_tags,
             },
         )
         run_id = str(run.info.run_id)
