@@ -275,17 +275,16 @@ class Tracker:
 
         # The logged model is created here, in the study's experiment: left to Model.log, MLflow 3.17 files
         # it under the active experiment, which is "Default" (0) in a process that never set one.
+        run = self.client.get_run(run_id)
+        # Named after its run (trial-0007), so the Models tab tells the trials' models apart.
         logged = self.client.create_logged_model(
-            self.experiment_id,
-            name="model",
-            source_run_id=run_id,
-            params=dict(self.client.get_run(run_id).data.params),
+            self.experiment_id, name=run.info.run_name, source_run_id=run_id, params=dict(run.data.params)
         )
         # Model.log takes the run id, so the run is not resumed as the active run around it (0.03 s).
         with _training_state(model, keep=self.model_optimizer_state):
             info = Model.log(
                 artifact_path=None,
-                name="model",
+                name=logged.name,
                 flavor=mlflow.keras,
                 run_id=run_id,
                 model_id=logged.model_id,
