@@ -14,13 +14,13 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from mnist_sweep import interrupt
-from mnist_sweep.config import ConfigError, SweepConfig, load_sweep
+from mnist_sweep.config import ConfigError, SweepConfig, load_sweep, mask_password
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGINT = 0, 1, 2, 130
 
 
 def _echo(line: str) -> None:
-    print(line, flush=True)
+    print(mask_password(line), flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,6 +134,8 @@ def _quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     for name in ("mlflow", "alembic", "tensorflow", "absl"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # It logs a database error with its traceback, then raises it: we report it once, in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -182,6 +184,7 @@ SAFE_POINT_COMMANDS = ("run", "worker", "finalize", "replay")
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signals = interrupt.deferred_signals if args.command in SAFE_POINT_COMMANDS else interrupt.immediate_signals
+    cfg: SweepConfig | None = None
     with signals():
         try:
             cfg = load_sweep(args.sweep, _overrides(args))
@@ -195,13 +198,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("mnist-sweep: interrupted; rerun to resume", file=sys.stderr)
             return EXIT_SIGINT
         except Exception as exc:
+            from mnist_sweep.preflight import disk_full_line
+
+            full = disk_full_line(exc, cfg)  # a full disk is no bad input: the same command works once there is room
+            if full is not None:
+                print(f"mnist-sweep: {full}", file=sys.stderr)
+                return EXIT_FAILED
             if isinstance(exc, _user_errors()):
-                print(f"mnist-sweep: {exc}", file=sys.stderr)
+                print(f"mnist-sweep: {mask_password(str(exc))}", file=sys.stderr)
                 return EXIT_BAD_INPUT
             from mnist_sweep.study import TooManyFailures
 
             if isinstance(exc, TooManyFailures):
-                print(f"mnist-sweep: {exc}", file=sys.stderr)
+                print(f"mnist-sweep: {mask_password(str(exc))}", file=sys.stderr)
                 return EXIT_FAILED
             raise
 

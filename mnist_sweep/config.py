@@ -33,6 +33,17 @@ METRIC_DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 STORAGE_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "mysql+pymysql")
 TRACKING_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "http", "https", "file")
+MAX_STUDY_NAME = 100
+TRACKING_CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+
+# scheme://user:password@host: the password is what sits between the first ':' after '//' and the last '@'
+# before the path. PostgreSQL passwords may hold '@' and ':' when written percent-encoded, or even raw.
+_PASSWORD_IN_URI = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)(?P<password>[^/\s]*)@")
+
+
+def mask_password(text: str) -> str:
+    """Every `scheme://user:password@` in `text` shown as `scheme://user:***@`: for every line and file we write."""
+    return _PASSWORD_IN_URI.sub(lambda match: match["head"] + "***@", text)
 
 
 # --------------------------------------------------------------------------- search-space values
@@ -158,7 +169,8 @@ def _name_param(allowed: Sequence[str]) -> Any:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    # strict: `trials = true` is a boolean, not the integer 1, and "3" is a string, not a number.
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, strict=True)
 
 
 class StudyConfig(_Section):
@@ -182,7 +194,12 @@ class StudyConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name):
+        if len(self.name) > MAX_STUDY_NAME:
+            raise ValueError(
+                f"study.name must be at most {MAX_STUDY_NAME} characters (it names a folder and an MLflow "
+                f"experiment), got {len(self.name)}: {self.name[:20]!r}..."
+            )
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise ValueError(
                 f"study.name must be letters, digits, '.', '_' or '-' (it names a folder), got {self.name!r}"
             )
@@ -321,22 +338,40 @@ class SweepConfig(_Section):
         return dumps_toml(self.to_dict())
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Every key and its value, passwords in URIs masked: this is shown and logged, never used to connect."""
         out: dict[str, dict[str, Any]] = {}
         for section_name in type(self).model_fields:
             section: BaseModel = getattr(self, section_name)
             out[section_name] = {
-                key: (value.to_toml_value() if isinstance(value, (Choice, Range)) else value)
-                for key, value in ((k, getattr(section, k)) for k in type(section).model_fields)
+                key: _shown(value) for key, value in ((k, getattr(section, k)) for k in type(section).model_fields)
             }
         return out
 
 
+def _shown(value: Any) -> Any:
+    if isinstance(value, (Choice, Range)):
+        return value.to_toml_value()
+    return mask_password(value) if isinstance(value, str) else value
+
+
 def _check_uri(key: str, uri: str, schemes: Sequence[str]) -> None:
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    shown = mask_password(uri)
     if scheme not in schemes:
-        raise ValueError(f"{key} must start with one of {', '.join(s + '://' for s in schemes)}, got {uri!r}")
+        raise ValueError(f"{key} must start with one of {', '.join(s + '://' for s in schemes)}, got {shown!r}")
     if scheme == "sqlite" and not uri.startswith("sqlite:///"):
-        raise ValueError(f"{key} needs a file path: sqlite:///relative/path.db or sqlite:////abs.db, got {uri!r}")
+        raise ValueError(f"{key} needs a file path: sqlite:///relative/path.db or sqlite:////abs.db, got {shown!r}")
+    in_memory = uri.removeprefix("sqlite:///").split("?")[0] in ("", ":memory:") or "mode=memory" in uri
+    if scheme == "sqlite" and in_memory:
+        raise ValueError(
+            f"{key} = {shown!r} is an in-memory database: it vanishes when the process exits, and workers "
+            "cannot share it; give a file, e.g. sqlite:///mlruns/optuna.db"
+        )
+    if scheme in ("http", "https") and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        raise ValueError(
+            f"{key} = {shown!r} holds credentials; put them in {TRACKING_CREDENTIAL_VARIABLES} "
+            "instead, and give the URI without user@"
+        )
 
 
 # --------------------------------------------------------------------------- loading
@@ -391,7 +426,7 @@ def build_config(document: Mapping[str, Any], *, origin: str = "<config>") -> Sw
     try:
         return SweepConfig.model_validate(dict(document))
     except ValidationError as exc:
-        raise ConfigError(f"{origin}: {_first_error(exc)}") from None
+        raise ConfigError(mask_password(f"{origin}: {_first_error(exc)}")) from None
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from collections.abc import Iterator
 from types import FrameType
 
@@ -42,6 +43,17 @@ def raise_if_requested() -> None:
     """Raise Interrupted if a signal arrived since the handlers were installed."""
     if _requested:
         raise Interrupted(_requested[0])
+
+
+def sleep(seconds: float) -> None:
+    """time.sleep that answers a deferred SIGINT or SIGTERM within a fraction of a second."""
+    deadline = time.monotonic() + seconds
+    while True:
+        raise_if_requested()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.2))
 
 
 @contextlib.contextmanager

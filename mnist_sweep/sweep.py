@@ -108,6 +108,7 @@ def finalize(cfg: SweepConfig, *, echo: Echo, reclaim: bool = False) -> int:
     """Score the chosen trial on the test set (once) and write the report."""
     source = resolve_source(cfg.data.path)
     preflight.check_all(cfg)
+    _recorded_study(cfg)  # a study that is not there: one line, and no storage created for it
     storage = make_storage(cfg.study)
     study = _existing_study(cfg, storage)
     tracker = make_tracker(cfg)
