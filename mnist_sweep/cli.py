@@ -183,7 +183,10 @@ SAFE_POINT_COMMANDS = ("run", "worker", "finalize", "replay")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    signals = interrupt.deferred_signals if args.command in SAFE_POINT_COMMANDS else interrupt.immediate_signals
+    safe_points = args.command in SAFE_POINT_COMMANDS
+    if safe_points and argv is None:  # the process's own command line, not a call from Python
+        interrupt.record_until_exit()
+    signals = interrupt.deferred_signals if safe_points else interrupt.immediate_signals
     cfg: SweepConfig | None = None
     with signals():
         try:
@@ -192,9 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             interrupt.raise_if_requested()  # a signal during the last step still ends in its exit code
             return code
         except interrupt.Interrupted as stop:
+            interrupt.acknowledge()
             print(f"mnist-sweep: {stop}; the running trial was recorded as failed, rerun to resume", file=sys.stderr)
             return stop.exit_code
         except KeyboardInterrupt:  # a second Ctrl-C, where nothing checks
+            interrupt.acknowledge()
             print("mnist-sweep: interrupted; rerun to resume", file=sys.stderr)
             return EXIT_SIGINT
         except Exception as exc:

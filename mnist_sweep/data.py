@@ -232,9 +232,10 @@ def _downloaded() -> DataSource:
     try:
         location = _download_keras_npz()
     except Exception as exc:  # urllib, ssl and Keras raise many kinds; offline is the usual one
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = getattr(exc, "reason", None) or exc  # urllib's URLError: the reason says more than its str
         raise DataError(
-            f"data.path is empty and ${DATA_ENV} is unset, and MNIST could not be downloaded ({reason}); "
+            f"data.path is empty and ${DATA_ENV} is unset, and MNIST could not be downloaded from "
+            f"{KERAS_MNIST_URL} ({reason}); "
             "put the four IDX files (or mnist.npz) in a folder and set data.path or MNIST_SWEEP_DATA to it"
         ) from None
     return DataSource("npz", location, "the Keras download")
@@ -266,10 +267,39 @@ def _load_npz(path: Path, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
 
 
 def _download_keras_npz() -> str:
-    """Keras' own mnist.npz (what keras.datasets.mnist.load_data fetches), kept in ~/.keras/datasets."""
-    import keras
+    """Keras' own mnist.npz (what keras.datasets.mnist.load_data fetches), kept in $KERAS_HOME/datasets.
 
-    return str(keras.utils.get_file("mnist.npz", KERAS_MNIST_URL, file_hash=KERAS_MNIST_SHA256))
+    Fetched with the standard library, not Keras: importing TensorFlow to download a file costs seconds
+    and prints its start-up lines before our one line when the network is down.
+    """
+    import tempfile
+    import urllib.request
+
+    folder = Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser() / "datasets"
+    target = folder / "mnist.npz"
+    if target.is_file() and _sha256(target) == KERAS_MNIST_SHA256:
+        return str(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix="mnist.npz.", delete=False) as partial:
+        try:
+            with urllib.request.urlopen(KERAS_MNIST_URL, timeout=60) as response:
+                while chunk := response.read(1 << 20):
+                    partial.write(chunk)
+            partial.close()
+            if _sha256(Path(partial.name)) != KERAS_MNIST_SHA256:
+                raise DataError(f"{KERAS_MNIST_URL}: the download does not match its sha256")
+            os.replace(partial.name, target)
+        finally:
+            Path(partial.name).unlink(missing_ok=True)
+    return str(target)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _normalise(images: npt.NDArray[np.uint8]) -> Images:
