@@ -187,7 +187,7 @@ class StudyConfig(_Section):
     pruner_interval_epochs: int = Field(default=1, ge=1)  # median, percentile: consider pruning every N epochs
     pruner_percentile: float = Field(default=25.0, gt=0, lt=100)  # percentile: keep the top P % at each epoch
     pruner_reduction_factor: int = Field(default=3, ge=2)  # successive_halving: 1 in N goes on at each rung
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, lt=2**31)  # NumPy's RandomState (inside the samplers) takes 0 .. 2**32 - 1
     storage: str = "sqlite:///mlruns/optuna.db"
     heartbeat_seconds: int = Field(default=60, ge=1)
     max_failures: int = Field(default=5, ge=1)
@@ -230,7 +230,7 @@ class DataConfig(_Section):
     path: str = ""
     validation: int = Field(default=5000, ge=1)
     train_limit: int = Field(default=0, ge=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**31)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

@@ -36,7 +36,7 @@ def check_creatable(key: str, value: str, path: Path, *, folder_wanted: bool = F
     if not anchor.is_dir() and (folder_wanted or anchor != path.expanduser().absolute()):
         raise PreflightError(f"{key} = {value!r}: {anchor} is a file, not a folder")
     if anchor.is_dir() and not folder_wanted and anchor == path.expanduser().absolute():
-        raise PreflightError(f"{key} = {value!r}: {anchor} is a folder, not a database file")
+        raise PreflightError(f"{key} = {value!r}: {anchor} is a folder, not a file")
     folder = anchor if anchor.is_dir() else anchor.parent
     try:
         # A real file, gone at once: os.access answers yes to root even on a read-only folder.

@@ -65,7 +65,7 @@ def make_storage(study: StudyConfig) -> optuna.storages.RDBStorage:
 
 def make_sampler(study: StudyConfig, *, seed_offset: int) -> optuna.samplers.BaseSampler:
     """Seeded by study.seed plus the trials already in the study, so a resumed run draws new points."""
-    seed = study.seed + seed_offset
+    seed = (study.seed + seed_offset) % 2**32  # a worker's salt must not push it past NumPy's range
     if study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)

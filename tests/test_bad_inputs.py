@@ -230,6 +230,8 @@ CASES = [
     data("npz-test-images-shape", lambda m, f: small_npz(f, x_test=np.zeros((50, 28, 27), np.uint8)), "x_test", "27"),
     data("npz-test-images-float", lambda m, f: small_npz(f, x_test=np.zeros((50, 28, 28))), "x_test", "float64"),
     data("npz-without-test", lambda m, f: small_npz(f, x_test=None), "'x_test'"),
+    setting("negative-study-seed", "study.seed=-1", "study.seed", "-1"),
+    setting("huge-data-seed", "data.seed=99999999999", "data.seed", "99999999999"),
     setting("trials-boolean", "study.trials=true", "study.trials", "True"),
     setting("epochs-boolean", "train.epochs=false", "train.epochs", "False"),
     setting("study-name-too-long", "study.name=" + "a" * 300, "study.name", "100 characters", "300"),
@@ -277,6 +279,16 @@ CASES = [
         "study-report-folder-is-a-file",
         ("tracking.reports", "sweep.toml", "is a file"),
         overrides=("--set", 'tracking.reports="../inputs"', "--set", 'study.name="sweep.toml"'),
+    ),
+    Bad(
+        "artifacts-is-a-file",
+        ("tracking.artifacts", "sweep.toml", "is a file"),
+        overrides=("--set", 'tracking.artifacts="../inputs/sweep.toml"'),
+    ),
+    Bad(
+        "storage-is-a-folder",
+        ("study.storage", "inputs", "is a folder"),
+        overrides=("--set", 'study.storage="sqlite:///../inputs"'),
     ),
     Bad(
         "unwritable-working-directory",

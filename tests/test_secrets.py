@@ -8,7 +8,6 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mnist_sweep.config import build_config, mask_password
 from tests.conftest import POSTGRES_PASSWORD, CliRunner, small_sweep_args, write_sweep
 from tests.stores import tracking_url
 
@@ -25,11 +24,15 @@ from tests.stores import tracking_url
     ],
 )
 def test_mask_password_hides_only_the_password(uri: str, shown: str) -> None:
+    from mnist_sweep.config import mask_password
+
     assert mask_password(uri) == shown
     assert mask_password(f"study.storage = {uri!r}: cannot open") == f"study.storage = {shown!r}: cannot open"
 
 
 def test_resolved_config_masks_passwords_in_what_is_shown_and_logged() -> None:
+    from mnist_sweep.config import build_config
+
     cfg = build_config({"study": {"storage": "postgresql://sweep:s3cret@db/optuna"}})
     assert cfg.study.storage == "postgresql://sweep:s3cret@db/optuna"  # what connects keeps it
     assert cfg.to_dict()["study"]["storage"] == "postgresql://sweep:***@db/optuna"  # sweep.json, validate
