@@ -36,6 +36,8 @@ test: $(VENV)/.installed-dev         ## the whole test suite, slow end-to-end te
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check mnist_sweep tests bench
 	$(BIN)/mypy
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
+	$(BIN)/hadolint docker/Dockerfile
 
 ui: $(VENV)/.installed               ## the MLflow UI on the default local store
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts --host 127.0.0.1

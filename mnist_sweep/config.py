@@ -307,7 +307,9 @@ class TrackingConfig(_Section):
     """[tracking]: the MLflow tracking store, its artifact root, and where reports are written."""
 
     uri: str = "sqlite:///mlruns/mlflow.db"
-    artifacts: str = "mlruns/artifacts"
+    # "" = the store's own default: a tracking server's artifact store (mlflow-artifacts:), or the folder
+    # `artifacts` beside a sqlite store. A folder or a URI of any scheme MLflow knows is used as given.
+    artifacts: str = ""
     reports: str = "reports"
     # The logged model is for scoring and serving: architecture and weights, 2.6 MB. With the optimizer's
     # state (Adam's two moments) it is 7.8 MB and takes 0.10 s to save instead of 0.02 s.
@@ -316,8 +318,6 @@ class TrackingConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> TrackingConfig:
         _check_uri("tracking.uri", self.uri, TRACKING_SCHEMES)
-        if not self.artifacts:
-            raise ValueError("tracking.artifacts must name a folder or URI, got ''")
         if not self.reports:
             raise ValueError("tracking.reports must name a folder, got ''")
         return self

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mnist_sweep.config import SweepConfig, mask_password
 from mnist_sweep.data import check_test_split_present, load_split, resolve_source
+from mnist_sweep.locations import local_artifact_folder
 
 
 class PreflightError(RuntimeError):
@@ -139,8 +140,9 @@ def check_all(cfg: SweepConfig) -> None:
         check_creatable("tracking.uri", tracking.uri, Path(tracking.uri.removeprefix("file://")), folder_wanted=True)
     else:
         check_database("tracking.uri", tracking.uri)
-    if "://" not in tracking.artifacts:
-        check_creatable("tracking.artifacts", tracking.artifacts, Path(tracking.artifacts), folder_wanted=True)
+    artifacts = local_artifact_folder(tracking.uri, tracking.artifacts)
+    if artifacts is not None:
+        check_creatable("tracking.artifacts", tracking.artifacts or str(artifacts), artifacts, folder_wanted=True)
     reports = Path(tracking.reports)
     check_creatable("tracking.reports", tracking.reports, reports, folder_wanted=True)
     check_creatable("tracking.reports", tracking.reports, reports / cfg.study.name, folder_wanted=True)
@@ -195,8 +197,9 @@ def _fullest_place(cfg: SweepConfig | None) -> str:
         return "the working directory"
     databases = (cfg.study.storage, cfg.tracking.uri)
     candidates = [Path(uri.removeprefix("sqlite:///")).parent for uri in databases if uri.startswith("sqlite:///")]
-    if "://" not in cfg.tracking.artifacts:
-        candidates.append(Path(cfg.tracking.artifacts))
+    artifacts = local_artifact_folder(cfg.tracking.uri, cfg.tracking.artifacts)
+    if artifacts is not None:
+        candidates.append(artifacts)
     candidates.append(Path(cfg.tracking.reports))
     room: list[tuple[int, int, Path]] = []
     for index, path in enumerate(candidates):

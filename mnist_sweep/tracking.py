@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_sweep import databases
 from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
+from mnist_sweep.locations import artifact_location, local_artifact_folder
 from mnist_sweep.metrics import ClassificationReport
 
 if TYPE_CHECKING:
@@ -45,13 +46,6 @@ MAX_RUNNING_RUNS = 1000
 
 class TrackingError(RuntimeError):
     """MLflow cannot be used as configured; the message is one line for the user."""
-
-
-def artifact_location(artifacts: str) -> str:
-    """A URI for the experiment's artifact root; plain paths are made absolute."""
-    if "://" in artifacts:
-        return artifacts
-    return Path(artifacts).expanduser().resolve().as_uri()
 
 
 def _model_pip_requirements() -> list[str]:
@@ -146,22 +140,23 @@ class Tracker:
         database = databases.sqlite_file(uri)
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
-        if "://" not in artifacts:
-            Path(artifacts).mkdir(parents=True, exist_ok=True)
+        folder = local_artifact_folder(uri, artifacts)
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
         self.uri = uri
         self.model_optimizer_state = model_optimizer_state
         with databases.schema_lock(uri):  # opening the store creates or migrates its tables
             databases.create_whole(uri, _create_mlflow_tables)
             self.client = MlflowClient(tracking_uri=uri)
-            self.experiment_id = self._experiment(experiment, artifact_location(artifacts))
+            self.experiment_id = self._experiment(experiment, artifact_location(uri, artifacts))
 
     @functools.cached_property
     def _requirements(self) -> list[str]:
         # Computed at the first model, so `report` and `trials` never import Keras and TensorFlow.
         return _model_pip_requirements()
 
-    def _experiment(self, name: str, location: str) -> str:
+    def _experiment(self, name: str, location: str | None) -> str:
         try:
             found = self.client.get_experiment_by_name(name)
             if found is None:
@@ -270,6 +265,14 @@ class Tracker:
         import mlflow.keras
         from mlflow.models import Model
 
+        # The logged model is created here, in the study's experiment: left to Model.log, MLflow 3.17 files
+        # it under the active experiment, which is "Default" (0) in a process that never set one.
+        logged = self.client.create_logged_model(
+            self.experiment_id,
+            name="model",
+            source_run_id=run_id,
+            params=dict(self.client.get_run(run_id).data.params),
+        )
         # Model.log takes the run id, so the run is not resumed as the active run around it (0.03 s).
         with _training_state(model, keep=self.model_optimizer_state):
             info = Model.log(
@@ -277,6 +280,7 @@ class Tracker:
                 name="model",
                 flavor=mlflow.keras,
                 run_id=run_id,
+                model_id=logged.model_id,
                 model=model,
                 pip_requirements=self._requirements,
                 signature=_model_signature(),
@@ -400,7 +404,9 @@ def serve_ui(*, uri: str, artifacts: str, experiment: str, port: int, echo: Call
     _check_port_free(port)
     base = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
-    command += ["--default-artifact-root", artifact_location(artifacts), "--host", "127.0.0.1", "--port", str(port)]
+    location = artifact_location(uri, artifacts)
+    command += ["--default-artifact-root", location] if location else []
+    command += ["--host", "127.0.0.1", "--port", str(port)]
     # A session of its own: Ctrl-C reaches only us, and stopping the group ends MLflow's workers too.
     # Its access log goes to stderr, so our stdout holds only the URL (for scripts) and the goodbye.
     server = subprocess.Popen([*command, "--workers", str(UI_WORKERS)], start_new_session=True, stdout=2)

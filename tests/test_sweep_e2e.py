@@ -134,6 +134,20 @@ def test_confusion_matrix_artifacts_and_loadable_model(sweep: FinishedSweep, mni
     assert linked["final_val_accuracy"] == pytest.approx(child.data.metrics["final_val_accuracy"])
 
 
+def test_every_logged_model_is_filed_under_the_study_experiment(sweep: FinishedSweep) -> None:
+    """The experiment's Models tab lists each complete trial's model; nothing lands in "Default" (0)."""
+    experiment = sweep.client.get_experiment_by_name("fcn")
+    assert experiment is not None
+    models = sweep.client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    complete = {c.info.run_id for c in sweep.children() if c.data.tags["trial_state"] == "COMPLETE"}
+    assert complete and {m.source_run_id for m in models} == complete
+    assert all(m.experiment_id == experiment.experiment_id for m in models)
+    assert sweep.client.search_logged_models(experiment_ids=["0"]) == []
+    artifacts = sweep.workdir / "mlruns" / "artifacts"
+    assert experiment.artifact_location == artifacts.resolve().as_uri()
+    assert any(artifacts.rglob("MLmodel")), "the models sit in the artifact folder beside the store"
+
+
 def test_test_set_scored_once_on_the_parent(sweep: FinishedSweep) -> None:
     parent = sweep.parent()
     result = sweep.study.user_attrs["test_result"]

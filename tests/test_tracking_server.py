@@ -1,0 +1,153 @@
+"""A real `mlflow server --serve-artifacts` on 127.0.0.1: artifacts go through it, models sit in the study.
+
+Two working folders stand for two machines: a worker trains in one, `run` finalizes in the other and loads
+the chosen model through the server. Neither folder may hold an artifact afterwards.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import DEFAULT_SWEEP, _free_port, cli, mnist_location, small_sweep_args
+from tests.stores import assert_runs_linked
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Server:
+    url: str
+    served: Path  # the server's --artifacts-destination
+
+
+def wait_for_health(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"mlflow server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"mlflow server did not answer on {url}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    served = folder / "served"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
+    command += ["--serve-artifacts", "--artifacts-destination", str(served)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, process)
+        yield Server(url, served)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@dataclass
+class ServedSweep:
+    server: Server
+    machines: tuple[Path, Path]
+    outputs: list[str]
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.server.url)
+
+
+def sweep_args(server: Server, storage: Path, *extra: str) -> list[str]:
+    overrides = ("--set", f'tracking.uri="{server.url}"', "--set", f'study.storage="sqlite:///{storage}"', *extra)
+    return [str(DEFAULT_SWEEP), *small_sweep_args(*overrides, trials=2, train_limit=1000, validation=500)]
+
+
+@pytest.fixture(scope="module")
+def served_sweep(server: Server, tmp_path_factory: pytest.TempPathFactory) -> ServedSweep:
+    data = mnist_location()
+    if data is None:
+        pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
+    shared = tmp_path_factory.mktemp("shared-storage") / "optuna.db"
+    trainer, finalizer = tmp_path_factory.mktemp("machine-a"), tmp_path_factory.mktemp("machine-b")
+    worker = cli("worker", *sweep_args(server, shared), cwd=trainer, data=data)
+    assert worker.returncode == 0, worker.stderr
+    run = cli("run", *sweep_args(server, shared), cwd=finalizer, data=data)
+    assert run.returncode == 0, run.stderr
+    return ServedSweep(server, (trainer, finalizer), [worker.stdout, run.stdout])
+
+
+def test_runs_and_their_artifacts_go_through_the_server(served_sweep: ServedSweep) -> None:
+    import optuna
+
+    client = served_sweep.client
+    experiment = client.get_experiment_by_name("fcn")
+    assert experiment is not None
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")
+    runs = client.search_runs([experiment.experiment_id])
+    storage = f"sqlite:///{next(p for p in served_sweep.machines[0].parent.glob('shared-storage*/optuna.db'))}"
+    assert_runs_linked(optuna.load_study(study_name="fcn", storage=storage), runs)
+    for run in runs:
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
+    served = {p.name for p in served_sweep.server.served.rglob("*") if p.is_file()}
+    assert {"val_confusion_matrix.json", "MLmodel", "test_confusion_matrix.csv", "report.html"} <= served
+    for machine in served_sweep.machines:
+        assert not (machine / "mlruns").exists(), f"artifacts left on a worker's disk: {list(machine.rglob('*'))}"
+
+
+def test_models_sit_in_the_study_experiment_and_load_through_the_server(served_sweep: ServedSweep) -> None:
+    import mlflow
+    import mlflow.keras
+    import numpy as np
+
+    client = served_sweep.client
+    experiment = client.get_experiment_by_name("fcn")
+    assert experiment is not None
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    complete = [
+        r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("trial_state") == "COMPLETE"
+    ]
+    assert complete and {m.source_run_id for m in models} == {r.info.run_id for r in complete}
+    assert client.search_logged_models(experiment_ids=["0"]) == []
+    (parent,) = [
+        r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("mnist_sweep.role") == "study"
+    ]
+    assert parent.data.tags["test_set_scored"] == "true"
+    assert len(client.get_metric_history(parent.info.run_id, "test_accuracy")) == 1
+    chosen = client.get_run(parent.data.tags["test_scored_run_id"])  # machine B loaded it through the server
+    mlflow.set_tracking_uri(served_sweep.server.url)
+    model = mlflow.keras.load_model(chosen.data.tags["model_uri"])
+    assert model.predict(np.zeros((1, 28, 28), np.float32), verbose=0).shape == (1, 10)
+    assert "test accuracy" in served_sweep.outputs[1]
+
+
+def test_an_explicit_artifact_uri_is_used_as_given(server: Server, tmp_path: Path, mnist_dir: Path) -> None:
+    args = sweep_args(server, tmp_path / "optuna.db", "--set", 'tracking.artifacts="mlflow-artifacts:/sweeps"')
+    done = cli("worker", *args, "--set", "study.name=given", "--trials", "1", cwd=tmp_path, data=mnist_dir)
+    assert done.returncode == 0, done.stderr
+    client = MlflowClient(tracking_uri=server.url)
+    experiment = client.get_experiment_by_name("given")
+    assert experiment is not None and experiment.artifact_location == "mlflow-artifacts:/sweeps"
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2  # the study's parent and its one trial
+    for run in runs:
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:/sweeps/")
+    assert any((server.served / "sweeps").rglob("MLmodel"))
+    assert not any("mlflow-artifacts" in p.name for p in tmp_path.rglob("*")), "taken for a local folder"
