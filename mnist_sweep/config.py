@@ -36,14 +36,22 @@ TRACKING_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "http", "https", "file
 MAX_STUDY_NAME = 100
 TRACKING_CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
 
-# scheme://user:password@host: the password is what sits between the first ':' after '//' and the last '@'
-# before the path. PostgreSQL passwords may hold '@' and ':' when written percent-encoded, or even raw.
-_PASSWORD_IN_URI = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)(?P<password>[^/\s]*)@")
+# scheme://user:password@host. SQLAlchemy takes the password to be anything (even '/' and spaces) up to an '@';
+# we mask up to the last '@' of the URI, so a password holding '@' is not half shown either. A web URI keeps its
+# path: only what precedes the first '/' can be credentials there.
+_SCHEME_START = r"(?<![A-Za-z0-9+.-])"
+_USER = r"[^:/@\s'\"]*:"
+_PASSWORD_IN_DATABASE_URI = re.compile(
+    _SCHEME_START + r"(?!(?i:https?)://)(?P<head>[A-Za-z][A-Za-z0-9+.-]*://" + _USER + r")"
+    r".*?@(?=[^@\s'\"]*(?:[\s'\"]|$))"
+)
+_PASSWORD_IN_WEB_URI = re.compile(_SCHEME_START + r"(?P<head>(?i:https?)://" + _USER + r")[^/@\s'\"]*@")
 
 
 def mask_password(text: str) -> str:
     """Every `scheme://user:password@` in `text` shown as `scheme://user:***@`: for every line and file we write."""
-    return _PASSWORD_IN_URI.sub(lambda match: match["head"] + "***@", text)
+    masked = _PASSWORD_IN_DATABASE_URI.sub(r"\g<head>***@", text)
+    return _PASSWORD_IN_WEB_URI.sub(r"\g<head>***@", masked)
 
 
 # --------------------------------------------------------------------------- search-space values

@@ -17,6 +17,8 @@ from tests.stores import tracking_url
     [
         ("postgresql://sweep:s3cret@db:5432/optuna", "postgresql://sweep:***@db:5432/optuna"),
         ("postgresql+psycopg://sweep:p@ss:w@rd@db/optuna", "postgresql+psycopg://sweep:***@db/optuna"),
+        ("postgresql://sweep:p/ss w@db/optuna", "postgresql://sweep:***@db/optuna"),  # SQLAlchemy reads 'p/ss w'
+        ("HTTPS://alice:pw@mlflow.example/x", "HTTPS://alice:***@mlflow.example/x"),
         ("mysql+pymysql://root:x@127.0.0.1/m", "mysql+pymysql://root:***@127.0.0.1/m"),
         ("postgresql://sweep@db/optuna", "postgresql://sweep@db/optuna"),
         ("http://127.0.0.1:5000/path@x", "http://127.0.0.1:5000/path@x"),
