@@ -34,6 +34,7 @@ POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 STORAGE_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "mysql+pymysql")
 TRACKING_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "http", "https", "file")
 MAX_STUDY_NAME = 100
+SEAL_SUFFIX = ".test-seal"  # the claim on a study's test set is a second study of this name (final.py)
 TRACKING_CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
 
 # scheme://user:password@host. SQLAlchemy takes the password to be anything (even '/' and spaces) up to an '@';
@@ -206,6 +207,11 @@ class StudyConfig(_Section):
             raise ValueError(
                 f"study.name must be at most {MAX_STUDY_NAME} characters (it names a folder and an MLflow "
                 f"experiment), got {len(self.name)}: {self.name[:20]!r}..."
+            )
+        if self.name.endswith(SEAL_SUFFIX):
+            raise ValueError(
+                f"study.name must not end in {SEAL_SUFFIX!r}: the study {self.name.removesuffix(SEAL_SUFFIX)!r} "
+                f"records its test-set claim under that name, got {self.name!r}"
             )
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise ValueError(

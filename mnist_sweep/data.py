@@ -120,6 +120,8 @@ def resolve_source(path: str) -> DataSource:
         if candidate.suffix != ".npz":
             raise DataError(f"{where} = {chosen!r} is a file but not an .npz; give a folder of IDX files or mnist.npz")
         return DataSource("npz", str(candidate.resolve()), where)
+    if candidate.exists():  # a device, a FIFO, a socket: reading it would hang or never end
+        raise DataError(f"{where} = {chosen!r} is neither a folder nor a regular file")
     raise DataError(f"{where} = {chosen!r} does not exist")
 
 

@@ -21,6 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep import interrupt
+from mnist_sweep.config import SEAL_SUFFIX
 from mnist_sweep.data import DataSource, load_test_split
 from mnist_sweep.metrics import classification_report, confusion_matrix, wilson_interval
 from mnist_sweep.report import environment
@@ -30,7 +31,6 @@ from mnist_sweep.tracking import Tracker
 if TYPE_CHECKING:
     import keras
 
-SEAL_SUFFIX = ".test-seal"
 RESULT_WAIT_SECONDS = 600.0
 POLL_SECONDS = 1.0
 # What Tracker.log_model writes: MLflow's keras flavor, Keras' own .keras zip, never a TF SavedModel.

@@ -235,6 +235,8 @@ CASES = [
     setting("trials-boolean", "study.trials=true", "study.trials", "True"),
     setting("epochs-boolean", "train.epochs=false", "train.epochs", "False"),
     setting("study-name-too-long", "study.name=" + "a" * 300, "study.name", "100 characters", "300"),
+    setting("study-name-of-a-seal", 'study.name="fcn.test-seal"', "study.name", "fcn.test-seal"),
+    data("data-is-a-device", lambda mnist, folder: Path("/dev/zero"), "/dev/zero", "neither a folder"),
     setting("storage-in-memory", 'study.storage="sqlite:///:memory:"', "study.storage", "in-memory"),
     setting("tracking-in-memory", 'tracking.uri="sqlite:///:memory:"', "tracking.uri", "in-memory"),
     setting(
