@@ -244,7 +244,7 @@ class DataConfig(_Section):
     path: str = ""
     validation: int = Field(default=5000, ge=1)
     train_limit: int = Field(default=0, ge=0)
-    seed: int = Field(default=0, ge=0, lt=2**31)
+    seed: int = Field(default=0, ge=0)  # NumPy's default_rng takes no negative seed
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

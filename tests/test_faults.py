@@ -146,6 +146,15 @@ def test_no_data_source_offline_is_one_line_saying_where_to_put_the_files(run_cl
     assert list(work.iterdir()) == []
 
 
+def test_trials_csv_under_a_file_is_one_line_before_anything_is_read(run_cli: CliRunner, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    sweep = write_sweep(tmp_path, "")
+    line = one_line(run_cli("trials", str(sweep), "--csv", f"{sweep}/leaderboard.csv", cwd=work), 2)
+    assert "--csv" in line and "is a file" in line
+    assert list(work.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- finalize
 
 
