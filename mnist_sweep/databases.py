@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from mnist_sweep import interrupt
+
 BUSY_TIMEOUT_SECONDS = 300
 LOCK_NAME = "mnist_sweep.schema"
 
@@ -47,7 +49,12 @@ def schema_lock(uri: str) -> Iterator[None]:
 def _file_lock(database: Path) -> Iterator[None]:
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.with_name(database.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        while True:  # polled, not blocking: a Ctrl-C while another process holds the lock acts at once
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                interrupt.sleep(0.05)
         try:
             yield
         finally:
