@@ -10,7 +10,7 @@ ifneq ($(wildcard ../shared/data/mnist),)
 export MNIST_SWEEP_DATA ?= $(abspath ../shared/data/mnist)
 endif
 
-.PHONY: sweep test lint ui install install-dev bench-overhead bench-epoch bench-memory bench-search
+.PHONY: sweep test lint ui dashboard install install-dev bench-overhead bench-epoch bench-memory bench-search bench-backends bench-gpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q -e ".[dev]"
+$(VENV)/.installed-dev: $(BIN)/python pyproject.toml   # jax (CPU): the tests run one sweep under JAX
+	$(BIN)/python -m pip install -q -e ".[dev,jax,dashboard]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -39,8 +39,12 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
 	$(BIN)/hadolint docker/Dockerfile
 
-ui: $(VENV)/.installed               ## the MLflow UI on the default local store
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts --host 127.0.0.1
+ui: $(VENV)/.installed               ## the MLflow UI on the sweep's runs table, at 127.0.0.1:5000
+	$(BIN)/mnist-sweep ui $(SWEEP) $(ARGS)
+
+dashboard: $(VENV)/.installed        ## optuna-dashboard on the sweep's study, at 127.0.0.1:8080
+	$(BIN)/python -m pip install -q -e ".[dashboard]"
+	$(BIN)/mnist-sweep dashboard $(SWEEP) $(ARGS)
 
 bench-overhead: $(VENV)/.installed-dev   ## one trial against raw fit; tracking and start-up times
 	$(BIN)/python bench/overhead.py
@@ -50,6 +54,12 @@ bench-epoch: $(VENV)/.installed-dev      ## epoch time against the arithmetic fl
 
 bench-memory: $(VENV)/.installed-dev     ## worker RSS after 1 and after 20 trials
 	$(BIN)/python bench/worker_memory.py --trials 20
+
+bench-backends: $(VENV)/.installed-dev  ## epoch time of the default trial per Keras backend (torch: pip install torch)
+	$(BIN)/python bench/backends.py
+
+bench-gpu: $(VENV)/.installed-dev       ## on a GPU machine: epoch time by batch size, 1-8 workers on one GPU
+	$(BIN)/python bench/gpu.py
 
 bench-search: $(VENV)/.installed-dev     ## the default sweep, pruning off, random sampler (hours on 2 cores)
 	$(BIN)/python bench/search.py

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -17,26 +18,60 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def python_path() -> str:
+    """PYTHONPATH for a child process: this checkout first, then whatever the parent had (carried wheels)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def machine() -> str:
-    """Cores, CPU model and accelerator, as one line."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    accelerator = "no GPU"
-    if "keras" in sys.modules:
-        import keras
+    """Cores, CPU model, device and Keras backend, as one line."""
+    from mnist_sweep.environment import cpu_model, device, keras_backend
 
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
+    return (
+        f"{os.cpu_count()} cores, {cpu_model()}, {device()}, Keras backend {keras_backend()}, "
+        f"Python {platform.python_version()}"
+    )
 
-            gpus = tf.config.list_physical_devices("GPU")
-            accelerator = ", ".join(g.name for g in gpus) or "no GPU"
-    return f"{os.cpu_count()} cores, {cpu}, {accelerator}, Python {platform.python_version()}"
+
+def load_average() -> str:
+    """The 1-minute load average: the machine may be shared while a bench runs."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+DEFAULT_TRIAL_PARAMS = {"optimizer": "adam", "learning_rate": 1e-3, "activation": "relu", "dropout": 0.2}
+
+
+def default_trial_epochs(split: Any, *, batch_size: int, epochs: int) -> tuple[list[float], list[float]]:
+    """Seconds of each epoch and the validation accuracy after each, of the default sweep's trial.
+
+    The trial runs as a sweep runs it (mnist_sweep.trial, the default sweep file's train settings) with
+    one fixed, good point of its search space; epoch 1 includes tracing and compilation.
+    """
+    from mnist_sweep.config import load_sweep
+    from mnist_sweep.trial import TrainSettings, run_trial
+
+    train = load_sweep(str(REPO / "sweeps" / "fcn.toml"), []).train
+    settings = TrainSettings(
+        hidden=(500, 500),
+        epochs=epochs,
+        lr_schedule=train.lr_schedule,
+        steps_per_execution=train.steps_per_execution,
+        precision=train.precision,
+    )
+    seconds: list[float] = []
+    accuracy: list[float] = []
+    last = [time.perf_counter()]
+
+    def hook(epoch: int, values: Any) -> None:
+        now = time.perf_counter()
+        seconds.append(now - last[0])
+        accuracy.append(float(values["val_accuracy"]))
+        last[0] = now
+
+    params = {**DEFAULT_TRIAL_PARAMS, "batch_size": batch_size}
+    last[0] = time.perf_counter()
+    run_trial(params=params, split=split, settings=settings, seed=0, epoch_hooks=[hook])
+    return seconds, accuracy
 
 
 def timed(action: Callable[[], object]) -> float:

@@ -166,6 +166,11 @@ def main() -> None:
     parser.add_argument("--threads-child", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    from mnist_sweep.environment import keras_backend
+
+    if keras_backend() != "tensorflow":  # tf.data, thread pools and XLA's auto-jit are TensorFlow's options
+        sys.exit(f"bench/epoch.py compares TensorFlow fit options, not {keras_backend()}: see bench/backends.py")
+
     from mnist_sweep.data import load_split, resolve_source
 
     split = load_split(resolve_source(data_dir()), validation=5000, train_limit=args.train_limit, seed=0)

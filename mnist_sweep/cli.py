@@ -13,19 +13,50 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from mnist_sweep import interrupt
+from mnist_sweep import __version__, console, interrupt
 from mnist_sweep.config import ConfigError, SweepConfig, load_sweep, mask_password
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGINT = 0, 1, 2, 130
 
+ABOUT = """\
+Hyperparameter sweeps of the MNIST lecture's fully connected network. An Optuna study samples the
+optimizer, learning rate, batch size and activation; every trial is logged to MLflow; the best trial's
+model is scored once on the held-out test set, and a report is written."""
 
-def _echo(line: str) -> None:
-    print(mask_password(line), flush=True)
+USAGE_NOTES = """\
+example:
+  mnist-sweep run sweeps/fcn.toml --trials 3 --epochs 1
+
+where results go (paths set in the sweep file; these are the defaults):
+  mlruns/optuna.db                    the Optuna study: trials, params, the test result
+  mlruns/mlflow.db, mlruns/artifacts  MLflow: one parent run per study, one child run per trial, models
+  reports/<study>/report.html         the test report (with report.md, test_metrics.json, leaderboard.csv)
+  `mnist-sweep ui SWEEP` opens the runs in the MLflow UI.
+
+On a terminal, `run` and `worker` show live progress; piped or redirected they print one line per trial.
+Every command takes --quiet (only the final result) and --verbose (the libraries' logs too).
+Exit codes: 0 done, 1 too many failed trials, 2 bad input (nothing written), 130 Ctrl-C, 143 SIGTERM.
+`mnist-sweep COMMAND --help` shows a command's options."""
+
+# Commands whose chatter --quiet removes; the others print only their result anyway.
+QUIETABLE = ("run", "worker", "finalize", "report")
+
+_console = console.Console(sys.stdout)  # replaced in main once the flags are known
+
+
+def _echo(line: str, *, final: bool = False) -> None:
+    _console.echo(mask_password(line), final=final)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnist-sweep", description=__doc__.splitlines()[0] if __doc__ else None)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(
+        prog="mnist-sweep",
+        description=ABOUT,
+        epilog=USAGE_NOTES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -41,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--trials", type=int, help="shortcut for --set study.trials=N")
         sub.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
         sub.add_argument("--data", help="shortcut for --set data.path=PATH")
+        loudness = sub.add_mutually_exclusive_group()
+        loudness.add_argument(
+            "-q", "--quiet", action="store_true", help="print only the final result (run, worker, finalize, report)"
+        )
+        loudness.add_argument(
+            "-v", "--verbose", action="store_true", help="show TensorFlow's and the libraries' logs too"
+        )
         return sub
 
     command("run", "run trials until study.trials are finished, then score the chosen model on the test set once")
@@ -58,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     trials.add_argument("--sort", metavar="METRIC", help="sort by this column (default: study.metric, best first)")
     ui = command("ui", "serve the MLflow UI on the sweep's tracking store at 127.0.0.1 until Ctrl-C")
     ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    dashboard = command("dashboard", "serve optuna-dashboard on the study's Optuna storage at 127.0.0.1 until Ctrl-C")
+    dashboard.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
     replay = command("replay", "retrain one trial from its MLflow run and compare with its logged metrics")
     replay.add_argument("run_id", metavar="RUN_ID", help="the trial's MLflow run id")
     return parser
@@ -87,6 +127,10 @@ def _validate(cfg: SweepConfig) -> int:
 def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
     if args.command == "validate":
         return _validate(cfg)
+    if args.command in ("ui", "dashboard"):
+        from mnist_sweep.ui import check_port
+
+        check_port(args.port)
     from mnist_sweep import preflight
 
     if args.command != "replay":  # replay writes nothing
@@ -94,9 +138,9 @@ def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
         preflight.check_inputs(
             cfg,
             training=args.command in ("run", "worker"),
-            needs_data=args.command in ("run", "worker", "finalize"),  # report, trials, ui read records only
+            needs_data=args.command in ("run", "worker", "finalize"),  # report, trials, ui, dashboard only read
         )
-    _quiet_libraries()
+    _quiet_libraries(verbose=args.verbose)
     if args.command == "replay":
         from mnist_sweep.replay import replay
 
@@ -104,9 +148,11 @@ def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
     from mnist_sweep import sweep
 
     if args.command == "run":
-        return sweep.run(cfg, echo=_echo, finalize=True)
+        return sweep.run(cfg, echo=_echo, finalize=True, progress=_console.progress, sweep_file=args.sweep)
     if args.command == "worker":
-        return sweep.run(cfg, echo=_echo, finalize=False, as_worker=True)
+        return sweep.run(
+            cfg, echo=_echo, finalize=False, as_worker=True, progress=_console.progress, sweep_file=args.sweep
+        )
     if args.command == "finalize":
         return sweep.finalize(cfg, echo=_echo, reclaim=args.reclaim)
     if args.command == "report":
@@ -115,24 +161,34 @@ def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
         return sweep.trials(cfg, echo=_echo, csv_file=args.csv, sort=args.sort)
     if args.command == "ui":
         return sweep.ui(cfg, echo=_echo, port=args.port)
+    if args.command == "dashboard":
+        return sweep.dashboard(cfg, echo=_echo, port=args.port)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
-def _quiet_libraries() -> None:
-    """One line per trial from us; the libraries' INFO chatter would bury it."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _quiet_libraries(*, verbose: bool) -> None:
+    """Keras loaded for its backend; one line per trial from us, the libraries' chatter off (unless --verbose)."""
+    from mnist_sweep.environment import prepare_backend
+
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    if verbose:
+        prepare_backend()
+        return
+    # 3 = errors too: the C++ runtime's ERROR lines are start-up noise (`failed call to cuInit` on a
+    # machine without a GPU, at the first model build); a real failure reaches us as a Python exception.
+    # Set, not defaulted: importing JAX (here or in a parent process) leaves it at 1, which lets them through.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     import logging
     import warnings
 
     with _native_stderr_silenced():  # TensorFlow's C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL
-        import keras  # noqa: F401
+        prepare_backend()  # imports Keras: GPUs shared, TensorFlow hidden under another backend
     import mlflow  # noqa: F401  # configures its loggers on import, so quiet them afterwards
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    for name in ("mlflow", "alembic", "tensorflow", "absl"):
+    for name in ("mlflow", "alembic", "tensorflow", "absl", "jax"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # It logs a database error with its traceback, then raises it: we report it once, in one line.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
@@ -157,8 +213,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: one line, exit 2."""
     from mnist_sweep.data import DataError
     from mnist_sweep.preflight import PreflightError
+    from mnist_sweep.ui import ServeError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, PreflightError]
+    errors: list[type[BaseException]] = [ConfigError, DataError, PreflightError, ServeError]
     if "mnist_sweep.tracking" in sys.modules:  # these modules are heavy: only the commands that ran them
         from mnist_sweep.final import FinalizeError
         from mnist_sweep.study import StorageError, StudyMismatchError
@@ -182,7 +239,9 @@ SAFE_POINT_COMMANDS = ("run", "worker", "finalize", "replay")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _console
     args = _parser().parse_args(argv)
+    _console = console.stdout_console(quiet=args.quiet and args.command in QUIETABLE, verbose=args.verbose)
     safe_points = args.command in SAFE_POINT_COMMANDS
     if safe_points and argv is None:  # the process's own command line, not a call from Python
         interrupt.record_until_exit()

@@ -231,14 +231,14 @@ def _read_part(source: DataSource, part: str) -> tuple[npt.NDArray[np.uint8], La
 
 
 def _downloaded() -> DataSource:
+    hint = "put the four IDX files (or mnist.npz) in a folder and set data.path or MNIST_SWEEP_DATA to it"
     try:
         location = _download_keras_npz()
-    except Exception as exc:  # urllib, ssl and Keras raise many kinds; offline is the usual one
-        reason = getattr(exc, "reason", None) or exc  # urllib's URLError: the reason says more than its str
+    except DataError as exc:
+        raise DataError(f"{exc}; {hint}") from None
+    except Exception as exc:  # urllib and ssl raise many kinds; offline is the usual one
         raise DataError(
-            f"data.path is empty and ${DATA_ENV} is unset, and MNIST could not be downloaded from "
-            f"{KERAS_MNIST_URL} ({reason}); "
-            "put the four IDX files (or mnist.npz) in a folder and set data.path or MNIST_SWEEP_DATA to it"
+            f"no data.path or ${DATA_ENV}, and the download of {KERAS_MNIST_URL} failed: {exc}; {hint}"
         ) from None
     return DataSource("npz", location, "the Keras download")
 
@@ -269,36 +269,37 @@ def _load_npz(path: Path, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
 
 
 def _download_keras_npz() -> str:
-    """Keras' own mnist.npz (what keras.datasets.mnist.load_data fetches), kept in $KERAS_HOME/datasets.
+    """Keras' own mnist.npz (what keras.datasets.mnist.load_data fetches), kept in ~/.keras/datasets.
 
-    Fetched with the standard library, not Keras: importing TensorFlow to download a file costs seconds
-    and prints its start-up lines before our one line when the network is down.
+    Fetched with the standard library, so reading MNIST needs NumPy only, whatever the Keras backend.
     """
     import tempfile
     import urllib.request
 
-    folder = Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser() / "datasets"
+    folder = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "datasets"
     target = folder / "mnist.npz"
     if target.is_file() and _sha256(target) == KERAS_MNIST_SHA256:
         return str(target)
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, prefix="mnist.npz.", delete=False) as partial:
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".mnist.npz.", delete=False) as partial:
         try:
             with urllib.request.urlopen(KERAS_MNIST_URL, timeout=60) as response:
                 while chunk := response.read(1 << 20):
                     partial.write(chunk)
-            partial.close()
-            if _sha256(Path(partial.name)) != KERAS_MNIST_SHA256:
-                raise DataError(f"{KERAS_MNIST_URL}: the download does not match its sha256")
-            os.replace(partial.name, target)
-        finally:
+        except OSError as exc:
             Path(partial.name).unlink(missing_ok=True)
+            detail = f"no data.path or ${DATA_ENV}, and the download of {KERAS_MNIST_URL} failed: {exc}"
+            raise DataError(detail) from None
+    if _sha256(Path(partial.name)) != KERAS_MNIST_SHA256:
+        Path(partial.name).unlink(missing_ok=True)
+        raise DataError(f"the download of {KERAS_MNIST_URL} does not match its sha256; try again")
+    os.replace(partial.name, target)  # atomic: a concurrent worker sees the whole file or none
     return str(target)
 
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with path.open("rb") as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()

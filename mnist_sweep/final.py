@@ -23,8 +23,8 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_sweep import interrupt
 from mnist_sweep.config import SEAL_SUFFIX
 from mnist_sweep.data import DataSource, load_test_split
+from mnist_sweep.environment import environment
 from mnist_sweep.metrics import classification_report, confusion_matrix, wilson_interval
-from mnist_sweep.report import environment
 from mnist_sweep.study import MODEL_URI_ATTR, RUN_ID_ATTR, TEST_RESULT_ATTR
 from mnist_sweep.tracking import Tracker
 

@@ -84,6 +84,14 @@ def compiled_model(
         optimizer=optimizer,
         loss="sparse_categorical_crossentropy",
         metrics=list(metrics),
-        steps_per_execution=steps_per_execution,
+        steps_per_execution=supported_steps_per_execution(steps_per_execution),
     )
     return model
+
+
+def supported_steps_per_execution(requested: int) -> int:
+    """The requested steps per execution; 1 under torch, where Keras runs one step at a time only.
+
+    A speed setting, not a hyperparameter: the numbers trained are the same either way.
+    """
+    return 1 if keras.backend.backend() == "torch" else requested

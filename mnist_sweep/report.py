@@ -1,4 +1,4 @@
-"""The held-out test report: reports/<study>/report.html, report.md, test_metrics.json, leaderboard.csv, plots/.
+"""The held-out test report: reports/<study>/report.html, report.md, test_metrics.json, leaderboard.csv.
 
 Everything comes from what the sweep recorded (the study's trials, its stored test result, the trial runs'
 metrics in MLflow): writing the report never reads a test image.
@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import html
 import json
-import platform
-import shutil
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -24,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep import plots
 from mnist_sweep.config import ConfigError
+from mnist_sweep.environment import environment
 from mnist_sweep.metrics import most_confused
 from mnist_sweep.study import RUN_ID_ATTR
 
@@ -33,7 +30,6 @@ CONFUSED_PAIRS = 5
 LOGGED_METRICS = ("val_accuracy", "val_loss", "val_f1_macro")
 LOWER_IS_BETTER = ("trial", "val_loss", "duration_s")
 NOT_SCORED = "Test set not scored yet."
-PACKAGES = ("tensorflow", "keras", "optuna", "mlflow", "numpy", "pandas", "plotly")
 
 Row = dict[str, Any]
 
@@ -101,53 +97,6 @@ def study_summary(study: optuna.Study, rows: Sequence[Row]) -> dict[str, Any]:
         ][:TOP_TRIALS],
         "environment": environment(),
     }
-
-
-def environment() -> dict[str, str]:
-    """Python, package versions and the device, without importing anything heavy."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    packages = {}
-    for name in PACKAGES:
-        try:
-            packages[name] = version(name)
-        except PackageNotFoundError:
-            packages[name] = "not installed"
-    return {"python": platform.python_version(), "machine": platform.machine(), "device": device(), **packages}
-
-
-def device() -> str:
-    """'GPU: <names>' or 'CPU: <model>'. Asks TensorFlow only when it is already loaded (importing costs seconds)."""
-    tf = sys.modules.get("tensorflow")
-    gpus = _tensorflow_gpus(tf) if tf is not None else _nvidia_smi_gpus()
-    return f"GPU: {', '.join(gpus)}" if gpus else f"CPU: {_cpu_name()}"
-
-
-def _tensorflow_gpus(tf: Any) -> list[str]:
-    devices = tf.config.list_physical_devices("GPU")
-    return [str(tf.config.experimental.get_device_details(d).get("device_name", d.name)) for d in devices]
-
-
-def _nvidia_smi_gpus() -> list[str]:
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        found = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in found.stdout.splitlines() if line.strip()] if found.returncode == 0 else []
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def gaps(result: Mapping[str, Any]) -> dict[str, float | None]:
@@ -254,7 +203,7 @@ def render_markdown(result: dict[str, Any] | None, summary: dict[str, Any]) -> s
         "",
         f"- trials: {_state_line(summary)}",
         f"- time in trials: {summary['total_trial_seconds']} s (mean {summary['mean_trial_seconds']} s per trial)",
-        "- plots: report.html, and one page each in plots/",
+        "- plots: report.html (one page, opens offline)",
         "",
         "### Top trials",
         "",
@@ -360,7 +309,7 @@ def _sweep_section(summary: Mapping[str, Any], sweep_plots: Sequence[plots.Sweep
 
 
 def render_html(result: dict[str, Any] | None, summary: dict[str, Any], sweep_plots: Sequence[plots.SweepPlot]) -> str:
-    """The report as one self-contained page: plotly.js embedded once, nothing fetched."""
+    """The report as one self-contained page: plotly.js embedded once (packed), nothing fetched."""
     study = html.escape(summary["study"])
     written = datetime.now(timezone.utc).isoformat(timespec="seconds")
     test = (
@@ -374,13 +323,13 @@ def render_html(result: dict[str, Any] | None, summary: dict[str, Any], sweep_pl
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>mnist-sweep report: {study}</title>
 <style>{_CSS}</style>
-<script type="text/javascript">{plots.plotly_js()}</script>
 </head><body>
 <h1>mnist-sweep report: study <code>{study}</code></h1>
 <p class="note">written {written}; direction: {html.escape(summary["direction"])}</p>
 {test}
 {_sweep_section(summary, sweep_plots)}
 <section id="environment"><h2>Environment</h2>{_html_table(env_rows, table_id="environment-table")}</section>
+{plots.plotly_loader()}
 </body></html>
 """
 
@@ -419,7 +368,11 @@ def write_report(
     metric: str,
     run_metrics: Mapping[str, Mapping[str, float]],
 ) -> list[Path]:
-    """report.html, report.md, test_metrics.json, leaderboard.csv and plots/<plot>.html; returns them."""
+    """report.html, report.md, test_metrics.json and leaderboard.csv; returns them.
+
+    Every plot is drawn in report.html alone, which carries the one copy of plotly.js (packed, 2 MB): a page
+    per plot had to embed its own copy to open offline and in MLflow's sandboxed artifact view (~28 MB a study).
+    """
     rows = leaderboard_rows(study, run_metrics)
     summary = study_summary(study, rows)
     sweep_plots = plots.sweep_plots(study, metric=metric)
@@ -432,14 +385,6 @@ def write_report(
         ),
         "leaderboard.csv": leaderboard_table(rows, sort=metric).to_csv(index=False),
     }
-    # One page per sweep plot, so MLflow's artifact view shows each on its own.
-    written.update(
-        {
-            f"plots/{p.key}.html": plots.standalone_html(p.figure, title=p.title)
-            for p in sweep_plots
-            if p.figure is not None
-        }
-    )
     paths = []
     for name, text in written.items():
         path = folder / name

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from mnist_sweep import databases, interrupt
 from mnist_sweep.config import StudyConfig, SweepConfig
+from mnist_sweep.console import NO_PROGRESS, TrialProgress
 from mnist_sweep.data import Split, sealed_test_set
 from mnist_sweep.interrupt import raise_if_requested
 from mnist_sweep.space import sample_params
@@ -114,6 +115,9 @@ def open_study(
             load_if_exists=False,
         )
         created = True
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and still so in 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([cfg.study.metric])  # optuna-dashboard's axes name the metric
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=cfg.study.name, storage=storage, sampler=sampler, pruner=pruner)
     stored = study.direction.name.lower()
@@ -256,9 +260,17 @@ class Objective:
     """One Optuna trial: sample, open its MLflow run, fit, log, and close the run however it ends."""
 
     def __init__(
-        self, *, cfg: SweepConfig, split: Split, tracker: Tracker, parent_run_id: str, data_source: str
+        self,
+        *,
+        cfg: SweepConfig,
+        split: Split,
+        tracker: Tracker,
+        parent_run_id: str,
+        data_source: str,
+        progress: TrialProgress = NO_PROGRESS,
     ) -> None:
         self.cfg = cfg
+        self.progress = progress
         self.split = split
         self.tracker = tracker
         self.parent_run_id = parent_run_id
@@ -307,6 +319,7 @@ class Objective:
         pruning_hook = PruningHook(trial, self.cfg.study.metric, self.cfg.train.epochs)
         from mnist_sweep.trial import run_trial
 
+        self.progress.trial_started(number=trial.number, epochs=self.cfg.train.epochs)
         try:
             with sealed_test_set():
                 outcome = run_trial(
@@ -314,7 +327,8 @@ class Objective:
                     split=self.split,
                     settings=self.settings,
                     seed=seed,
-                    epoch_hooks=[logging_hook, pruning_hook],
+                    epoch_hooks=[self.progress.epoch, logging_hook, pruning_hook],
+                    batch_hooks=[self.progress.batch],
                 )
             record.fit_seconds = outcome.fit_seconds
             value = self._finish(trial, run_id, outcome, logging_hook)
@@ -354,8 +368,18 @@ def run_trials(
     study: optuna.Study, objective: Objective, *, target: int, max_failures: int, echo: Callable[[str], None]
 ) -> int:
     """Run trials until the study has `target` finished ones; returns how many this process ran."""
+    try:
+        return _run_trials(study, objective, target=target, max_failures=max_failures, echo=echo)
+    finally:
+        objective.progress.close()  # before any later line or error, so the display does not linger
+
+
+def _run_trials(
+    study: optuna.Study, objective: Objective, *, target: int, max_failures: int, echo: Callable[[str], None]
+) -> int:
     ran = failures = 0
-    while count_finished(study) < target:
+    progress, metric = objective.progress, objective.cfg.study.metric
+    while _counted(study, progress, metric=metric, target=target) < target:
         raise_if_requested()
         settle_stale(study, objective.tracker, objective.parent_run_id)
         objective.last = None
@@ -365,10 +389,12 @@ def run_trials(
             if not _failed_as_stale(study, objective):
                 raise
         ran += 1
+        finished = _counted(study, progress, metric=metric, target=target)
+        progress.trial_ended()
         record = objective.last
         if record is None:
             continue
-        echo(_trial_line(record, metric=objective.cfg.study.metric, finished=count_finished(study), target=target))
+        echo(_trial_line(record, metric=metric, finished=finished, target=target))
         if record.state == "FAIL" and not record.stale:
             failures += 1
             if failures >= max_failures:
@@ -379,6 +405,17 @@ def run_trials(
     # The last trial may have been the one to find a dead worker's trial stale: end that run too.
     settle_stale(study, objective.tracker, objective.parent_run_id)
     return ran
+
+
+def _counted(study: optuna.Study, progress: TrialProgress, *, metric: str, target: int) -> int:
+    """The study's finished trials (from every worker), also told to the live display with the best value."""
+    finished = count_finished(study)
+    try:
+        best: float | None = float(study.best_value)
+    except ValueError:  # no complete trial yet
+        best = None
+    progress.study(metric=metric, finished=finished, target=target, best=best)
+    return finished
 
 
 def _failed_as_stale(study: optuna.Study, objective: Objective) -> bool:

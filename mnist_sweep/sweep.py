@@ -1,8 +1,7 @@
-"""The top-level flows, each a straight line: run, worker, finalize, report, trials, ui."""
+"""The top-level flows, each a straight line: run, worker, finalize, report, trials, ui, dashboard."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +9,13 @@ import optuna
 
 from mnist_sweep import preflight
 from mnist_sweep.config import SweepConfig
+from mnist_sweep.console import NO_PROGRESS, Echo, TrialProgress
 from mnist_sweep.data import DataSource, Split, check_test_split_present, load_split, resolve_source
 from mnist_sweep.databases import sqlite_file
+from mnist_sweep.environment import device_line, gpus
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
 from mnist_sweep.report import leaderboard_rows, leaderboard_table, write_report
+from mnist_sweep.space import searched_names
 from mnist_sweep.study import (
     PARENT_RUN_ATTR,
     Objective,
@@ -26,9 +28,8 @@ from mnist_sweep.study import (
     wait_for_running_trials,
     worker_salt,
 )
-from mnist_sweep.tracking import Tracker, recorded_trial_metrics, serve_ui
-
-Echo = Callable[[str], None]
+from mnist_sweep.tracking import Tracker, recorded_trial_metrics
+from mnist_sweep.ui import serve_dashboard, serve_mlflow_ui
 
 
 class StudySealedError(RuntimeError):
@@ -60,7 +61,15 @@ def make_tracker(cfg: SweepConfig) -> Tracker:
     )
 
 
-def run(cfg: SweepConfig, *, echo: Echo, finalize: bool, as_worker: bool = False) -> int:
+def run(
+    cfg: SweepConfig,
+    *,
+    echo: Echo,
+    finalize: bool,
+    as_worker: bool = False,
+    progress: TrialProgress = NO_PROGRESS,
+    sweep_file: str = "",
+) -> int:
     """Join or create the study, run trials until study.trials are finished, then (run) finalize."""
     source, split = prepare_data(cfg)
     preflight.check_all(cfg)
@@ -71,11 +80,15 @@ def run(cfg: SweepConfig, *, echo: Echo, finalize: bool, as_worker: bool = False
     tracker = make_tracker(cfg)
     study, created = open_study(cfg, storage, worker_salt=worker_salt() if as_worker else 0)
     parent = parent_run_id(study, tracker, created=created, config=cfg.to_dict())
+    tracker.describe_run(parent, study_description(cfg, sweep_file=sweep_file))
+    echo(device_line(gpus()))
     echo(
         f"study {cfg.study.name!r}: {count_finished(study)}/{cfg.study.trials} trials finished; "
         f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {parent}"
     )
-    objective = Objective(cfg=cfg, split=split, tracker=tracker, parent_run_id=parent, data_source=source.describe())
+    objective = Objective(
+        cfg=cfg, split=split, tracker=tracker, parent_run_id=parent, data_source=source.describe(), progress=progress
+    )
     tracker.set_parent_status(parent, "RUNNING")  # a rerun after an interrupt: the study is running again
     status = "KILLED"
     try:
@@ -90,6 +103,23 @@ def run(cfg: SweepConfig, *, echo: Echo, finalize: bool, as_worker: bool = False
     return 0
 
 
+def study_description(cfg: SweepConfig, *, sweep_file: str = "") -> str:
+    """What the study is, for its parent run's description in the MLflow UI (Markdown)."""
+    study, searched = cfg.study, ", ".join(f"`{name}`" for name in searched_names(cfg.search))
+    source = f" from `{sweep_file}`" if sweep_file else ""
+    hidden = "-".join(str(units) for units in cfg.model.hidden)
+    return (
+        f"Optuna study **{study.name}**{source}: {study.trials} trials of the MNIST fully connected network "
+        f"(hidden layers {hidden}, up to {cfg.train.epochs} epochs), {study.sampler} sampler, "
+        f"{study.pruner} pruner.\n\n"
+        f"Searched: {searched or 'nothing (every hyperparameter fixed)'}. The trial with the best `{study.metric}` "
+        f"({study.goal}) on the validation split is chosen, and its model is scored once on the held-out test set "
+        "(the `test_*` metrics of this run, and `report/report.html`).\n\n"
+        "Each trial is a child run `trial-NNNN`: compare them by the columns `final_val_accuracy`, `final_val_loss` "
+        "and the searched params."
+    )
+
+
 def _already_scored(cfg: SweepConfig, study: optuna.Study, echo: Echo) -> int:
     finished = count_finished(study)
     if finished < cfg.study.trials:
@@ -100,7 +130,7 @@ def _already_scored(cfg: SweepConfig, study: optuna.Study, echo: Echo) -> int:
         )
     result = recorded_result(study)
     echo("test set already scored; nothing trained or scored again")
-    echo(result_line(result) if result else "the test set is being scored by another process")
+    echo(result_line(result) if result else "the test set is being scored by another process", final=True)
     return 0
 
 
@@ -150,7 +180,7 @@ def _finalize(
     if not scored_now:
         echo("test set already scored; nothing scored again")
     _write_report(cfg, study, result, tracker=tracker, parent=parent, echo=echo)
-    echo(result_line(result))
+    echo(result_line(result), final=True)
     return result
 
 
@@ -194,7 +224,7 @@ def report(cfg: SweepConfig, *, echo: Echo) -> int:
             f"study {cfg.study.name!r} has no scored test set yet; the report says so "
             "(`mnist-sweep finalize SWEEP` scores it once)"
         )
-    echo(result_line(result))
+    echo(result_line(result), final=True)
     return 0
 
 
@@ -205,7 +235,7 @@ def trials(cfg: SweepConfig, *, echo: Echo, csv_file: str | None, sort: str | No
     study = _recorded_study(cfg)
     rows = leaderboard_rows(study, recorded_trial_metrics(uri=cfg.tracking.uri, experiment=cfg.study.name))
     table = leaderboard_table(rows, sort=sort or cfg.study.metric)
-    echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(table) else "no trials yet")
+    echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(table) else "no trials yet", final=True)
     if csv_file:
         Path(csv_file).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(csv_file, index=False)
@@ -216,5 +246,13 @@ def trials(cfg: SweepConfig, *, echo: Echo, csv_file: str | None, sort: str | No
 def ui(cfg: SweepConfig, *, echo: Echo, port: int) -> int:
     """The MLflow UI on the sweep's tracking store, bound to 127.0.0.1, until Ctrl-C."""
     _recorded_study(cfg)
-    serve_ui(uri=cfg.tracking.uri, artifacts=cfg.tracking.artifacts, experiment=cfg.study.name, port=port, echo=echo)
+    tracking = cfg.tracking
+    serve_mlflow_ui(uri=tracking.uri, artifacts=tracking.artifacts, experiment=cfg.study.name, port=port, echo=echo)
+    return 0
+
+
+def dashboard(cfg: SweepConfig, *, echo: Echo, port: int) -> int:
+    """optuna-dashboard on the sweep's Optuna storage, bound to 127.0.0.1, until Ctrl-C."""
+    _recorded_study(cfg)
+    serve_dashboard(storage=make_storage(cfg.study), study_name=cfg.study.name, port=port, echo=echo)
     return 0

@@ -7,14 +7,8 @@ import csv
 import functools
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +18,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnist_sweep import databases
+from mnist_sweep import databases, environment
 from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
 from mnist_sweep.locations import artifact_location, local_artifact_folder
 from mnist_sweep.metrics import ClassificationReport
@@ -41,6 +35,12 @@ STATE_TAG = "trial_state"
 PARENT_TAG = "mlflow.parentRunId"
 MODEL_URI_TAG = "model_uri"
 TEST_SCORED_TAG = "test_set_scored"
+# MLflow 3's UI opens an experiment of no kind on its GenAI overview (traces, token usage); this kind opens
+# the runs table, the place to compare trials.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
+BACKEND_TAG = "keras_backend"
+DEVICE_TAG = "device"  # "GPU: <name, memory>" or "CPU: <model>"
 MAX_RUNNING_RUNS = 1000
 
 
@@ -49,20 +49,20 @@ class TrackingError(RuntimeError):
 
 
 def _model_pip_requirements() -> list[str]:
-    """Explicit requirements: inferring them spawns a subprocess that costs ~10 s per model."""
-    from importlib.metadata import PackageNotFoundError, version
+    """Explicit requirements: inferring them spawns a subprocess that costs ~10 s per model.
 
+    The backend's package is the one the model was trained with (tensorflow, jax or torch): a model
+    saved under JAX reloads without TensorFlow.
+    """
     import keras
 
-    backend_package = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(keras.backend.backend())
+    backend = keras.backend.backend()
+    packages = {"jax": ["jax", "jaxlib"]}.get(backend, [environment.BACKEND_PACKAGES.get(backend, backend)])
     requirements = [f"mlflow=={mlflow.__version__}", f"keras=={keras.__version__}"]
-    for package in (backend_package, "numpy"):
-        if package is None:
-            continue
-        try:
-            requirements.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            requirements.append(package)
+    for package in [*packages, "numpy"]:
+        installed = environment.package_version(package)
+        # A local build label (torch's "+cpu") names no release on PyPI.
+        requirements.append(package if installed == "not installed" else f"{package}=={installed.split('+')[0]}")
     return requirements
 
 
@@ -150,11 +150,17 @@ class Tracker:
             databases.create_whole(uri, _create_mlflow_tables)
             self.client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._experiment(experiment, artifact_location(uri, artifacts))
+        self._mark_model_training()
 
     @functools.cached_property
     def _requirements(self) -> list[str]:
         # Computed at the first model, so `report` and `trials` never import Keras and TensorFlow.
         return _model_pip_requirements()
+
+    @functools.cached_property
+    def _machine_tags(self) -> dict[str, str]:
+        # Asked at the first trial, once Keras is loaded: the device its backend trains on.
+        return {BACKEND_TAG: environment.keras_backend(), DEVICE_TAG: environment.device()}
 
     def _experiment(self, name: str, location: str | None) -> str:
         try:
@@ -175,6 +181,12 @@ class Tracker:
             )
         return str(found.experiment_id)
 
+    def _mark_model_training(self) -> None:
+        """Give the experiment its kind, unless someone chose one (studies made before this had none)."""
+        tags = self.client.get_experiment(self.experiment_id).tags
+        if EXPERIMENT_KIND_TAG not in tags:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
     # ----------------------------------------------------------------------- the study's parent run
 
     def create_parent_run(self, *, study_name: str, config: Mapping[str, Any]) -> str:
@@ -193,7 +205,15 @@ class Tracker:
             return False
 
     def set_parent_status(self, run_id: str, status: str) -> None:
-        self.client.update_run(run_id, status=status)
+        """RUNNING, or an end status with the end time, so the UI shows how long the study ran."""
+        if status == "RUNNING":
+            self.client.update_run(run_id, status=status)
+        else:
+            self.client.set_terminated(run_id, status=status)
+
+    def describe_run(self, run_id: str, markdown: str) -> None:
+        """The run's description, shown at the top of its page in the MLflow UI."""
+        self.client.set_tag(run_id, DESCRIPTION_TAG, markdown)
 
     # ----------------------------------------------------------------------- trial runs
 
@@ -209,6 +229,7 @@ class Tracker:
                 STUDY_TAG: study_name,
                 TRIAL_NUMBER_TAG: str(trial_number),
                 STATE_TAG: "RUNNING",
+                **self._machine_tags,
             },
         )
         run_id = str(run.info.run_id)
@@ -267,17 +288,16 @@ class Tracker:
 
         # The logged model is created here, in the study's experiment: left to Model.log, MLflow 3.17 files
         # it under the active experiment, which is "Default" (0) in a process that never set one.
+        run = self.client.get_run(run_id)
+        # Named after its run (trial-0007), so the Models tab tells the trials' models apart.
         logged = self.client.create_logged_model(
-            self.experiment_id,
-            name="model",
-            source_run_id=run_id,
-            params=dict(self.client.get_run(run_id).data.params),
+            self.experiment_id, name=run.info.run_name, source_run_id=run_id, params=dict(run.data.params)
         )
         # Model.log takes the run id, so the run is not resumed as the active run around it (0.03 s).
         with _training_state(model, keep=self.model_optimizer_state):
             info = Model.log(
                 artifact_path=None,
-                name="model",
+                name=logged.name,
                 flavor=mlflow.keras,
                 run_id=run_id,
                 model_id=logged.model_id,
@@ -358,11 +378,9 @@ class Tracker:
         self.client.log_text(run_id, json.dumps(payload, indent=2), artifact_file)
 
 
-# --------------------------------------------------------------------------- reading back, and the UI
+# --------------------------------------------------------------------------- reading back
 
 TRIAL_RUNS_FILTER = f"tags.`{ROLE_TAG}` = 'trial'"
-UI_WORKERS = 1  # one person browsing; MLflow's default of 4 workers would crowd small machines
-UI_START_SECONDS = 120.0
 
 
 def find_experiment_id(*, uri: str, experiment: str) -> str | None:
@@ -391,66 +409,3 @@ def recorded_trial_metrics(*, uri: str, experiment: str) -> dict[str, dict[str, 
         token = page.token
         if not token:
             return metrics
-
-
-def serve_ui(*, uri: str, artifacts: str, experiment: str, port: int, echo: Callable[[str], None]) -> None:
-    """The MLflow UI on the sweep's tracking store and artifact root, on 127.0.0.1, until Ctrl-C."""
-    experiment_id = find_experiment_id(uri=uri, experiment=experiment)
-    if experiment_id is None:
-        raise TrackingError(f"tracking.uri = {uri!r} has no MLflow experiment {experiment!r}; run `mnist-sweep run`")
-    if uri.startswith(("http://", "https://")):
-        echo(f"the sweep's tracking server serves the UI: {uri.rstrip('/')}/#/experiments/{experiment_id}")
-        return
-    _check_port_free(port)
-    base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
-    location = artifact_location(uri, artifacts)
-    command += ["--default-artifact-root", location] if location else []
-    command += ["--host", "127.0.0.1", "--port", str(port)]
-    # A session of its own: Ctrl-C reaches only us, and stopping the group ends MLflow's workers too.
-    # Its access log goes to stderr, so our stdout holds only the URL (for scripts) and the goodbye.
-    server = subprocess.Popen([*command, "--workers", str(UI_WORKERS)], start_new_session=True, stdout=2)
-    try:
-        _wait_until_serving(server, base)
-        echo(f"MLflow UI for study {experiment!r}: {base}/#/experiments/{experiment_id}  (Ctrl-C to stop)")
-        code = server.wait()
-        raise TrackingError(f"the MLflow UI server stopped by itself (exit code {code})")
-    except KeyboardInterrupt:
-        echo("MLflow UI stopped")
-    finally:
-        _stop_group(server)
-
-
-def _check_port_free(port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise TrackingError(f"--port {port}: cannot listen on 127.0.0.1:{port} ({exc.strerror})") from None
-
-
-def _wait_until_serving(server: subprocess.Popen[bytes], base: str) -> None:
-    deadline = time.monotonic() + UI_START_SECONDS
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise TrackingError(f"the MLflow UI server exited at start (exit code {server.returncode})")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass  # not listening yet
-        time.sleep(0.5)
-    raise TrackingError(f"the MLflow UI server did not answer on {base} within {UI_START_SECONDS:.0f} s")
-
-
-def _stop_group(server: subprocess.Popen[bytes]) -> None:
-    if server.poll() is not None:
-        return
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()

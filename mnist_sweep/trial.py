@@ -1,7 +1,8 @@
 """One trial: build the model, fit it, evaluate it on the validation images.
 
 This module knows neither Optuna nor MLflow: the study passes epoch hooks (pruning, metric logging)
-that are called after every epoch with the Keras logs, and gets a TrialOutcome back.
+that are called after every epoch with the Keras logs, batch hooks (the live display), and gets a
+TrialOutcome back.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from mnist_sweep.model import compiled_model
 
 EpochHook = Callable[[int, Mapping[str, float]], None]
 """Called with the 1-based epoch number and that epoch's loss, accuracy, val_loss, val_accuracy."""
+
+BatchHook = Callable[[int, int, int], None]
+"""Called with the 1-based epoch, the batches done in it and the batches per epoch, on Keras' callback
+thread; with steps_per_execution = N, once per N batches. Keep it cheap (a live display stores numbers)."""
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -76,9 +81,10 @@ class _EpochCallback(keras.callbacks.Callback):  # type: ignore[misc]
     # Keras calls the batch hook once per N batches.
     async_safe = True
 
-    def __init__(self, hooks: Sequence[EpochHook]) -> None:
+    def __init__(self, hooks: Sequence[EpochHook], batch_hooks: Sequence[BatchHook] = ()) -> None:
         super().__init__()
         self.hooks = hooks
+        self.batch_hooks = batch_hooks
         self.epoch = 0
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
@@ -88,6 +94,11 @@ class _EpochCallback(keras.callbacks.Callback):  # type: ignore[misc]
         raise_if_requested()  # a Ctrl-C or SIGTERM stops the fit within a step
         if logs and "loss" in logs:  # already plain floats here: Keras converted them on this thread
             _check_finite("loss", float(logs["loss"]), self.epoch, batch)
+        if self.batch_hooks:
+            steps = int(self.params.get("steps") or 0)  # Keras' batches per epoch
+            done = min(batch + 1, steps) if steps else batch + 1
+            for hook in self.batch_hooks:
+                hook(self.epoch, done, steps)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         values = {k: float(v) for k, v in (logs or {}).items() if k in EPOCH_METRICS}
@@ -185,6 +196,7 @@ def run_trial(
     settings: TrainSettings,
     seed: int,
     epoch_hooks: Sequence[EpochHook] = (),
+    batch_hooks: Sequence[BatchHook] = (),
 ) -> TrialOutcome:
     """Fit one model with `params` on `split` and measure it on the validation images."""
     fresh_session(seed)
@@ -199,7 +211,7 @@ def run_trial(
             steps_per_execution=settings.steps_per_execution,
             metrics=("accuracy", ConfusionCounts()),
         )
-    callbacks: list[keras.callbacks.Callback] = [_EpochCallback(epoch_hooks)]
+    callbacks: list[keras.callbacks.Callback] = [_EpochCallback(epoch_hooks, batch_hooks)]
     if settings.early_stopping_patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(

@@ -142,7 +142,7 @@ def test_no_data_source_offline_is_one_line_saying_where_to_put_the_files(run_cl
         **{name: "http://127.0.0.1:9" for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")},
     }
     line = one_line(run_cli("run", str(write_sweep(tmp_path, "")), cwd=work, env=offline, timeout=300), 2)
-    assert "data.path" in line and "MNIST_SWEEP_DATA" in line and "could not be downloaded" in line
+    assert "data.path" in line and "MNIST_SWEEP_DATA" in line and "download" in line and "put the four" in line
     assert list(work.iterdir()) == []
 
 

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import threading
-import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,22 +19,14 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from mnist_sweep import plots
 from mnist_sweep.plots import SWEEP_PLOT_TITLES
 from mnist_sweep.report import NOT_SCORED
+from tests.browser import chromium_page, free_port, read_line_with
 from tests.conftest import CLI, DEFAULT_SWEEP, CliRunner, cli, cli_environment, mnist_location, small_sweep_args
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SWEEP = str(DEFAULT_SWEEP)
 TINY = small_sweep_args(trials=3, train_limit=1000, validation=500)
 TRIAL_RUNS = "tags.`mnist_sweep.role` = 'trial'"
@@ -99,30 +86,6 @@ def user_error_lines(done: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in done.stderr.splitlines() if line.startswith("mnist-sweep:")]
 
 
-@contextlib.contextmanager
-def chromium_page() -> Iterator[tuple[Any, list[str]]]:
-    """A headless Chromium page, offline: JavaScript errors and any network request are collected."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"headless Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    problems: list[str] = []
-
-    def refuse(route: Any) -> None:
-        problems.append(f"network request: {route.request.url}")
-        route.abort()
-
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            page.on("console", lambda msg: msg.type == "error" and problems.append(f"console error: {msg.text}"))
-            page.route(re.compile(r"^(https?|wss?)://"), refuse)
-            yield page, problems
-        finally:
-            browser.close()
-
-
 def open_report(page: Any, path: Path) -> dict[str, bool]:
     """Open a report page, wait until plotly drew every plot, return which plot drew what."""
     page.goto(path.as_uri())
@@ -144,14 +107,15 @@ def test_report_opens_offline_in_chromium_and_every_plot_draws(sweep: Sweep) -> 
     assert notes == 0  # three complete trials with varied hyperparameters: every sweep plot says something
 
 
-def test_each_sweep_plot_page_opens_offline(sweep: Sweep) -> None:
-    pages = sorted((sweep.reports / "plots").glob("*.html"))
-    assert [p.stem for p in pages] == sorted(SWEEP_PLOT_TITLES)
-    with chromium_page() as (page, problems):
-        for path in pages:
-            page.goto(path.as_uri())
-            page.wait_for_function("() => document.querySelector('svg.main-svg, canvas') !== null", timeout=60_000)
-    assert problems == []
+def test_a_study_writes_plotly_js_once_and_its_report_stays_light(sweep: Sweep) -> None:
+    client = sweep.mlflow()
+    parent = client.search_runs([sweep.experiment_id()], "tags.`mnist_sweep.role` = 'study'")[0]
+    logged = Path(urlparse(parent.info.artifact_uri).path) / "report"
+    packed = plots.plotly_js_packed().encode()
+    for folder in (sweep.reports, logged):  # the report folder, and its copy in the parent run
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert sum(p.read_bytes().count(packed) for p in files) == 1
+        assert sum(p.stat().st_size for p in files) <= 3_000_000  # both: <= 6 MB a study
 
 
 def test_trial_confusion_matrix_page_shows_counts_and_row_shares(sweep: Sweep) -> None:
@@ -174,8 +138,7 @@ def test_parent_run_holds_report_plots_and_leaderboard_and_runs_compare_cleanly(
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     for name in ("report.html", "report.md", "test_metrics.json", "leaderboard.csv"):
         assert f"report/{name}" in logged
-    plot_pages = {Path(f.path).name for f in client.list_artifacts(parent.info.run_id, "report/plots")}
-    assert plot_pages == {f"{key}.html" for key in SWEEP_PLOT_TITLES}
+    assert "report/plots" not in logged  # every plot is in report.html
     assert parent.data.metrics["test_accuracy"] == pytest.approx(sweep.result()["test_accuracy"])
 
     trials = sweep.trial_runs()
@@ -222,36 +185,6 @@ def test_trials_prints_the_leaderboard_and_writes_it_as_csv(sweep: Sweep) -> Non
     assert len(user_error_lines(misspelt)) == 1 and "got 'val_los'" in misspelt.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def read_line_with(process: subprocess.Popen[str], needle: str, *, seconds: float) -> str:
-    """The first stdout line holding `needle`; a reader thread, since select() misses lines already buffered."""
-    lines: queue.Queue[str] = queue.Queue()
-    assert process.stdout is not None
-    stdout = process.stdout
-
-    def pump() -> None:
-        for line in stdout:
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            line = lines.get(timeout=min(left, 1.0))
-        except queue.Empty:
-            if process.poll() is not None:
-                break
-            continue
-        if needle in line:
-            return line.strip()
-    raise AssertionError(f"no line with {needle!r} within {seconds} s (exit code {process.poll()})")
-
-
 def rest(base: str, endpoint: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     payload = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(base + endpoint, data=payload, headers={"Content-Type": "application/json"})
@@ -279,7 +212,8 @@ def test_ui_serves_the_experiment_and_every_trial_run_over_mlflow_rest(sweep: Sw
         finally:
             server.send_signal(signal.SIGTERM)
             code = server.wait(timeout=60)
-    assert url.endswith(f"{base}/#/experiments/{experiment['experiment_id']}  (Ctrl-C to stop)")
+    runs_table = f"{base}/#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning"
+    assert url.endswith(f"{runs_table}  (Ctrl-C to stop)")
     served = {run["info"]["run_id"]: run["data"] for run in runs}
     trials = sweep.study().trials
     assert sorted(served) == sorted(t.user_attrs["mlflow_run_id"] for t in trials)

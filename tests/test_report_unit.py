@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 from pathlib import Path
 
@@ -96,4 +98,17 @@ def test_report_without_a_test_score_says_so(tmp_path: Path) -> None:
     assert "not enough trials: 1 complete, 2 needed" in page
     assert NOT_SCORED in (tmp_path / "report.md").read_text(encoding="utf-8")
     assert json.loads((tmp_path / "test_metrics.json").read_text(encoding="utf-8"))["test_set_scored"] is False
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["intermediate_values.html"]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["leaderboard.csv", "report.html", "report.md", "test_metrics.json"]
+
+
+def test_a_report_carries_plotly_js_once_and_stays_light(tmp_path: Path) -> None:
+    write_report(tmp_path, study=make_study(6, pruned=1), result=None, metric="val_accuracy", run_metrics={})
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    packed = plots.plotly_js_packed()
+    copies = sum(p.read_text(encoding="utf-8").count(packed) for p in files)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert copies == 1 and packed in page  # one page, self-contained, the bundle once
+    assert page.count('class="plotly-figure"') == 5  # every sweep plot drawn in it
+    assert gzip.decompress(base64.b64decode(packed)).decode() == plots.plotly_js()
+    assert sum(p.stat().st_size for p in files) <= 3_000_000

@@ -141,6 +141,8 @@ def test_every_logged_model_is_filed_under_the_study_experiment(sweep: FinishedS
     models = sweep.client.search_logged_models(experiment_ids=[experiment.experiment_id])
     complete = {c.info.run_id for c in sweep.children() if c.data.tags["trial_state"] == "COMPLETE"}
     assert complete and {m.source_run_id for m in models} == complete
+    names = {c.info.run_id: c.info.run_name for c in sweep.children()}
+    assert all(m.name == names[m.source_run_id] for m in models), "each model is named after its trial"
     assert all(m.experiment_id == experiment.experiment_id for m in models)
     assert sweep.client.search_logged_models(experiment_ids=["0"]) == []
     artifacts = sweep.workdir / "mlruns" / "artifacts"
