@@ -14,9 +14,10 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from mnist_sweep import __version__, console, interrupt
-from mnist_sweep.config import ConfigError, SweepConfig, load_sweep, mask_password
+from mnist_sweep.config import SweepConfig, load_sweep, mask_password
+from mnist_sweep.errors import EXIT_FAILED, EXIT_OK, CommandError
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGINT = 0, 1, 2, 130
+EXIT_SIGINT = 130
 
 ABOUT = """\
 Hyperparameter sweeps of the MNIST lecture's fully connected network. An Optuna study samples the
@@ -46,6 +47,11 @@ _console = console.Console(sys.stdout)  # replaced in main once the flags are kn
 
 def _echo(line: str, *, final: bool = False) -> None:
     _console.echo(mask_password(line), final=final)
+
+
+def _warn(line: str, *, final: bool = False) -> None:
+    """One line on stderr, passwords masked: what ends a command with an exit code other than 0."""
+    print(f"mnist-sweep: {mask_password(line)}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -156,7 +162,7 @@ def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
     if args.command == "finalize":
         return sweep.finalize(cfg, echo=_echo, reclaim=args.reclaim)
     if args.command == "report":
-        return sweep.report(cfg, echo=_echo)
+        return sweep.report(cfg, echo=_echo, warn=_warn)
     if args.command == "trials":
         return sweep.trials(cfg, echo=_echo, csv_file=args.csv, sort=args.sort)
     if args.command == "ui":
@@ -209,31 +215,6 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input: one line, exit 2."""
-    from mnist_sweep.data import DataError
-    from mnist_sweep.preflight import PreflightError
-    from mnist_sweep.ui import ServeError
-
-    errors: list[type[BaseException]] = [ConfigError, DataError, PreflightError, ServeError]
-    if "mnist_sweep.tracking" in sys.modules:  # these modules are heavy: only the commands that ran them
-        from mnist_sweep.final import FinalizeError
-        from mnist_sweep.study import StorageError, StudyMismatchError
-        from mnist_sweep.sweep import NoSuchStudyError, NotScoredError, StudySealedError
-        from mnist_sweep.tracking import TrackingError
-
-        errors += [
-            StorageError,
-            StudyMismatchError,
-            StudySealedError,
-            NoSuchStudyError,
-            NotScoredError,
-            TrackingError,
-            FinalizeError,
-        ]
-    return tuple(errors)
-
-
 # These train or score: a signal is acted on at a safe point, so the running trial is closed everywhere.
 SAFE_POINT_COMMANDS = ("run", "worker", "finalize", "replay")
 
@@ -266,16 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             full = disk_full_line(exc, cfg)  # a full disk is no bad input: the same command works once there is room
             if full is not None:
-                print(f"mnist-sweep: {full}", file=sys.stderr)
+                _warn(full)
                 return EXIT_FAILED
-            if isinstance(exc, _user_errors()):
-                print(f"mnist-sweep: {mask_password(str(exc))}", file=sys.stderr)
-                return EXIT_BAD_INPUT
-            from mnist_sweep.study import TooManyFailures
-
-            if isinstance(exc, TooManyFailures):
-                print(f"mnist-sweep: {mask_password(str(exc))}", file=sys.stderr)
-                return EXIT_FAILED
+            if isinstance(exc, CommandError):  # bad input (exit 2) or a sweep stopped by failing trials (exit 1)
+                _warn(str(exc))
+                return exc.exit_code
             raise
 
 

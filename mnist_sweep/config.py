@@ -17,14 +17,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from mnist_sweep.errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-
-class ConfigError(ValueError):
-    """A sweep file or command-line value that cannot be used; the message is one line for the user."""
 
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "adamw", "nadam")

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from mnist_sweep.errors import DataError, SealedTestSetError
+
 DATA_ENV = "MNIST_SWEEP_DATA"
 KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 KERAS_MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
@@ -44,14 +46,6 @@ TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 Images = npt.NDArray[np.float32]
 Labels = npt.NDArray[np.int64]
-
-
-class DataError(ValueError):
-    """Missing or corrupt MNIST data; the message is one line naming the file and what is wrong."""
-
-
-class SealedTestSetError(RuntimeError):
-    """Something asked for the test images while trials run."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from mnist_sweep import interrupt
 from mnist_sweep.config import SEAL_SUFFIX
 from mnist_sweep.data import DataSource, load_test_split
 from mnist_sweep.environment import environment
+from mnist_sweep.errors import FinalizeError
 from mnist_sweep.metrics import classification_report, confusion_matrix, wilson_interval
 from mnist_sweep.study import MODEL_URI_ATTR, RUN_ID_ATTR, TEST_RESULT_ATTR
 from mnist_sweep.tracking import Tracker
@@ -35,10 +36,6 @@ RESULT_WAIT_SECONDS = 600.0
 POLL_SECONDS = 1.0
 # What Tracker.log_model writes: MLflow's keras flavor, Keras' own .keras zip, never a TF SavedModel.
 MODEL_FILE = Path("data") / "model.keras"
-
-
-class FinalizeError(RuntimeError):
-    """The test set cannot be scored now; one line for the user."""
 
 
 def seal_name(study_name: str) -> str:

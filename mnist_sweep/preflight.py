@@ -15,11 +15,8 @@ from pathlib import Path
 
 from mnist_sweep.config import SweepConfig, mask_password
 from mnist_sweep.data import check_test_split_present, load_split, resolve_source
+from mnist_sweep.errors import PreflightError
 from mnist_sweep.locations import local_artifact_folder
-
-
-class PreflightError(RuntimeError):
-    """A storage, tracking store or folder that cannot be used; one line for the user."""
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mnist_sweep.config import ConfigError, SearchConfig, SweepConfig, parse_override
+from mnist_sweep.config import SearchConfig, SweepConfig, parse_override
 from mnist_sweep.data import load_split, resolve_source, sealed_test_set
+from mnist_sweep.errors import UsageError
 from mnist_sweep.tracking import read_run
 from mnist_sweep.trial import TrainSettings, run_trial
 
@@ -33,7 +34,7 @@ def replay(cfg: SweepConfig, run_id: str, *, echo: Callable[[str], None]) -> int
     params, metrics = read_run(cfg.tracking.uri, run_id)
     missing = [key for key in (*REQUIRED, *SearchConfig.model_fields) if key not in params]
     if missing or "final_val_accuracy" not in metrics:
-        raise ConfigError(f"run {run_id!r} is not a finished mnist-sweep trial run (no {(missing or ['metrics'])[0]})")
+        raise UsageError(f"run {run_id!r} is not a finished mnist-sweep trial run (no {(missing or ['metrics'])[0]})")
     split = load_split(
         resolve_source(cfg.data.path),
         validation=int(params["data_validation"]),
@@ -41,7 +42,7 @@ def replay(cfg: SweepConfig, run_id: str, *, echo: Callable[[str], None]) -> int
         seed=int(params["data_seed"]),
     )
     if (len(split.y_train), len(split.y_val)) != (int(params["n_train"]), int(params["n_val"])):
-        raise ConfigError(f"run {run_id!r} trained on {params['n_train']} images; this data gives {len(split.y_train)}")
+        raise UsageError(f"run {run_id!r} trained on {params['n_train']} images; this data gives {len(split.y_train)}")
     settings = TrainSettings(
         hidden=tuple(int(units) for units in params["hidden"].split("-")),
         epochs=int(params["epochs"]),

@@ -19,8 +19,8 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep import plots
-from mnist_sweep.config import ConfigError
 from mnist_sweep.environment import environment
+from mnist_sweep.errors import UsageError
 from mnist_sweep.metrics import most_confused
 from mnist_sweep.study import RUN_ID_ATTR
 
@@ -76,7 +76,7 @@ def leaderboard_table(rows: Sequence[Row], *, sort: str) -> pd.DataFrame:
     columns = ["trial", "state", *LOGGED_METRICS, "epochs", "duration_s", "run_id"]
     frame = pd.DataFrame(list(rows)) if rows else pd.DataFrame(columns=columns)
     if sort not in frame.columns:
-        raise ConfigError(f"--sort must be one of {', '.join(frame.columns)}, got {sort!r}")
+        raise UsageError(f"--sort must be one of {', '.join(frame.columns)}, got {sort!r}")
     ascending = sort in LOWER_IS_BETTER or not pd.api.types.is_numeric_dtype(frame[sort])
     return frame.sort_values(sort, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
 

@@ -19,6 +19,7 @@ from mnist_sweep import databases, interrupt
 from mnist_sweep.config import StudyConfig, SweepConfig
 from mnist_sweep.console import NO_PROGRESS, TrialProgress
 from mnist_sweep.data import Split, sealed_test_set
+from mnist_sweep.errors import StorageError, StudyMismatchError, TooManyFailures
 from mnist_sweep.interrupt import raise_if_requested
 from mnist_sweep.space import sample_params
 from mnist_sweep.tracking import Tracker
@@ -33,18 +34,6 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TEST_RESULT_ATTR = "test_result"
 PARENT_WAIT_SECONDS = 60.0
 ABANDONED_SECONDS = 600.0
-
-
-class StorageError(RuntimeError):
-    """The Optuna storage cannot be used as configured; one line for the user."""
-
-
-class StudyMismatchError(RuntimeError):
-    """The stored study disagrees with the sweep file (direction, sealed test set)."""
-
-
-class TooManyFailures(RuntimeError):
-    """Trials keep failing: stop instead of burning the machine."""
 
 
 def make_storage(study: StudyConfig) -> optuna.storages.RDBStorage:

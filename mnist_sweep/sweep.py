@@ -13,6 +13,7 @@ from mnist_sweep.console import NO_PROGRESS, Echo, TrialProgress
 from mnist_sweep.data import DataSource, Split, check_test_split_present, load_split, resolve_source
 from mnist_sweep.databases import sqlite_file
 from mnist_sweep.environment import device_line, gpus
+from mnist_sweep.errors import EXIT_BAD_INPUT, NoSuchStudyError, StudySealedError
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
 from mnist_sweep.report import leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.space import searched_names
@@ -30,18 +31,6 @@ from mnist_sweep.study import (
 )
 from mnist_sweep.tracking import Tracker, recorded_trial_metrics
 from mnist_sweep.ui import serve_dashboard, serve_mlflow_ui
-
-
-class StudySealedError(RuntimeError):
-    """More trials were asked of a study whose test set was already scored."""
-
-
-class NoSuchStudyError(RuntimeError):
-    """finalize/report on a study that is not in the storage."""
-
-
-class NotScoredError(RuntimeError):
-    """`report` on a study whose test set is not scored yet (the report is written, marked so)."""
 
 
 def prepare_data(cfg: SweepConfig) -> tuple[DataSource, Split]:
@@ -210,8 +199,11 @@ def _recorded_study(cfg: SweepConfig) -> optuna.Study:
     return _existing_study(cfg, make_storage(cfg.study))
 
 
-def report(cfg: SweepConfig, *, echo: Echo) -> int:
-    """Rewrite the report from the recorded study and test result; never reads or scores the test set."""
+def report(cfg: SweepConfig, *, echo: Echo, warn: Echo) -> int:
+    """Rewrite the report from the recorded study and test result; never reads or scores the test set.
+
+    Exit 2 where the test set is not scored yet: the report is written all the same, marked so.
+    """
     study = _recorded_study(cfg)
     tracker = make_tracker(cfg)
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
@@ -220,10 +212,11 @@ def report(cfg: SweepConfig, *, echo: Echo) -> int:
         cfg, study, result, tracker=tracker, parent=parent if tracker.parent_exists(parent or "") else None, echo=echo
     )
     if result is None:
-        raise NotScoredError(
+        warn(
             f"study {cfg.study.name!r} has no scored test set yet; the report says so "
             "(`mnist-sweep finalize SWEEP` scores it once)"
         )
+        return EXIT_BAD_INPUT
     echo(result_line(result), final=True)
     return 0
 

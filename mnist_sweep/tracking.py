@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep import databases, environment
+from mnist_sweep.errors import TrackingError
 from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
 from mnist_sweep.locations import artifact_location, local_artifact_folder
 from mnist_sweep.metrics import ClassificationReport
@@ -42,10 +43,6 @@ DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI (Markdo
 BACKEND_TAG = "keras_backend"
 DEVICE_TAG = "device"  # "GPU: <name, memory>" or "CPU: <model>"
 MAX_RUNNING_RUNS = 1000
-
-
-class TrackingError(RuntimeError):
-    """MLflow cannot be used as configured; the message is one line for the user."""
 
 
 def _model_pip_requirements() -> list[str]:

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from mnist_sweep.data import Split
+from mnist_sweep.errors import TrialDiverged
 from mnist_sweep.interrupt import raise_if_requested
 from mnist_sweep.metrics import NUM_CLASSES, ClassificationReport, classification_report
 from mnist_sweep.model import compiled_model
@@ -31,10 +32,6 @@ BatchHook = Callable[[int, int, int], None]
 thread; with steps_per_execution = N, once per N batches. Keep it cheap (a live display stores numbers)."""
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
-
-
-class TrialDiverged(RuntimeError):
-    """The loss became NaN or infinite; the trial is stopped and recorded as failed."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from mnist_sweep.errors import ServeError, UsageError
+
 Echo = Callable[[str], None]
 HOST = "127.0.0.1"
 UI_WORKERS = 1  # one person browsing; MLflow's default of 4 workers would crowd small machines
@@ -26,14 +28,10 @@ UI_START_SECONDS = 120.0
 DASHBOARD_EXTRA = "pip install 'mnist-sweep[dashboard]'"
 
 
-class ServeError(RuntimeError):
-    """A browser view cannot be served as asked; the message is one line for the user."""
-
-
 def check_port(port: int) -> None:
     """A TCP port a server can listen on; 0 would pick a random one the user never learns."""
     if not 1 <= port <= 65535:
-        raise ServeError(f"--port must be a TCP port from 1 to 65535, got {port}")
+        raise UsageError(f"--port must be a TCP port from 1 to 65535, got {port}")
 
 
 # --------------------------------------------------------------------------- the MLflow UI

@@ -12,7 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 from mnist_sweep import plots
-from mnist_sweep.config import ConfigError
+from mnist_sweep.errors import UsageError
 from mnist_sweep.report import NOT_SCORED, leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.study import RUN_ID_ATTR
 
@@ -87,7 +87,7 @@ def test_leaderboard_ranks_complete_trials_first_and_fills_pruned_ones_from_mlfl
 
 
 def test_leaderboard_rejects_an_unknown_sort_column_naming_it() -> None:
-    with pytest.raises(ConfigError, match=r"--sort must be one of trial, state, .* got 'val_los'"):
+    with pytest.raises(UsageError, match=r"--sort must be one of trial, state, .* got 'val_los'"):
         leaderboard_table(leaderboard_rows(make_study(2), {}), sort="val_los")
 
 
