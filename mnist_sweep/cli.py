@@ -133,34 +133,57 @@ def _validate(cfg: SweepConfig) -> int:
 def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
     if args.command == "validate":
         return _validate(cfg)
+    if args.command == "replay":  # writes nothing, and takes its data split from the run
+        _quiet_libraries(verbose=args.verbose)
+        from mnist_sweep.replay import replay
+
+        return replay(cfg, args.run_id, echo=_echo)
+    if args.command in ("run", "worker", "finalize"):
+        return _train_or_score(args, cfg)
+    return _read_recorded(args, cfg)
+
+
+# Every input is checked once (preflight), before TensorFlow and MLflow are imported: a bad input answers
+# in a second, and nothing is written. The flows take the data from there and check nothing again.
+
+
+def _train_or_score(args: argparse.Namespace, cfg: SweepConfig) -> int:
+    from mnist_sweep import preflight
+
+    if args.command == "finalize":
+        source, _ = preflight.prepare(cfg, training=False)
+        _quiet_libraries(verbose=args.verbose)
+        from mnist_sweep import sweep
+
+        return sweep.finalize(cfg, source=source, echo=_echo, reclaim=args.reclaim)
+    source, split = preflight.prepare(cfg, training=True)
+    _quiet_libraries(verbose=args.verbose)
+    from mnist_sweep import sweep
+
+    return sweep.run(
+        cfg,
+        source=source,
+        split=split,
+        echo=_echo,
+        finalize=args.command == "run",
+        as_worker=args.command == "worker",
+        progress=_console.progress,
+        sweep_file=args.sweep,
+    )
+
+
+def _read_recorded(args: argparse.Namespace, cfg: SweepConfig) -> int:
+    """report, trials, ui and dashboard: they read no data, and write at most the report folder or a CSV."""
     if args.command in ("ui", "dashboard"):
         from mnist_sweep.ui import check_port
 
         check_port(args.port)
     from mnist_sweep import preflight
 
-    if args.command != "replay":  # replay writes nothing
-        # Before TensorFlow and MLflow are imported: a bad input answers in a second, and nothing is written.
-        preflight.check_inputs(
-            cfg,
-            training=args.command in ("run", "worker"),
-            needs_data=args.command in ("run", "worker", "finalize"),  # report, trials, ui, dashboard only read
-        )
+    preflight.check_all(cfg)
     _quiet_libraries(verbose=args.verbose)
-    if args.command == "replay":
-        from mnist_sweep.replay import replay
-
-        return replay(cfg, args.run_id, echo=_echo)
     from mnist_sweep import sweep
 
-    if args.command == "run":
-        return sweep.run(cfg, echo=_echo, finalize=True, progress=_console.progress, sweep_file=args.sweep)
-    if args.command == "worker":
-        return sweep.run(
-            cfg, echo=_echo, finalize=False, as_worker=True, progress=_console.progress, sweep_file=args.sweep
-        )
-    if args.command == "finalize":
-        return sweep.finalize(cfg, echo=_echo, reclaim=args.reclaim)
     if args.command == "report":
         return sweep.report(cfg, echo=_echo, warn=_warn)
     if args.command == "trials":

@@ -12,9 +12,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Literal, overload
 
 from mnist_sweep.config import SweepConfig, mask_password
-from mnist_sweep.data import check_test_split_present, load_split, resolve_source
+from mnist_sweep.data import DataSource, Split, check_test_split_present, load_split, resolve_source
 from mnist_sweep.errors import PreflightError
 from mnist_sweep.locations import local_artifact_folder
 
@@ -145,14 +146,24 @@ def check_all(cfg: SweepConfig) -> None:
     check_creatable("tracking.reports", tracking.reports, reports / cfg.study.name, folder_wanted=True)
 
 
-def check_inputs(cfg: SweepConfig, *, training: bool, needs_data: bool = True) -> None:
-    """The data (training images read and checked when `training`) and every place written to."""
-    if needs_data:
-        source = resolve_source(cfg.data.path)
-        if training:
-            load_split(source, validation=cfg.data.validation, train_limit=cfg.data.train_limit, seed=cfg.data.seed)
-        check_test_split_present(source)
+@overload
+def prepare(cfg: SweepConfig, *, training: Literal[True]) -> tuple[DataSource, Split]: ...
+@overload
+def prepare(cfg: SweepConfig, *, training: Literal[False]) -> tuple[DataSource, None]: ...
+def prepare(cfg: SweepConfig, *, training: bool) -> tuple[DataSource, Split | None]:
+    """Every input of `run`, `worker` or `finalize`, checked once, before anything is written.
+
+    The data source; the training/validation split, read and checked when `training` (handed to the
+    flow, which reads it no second time); the test files checked in form, never handed out; and every
+    place written to (`check_all`). The flows take what this returns instead of checking again.
+    """
+    source = resolve_source(cfg.data.path)
+    split = None
+    if training:
+        split = load_split(source, validation=cfg.data.validation, train_limit=cfg.data.train_limit, seed=cfg.data.seed)
+    check_test_split_present(source)
     check_all(cfg)
+    return source, split
 
 
 DISK_FULL_SIGNS = ("No space left on device", "database or disk is full", "Disk quota exceeded")

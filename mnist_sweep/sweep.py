@@ -10,7 +10,7 @@ import optuna
 from mnist_sweep import preflight
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.console import NO_PROGRESS, Echo, TrialProgress
-from mnist_sweep.data import DataSource, Split, check_test_split_present, load_split, resolve_source
+from mnist_sweep.data import DataSource, Split
 from mnist_sweep.databases import sqlite_file
 from mnist_sweep.environment import device_line, gpus
 from mnist_sweep.errors import EXIT_BAD_INPUT, NoSuchStudyError, StudySealedError
@@ -33,14 +33,6 @@ from mnist_sweep.tracking import Tracker, recorded_trial_metrics
 from mnist_sweep.ui import serve_dashboard, serve_mlflow_ui
 
 
-def prepare_data(cfg: SweepConfig) -> tuple[DataSource, Split]:
-    """Training/validation data read and checked; the test files only looked at, never read."""
-    source = resolve_source(cfg.data.path)
-    split = load_split(source, validation=cfg.data.validation, train_limit=cfg.data.train_limit, seed=cfg.data.seed)
-    check_test_split_present(source)
-    return source, split
-
-
 def make_tracker(cfg: SweepConfig) -> Tracker:
     return Tracker(
         uri=cfg.tracking.uri,
@@ -53,15 +45,18 @@ def make_tracker(cfg: SweepConfig) -> Tracker:
 def run(
     cfg: SweepConfig,
     *,
+    source: DataSource,
+    split: Split,
     echo: Echo,
     finalize: bool,
     as_worker: bool = False,
     progress: TrialProgress = NO_PROGRESS,
     sweep_file: str = "",
 ) -> int:
-    """Join or create the study, run trials until study.trials are finished, then (run) finalize."""
-    source, split = prepare_data(cfg)
-    preflight.check_all(cfg)
+    """Join or create the study, run trials until study.trials are finished, then (run) finalize.
+
+    `source` and `split` come from `preflight.prepare`, which has checked every input already.
+    """
     storage = make_storage(cfg.study)
     existing = load_existing_study(cfg, storage)
     if existing is not None and seal_claimed(storage, cfg.study.name):
@@ -123,10 +118,8 @@ def _already_scored(cfg: SweepConfig, study: optuna.Study, echo: Echo) -> int:
     return 0
 
 
-def finalize(cfg: SweepConfig, *, echo: Echo, reclaim: bool = False) -> int:
-    """Score the chosen trial on the test set (once) and write the report."""
-    source = resolve_source(cfg.data.path)
-    preflight.check_all(cfg)
+def finalize(cfg: SweepConfig, *, source: DataSource, echo: Echo, reclaim: bool = False) -> int:
+    """Score the chosen trial on the test set (once) and write the report; inputs checked by `preflight.prepare`."""
     _recorded_study(cfg)  # a study that is not there: one line, and no storage created for it
     storage = make_storage(cfg.study)
     study = _existing_study(cfg, storage)

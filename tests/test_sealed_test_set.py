@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mnist_sweep import data, study, sweep
+from mnist_sweep import data, preflight, study, sweep
 from mnist_sweep.config import load_sweep
 from tests.conftest import DEFAULT_SWEEP
 
@@ -44,5 +44,6 @@ def test_trials_never_read_the_test_split(tmp_path: Path, mnist_dir: Path, monke
             "data.validation=500",
         ],
     )
-    assert sweep.run(cfg, echo=lambda line, final=False: None, finalize=True) == 0
+    source, split = preflight.prepare(cfg, training=True)
+    assert sweep.run(cfg, source=source, split=split, echo=lambda line, final=False: None, finalize=True) == 0
     assert events == ["read train", "trial", "trial", "read test"]
