@@ -24,7 +24,7 @@ from mnist_sweep import interrupt
 from mnist_sweep.config import SEAL_SUFFIX
 from mnist_sweep.data import DataSource, load_test_split
 from mnist_sweep.environment import environment
-from mnist_sweep.errors import FinalizeError
+from mnist_sweep.errors import FinalizeError, first_line
 from mnist_sweep.metrics import classification_report, confusion_matrix, wilson_interval
 from mnist_sweep.study import MODEL_URI_ATTR, RUN_ID_ATTR, TEST_RESULT_ATTR
 from mnist_sweep.tracking import Tracker
@@ -84,7 +84,7 @@ def load_scored_model(model_uri: str, *, tracking_uri: str) -> keras.Model:
             local = Path(download_artifacts(artifact_uri=model_uri, dst_path=folder, tracking_uri=tracking_uri))
             flavor = Model.load(str(local / "MLmodel")).flavors.get("keras")
         except Exception as exc:  # MLflow and the artifact store raise many kinds; one line for the user
-            raise FinalizeError(f"model {model_uri}: cannot read it ({_first_line(exc)})") from None
+            raise FinalizeError(f"model {model_uri}: cannot read it ({first_line(exc)})") from None
         written_here = (
             isinstance(flavor, dict) and flavor.get("data") == "data" and flavor.get("save_exported_model") is False
         )
@@ -96,12 +96,7 @@ def load_scored_model(model_uri: str, *, tracking_uri: str) -> keras.Model:
         try:
             return keras.saving.load_model(local / MODEL_FILE, compile=False, safe_mode=True)
         except Exception as exc:
-            raise FinalizeError(f"model {model_uri}: Keras refused to load it safely ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+            raise FinalizeError(f"model {model_uri}: Keras refused to load it safely ({first_line(exc)})") from None
 
 
 def _claim(

@@ -16,7 +16,7 @@ from typing import Literal, overload
 
 from mnist_sweep.config import SweepConfig, mask_password
 from mnist_sweep.data import DataSource, Split, check_test_split_present, load_split, resolve_source
-from mnist_sweep.errors import PreflightError
+from mnist_sweep.errors import PreflightError, first_line
 from mnist_sweep.locations import local_artifact_folder
 
 
@@ -61,8 +61,7 @@ def check_database(key: str, uri: str) -> None:
             pass
         engine.dispose()
     except Exception as exc:  # drivers raise their own types; the user needs the first line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PreflightError(mask_password(f"{key} = {uri!r}: cannot connect ({first})")) from None
+        raise PreflightError(mask_password(f"{key} = {uri!r}: cannot connect ({first_line(exc)})")) from None
 
 
 def check_sqlite_intact(key: str, uri: str, path: Path) -> None:

@@ -19,7 +19,7 @@ from mnist_sweep import databases, interrupt
 from mnist_sweep.config import StudyConfig, SweepConfig
 from mnist_sweep.console import NO_PROGRESS, TrialProgress
 from mnist_sweep.data import Split, sealed_test_set
-from mnist_sweep.errors import StorageError, StudyMismatchError, TooManyFailures
+from mnist_sweep.errors import StorageError, StudyMismatchError, TooManyFailures, first_line
 from mnist_sweep.interrupt import raise_if_requested
 from mnist_sweep.space import sample_params
 from mnist_sweep.tracking import Tracker
@@ -49,8 +49,7 @@ def make_storage(study: StudyConfig) -> optuna.storages.RDBStorage:
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
             )
     except Exception as exc:  # sqlalchemy raises many kinds; the user needs one line
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"study.storage = {study.storage!r}: cannot open ({first_line})") from None
+        raise StorageError(f"study.storage = {study.storage!r}: cannot open ({first_line(exc)})") from None
 
 
 def make_sampler(study: StudyConfig, *, seed_offset: int) -> optuna.samplers.BaseSampler:

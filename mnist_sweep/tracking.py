@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep import databases, environment
-from mnist_sweep.errors import TrackingError
+from mnist_sweep.errors import TrackingError, first_line
 from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
 from mnist_sweep.locations import artifact_location, local_artifact_folder
 from mnist_sweep.metrics import ClassificationReport
@@ -114,7 +114,7 @@ def read_run(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
     try:
         run = MlflowClient(tracking_uri=uri).get_run(run_id)
     except MlflowException as exc:
-        raise TrackingError(f"run {run_id!r} in tracking.uri = {uri!r}: {exc.message.splitlines()[0]}") from None
+        raise TrackingError(f"run {run_id!r} in tracking.uri = {uri!r}: {first_line(exc)}") from None
     return dict(run.data.params), dict(run.data.metrics)
 
 
@@ -170,7 +170,7 @@ class Tracker:
                     if found is None:
                         raise
         except MlflowException as exc:
-            raise TrackingError(f"tracking.uri = {self.uri!r}: {exc.message.splitlines()[0]}") from None
+            raise TrackingError(f"tracking.uri = {self.uri!r}: {first_line(exc)}") from None
         if found.lifecycle_stage == "deleted":
             raise TrackingError(
                 f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
@@ -388,7 +388,7 @@ def find_experiment_id(*, uri: str, experiment: str) -> str | None:
     try:
         found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
     except MlflowException as exc:
-        raise TrackingError(f"tracking.uri = {uri!r}: {exc.message.splitlines()[0]}") from None
+        raise TrackingError(f"tracking.uri = {uri!r}: {first_line(exc)}") from None
     return None if found is None else str(found.experiment_id)
 
 
