@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from mnist_sweep.databases import sqlite_file
 from mnist_sweep.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -373,8 +374,8 @@ def _check_uri(key: str, uri: str, schemes: Sequence[str]) -> None:
         raise ValueError(f"{key} must start with one of {', '.join(s + '://' for s in schemes)}, got {shown!r}")
     if scheme == "sqlite" and not uri.startswith("sqlite:///"):
         raise ValueError(f"{key} needs a file path: sqlite:///relative/path.db or sqlite:////abs.db, got {shown!r}")
-    in_memory = uri.removeprefix("sqlite:///").split("?")[0] in ("", ":memory:") or "mode=memory" in uri
-    if scheme == "sqlite" and in_memory:
+    database = sqlite_file(uri)
+    if database is not None and (str(database) in (".", ":memory:") or "mode=memory" in uri):
         raise ValueError(
             f"{key} = {shown!r} is an in-memory database: it vanishes when the process exits, and workers "
             "cannot share it; give a file, e.g. sqlite:///mlruns/optuna.db"

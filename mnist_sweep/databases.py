@@ -26,8 +26,14 @@ LOCK_NAME = "mnist_sweep.schema"
 
 
 def sqlite_file(uri: str) -> Path | None:
-    """The database file of a sqlite:/// URI, else None."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    """The database file of a sqlite:/// URI (its ?options dropped), else None."""
+    return Path(uri.removeprefix("sqlite:///").split("?")[0]) if uri.startswith("sqlite:///") else None
+
+
+def nothing_recorded(uri: str) -> bool:
+    """A sqlite store whose file is not there: nothing was recorded, and opening it would create it."""
+    database = sqlite_file(uri)
+    return database is not None and not database.is_file()
 
 
 @contextlib.contextmanager

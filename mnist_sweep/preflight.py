@@ -16,6 +16,7 @@ from typing import Literal, overload
 
 from mnist_sweep.config import SweepConfig, mask_password
 from mnist_sweep.data import DataSource, Split, check_test_split_present, load_split, resolve_source
+from mnist_sweep.databases import sqlite_file
 from mnist_sweep.errors import PreflightError, first_line
 from mnist_sweep.locations import local_artifact_folder
 
@@ -47,8 +48,8 @@ def check_creatable(key: str, value: str, path: Path, *, folder_wanted: bool = F
 
 def check_database(key: str, uri: str) -> None:
     """A sqlite file we can create (or an intact one), or a database server that answers."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    path = sqlite_file(uri)
+    if path is not None:
         check_creatable(key, uri, path)
         if path.is_file():
             check_sqlite_intact(key, uri, path)
@@ -203,7 +204,7 @@ def _fullest_place(cfg: SweepConfig | None) -> str:
     if cfg is None:
         return "the working directory"
     databases = (cfg.study.storage, cfg.tracking.uri)
-    candidates = [Path(uri.removeprefix("sqlite:///")).parent for uri in databases if uri.startswith("sqlite:///")]
+    candidates = [database.parent for database in map(sqlite_file, databases) if database is not None]
     artifacts = local_artifact_folder(cfg.tracking.uri, cfg.tracking.artifacts)
     if artifacts is not None:
         candidates.append(artifacts)

@@ -11,7 +11,7 @@ from mnist_sweep import preflight
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.console import NO_PROGRESS, Echo, TrialProgress
 from mnist_sweep.data import DataSource, Split
-from mnist_sweep.databases import sqlite_file
+from mnist_sweep.databases import nothing_recorded
 from mnist_sweep.environment import device_line, gpus
 from mnist_sweep.errors import EXIT_BAD_INPUT, NoSuchStudyError, StudySealedError
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
@@ -186,8 +186,7 @@ def _write_report(
 
 def _recorded_study(cfg: SweepConfig) -> optuna.Study:
     """The stored study, for commands that only read: a missing sqlite file is a missing study, not a new one."""
-    database = sqlite_file(cfg.study.storage)
-    if database is not None and not database.exists():
+    if nothing_recorded(cfg.study.storage):
         return _existing_study(cfg, optuna.storages.InMemoryStorage())
     return _existing_study(cfg, make_storage(cfg.study))
 

@@ -108,8 +108,7 @@ def _training_state(model: keras.Model, *, keep: bool) -> Iterator[None]:
 
 def read_run(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
     """A run's params and latest metrics, read without creating anything (no store, no experiment)."""
-    database = databases.sqlite_file(uri)
-    if database is not None and not database.is_file():
+    if databases.nothing_recorded(uri):
         raise TrackingError(f"tracking.uri = {uri!r}: no MLflow store there yet")
     try:
         run = MlflowClient(tracking_uri=uri).get_run(run_id)
@@ -382,8 +381,7 @@ TRIAL_RUNS_FILTER = f"tags.`{ROLE_TAG}` = 'trial'"
 
 def find_experiment_id(*, uri: str, experiment: str) -> str | None:
     """The experiment's id, or None where there is none; creates nothing, not even a sqlite file."""
-    database = databases.sqlite_file(uri)
-    if database is not None and not database.exists():
+    if databases.nothing_recorded(uri):
         return None
     try:
         found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
