@@ -275,14 +275,12 @@ class TrainConfig(_Section):
     epochs: int = Field(default=10, ge=1, le=10000)
     early_stopping_patience: int = Field(default=0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    # Batches per compiled step: fewer Python round trips. bench/epoch.py (2026-11-28): at batch 128 2.14 s/epoch
-    # with 16 against 2.62 s with 1, at 32 5.64 s against 7.63 s, at 256 1.66 s against 1.90 s; 64 is no
-    # faster than 16; the same accuracy after one epoch.
+    # Batches per compiled step: fewer Python round trips, the same accuracy; 64 is no faster than 16.
+    # Measured by bench/epoch.py: see bench/RESULTS.md.
     steps_per_execution: int = Field(default=16, ge=1, le=1024)
     # "mixed_bfloat16": bfloat16 matmuls (AMX/AVX-512 BF16 units where the CPU has them), float32 weights and
-    # softmax. bench/epoch.py at batch 128: 1.99 s/epoch against 2.14 s, at 256: 1.08 s against 1.66 s,
-    # the same accuracy after one epoch; at batch 32 slower (10.1 s against 5.6 s). Not yet measured over
-    # a whole sweep, so float32 stays the default.
+    # softmax. Faster at large batches, slower at batch 32 (bench/epoch.py, see bench/RESULTS.md); not yet
+    # measured over a whole sweep, so float32 stays the default.
     precision: Literal["float32", "mixed_bfloat16"] = "float32"
 
 
@@ -324,8 +322,8 @@ class TrackingConfig(_Section):
     # `artifacts` beside a sqlite store. A folder or a URI of any scheme MLflow knows is used as given.
     artifacts: str = ""
     reports: str = "reports"
-    # The logged model is for scoring and serving: architecture and weights, 2.6 MB. With the optimizer's
-    # state (Adam's two moments) it is 7.8 MB and takes 0.10 s to save instead of 0.02 s.
+    # The logged model is for scoring and serving: architecture and weights. The optimizer's state (Adam's
+    # two moments) triples its size and its save time (bench/RESULTS.md).
     model_optimizer_state: bool = False
 
     @model_validator(mode="after")
