@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from mnist_sweep import __version__, console, interrupt
-from mnist_sweep.config import SweepConfig, load_sweep, mask_password
+from mnist_sweep.config import SweepConfig, load_sweep, mask_password, toml_string
 from mnist_sweep.errors import EXIT_FAILED, EXIT_OK, CommandError
 
 EXIT_SIGINT = 130
@@ -117,7 +117,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         if value is not None:
             overrides.append(f"{key}={value}")
     if args.data is not None:
-        overrides.append("data.path=" + '"' + args.data.replace("\\", "\\\\").replace('"', '\\"') + '"')
+        overrides.append("data.path=" + toml_string(args.data))
     return overrides
 
 

@@ -463,11 +463,16 @@ def _first_error(exc: ValidationError) -> str:
 # --------------------------------------------------------------------------- writing
 
 
+def toml_string(value: str) -> str:
+    """`value` as a TOML basic string, quoted and escaped: for sweep files written and `--set` values."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return toml_string(value)
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, int):
