@@ -39,6 +39,9 @@ Every command takes --quiet (only the final result) and --verbose (the libraries
 Exit codes: 0 done, 1 too many failed trials, 2 bad input (nothing written), 130 Ctrl-C, 143 SIGTERM.
 `mnist-sweep COMMAND --help` shows a command's options."""
 
+# Modules whose FutureWarnings are chatter for a user of this tool (a warning's module is where it is raised).
+QUIETED_LIBRARIES = r"(mlflow|optuna|keras|tensorflow|jax|torch|sklearn|pandas|plotly|sqlalchemy|alembic)(\.|$)"
+
 # Commands whose chatter --quiet removes; the others print only their result anyway.
 QUIETABLE = ("run", "worker", "finalize", "report")
 
@@ -222,7 +225,9 @@ def _quiet_libraries(*, verbose: bool) -> None:
     # It logs a database error with its traceback, then raises it: we report it once, in one line.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    # The libraries' notices about their own future, not the process's: a FutureWarning raised at a call of
+    # ours (or a user's code in the same process) still shows.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=QUIETED_LIBRARIES)
 
 
 @contextlib.contextmanager
