@@ -1,0 +1,75 @@
+"""Errors live in one module, and the CLI maps them to exit codes by their base class alone."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import mnist_sweep
+from mnist_sweep import cli, errors
+from tests.conftest import DEFAULT_SWEEP
+
+# Not an error of ours to map: a signal, which ends the command with the signal's own exit code.
+SIGNALS = {"mnist_sweep.interrupt.Interrupted"}
+
+
+def test_every_exception_class_of_the_package_is_defined_in_errors() -> None:
+    defined_elsewhere = []
+    for module_info in pkgutil.iter_modules(mnist_sweep.__path__):
+        if module_info.name == "__main__":  # runs the CLI on import
+            continue
+        module = importlib.import_module(f"mnist_sweep.{module_info.name}")
+        for _, value in inspect.getmembers(module, inspect.isclass):
+            where = f"{value.__module__}.{value.__qualname__}"
+            ours = value.__module__.startswith("mnist_sweep")
+            if ours and issubclass(value, BaseException) and value.__module__ != "mnist_sweep.errors":
+                defined_elsewhere.append(where)
+    assert sorted(set(defined_elsewhere) - SIGNALS) == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [cls for cls in vars(errors).values() if inspect.isclass(cls) and issubclass(cls, errors.UserError)],
+)
+def test_every_user_error_ends_in_exit_2_with_one_masked_line(
+    error: type[errors.UserError], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fail(*_: object) -> int:
+        raise error("study.storage = 'postgresql://sweeper:s3cret@db/optuna': no")
+
+    monkeypatch.setattr(cli, "_dispatch", fail)
+    assert cli.main(["trials", str(DEFAULT_SWEEP)]) == errors.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mnist-sweep: study.storage = ")
+    assert "s3cret" not in err
+
+
+def test_too_many_failures_ends_in_exit_1_and_a_bug_keeps_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raised: list[Exception] = [errors.TooManyFailures("3 trials failed in a row"), errors.SealedTestSetError("bug")]
+
+    def fail(*_: object) -> int:
+        raise raised.pop(0)
+
+    monkeypatch.setattr(cli, "_dispatch", fail)
+    assert cli.main(["trials", str(DEFAULT_SWEEP)]) == errors.EXIT_FAILED
+    assert capsys.readouterr().err == "mnist-sweep: 3 trials failed in a row\n"
+    with pytest.raises(errors.SealedTestSetError):
+        cli.main(["trials", str(DEFAULT_SWEEP)])
+
+
+def test_first_line_of_an_exception() -> None:
+    assert errors.first_line(ValueError("  one\ntwo ")) == "one"
+    assert errors.first_line(KeyError()) == "KeyError"
+
+
+def test_a_sweep_file_path_is_escaped_once_for_toml(tmp_path: Path) -> None:
+    from mnist_sweep.config import parse_override, toml_string
+
+    path = str(tmp_path / 'a "quoted" \\ folder')
+    assert parse_override("data.path=" + toml_string(path)) == (["data", "path"], path)
