@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import http.server
 import importlib
 import inspect
 import pkgutil
+import threading
 from pathlib import Path
 
 import pytest
 
 import mnist_sweep
 from mnist_sweep import cli, errors
-from tests.conftest import DEFAULT_SWEEP
+from tests.conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args
 
 # Not an error of ours to map: a signal, which ends the command with the signal's own exit code.
 SIGNALS = {"mnist_sweep.interrupt.Interrupted"}
@@ -73,3 +75,51 @@ def test_a_sweep_file_path_is_escaped_once_for_toml(tmp_path: Path) -> None:
 
     path = str(tmp_path / 'a "quoted" \\ folder')
     assert parse_override("data.path=" + toml_string(path)) == (["data", "path"], path)
+
+
+class _CountingServer(http.server.BaseHTTPRequestHandler):
+    """Up (/health), no experiment yet (404), and refuses to create one: the command stops after its checks."""
+
+    health_calls = 0
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            type(self).health_calls += 1
+        self._answer(200 if self.path == "/health" else 404)
+
+    def do_POST(self) -> None:
+        self._answer(400)
+
+    def _answer(self, status: int) -> None:
+        body = b"OK" if status == 200 else b'{"error_code": "INVALID_PARAMETER_VALUE", "message": "test server"}'
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["run", "finalize"])
+def test_inputs_are_checked_once_one_health_call_per_command(command: str, run_cli: CliRunner) -> None:
+    _CountingServer.health_calls = 0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CountingServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        done = run_cli(
+            command,
+            str(DEFAULT_SWEEP),
+            *small_sweep_args(trials=1),
+            "--set",
+            f'tracking.uri="{uri}"',
+            env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+            timeout=300,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 2, done.stderr  # the server refuses the experiment: after the checks, not in them
+    assert _CountingServer.health_calls == 1
