@@ -12,7 +12,6 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
 
 import numpy as np
 import optuna
@@ -21,7 +20,20 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_sweep.data import DataSource, load_test_split
 from mnist_sweep.environment import environment
 from mnist_sweep.metrics import classification_report, confusion_matrix, wilson_interval
-from mnist_sweep.study import MODEL_URI_ATTR, RUN_ID_ATTR, TEST_RESULT_ATTR
+from mnist_sweep.records import (
+    CLAIMED_AT_ATTR,
+    CLAIMED_BY_ATTR,
+    EPOCHS_TRAINED_ATTR,
+    MODEL_URI_KEY,
+    RUN_ID_ATTR,
+    TEST_RESULT_ATTR,
+    TEST_SCORED_AT_TAG,
+    TEST_SCORED_RUN_ID_TAG,
+    TEST_SCORED_TRIAL_TAG,
+    VAL_ACCURACY_ATTR,
+    VAL_LOSS_ATTR,
+    TestResult,
+)
 from mnist_sweep.tracking import Tracker
 
 SEAL_SUFFIX = ".test-seal"
@@ -36,10 +48,10 @@ def seal_name(study_name: str) -> str:
     return study_name + SEAL_SUFFIX
 
 
-def recorded_result(study: optuna.Study) -> dict[str, Any] | None:
+def recorded_result(study: optuna.Study) -> TestResult | None:
     """The test result stored on the study, if its test set was scored."""
     result = study.user_attrs.get(TEST_RESULT_ATTR)
-    return dict(result) if result else None
+    return TestResult.from_dict(result) if result else None
 
 
 def seal_claimed(storage: optuna.storages.BaseStorage, study_name: str) -> bool:
@@ -53,7 +65,7 @@ def choose_trial(study: optuna.Study, metric: str) -> FrozenTrial:
     candidates = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None and t.user_attrs.get(MODEL_URI_ATTR)
+        if t.value is not None and t.user_attrs.get(MODEL_URI_KEY)
     ]
     if not candidates:
         raise FinalizeError(f"study {study.study_name!r} has no complete trial with a logged model to score")
@@ -69,8 +81,8 @@ def _claim(storage: optuna.storages.BaseStorage, study_name: str, *, reclaim: bo
         seal = optuna.create_study(study_name=seal_name(study_name), storage=storage)
     except optuna.exceptions.DuplicatedStudyError:
         return False
-    seal.set_user_attr("claimed_by", f"{socket.gethostname()}:{os.getpid()}")
-    seal.set_user_attr("claimed_at", _now())
+    seal.set_user_attr(CLAIMED_BY_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+    seal.set_user_attr(CLAIMED_AT_ATTR, _now())
     return True
 
 
@@ -80,7 +92,7 @@ def _now() -> str:
 
 def _wait_for_result(
     study: optuna.Study, storage: optuna.storages.BaseStorage, echo: Callable[[str], None]
-) -> dict[str, Any]:
+) -> TestResult:
     echo("another process is scoring the test set; waiting for its result")
     deadline = time.monotonic() + RESULT_WAIT_SECONDS
     while time.monotonic() < deadline:
@@ -91,7 +103,7 @@ def _wait_for_result(
         time.sleep(1.0)
     seal = optuna.load_study(study_name=seal_name(study.study_name), storage=storage)
     raise FinalizeError(
-        f"the test set was claimed by {seal.user_attrs.get('claimed_by')} at {seal.user_attrs.get('claimed_at')} "
+        f"the test set was claimed by {seal.user_attrs.get(CLAIMED_BY_ATTR)} at {seal.user_attrs.get(CLAIMED_AT_ATTR)} "
         "but no result was recorded; if that process died, run `mnist-sweep finalize SWEEP --reclaim`"
     )
 
@@ -106,14 +118,14 @@ def score_test_set(
     metric: str,
     echo: Callable[[str], None],
     reclaim: bool = False,
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[TestResult, bool]:
     """Score the chosen trial's logged model on the test set, once; returns (result, scored_now)."""
     existing = recorded_result(study)
     if existing is not None:
         return existing, False
     chosen = choose_trial(study, metric)
     # Load before claiming, so a corrupt test file or a missing model leaves the seal unclaimed.
-    model = tracker.load_model(chosen.user_attrs[MODEL_URI_ATTR])
+    model = tracker.load_model(chosen.user_attrs[MODEL_URI_KEY])
     x_test, y_test = load_test_split(source)
     if not _claim(storage, study.study_name, reclaim=reclaim):
         return _wait_for_result(study, storage, echo), False
@@ -124,44 +136,44 @@ def score_test_set(
     report = classification_report(confusion_matrix(y_test, probabilities.argmax(axis=1)))
     correct = int(np.trace(report.matrix))
     low, high = wilson_interval(correct, len(y_test))
-    result: dict[str, Any] = {
-        "study": study.study_name,
-        "trial_number": chosen.number,
-        "run_id": chosen.user_attrs.get(RUN_ID_ATTR),
-        "model_uri": chosen.user_attrs[MODEL_URI_ATTR],
-        "params": dict(chosen.params),
-        "metric": metric,
-        "val_loss": chosen.user_attrs.get("val_loss"),
-        "val_accuracy": chosen.user_attrs.get("val_accuracy"),
-        "epochs_trained": chosen.user_attrs.get("epochs_trained"),
-        "test_images": len(y_test),
-        "test_loss": test_loss,
-        "test_accuracy": report.overall_accuracy,
-        "test_accuracy_ci95": [low, high],
-        "test_confusion_matrix": report.matrix.tolist(),
-        "test_per_class": report.per_class_rows(),
-        "scored_at": _now(),
-        "scored_by": f"{socket.gethostname()}:{os.getpid()}",
-        "environment": environment(),
-    }
+    result = TestResult(
+        study=study.study_name,
+        trial_number=chosen.number,
+        run_id=chosen.user_attrs.get(RUN_ID_ATTR),
+        model_uri=chosen.user_attrs[MODEL_URI_KEY],
+        params=dict(chosen.params),
+        metric=metric,
+        val_loss=chosen.user_attrs.get(VAL_LOSS_ATTR),
+        val_accuracy=chosen.user_attrs.get(VAL_ACCURACY_ATTR),
+        epochs_trained=chosen.user_attrs.get(EPOCHS_TRAINED_ATTR),
+        test_images=len(y_test),
+        test_loss=test_loss,
+        test_accuracy=report.overall_accuracy,
+        test_accuracy_ci95=(low, high),
+        test_confusion_matrix=tuple(tuple(row) for row in report.matrix.tolist()),
+        test_per_class=tuple(report.per_class_rows()),
+        scored_at=_now(),
+        scored_by=f"{socket.gethostname()}:{os.getpid()}",
+        environment=environment(),
+    )
     tracker.log_test_result(
         parent_run_id,
         test_loss=test_loss,
         report=report,
         tags={
-            "test_scored_trial": str(chosen.number),
-            "test_scored_at": result["scored_at"],
-            "test_scored_run_id": str(result["run_id"]),
+            TEST_SCORED_TRIAL_TAG: str(chosen.number),
+            TEST_SCORED_AT_TAG: result.scored_at,
+            TEST_SCORED_RUN_ID_TAG: str(result.run_id),
         },
     )
-    study.set_user_attr(TEST_RESULT_ATTR, result)
+    study.set_user_attr(TEST_RESULT_ATTR, result.to_dict())
     return result, True
 
 
-def result_line(result: dict[str, Any]) -> str:
-    low, high = result["test_accuracy_ci95"]
+def result_line(result: TestResult) -> str:
+    low, high = result.test_accuracy_ci95
     return (
-        f"test accuracy {result['test_accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
-        f"test loss {result['test_loss']:.4f} on {result['test_images']} images; "
-        f"trial {result['trial_number']} (run {result['run_id']}), scored {result['scored_at']}"
+        f"test accuracy {result.test_accuracy:.4f} (95% CI {low:.4f}-{high:.4f}), "
+        f"test loss {result.test_loss:.4f} on {result.test_images} images; "
+        f"trial {result.trial_number} (run {result.run_id}), scored {result.scored_at}"
     )

@@ -22,7 +22,7 @@ from mnist_sweep import plots
 from mnist_sweep.config import ConfigError
 from mnist_sweep.environment import environment
 from mnist_sweep.metrics import most_confused
-from mnist_sweep.study import RUN_ID_ATTR
+from mnist_sweep.records import EPOCHS_TRAINED_ATTR, RUN_ID_ATTR, TestResult
 
 TOP_TRIALS = 10
 CONFUSED_PAIRS = 5
@@ -64,7 +64,7 @@ def leaderboard_rows(study: optuna.Study, run_metrics: Mapping[str, Mapping[str,
         row: Row = {"trial": t.number, "state": t.state.name}
         row.update({name: t.params.get(name) for name in param_names})
         row.update({name: t.user_attrs.get(name, logged.get(name)) for name in LOGGED_METRICS})
-        row["epochs"] = t.user_attrs.get("epochs_trained", len(t.intermediate_values) or None)
+        row["epochs"] = t.user_attrs.get(EPOCHS_TRAINED_ATTR, len(t.intermediate_values) or None)
         row["duration_s"] = round(t.duration.total_seconds(), 1) if t.duration is not None else None
         row["run_id"] = run_id
         rows.append(row)
@@ -99,29 +99,27 @@ def study_summary(study: optuna.Study, rows: Sequence[Row]) -> dict[str, Any]:
     }
 
 
-def gaps(result: Mapping[str, Any]) -> dict[str, float | None]:
-    """Validation minus test accuracy (positive: the test set scored lower), and test minus validation loss."""
-    val_accuracy, val_loss = result.get("val_accuracy"), result.get("val_loss")
-    return {
-        "accuracy": None if val_accuracy is None else val_accuracy - result["test_accuracy"],
-        "loss": None if val_loss is None else result["test_loss"] - val_loss,
-    }
+def _environment(result: TestResult | None, summary: Mapping[str, Any]) -> Mapping[str, str]:
+    """The machine that scored the test set; the report writer's where the result does not say."""
+    if result is not None and result.environment is not None:
+        return result.environment
+    return dict(summary["environment"])
 
 
-def _chosen_rows(result: Mapping[str, Any]) -> list[Row]:
+def _chosen_rows(result: TestResult) -> list[Row]:
     facts = {
-        "trial": result["trial_number"],
-        "MLflow run id": result["run_id"],
-        "model": result["model_uri"],
-        "epochs trained": result["epochs_trained"],
-        "validation accuracy": result["val_accuracy"],
-        "validation loss": result["val_loss"],
-        **{f"param {k}": v for k, v in result["params"].items()},
+        "trial": result.trial_number,
+        "MLflow run id": result.run_id,
+        "model": result.model_uri,
+        "epochs trained": result.epochs_trained,
+        "validation accuracy": result.val_accuracy,
+        "validation loss": result.val_loss,
+        **{f"param {k}": v for k, v in result.params.items()},
     }
     return [{"": key, "value": value} for key, value in facts.items()]
 
 
-def _confused_rows(result: Mapping[str, Any]) -> list[Row]:
+def _confused_rows(result: TestResult) -> list[Row]:
     return [
         {
             "true digit": p["true"],
@@ -129,7 +127,7 @@ def _confused_rows(result: Mapping[str, Any]) -> list[Row]:
             "images": p["count"],
             "share of true digit": f"{p['share_of_true']:.1%}",
         }
-        for p in most_confused(result["test_confusion_matrix"], top=CONFUSED_PAIRS)
+        for p in most_confused(result.test_confusion_matrix, top=CONFUSED_PAIRS)
     ]
 
 
@@ -162,23 +160,23 @@ def _table(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(result: dict[str, Any] | None, summary: dict[str, Any]) -> str:
+def render_markdown(result: TestResult | None, summary: dict[str, Any]) -> str:
     """The report as Markdown: the same facts as the HTML page, without the plots."""
     lines = [f"# mnist-sweep report: study `{summary['study']}`", ""]
     if result is None:
         lines += [f"**{NOT_SCORED}** Run `mnist-sweep finalize SWEEP` to score the chosen trial once.", ""]
     else:
-        low, high = result["test_accuracy_ci95"]
-        gap = gaps(result)
+        low, high = result.test_accuracy_ci95
+        gap = result.gaps()
         lines += [
             "## Held-out test set (scored once)",
             "",
-            f"- test accuracy: **{result['test_accuracy']:.4f}** (95 % Wilson CI {low:.4f} to {high:.4f}) "
-            f"on {result['test_images']} images",
-            f"- test loss: {result['test_loss']:.4f}",
+            f"- test accuracy: **{result.test_accuracy:.4f}** (95 % Wilson CI {low:.4f} to {high:.4f}) "
+            f"on {result.test_images} images",
+            f"- test loss: {result.test_loss:.4f}",
             f"- validation -> test gap: accuracy {_cell(gap['accuracy'])} (validation minus test), "
             f"loss {_cell(gap['loss'])} (test minus validation)",
-            f"- scored at {result['scored_at']} by {result['scored_by']}",
+            f"- scored at {result.scored_at} by {result.scored_by}",
             "",
             "## Chosen trial",
             "",
@@ -188,7 +186,7 @@ def render_markdown(result: dict[str, Any] | None, summary: dict[str, Any]) -> s
             _table(
                 [
                     {"true": k, **{str(j): v for j, v in enumerate(row)}}
-                    for k, row in enumerate(result["test_confusion_matrix"])
+                    for k, row in enumerate(result.test_confusion_matrix)
                 ]
             ),
             "### Most confused digits",
@@ -196,7 +194,7 @@ def render_markdown(result: dict[str, Any] | None, summary: dict[str, Any]) -> s
             _table(_confused_rows(result)),
             "## Per-class test metrics",
             "",
-            _table(result["test_per_class"]),
+            _table(result.test_per_class),
         ]
     lines += [
         "## Sweep",
@@ -210,7 +208,7 @@ def render_markdown(result: dict[str, Any] | None, summary: dict[str, Any]) -> s
         _table(summary["top_trials"]),
         "## Environment",
         "",
-        _cell(result.get("environment", summary["environment"]) if result else summary["environment"]),
+        _cell(dict(_environment(result, summary))),
         "",
     ]
     return "\n".join(lines)
@@ -250,20 +248,20 @@ def _note(title: str, note: str, *, key: str) -> str:
     return f'<div class="plot-note" data-plot="{key}"><strong>{html.escape(title)}</strong>: {html.escape(note)}</div>'
 
 
-def _test_section(result: Mapping[str, Any]) -> str:
-    low, high = result["test_accuracy_ci95"]
-    gap = gaps(result)
-    matrix = result["test_confusion_matrix"]
+def _test_section(result: TestResult) -> str:
+    low, high = result.test_accuracy_ci95
+    gap = result.gaps()
+    matrix = result.test_confusion_matrix
     ci = f"95 % Wilson CI {low:.4f} to {high:.4f}"
     cards = [
-        _card("test accuracy", f"{result['test_accuracy']:.4f}", ci, value_id="test-accuracy"),
-        _card("test loss", f"{result['test_loss']:.4f}"),
+        _card("test accuracy", f"{result.test_accuracy:.4f}", ci, value_id="test-accuracy"),
+        _card("test loss", f"{result.test_loss:.4f}"),
         _card(
             "validation → test gap",
             _cell(gap["accuracy"]),
             f"accuracy, validation minus test; loss {_cell(gap['loss'])}",
         ),
-        _card("test images", str(result["test_images"]), f"scored {result['scored_at']}"),
+        _card("test images", str(result.test_images), f"scored {result.scored_at}"),
     ]
     heatmaps = [
         _plot(
@@ -282,7 +280,7 @@ def _test_section(result: Mapping[str, Any]) -> str:
 <h2>Test confusion matrix</h2><p>rows: true digit, columns: predicted digit</p>
 <div class="grid">{"".join(heatmaps)}</div>
 <h3>Most confused digits</h3>{_html_table(_confused_rows(result), table_id="confused-pairs")}
-<h3>Per-class test metrics</h3>{_html_table(result["test_per_class"], table_id="per-class")}
+<h3>Per-class test metrics</h3>{_html_table(result.test_per_class, table_id="per-class")}
 </section>"""
 
 
@@ -308,7 +306,7 @@ def _sweep_section(summary: Mapping[str, Any], sweep_plots: Sequence[plots.Sweep
 </section>"""
 
 
-def render_html(result: dict[str, Any] | None, summary: dict[str, Any], sweep_plots: Sequence[plots.SweepPlot]) -> str:
+def render_html(result: TestResult | None, summary: dict[str, Any], sweep_plots: Sequence[plots.SweepPlot]) -> str:
     """The report as one self-contained page: plotly.js embedded once (packed), nothing fetched."""
     study = html.escape(summary["study"])
     written = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -318,8 +316,7 @@ def render_html(result: dict[str, Any] | None, summary: dict[str, Any], sweep_pl
         else f'<div class="banner" id="not-scored"><strong>{NOT_SCORED}</strong> Run <code>mnist-sweep finalize '
         f"SWEEP</code> to score the chosen trial once.</div>"
     )
-    env = result.get("environment", summary["environment"]) if result else summary["environment"]
-    env_rows = [{"": key, "value": value} for key, value in env.items()]
+    env_rows = [{"": key, "value": value} for key, value in _environment(result, summary).items()]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>mnist-sweep report: {study}</title>
 <style>{_CSS}</style>
@@ -364,7 +361,7 @@ def write_report(
     folder: Path,
     *,
     study: optuna.Study,
-    result: dict[str, Any] | None,
+    result: TestResult | None,
     metric: str,
     run_metrics: Mapping[str, Mapping[str, float]],
 ) -> list[Path]:
@@ -381,7 +378,9 @@ def write_report(
         "report.html": render_html(result, summary, sweep_plots),
         "report.md": render_markdown(result, summary),
         "test_metrics.json": json.dumps(
-            {"test_set_scored": result is not None, **(result or {}), "sweep": summary}, indent=2, default=str
+            {"test_set_scored": result is not None, **(result.to_dict() if result else {}), "sweep": summary},
+            indent=2,
+            default=str,
         ),
         "leaderboard.csv": leaderboard_table(rows, sort=metric).to_csv(index=False),
     }

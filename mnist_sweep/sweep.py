@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import optuna
 
@@ -14,10 +13,10 @@ from mnist_sweep.data import DataSource, Split, check_test_split_present, load_s
 from mnist_sweep.databases import sqlite_file
 from mnist_sweep.environment import device_line, gpus
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
+from mnist_sweep.records import PARENT_RUN_ATTR, TestResult
 from mnist_sweep.report import leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.space import searched_names
 from mnist_sweep.study import (
-    PARENT_RUN_ATTR,
     Objective,
     count_finished,
     load_existing_study,
@@ -165,7 +164,7 @@ def _finalize(
     *,
     echo: Echo,
     reclaim: bool,
-) -> dict[str, Any]:
+) -> TestResult:
     result, scored_now = score_test_set(
         study=study,
         storage=storage,
@@ -186,7 +185,7 @@ def _finalize(
 def _write_report(
     cfg: SweepConfig,
     study: optuna.Study,
-    result: dict[str, Any] | None,
+    result: TestResult | None,
     *,
     tracker: Tracker,
     parent: str | None,

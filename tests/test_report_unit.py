@@ -13,8 +13,8 @@ from optuna.trial import TrialState
 
 from mnist_sweep import plots
 from mnist_sweep.config import ConfigError
+from mnist_sweep.records import RUN_ID_ATTR
 from mnist_sweep.report import NOT_SCORED, leaderboard_rows, leaderboard_table, write_report
-from mnist_sweep.study import RUN_ID_ATTR
 
 
 def make_study(complete: int, *, searched: bool = True, pruned: int = 0, failed: int = 0) -> optuna.Study:
