@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from mnist_sweep.config import metric_maximizes
 from mnist_sweep.data import DataSource, load_test_split
 from mnist_sweep.environment import environment
 from mnist_sweep.metrics import classification_report, confusion_matrix, wilson_interval
@@ -60,18 +61,28 @@ def seal_claimed(storage: optuna.storages.BaseStorage, study_name: str) -> bool:
     return seal_name(study_name) in names
 
 
+def rank_trials(trials: Sequence[FrozenTrial], *, metric: str) -> list[FrozenTrial]:
+    """Complete trials best first by `metric`, in the config's direction; then the others by number.
+
+    The one ranking: the leaderboard is in this order and `choose_trial` scores its best complete trial.
+    Ties go to the earlier trial, so neither depends on the order workers finished.
+    """
+    maximize = metric_maximizes(metric)
+
+    def key(t: FrozenTrial) -> tuple[int, float, int]:
+        if t.state == TrialState.COMPLETE and t.value is not None:
+            return (0, -t.value if maximize else t.value, t.number)
+        return (1, 0.0, t.number)
+
+    return sorted(trials, key=key)
+
+
 def choose_trial(study: optuna.Study, metric: str) -> FrozenTrial:
     """The best complete trial by the study metric that has a logged model."""
-    candidates = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None and t.user_attrs.get(MODEL_URI_KEY)
-    ]
-    if not candidates:
-        raise FinalizeError(f"study {study.study_name!r} has no complete trial with a logged model to score")
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    # Ties go to the earlier trial, so the choice does not depend on the order workers finished.
-    return sorted(candidates, key=lambda t: ((-t.value if maximize else t.value), t.number))[0]  # type: ignore[operator]
+    for trial in rank_trials(study.get_trials(deepcopy=False), metric=metric):
+        if trial.state == TrialState.COMPLETE and trial.value is not None and trial.user_attrs.get(MODEL_URI_KEY):
+            return trial
+    raise FinalizeError(f"study {study.study_name!r} has no complete trial with a logged model to score")
 
 
 def _claim(storage: optuna.storages.BaseStorage, study_name: str, *, reclaim: bool) -> bool:

@@ -16,11 +16,12 @@ from typing import Any
 
 import optuna
 import pandas as pd
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from mnist_sweep import plots
-from mnist_sweep.config import ConfigError
+from mnist_sweep.config import METRIC_DIRECTIONS, ConfigError, metric_maximizes
 from mnist_sweep.environment import environment
+from mnist_sweep.final import rank_trials
 from mnist_sweep.metrics import most_confused
 from mnist_sweep.records import EPOCHS_TRAINED_ATTR, RUN_ID_ATTR, TestResult
 
@@ -28,7 +29,8 @@ TOP_TRIALS = 10
 CONFUSED_PAIRS = 5
 # The trial-run metrics the leaderboard reads from MLflow, beside what Optuna holds.
 LOGGED_METRICS = ("val_accuracy", "val_loss", "val_f1_macro")
-LOWER_IS_BETTER = ("trial", "val_loss", "duration_s")
+# Sorted smallest first whatever the study metric; a metric column follows its direction in the config.
+ASCENDING_COLUMNS = ("trial", "duration_s")
 NOT_SCORED = "Test set not scored yet."
 
 Row = dict[str, Any]
@@ -37,28 +39,16 @@ Row = dict[str, Any]
 # --------------------------------------------------------------------------- plain data
 
 
-def _ranked(trials: Sequence[FrozenTrial], maximize: bool) -> list[FrozenTrial]:
-    """Complete trials best first (ties: the earlier trial), then the others by number."""
-
-    def key(t: FrozenTrial) -> tuple[int, float, int]:
-        if t.state == TrialState.COMPLETE and t.value is not None:
-            return (0, -t.value if maximize else t.value, t.number)
-        return (1, 0.0, t.number)
-
-    return sorted(trials, key=key)
-
-
-def leaderboard_rows(study: optuna.Study, run_metrics: Mapping[str, Mapping[str, float]]) -> list[Row]:
-    """Every trial, best first: number, state, params, validation metrics, epochs, duration, run id.
+def leaderboard_rows(study: optuna.Study, run_metrics: Mapping[str, Mapping[str, float]], *, metric: str) -> list[Row]:
+    """Every trial, best first (rank_trials): number, state, params, validation metrics, epochs, duration, run id.
 
     Optuna holds the final validation numbers of complete trials; MLflow adds the macro F1 and, for pruned
     or failed trials, the last epoch's numbers.
     """
     trials = study.get_trials(deepcopy=False)
     param_names = list(dict.fromkeys(name for t in trials for name in t.params))
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     rows = []
-    for t in _ranked(trials, maximize):
+    for t in rank_trials(trials, metric=metric):
         run_id = t.user_attrs.get(RUN_ID_ATTR)
         logged = run_metrics.get(run_id, {}) if run_id else {}
         row: Row = {"trial": t.number, "state": t.state.name}
@@ -72,12 +62,14 @@ def leaderboard_rows(study: optuna.Study, run_metrics: Mapping[str, Mapping[str,
 
 
 def leaderboard_table(rows: Sequence[Row], *, sort: str) -> pd.DataFrame:
-    """The rows as a table sorted by one column: losses, durations and trial numbers up, other numbers down."""
+    """The rows as a table sorted by one column: durations, trial numbers and metrics to minimise up, other numbers
+    down."""
     columns = ["trial", "state", *LOGGED_METRICS, "epochs", "duration_s", "run_id"]
     frame = pd.DataFrame(list(rows)) if rows else pd.DataFrame(columns=columns)
     if sort not in frame.columns:
         raise ConfigError(f"--sort must be one of {', '.join(frame.columns)}, got {sort!r}")
-    ascending = sort in LOWER_IS_BETTER or not pd.api.types.is_numeric_dtype(frame[sort])
+    minimised = sort in METRIC_DIRECTIONS and not metric_maximizes(sort)
+    ascending = sort in ASCENDING_COLUMNS or minimised or not pd.api.types.is_numeric_dtype(frame[sort])
     return frame.sort_values(sort, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
 
 
@@ -370,7 +362,7 @@ def write_report(
     Every plot is drawn in report.html alone, which carries the one copy of plotly.js (packed, 2 MB): a page
     per plot had to embed its own copy to open offline and in MLflow's sandboxed artifact view (~28 MB a study).
     """
-    rows = leaderboard_rows(study, run_metrics)
+    rows = leaderboard_rows(study, run_metrics, metric=metric)
     summary = study_summary(study, rows)
     sweep_plots = plots.sweep_plots(study, metric=metric)
     folder.mkdir(parents=True, exist_ok=True)

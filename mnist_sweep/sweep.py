@@ -229,7 +229,8 @@ def report(cfg: SweepConfig, *, echo: Echo) -> int:
 def trials(cfg: SweepConfig, *, echo: Echo, csv_file: str | None, sort: str | None) -> int:
     """Print the leaderboard (Optuna + MLflow), best first by `sort` (default: the study metric)."""
     study = _recorded_study(cfg)
-    rows = leaderboard_rows(study, recorded_trial_metrics(uri=cfg.tracking.uri, experiment=cfg.study.name))
+    run_metrics = recorded_trial_metrics(uri=cfg.tracking.uri, experiment=cfg.study.name)
+    rows = leaderboard_rows(study, run_metrics, metric=cfg.study.metric)
     table = leaderboard_table(rows, sort=sort or cfg.study.metric)
     echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(table) else "no trials yet", final=True)
     if csv_file:

@@ -18,6 +18,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from mnist_sweep.config import metric_maximizes
 from mnist_sweep.data import Split
 from mnist_sweep.interrupt import raise_if_requested
 from mnist_sweep.metrics import NUM_CLASSES, ClassificationReport, classification_report
@@ -51,7 +52,7 @@ class TrainSettings:
 
     @property
     def monitor_maximizes(self) -> bool:
-        return self.monitor.endswith("accuracy")
+        return metric_maximizes(self.monitor)
 
 
 @dataclass
