@@ -154,41 +154,49 @@ def _table(rows: Sequence[Row]) -> str:
 
 def render_markdown(result: TestResult | None, summary: dict[str, Any]) -> str:
     """The report as Markdown: the same facts as the HTML page, without the plots."""
-    lines = [f"# mnist-sweep report: study `{summary['study']}`", ""]
-    if result is None:
-        lines += [f"**{NOT_SCORED}** Run `mnist-sweep finalize SWEEP` to score the chosen trial once.", ""]
-    else:
-        low, high = result.test_accuracy_ci95
-        gap = result.gaps()
-        lines += [
-            "## Held-out test set (scored once)",
-            "",
-            f"- test accuracy: **{result.test_accuracy:.4f}** (95 % Wilson CI {low:.4f} to {high:.4f}) "
-            f"on {result.test_images} images",
-            f"- test loss: {result.test_loss:.4f}",
-            f"- validation -> test gap: accuracy {_cell(gap['accuracy'])} (validation minus test), "
-            f"loss {_cell(gap['loss'])} (test minus validation)",
-            f"- scored at {result.scored_at} by {result.scored_by}",
-            "",
-            "## Chosen trial",
-            "",
-            _table(_chosen_rows(result)),
-            "## Test confusion matrix (rows: true digit, columns: predicted)",
-            "",
-            _table(
-                [
-                    {"true": k, **{str(j): v for j, v in enumerate(row)}}
-                    for k, row in enumerate(result.test_confusion_matrix)
-                ]
-            ),
-            "### Most confused digits",
-            "",
-            _table(_confused_rows(result)),
-            "## Per-class test metrics",
-            "",
-            _table(result.test_per_class),
-        ]
-    lines += [
+    title = [f"# mnist-sweep report: study `{summary['study']}`", ""]
+    test = _test_markdown(result) if result is not None else _not_scored_markdown()
+    return "\n".join([*title, *test, *_sweep_markdown(summary), *_environment_markdown(result, summary)])
+
+
+def _not_scored_markdown() -> list[str]:
+    return [f"**{NOT_SCORED}** Run `mnist-sweep finalize SWEEP` to score the chosen trial once.", ""]
+
+
+def _test_markdown(result: TestResult) -> list[str]:
+    """The test score, the chosen trial, the confusion matrix and the per-class metrics."""
+    low, high = result.test_accuracy_ci95
+    gap = result.gaps()
+    matrix_rows = [
+        {"true": k, **{str(j): v for j, v in enumerate(row)}} for k, row in enumerate(result.test_confusion_matrix)
+    ]
+    return [
+        "## Held-out test set (scored once)",
+        "",
+        f"- test accuracy: **{result.test_accuracy:.4f}** (95 % Wilson CI {low:.4f} to {high:.4f}) "
+        f"on {result.test_images} images",
+        f"- test loss: {result.test_loss:.4f}",
+        f"- validation -> test gap: accuracy {_cell(gap['accuracy'])} (validation minus test), "
+        f"loss {_cell(gap['loss'])} (test minus validation)",
+        f"- scored at {result.scored_at} by {result.scored_by}",
+        "",
+        "## Chosen trial",
+        "",
+        _table(_chosen_rows(result)),
+        "## Test confusion matrix (rows: true digit, columns: predicted)",
+        "",
+        _table(matrix_rows),
+        "### Most confused digits",
+        "",
+        _table(_confused_rows(result)),
+        "## Per-class test metrics",
+        "",
+        _table(result.test_per_class),
+    ]
+
+
+def _sweep_markdown(summary: Mapping[str, Any]) -> list[str]:
+    return [
         "## Sweep",
         "",
         f"- trials: {_state_line(summary)}",
@@ -198,12 +206,11 @@ def render_markdown(result: TestResult | None, summary: dict[str, Any]) -> str:
         "### Top trials",
         "",
         _table(summary["top_trials"]),
-        "## Environment",
-        "",
-        _cell(dict(_environment(result, summary))),
-        "",
     ]
-    return "\n".join(lines)
+
+
+def _environment_markdown(result: TestResult | None, summary: Mapping[str, Any]) -> list[str]:
+    return ["## Environment", "", _cell(dict(_environment(result, summary))), ""]
 
 
 # --------------------------------------------------------------------------- the HTML page
