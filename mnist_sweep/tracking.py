@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep import databases, environment
+from mnist_sweep.data import IMAGE_SIDE, NUM_CLASSES
 from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
 from mnist_sweep.locations import artifact_location, local_artifact_folder
 from mnist_sweep.metrics import ClassificationReport
@@ -77,8 +78,8 @@ def _model_signature() -> Any:
     from mlflow.types import Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities")]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIDE, IMAGE_SIDE), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES), "probabilities")]),
     )
 
 

@@ -19,9 +19,9 @@ import keras
 import numpy as np
 
 from mnist_sweep.config import metric_maximizes
-from mnist_sweep.data import Split
+from mnist_sweep.data import NUM_CLASSES, Split
 from mnist_sweep.interrupt import raise_if_requested
-from mnist_sweep.metrics import NUM_CLASSES, ClassificationReport, classification_report
+from mnist_sweep.metrics import ClassificationReport, classification_report
 from mnist_sweep.model import compiled_model
 
 EpochHook = Callable[[int, Mapping[str, float]], None]
