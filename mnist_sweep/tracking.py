@@ -373,9 +373,6 @@ class Tracker:
     def log_folder(self, run_id: str, folder: Path, artifact_path: str) -> None:
         self.client.log_artifacts(run_id, str(folder), artifact_path)
 
-    def log_json(self, run_id: str, payload: Mapping[str, Any], artifact_file: str) -> None:
-        self.client.log_text(run_id, json.dumps(payload, indent=2), artifact_file)
-
 
 # --------------------------------------------------------------------------- reading back
 

@@ -59,7 +59,6 @@ class TrainSettings:
 class TrialOutcome:
     """What one finished fit produced."""
 
-    params: dict[str, Any]
     history: dict[str, list[float]]
     epochs_trained: int
     best_epoch: int
@@ -233,7 +232,7 @@ def run_trial(
         verbose=0,
     ).history
     fit_seconds = time.perf_counter() - started
-    return _evaluate(model, dict(params), history, fit_seconds, settings)
+    return _evaluate(model, history, fit_seconds, settings)
 
 
 @contextlib.contextmanager
@@ -248,7 +247,6 @@ def _dtype_policy(name: str) -> Iterator[None]:
 
 def _evaluate(
     model: keras.Model,
-    params: dict[str, Any],
     history: Mapping[str, list[float]],
     fit_seconds: float,
     settings: TrainSettings,
@@ -262,7 +260,6 @@ def _evaluate(
     matrix = np.rint(np.asarray(history["val_confusion_counts"][best])).astype(np.int64)
     report = classification_report(matrix)
     return TrialOutcome(
-        params=params,
         history={k: [float(v) for v in values] for k, values in history.items() if k in EPOCH_METRICS},
         epochs_trained=epochs_trained,
         best_epoch=best + 1,
