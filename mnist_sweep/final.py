@@ -12,15 +12,16 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep.config import metric_maximizes
-from mnist_sweep.data import DataSource, load_test_split
+from mnist_sweep.data import DataSource, Images, Labels, load_test_split
 from mnist_sweep.environment import environment
-from mnist_sweep.metrics import classification_report, confusion_matrix, wilson_interval
+from mnist_sweep.metrics import ClassificationReport, classification_report, confusion_matrix, wilson_interval
 from mnist_sweep.records import (
     CLAIMED_AT_ATTR,
     CLAIMED_BY_ATTR,
@@ -36,6 +37,9 @@ from mnist_sweep.records import (
     TestResult,
 )
 from mnist_sweep.tracking import Tracker
+
+if TYPE_CHECKING:
+    import keras
 
 SEAL_SUFFIX = ".test-seal"
 RESULT_WAIT_SECONDS = 600.0
@@ -140,15 +144,30 @@ def score_test_set(
     x_test, y_test = load_test_split(source)
     if not _claim(storage, study.study_name, reclaim=reclaim):
         return _wait_for_result(study, storage, echo), False
+    test_loss, report = _evaluate(model, x_test, y_test)
+    result = _test_result(
+        study.study_name, chosen, metric=metric, test_loss=test_loss, report=report, images=len(y_test)
+    )
+    _record(study, tracker, parent_run_id, result, report)
+    return result, True
+
+
+def _evaluate(model: keras.Model, x_test: Images, y_test: Labels) -> tuple[float, ClassificationReport]:
+    """The test loss and the classification report of the model's predictions."""
     probabilities = np.asarray(model.predict(x_test, batch_size=2048, verbose=0))
     # Keras' sparse cross-entropy clips at 1e-7 too; regularisation terms are not part of a test loss.
     picked = np.clip(probabilities[np.arange(len(y_test)), y_test], 1e-7, 1.0)
     test_loss = float(-np.mean(np.log(picked)))
-    report = classification_report(confusion_matrix(y_test, probabilities.argmax(axis=1)))
-    correct = int(np.trace(report.matrix))
-    low, high = wilson_interval(correct, len(y_test))
-    result = TestResult(
-        study=study.study_name,
+    return test_loss, classification_report(confusion_matrix(y_test, probabilities.argmax(axis=1)))
+
+
+def _test_result(
+    study_name: str, chosen: FrozenTrial, *, metric: str, test_loss: float, report: ClassificationReport, images: int
+) -> TestResult:
+    """The chosen trial's validation record beside its test numbers, with when, where and by whom."""
+    low, high = wilson_interval(int(np.trace(report.matrix)), images)
+    return TestResult(
+        study=study_name,
         trial_number=chosen.number,
         run_id=chosen.user_attrs.get(RUN_ID_ATTR),
         model_uri=chosen.user_attrs[MODEL_URI_KEY],
@@ -157,7 +176,7 @@ def score_test_set(
         val_loss=chosen.user_attrs.get(VAL_LOSS_ATTR),
         val_accuracy=chosen.user_attrs.get(VAL_ACCURACY_ATTR),
         epochs_trained=chosen.user_attrs.get(EPOCHS_TRAINED_ATTR),
-        test_images=len(y_test),
+        test_images=images,
         test_loss=test_loss,
         test_accuracy=report.overall_accuracy,
         test_accuracy_ci95=(low, high),
@@ -167,18 +186,23 @@ def score_test_set(
         scored_by=f"{socket.gethostname()}:{os.getpid()}",
         environment=environment(),
     )
+
+
+def _record(
+    study: optuna.Study, tracker: Tracker, parent_run_id: str, result: TestResult, report: ClassificationReport
+) -> None:
+    """The test numbers on the study's MLflow parent run, then the result on the study: that write seals it."""
     tracker.log_test_result(
         parent_run_id,
-        test_loss=test_loss,
+        test_loss=result.test_loss,
         report=report,
         tags={
-            TEST_SCORED_TRIAL_TAG: str(chosen.number),
+            TEST_SCORED_TRIAL_TAG: str(result.trial_number),
             TEST_SCORED_AT_TAG: result.scored_at,
             TEST_SCORED_RUN_ID_TAG: str(result.run_id),
         },
     )
     study.set_user_attr(TEST_RESULT_ATTR, result.to_dict())
-    return result, True
 
 
 def result_line(result: TestResult) -> str:
