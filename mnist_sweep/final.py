@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_sweep.config import metric_maximizes
+from mnist_sweep import interrupt
+from mnist_sweep.config import SEAL_SUFFIX, metric_maximizes
 from mnist_sweep.data import DataSource, Images, Labels, load_test_split
 from mnist_sweep.environment import environment
 from mnist_sweep.metrics import ClassificationReport, classification_report, confusion_matrix, wilson_interval
@@ -41,8 +44,10 @@ from mnist_sweep.tracking import Tracker
 if TYPE_CHECKING:
     import keras
 
-SEAL_SUFFIX = ".test-seal"
 RESULT_WAIT_SECONDS = 600.0
+POLL_SECONDS = 1.0
+# What Tracker.log_model writes: MLflow's keras flavor, Keras' own .keras zip, never a TF SavedModel.
+MODEL_FILE = Path("data") / "model.keras"
 
 
 class FinalizeError(RuntimeError):
@@ -89,16 +94,82 @@ def choose_trial(study: optuna.Study, metric: str) -> FrozenTrial:
     raise FinalizeError(f"study {study.study_name!r} has no complete trial with a logged model to score")
 
 
-def _claim(storage: optuna.storages.BaseStorage, study_name: str, *, reclaim: bool) -> bool:
-    if reclaim and seal_claimed(storage, study_name):
-        optuna.delete_study(study_name=seal_name(study_name), storage=storage)
+def load_scored_model(model_uri: str, *, tracking_uri: str) -> keras.Model:
+    """The logged model, if it is in the one format this tool writes, loaded with Keras' safe mode.
+
+    A `.keras` file with a Lambda layer (code) is refused by safe mode; an MLmodel saying
+    `save_exported_model: true` would be a TensorFlow SavedModel, which has no safe mode: refused too.
+    """
+    import keras
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per step, not a bar
+    with tempfile.TemporaryDirectory(prefix="mnist-sweep-model-") as folder:
+        try:
+            local = Path(download_artifacts(artifact_uri=model_uri, dst_path=folder, tracking_uri=tracking_uri))
+            flavor = Model.load(str(local / "MLmodel")).flavors.get("keras")
+        except Exception as exc:  # MLflow and the artifact store raise many kinds; one line for the user
+            raise FinalizeError(f"model {model_uri}: cannot read it ({_first_line(exc)})") from None
+        written_here = (
+            isinstance(flavor, dict) and flavor.get("data") == "data" and flavor.get("save_exported_model") is False
+        )
+        if not written_here or not (local / MODEL_FILE).is_file():
+            raise FinalizeError(
+                f"model {model_uri}: not a model this tool wrote (MLflow keras flavor with {MODEL_FILE}, "
+                f"save_exported_model: false); refusing to load it"
+            )
+        try:
+            return keras.saving.load_model(local / MODEL_FILE, compile=False, safe_mode=True)
+        except Exception as exc:
+            raise FinalizeError(f"model {model_uri}: Keras refused to load it safely ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _claim(
+    storage: optuna.storages.BaseStorage, study_name: str, *, reclaim: bool, echo: Callable[[str], None]
+) -> bool:
+    if seal_claimed(storage, study_name):
+        dead = _dead_local_claimant(storage, study_name)
+        if dead is not None:
+            echo(f"the test set was claimed by {dead}, a process that no longer runs on this host; taking over")
+        if reclaim or dead is not None:
+            optuna.delete_study(study_name=seal_name(study_name), storage=storage)
     try:
         seal = optuna.create_study(study_name=seal_name(study_name), storage=storage)
     except optuna.exceptions.DuplicatedStudyError:
         return False
-    seal.set_user_attr(CLAIMED_BY_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+    seal.set_user_attr(CLAIMED_BY_ATTR, _this_process())
     seal.set_user_attr(CLAIMED_AT_ATTR, _now())
     return True
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead_local_claimant(storage: optuna.storages.BaseStorage, study_name: str) -> str | None:
+    """The claim's `host:pid` when that is a process of this host that has ended, else None."""
+    try:
+        claimed_by = str(
+            optuna.load_study(study_name=seal_name(study_name), storage=storage).user_attrs[CLAIMED_BY_ATTR]
+        )
+    except KeyError:  # the seal is gone, or its claimant has not written its name yet
+        return None
+    host, _, pid = claimed_by.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return claimed_by
+    except PermissionError:  # alive, another user's
+        return None
+    return None
 
 
 def _now() -> str:
@@ -107,7 +178,8 @@ def _now() -> str:
 
 def _wait_for_result(
     study: optuna.Study, storage: optuna.storages.BaseStorage, echo: Callable[[str], None]
-) -> TestResult:
+) -> TestResult | None:
+    """The result the claimant records; None if it died (on this host) first, so the claim can be taken over."""
     echo("another process is scoring the test set; waiting for its result")
     deadline = time.monotonic() + RESULT_WAIT_SECONDS
     while time.monotonic() < deadline:
@@ -115,7 +187,9 @@ def _wait_for_result(
         result = recorded_result(fresh)
         if result is not None:
             return result
-        time.sleep(1.0)
+        if _dead_local_claimant(storage, study.study_name) is not None:
+            return None
+        interrupt.sleep(POLL_SECONDS)
     seal = optuna.load_study(study_name=seal_name(study.study_name), storage=storage)
     raise FinalizeError(
         f"the test set was claimed by {seal.user_attrs.get(CLAIMED_BY_ATTR)} at {seal.user_attrs.get(CLAIMED_AT_ATTR)} "
@@ -140,10 +214,13 @@ def score_test_set(
         return existing, False
     chosen = choose_trial(study, metric)
     # Load before claiming, so a corrupt test file or a missing model leaves the seal unclaimed.
-    model = tracker.load_model(chosen.user_attrs[MODEL_URI_KEY])
+    model = load_scored_model(chosen.user_attrs[MODEL_URI_KEY], tracking_uri=tracker.uri)
     x_test, y_test = load_test_split(source)
-    if not _claim(storage, study.study_name, reclaim=reclaim):
-        return _wait_for_result(study, storage, echo), False
+    while not _claim(storage, study.study_name, reclaim=reclaim, echo=echo):
+        reclaim = False  # only ever the claim found at the start: never one made since by a live process
+        waited = _wait_for_result(study, storage, echo)
+        if waited is not None:
+            return waited, False
     test_loss, report = _evaluate(model, x_test, y_test)
     result = _test_result(
         study.study_name, chosen, metric=metric, test_loss=test_loss, report=report, images=len(y_test)
@@ -183,7 +260,7 @@ def _test_result(
         test_confusion_matrix=tuple(tuple(row) for row in report.matrix.tolist()),
         test_per_class=tuple(report.per_class_rows()),
         scored_at=_now(),
-        scored_by=f"{socket.gethostname()}:{os.getpid()}",
+        scored_by=_this_process(),
         environment=environment(),
     )
 

@@ -128,6 +128,18 @@ def read_run(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
     return dict(run.data.params), dict(run.data.metrics)
 
 
+def _create_mlflow_tables(uri: str) -> None:
+    """MLflow's tables, made and migrated as MlflowClient would on first use."""
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        _initialize_tables(engine)  # type: ignore[no-untyped-call]
+    finally:
+        engine.dispose()
+
+
 class Tracker:
     """One MLflow experiment per study; its parent run and the trial runs nested under it."""
 
@@ -142,6 +154,7 @@ class Tracker:
         self.uri = uri
         self.model_optimizer_state = model_optimizer_state
         with databases.schema_lock(uri):  # opening the store creates or migrates its tables
+            databases.create_whole(uri, _create_mlflow_tables)
             self.client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._experiment(experiment, artifact_location(uri, artifacts))
         self._mark_model_training()
@@ -352,11 +365,6 @@ class Tracker:
         return True
 
     # ----------------------------------------------------------------------- the test set, on the parent
-
-    def load_model(self, model_uri: str) -> keras.Model:
-        import mlflow.keras
-
-        return mlflow.keras.load_model(model_uri)
 
     def log_test_result(
         self, parent_run_id: str, *, test_loss: float, report: ClassificationReport, tags: Mapping[str, str]
