@@ -5,6 +5,7 @@
 - `TooManyFailures` (exit 1): trials keep failing, so the sweep stopped; the finished ones are kept.
 - `TrialDiverged`: one trial failed; it is recorded on the trial and the study goes on.
 - `SealedTestSetError`: a bug, not an input: the test images were asked for while trials run.
+- `MissingParamError`: a run's params lack a key; `replay` turns it into a `UsageError` naming the run.
 
 Light on purpose (no third-party import): `validate` and the preflight checks use it.
 """
@@ -97,3 +98,7 @@ class TrialDiverged(RuntimeError):
 
 class SealedTestSetError(RuntimeError):
     """Something asked for the test images while trials run: a bug, shown with its traceback."""
+
+
+class MissingParamError(KeyError):
+    """A run's params lack a key that retraining needs: not a (finished) mnist-sweep trial run."""

@@ -21,6 +21,18 @@ from mnist_sweep.console import NO_PROGRESS, TrialProgress
 from mnist_sweep.data import Split, sealed_test_set
 from mnist_sweep.errors import StorageError, StudyMismatchError, TooManyFailures, first_line
 from mnist_sweep.interrupt import raise_if_requested
+from mnist_sweep.records import (
+    EPOCHS_TRAINED_ATTR,
+    FAIL_REASON_ATTR,
+    FIT_SECONDS_ATTR,
+    MODEL_URI_KEY,
+    PARENT_RUN_ATTR,
+    RUN_ID_ATTR,
+    SEED_ATTR,
+    VAL_ACCURACY_ATTR,
+    VAL_LOSS_ATTR,
+    RunParams,
+)
 from mnist_sweep.space import sample_params
 from mnist_sweep.tracking import Tracker
 
@@ -28,10 +40,6 @@ if TYPE_CHECKING:
     from mnist_sweep.trial import TrainSettings, TrialOutcome
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-RUN_ID_ATTR = "mlflow_run_id"
-MODEL_URI_ATTR = "model_uri"
-PARENT_RUN_ATTR = "mlflow_parent_run_id"
-TEST_RESULT_ATTR = "test_result"
 PARENT_WAIT_SECONDS = 60.0
 ABANDONED_SECONDS = 600.0
 
@@ -265,30 +273,11 @@ class Objective:
         # TensorFlow loads here, after every input check: bad input fails fast and prints one line.
         from mnist_sweep.trial import TrainSettings
 
-        self.settings: TrainSettings = TrainSettings(
-            hidden=tuple(cfg.model.hidden),
-            epochs=cfg.train.epochs,
-            early_stopping_patience=cfg.train.early_stopping_patience,
-            monitor=cfg.study.metric,
-            lr_schedule=cfg.train.lr_schedule,
-            steps_per_execution=cfg.train.steps_per_execution,
-            precision=cfg.train.precision,
+        # What every trial run logs as params besides its hyperparameters and seed; replay decodes them.
+        self.run_params = RunParams.from_config(
+            cfg, data_source=data_source, n_train=len(split.y_train), n_val=len(split.y_val)
         )
-        self.fixed_run_params = {
-            "hidden": "-".join(str(h) for h in cfg.model.hidden),
-            "epochs": cfg.train.epochs,
-            "early_stopping_patience": cfg.train.early_stopping_patience,
-            "early_stopping_monitor": cfg.study.metric,
-            "lr_schedule": cfg.train.lr_schedule,
-            "steps_per_execution": cfg.train.steps_per_execution,
-            "precision": cfg.train.precision,
-            "data_validation": cfg.data.validation,
-            "data_train_limit": cfg.data.train_limit,
-            "data_seed": cfg.data.seed,
-            "data_source": data_source,
-            "n_train": len(split.y_train),
-            "n_val": len(split.y_val),
-        }
+        self.settings: TrainSettings = TrainSettings(**self.run_params.train_settings())
         self.last: TrialRecord | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -298,10 +287,10 @@ class Objective:
             parent_run_id=self.parent_run_id,
             study_name=trial.study.study_name,
             trial_number=trial.number,
-            params={**params, **self.fixed_run_params, "seed": seed},
+            params=self.run_params.for_trial(params, seed).encode(),
         )
         trial.set_user_attr(RUN_ID_ATTR, run_id)
-        trial.set_user_attr("seed", seed)
+        trial.set_user_attr(SEED_ATTR, seed)
         self.last = record = TrialRecord(number=trial.number, state="RUNNING", run_id=run_id)
         logging_hook = TimedHook(lambda epoch, values: self.tracker.log_epoch(run_id, epoch, values))
         pruning_hook = PruningHook(trial, self.cfg.study.metric, self.cfg.train.epochs)
@@ -329,12 +318,12 @@ class Objective:
             raise
         except KeyboardInterrupt as exc:
             record.state, record.message = "FAIL", str(exc) or "interrupted"
-            trial.set_user_attr("fail_reason", record.message)
+            trial.set_user_attr(FAIL_REASON_ATTR, record.message)
             self.tracker.end_trial_run(run_id, state="KILLED", message=record.message)
             raise
         except Exception as exc:
             record.state, record.message = "FAIL", f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr("fail_reason", record.message[:1000])
+            trial.set_user_attr(FAIL_REASON_ATTR, record.message[:1000])
             self.tracker.log_traceback(run_id, traceback.format_exc())
             self.tracker.end_trial_run(run_id, state="FAIL", message=record.message)
             raise
@@ -342,11 +331,11 @@ class Objective:
     def _finish(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, logging_hook: TimedHook) -> float:
         started = time.perf_counter()
         model_uri = self.tracker.log_outcome(run_id, outcome)
-        trial.set_user_attr(MODEL_URI_ATTR, model_uri)
-        trial.set_user_attr("epochs_trained", outcome.epochs_trained)
-        trial.set_user_attr("val_loss", outcome.val_loss)
-        trial.set_user_attr("val_accuracy", outcome.val_accuracy)
-        trial.set_user_attr("fit_seconds", round(outcome.fit_seconds, 3))
+        trial.set_user_attr(MODEL_URI_KEY, model_uri)
+        trial.set_user_attr(EPOCHS_TRAINED_ATTR, outcome.epochs_trained)
+        trial.set_user_attr(VAL_LOSS_ATTR, outcome.val_loss)
+        trial.set_user_attr(VAL_ACCURACY_ATTR, outcome.val_accuracy)
+        trial.set_user_attr(FIT_SECONDS_ATTR, round(outcome.fit_seconds, 3))
         logging_hook.seconds += time.perf_counter() - started
         self.tracker.end_trial_run(run_id, state="COMPLETE", metrics={"tracking_seconds": logging_hook.seconds})
         return outcome.metric(self.cfg.study.metric)
