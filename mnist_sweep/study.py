@@ -293,7 +293,9 @@ class Objective:
         self.tracker = tracker
         self.parent_run_id = parent_run_id
         # TensorFlow loads here, after every input check: bad input fails fast and prints one line.
-        from mnist_sweep.trial import TrainSettings
+        from mnist_sweep.trial import TrainSettings, TrialSession
+
+        self.session = TrialSession()  # what this process's trials share (gc freeze, TF's registry)
 
         self.settings: TrainSettings = TrainSettings(
             hidden=tuple(cfg.model.hidden),
@@ -352,6 +354,7 @@ class Objective:
                     seed=seed,
                     epoch_hooks=[self.progress.epoch, logging_hook, pruning_hook],
                     batch_hooks=[self.progress.batch],
+                    session=self.session,
                 )
             value = self._log_outcome(trial, run_id, outcome, logging_hook)
         except optuna.TrialPruned as exc:

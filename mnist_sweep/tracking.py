@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import io
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ from mnist_sweep import databases, environment
 from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
 from mnist_sweep.locations import artifact_location, local_artifact_folder
 from mnist_sweep.metrics import ClassificationReport
+from mnist_sweep.workarounds import saved_as_uncompiled
 
 if TYPE_CHECKING:
     import keras
@@ -89,24 +89,6 @@ def _matrix_csv(matrix: np.ndarray[Any, Any]) -> str:
     header = "true\\predicted," + ",".join(str(k) for k in range(matrix.shape[1]))
     body = [f"{k}," + ",".join(str(int(v)) for v in row) for k, row in enumerate(matrix)]
     return "\n".join([header, *body]) + "\n"
-
-
-@contextlib.contextmanager
-def _training_state(model: keras.Model, *, keep: bool) -> Iterator[None]:
-    """Unless `keep`, the model is saved as if uncompiled: architecture and weights, no optimizer state.
-
-    Keras 3's .keras format always saves a compiled model's optimizer (it ignores include_optimizer).
-    The model loads back uncompiled; scoring it needs predict only.
-    """
-    if keep or not getattr(model, "compiled", False):
-        yield
-        return
-    optimizer = model.optimizer
-    model.optimizer, model.compiled = None, False
-    try:
-        yield
-    finally:
-        model.optimizer, model.compiled = optimizer, True
 
 
 def read_run(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
@@ -281,7 +263,7 @@ class Tracker:
             self.experiment_id, name=run.info.run_name, source_run_id=run_id, params=dict(run.data.params)
         )
         # Model.log takes the run id, so the run is not resumed as the active run around it (0.03 s).
-        with _training_state(model, keep=self.model_optimizer_state):
+        with saved_as_uncompiled(model, keep_optimizer=self.model_optimizer_state):
             info = Model.log(
                 artifact_path=None,
                 name=logged.name,
