@@ -188,7 +188,7 @@ def _write_report(
     study: optuna.Study,
     result: dict[str, Any] | None,
     *,
-    tracker: Tracker,
+    tracker: Tracker | None,
     parent: str | None,
     echo: Echo,
 ) -> None:
@@ -196,7 +196,7 @@ def _write_report(
     folder = Path(cfg.tracking.reports) / cfg.study.name
     run_metrics = recorded_trial_metrics(uri=cfg.tracking.uri, experiment=cfg.study.name)
     write_report(folder, study=study, result=result, metric=cfg.study.metric, run_metrics=run_metrics)
-    if parent is not None:
+    if tracker is not None and parent is not None:
         tracker.log_folder(parent, folder, "report")
     echo(f"report: {folder / 'report.html'} (and report.md, test_metrics.json, leaderboard.csv)")
 
@@ -212,12 +212,12 @@ def _recorded_study(cfg: SweepConfig) -> optuna.Study:
 def report(cfg: SweepConfig, *, echo: Echo) -> int:
     """Rewrite the report from the recorded study and test result; never reads or scores the test set."""
     study = _recorded_study(cfg)
-    tracker = make_tracker(cfg)
+    tracker = Tracker.existing(uri=cfg.tracking.uri, experiment=cfg.study.name)  # makes no store or experiment
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    if tracker is None or not tracker.parent_exists(parent or ""):
+        parent = None
     result = recorded_result(study)
-    _write_report(
-        cfg, study, result, tracker=tracker, parent=parent if tracker.parent_exists(parent or "") else None, echo=echo
-    )
+    _write_report(cfg, study, result, tracker=tracker, parent=parent, echo=echo)
     if result is None:
         raise NotScoredError(
             f"study {cfg.study.name!r} has no scored test set yet; the report says so "

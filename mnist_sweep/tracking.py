@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,26 @@ def _matrix_csv(matrix: np.ndarray[Any, Any]) -> str:
     return "\n".join([header, *body]) + "\n"
 
 
+def _make_local_folders(uri: str, artifacts: str) -> None:
+    database = databases.sqlite_file(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    folder = local_artifact_folder(uri, artifacts)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` only within: Model.log uploads through it."""
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None  # type: ignore[no-untyped-call]
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None: unset again, as MLflow's own helper does
+
+
 def read_run(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
     """A run's params and latest metrics, read without creating anything (no store, no experiment)."""
     database = databases.sqlite_file(uri)
@@ -106,20 +127,35 @@ def read_run(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
 class Tracker:
     """One MLflow experiment per study; its parent run and the trial runs nested under it."""
 
-    def __init__(self, *, uri: str, artifacts: str, experiment: str, model_optimizer_state: bool = False) -> None:
-        database = databases.sqlite_file(uri)
-        if database is not None:
-            database.parent.mkdir(parents=True, exist_ok=True)
-        folder = local_artifact_folder(uri, artifacts)
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(uri)
+    def __init__(
+        self,
+        *,
+        uri: str,
+        artifacts: str,
+        experiment: str,
+        model_optimizer_state: bool = False,
+        create: bool = True,
+    ) -> None:
+        """Opens the store and the study's experiment; unless `create` is False, makes what they lack first
+        (folders, tables, the experiment). MLflow's process-wide tracking URI is left alone."""
         self.uri = uri
         self.model_optimizer_state = model_optimizer_state
+        if not create:
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment(experiment, location=None, create=False)
+            return
+        _make_local_folders(uri, artifacts)
         with databases.schema_lock(uri):  # opening the store creates or migrates its tables
             self.client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._experiment(experiment, artifact_location(uri, artifacts))
         self._mark_model_training()
+
+    @classmethod
+    def existing(cls, *, uri: str, experiment: str) -> Tracker | None:
+        """The study's tracker where its store and experiment exist, else None; makes nothing (for `report`)."""
+        if find_experiment_id(uri=uri, experiment=experiment) is None:
+            return None
+        return cls(uri=uri, artifacts="", experiment=experiment, create=False)
 
     @functools.cached_property
     def _requirements(self) -> list[str]:
@@ -131,9 +167,11 @@ class Tracker:
         # Asked at the first trial, once Keras is loaded: the device its backend trains on.
         return {BACKEND_TAG: environment.keras_backend(), DEVICE_TAG: environment.device()}
 
-    def _experiment(self, name: str, location: str | None) -> str:
+    def _experiment(self, name: str, location: str | None, *, create: bool = True) -> str:
         try:
             found = self.client.get_experiment_by_name(name)
+            if found is None and not create:
+                raise TrackingError(f"tracking.uri = {self.uri!r}: no MLflow experiment {name!r}")
             if found is None:
                 try:
                     return self.client.create_experiment(name, artifact_location=location)
@@ -263,7 +301,7 @@ class Tracker:
             self.experiment_id, name=run.info.run_name, source_run_id=run_id, params=dict(run.data.params)
         )
         # Model.log takes the run id, so the run is not resumed as the active run around it (0.03 s).
-        with saved_as_uncompiled(model, keep_optimizer=self.model_optimizer_state):
+        with saved_as_uncompiled(model, keep_optimizer=self.model_optimizer_state), _global_tracking_uri(self.uri):
             info = Model.log(
                 artifact_path=None,
                 name=logged.name,
@@ -331,7 +369,8 @@ class Tracker:
     def load_model(self, model_uri: str) -> keras.Model:
         import mlflow.keras
 
-        return mlflow.keras.load_model(model_uri)
+        with _global_tracking_uri(self.uri):  # a models:/ URI is resolved through it
+            return mlflow.keras.load_model(model_uri)
 
     def log_test_result(
         self, parent_run_id: str, *, test_loss: float, report: ClassificationReport, tags: Mapping[str, str]

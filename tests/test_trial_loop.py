@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import optuna
 import pytest
@@ -168,3 +169,26 @@ def test_a_study_already_at_its_target_runs_no_trial(tmp_path: Path, split: Spli
     again = Sweep(cfg, split)
     assert again.run() == 0
     assert len(again.study.get_trials()) == 1 and again.lines == []
+
+
+def test_models_go_to_the_study_store_and_mlflow_global_uri_is_left_alone(tmp_path: Path, split: Split) -> None:
+    elsewhere = f"sqlite:///{tmp_path}/elsewhere.db"
+    mlflow.set_tracking_uri(elsewhere)  # what the process that embeds the sweep has chosen
+    try:
+        sweep = Sweep(sweep_config(tmp_path, "study.trials=1"), split)
+        sweep.run()
+        assert mlflow.get_tracking_uri() == elsewhere
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    assert not (tmp_path / "elsewhere.db").exists()
+    (trial,) = sweep.study.get_trials()
+    model = MlflowClient(tracking_uri=sweep.cfg.tracking.uri).get_logged_model(
+        trial.user_attrs["model_uri"].removeprefix("models:/")
+    )
+    assert model.experiment_id == sweep.tracker.experiment_id and model.name == "trial-0000"
+
+
+def test_a_read_only_tracker_makes_nothing(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/not-yet/mlflow.db"
+    assert Tracker.existing(uri=uri, experiment="fcn") is None
+    assert list(tmp_path.iterdir()) == []
