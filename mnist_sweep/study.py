@@ -335,7 +335,7 @@ class Objective:
             trial.set_user_attr(RUN_ID_ATTR, run_id)
             trial.set_user_attr("seed", seed)
         except Exception as exc:  # no run yet (the tracking store failed): the trial fails, and counts
-            trial.set_user_attr(FAIL_REASON_ATTR, _reason(exc))
+            trial.set_user_attr(FAIL_REASON_ATTR, _reason(exc)[:1000])
             raise
         return self._run(trial, run_id, params, seed)
 
