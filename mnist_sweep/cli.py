@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from mnist_sweep import __version__, console, interrupt
-from mnist_sweep.config import ConfigError, SweepConfig, load_sweep
+from mnist_sweep.config import ConfigError, SweepConfig, load_sweep, mask_password
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGINT = 0, 1, 2, 130
 
@@ -45,7 +45,7 @@ _console = console.Console(sys.stdout)  # replaced in main once the flags are kn
 
 
 def _echo(line: str, *, final: bool = False) -> None:
-    _console.echo(line, final=final)
+    _console.echo(mask_password(line), final=final)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -190,6 +190,8 @@ def _quiet_libraries(*, verbose: bool) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     for name in ("mlflow", "alembic", "tensorflow", "absl", "jax"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # It logs a database error with its traceback, then raises it: we report it once, in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -240,7 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     global _console
     args = _parser().parse_args(argv)
     _console = console.stdout_console(quiet=args.quiet and args.command in QUIETABLE, verbose=args.verbose)
-    signals = interrupt.deferred_signals if args.command in SAFE_POINT_COMMANDS else interrupt.immediate_signals
+    safe_points = args.command in SAFE_POINT_COMMANDS
+    if safe_points and argv is None:  # the process's own command line, not a call from Python
+        interrupt.record_until_exit()
+    signals = interrupt.deferred_signals if safe_points else interrupt.immediate_signals
+    cfg: SweepConfig | None = None
     with signals():
         try:
             cfg = load_sweep(args.sweep, _overrides(args))
@@ -248,19 +254,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             interrupt.raise_if_requested()  # a signal during the last step still ends in its exit code
             return code
         except interrupt.Interrupted as stop:
+            interrupt.acknowledge()
             print(f"mnist-sweep: {stop}; the running trial was recorded as failed, rerun to resume", file=sys.stderr)
             return stop.exit_code
         except KeyboardInterrupt:  # a second Ctrl-C, where nothing checks
+            interrupt.acknowledge()
             print("mnist-sweep: interrupted; rerun to resume", file=sys.stderr)
             return EXIT_SIGINT
         except Exception as exc:
+            from mnist_sweep.preflight import disk_full_line
+
+            full = disk_full_line(exc, cfg)  # a full disk is no bad input: the same command works once there is room
+            if full is not None:
+                print(f"mnist-sweep: {full}", file=sys.stderr)
+                return EXIT_FAILED
             if isinstance(exc, _user_errors()):
-                print(f"mnist-sweep: {exc}", file=sys.stderr)
+                print(f"mnist-sweep: {mask_password(str(exc))}", file=sys.stderr)
                 return EXIT_BAD_INPUT
             from mnist_sweep.study import TooManyFailures
 
             if isinstance(exc, TooManyFailures):
-                print(f"mnist-sweep: {exc}", file=sys.stderr)
+                print(f"mnist-sweep: {mask_password(str(exc))}", file=sys.stderr)
                 return EXIT_FAILED
             raise
 

@@ -33,6 +33,26 @@ METRIC_DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 STORAGE_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "mysql+pymysql")
 TRACKING_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "http", "https", "file")
+MAX_STUDY_NAME = 100
+SEAL_SUFFIX = ".test-seal"  # the claim on a study's test set is a second study of this name (final.py)
+TRACKING_CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+
+# scheme://user:password@host. SQLAlchemy takes the password to be anything (even '/' and spaces) up to an '@';
+# we mask up to the last '@' of the URI, so a password holding '@' is not half shown either. A web URI keeps its
+# path: only what precedes the first '/' can be credentials there.
+_SCHEME_START = r"(?<![A-Za-z0-9+.-])"
+_USER = r"[^:/@\s'\"]*:"
+_PASSWORD_IN_DATABASE_URI = re.compile(
+    _SCHEME_START + r"(?!(?i:https?)://)(?P<head>[A-Za-z][A-Za-z0-9+.-]*://" + _USER + r")"
+    r".*?@(?=[^@\s'\"]*(?:[\s'\"]|$))"
+)
+_PASSWORD_IN_WEB_URI = re.compile(_SCHEME_START + r"(?P<head>(?i:https?)://" + _USER + r")[^/@\s'\"]*@")
+
+
+def mask_password(text: str) -> str:
+    """Every `scheme://user:password@` in `text` shown as `scheme://user:***@`: for every line and file we write."""
+    masked = _PASSWORD_IN_DATABASE_URI.sub(r"\g<head>***@", text)
+    return _PASSWORD_IN_WEB_URI.sub(r"\g<head>***@", masked)
 
 
 # --------------------------------------------------------------------------- search-space values
@@ -158,7 +178,8 @@ def _name_param(allowed: Sequence[str]) -> Any:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    # strict: `trials = true` is a boolean, not the integer 1, and "3" is a string, not a number.
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, strict=True)
 
 
 class StudyConfig(_Section):
@@ -175,14 +196,24 @@ class StudyConfig(_Section):
     pruner_interval_epochs: int = Field(default=1, ge=1)  # median, percentile: consider pruning every N epochs
     pruner_percentile: float = Field(default=25.0, gt=0, lt=100)  # percentile: keep the top P % at each epoch
     pruner_reduction_factor: int = Field(default=3, ge=2)  # successive_halving: 1 in N goes on at each rung
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, lt=2**31)  # NumPy's RandomState (inside the samplers) takes 0 .. 2**32 - 1
     storage: str = "sqlite:///mlruns/optuna.db"
     heartbeat_seconds: int = Field(default=60, ge=1)
     max_failures: int = Field(default=5, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name):
+        if len(self.name) > MAX_STUDY_NAME:
+            raise ValueError(
+                f"study.name must be at most {MAX_STUDY_NAME} characters (it names a folder and an MLflow "
+                f"experiment), got {len(self.name)}: {self.name[:20]!r}..."
+            )
+        if self.name.endswith(SEAL_SUFFIX):
+            raise ValueError(
+                f"study.name must not end in {SEAL_SUFFIX!r}: the study {self.name.removesuffix(SEAL_SUFFIX)!r} "
+                f"records its test-set claim under that name, got {self.name!r}"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise ValueError(
                 f"study.name must be letters, digits, '.', '_' or '-' (it names a folder), got {self.name!r}"
             )
@@ -213,7 +244,7 @@ class DataConfig(_Section):
     path: str = ""
     validation: int = Field(default=5000, ge=1)
     train_limit: int = Field(default=0, ge=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)  # NumPy's default_rng takes no negative seed
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -321,22 +352,40 @@ class SweepConfig(_Section):
         return dumps_toml(self.to_dict())
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Every key and its value, passwords in URIs masked: this is shown and logged, never used to connect."""
         out: dict[str, dict[str, Any]] = {}
         for section_name in type(self).model_fields:
             section: BaseModel = getattr(self, section_name)
             out[section_name] = {
-                key: (value.to_toml_value() if isinstance(value, (Choice, Range)) else value)
-                for key, value in ((k, getattr(section, k)) for k in type(section).model_fields)
+                key: _shown(value) for key, value in ((k, getattr(section, k)) for k in type(section).model_fields)
             }
         return out
 
 
+def _shown(value: Any) -> Any:
+    if isinstance(value, (Choice, Range)):
+        return value.to_toml_value()
+    return mask_password(value) if isinstance(value, str) else value
+
+
 def _check_uri(key: str, uri: str, schemes: Sequence[str]) -> None:
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    shown = mask_password(uri)
     if scheme not in schemes:
-        raise ValueError(f"{key} must start with one of {', '.join(s + '://' for s in schemes)}, got {uri!r}")
+        raise ValueError(f"{key} must start with one of {', '.join(s + '://' for s in schemes)}, got {shown!r}")
     if scheme == "sqlite" and not uri.startswith("sqlite:///"):
-        raise ValueError(f"{key} needs a file path: sqlite:///relative/path.db or sqlite:////abs.db, got {uri!r}")
+        raise ValueError(f"{key} needs a file path: sqlite:///relative/path.db or sqlite:////abs.db, got {shown!r}")
+    in_memory = uri.removeprefix("sqlite:///").split("?")[0] in ("", ":memory:") or "mode=memory" in uri
+    if scheme == "sqlite" and in_memory:
+        raise ValueError(
+            f"{key} = {shown!r} is an in-memory database: it vanishes when the process exits, and workers "
+            "cannot share it; give a file, e.g. sqlite:///mlruns/optuna.db"
+        )
+    if scheme in ("http", "https") and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        raise ValueError(
+            f"{key} = {shown!r} holds credentials; put them in {TRACKING_CREDENTIAL_VARIABLES} "
+            "instead, and give the URI without user@"
+        )
 
 
 # --------------------------------------------------------------------------- loading
@@ -391,7 +440,7 @@ def build_config(document: Mapping[str, Any], *, origin: str = "<config>") -> Sw
     try:
         return SweepConfig.model_validate(dict(document))
     except ValidationError as exc:
-        raise ConfigError(f"{origin}: {_first_error(exc)}") from None
+        raise ConfigError(mask_password(f"{origin}: {_first_error(exc)}")) from None
 
 
 def _first_error(exc: ValidationError) -> str:

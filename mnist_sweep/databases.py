@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import sqlite3
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from mnist_sweep import interrupt
 
 BUSY_TIMEOUT_SECONDS = 300
 LOCK_NAME = "mnist_sweep.schema"
@@ -46,11 +49,51 @@ def schema_lock(uri: str) -> Iterator[None]:
 def _file_lock(database: Path) -> Iterator[None]:
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.with_name(database.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        while True:  # polled, not blocking: a Ctrl-C while another process holds the lock acts at once
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                interrupt.sleep(0.05)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def create_whole(uri: str, create_tables: Callable[[str], None]) -> None:
+    """A fresh sqlite store gets its tables in a file beside it, moved into place once complete.
+
+    MLflow's migrations cannot resume a half-made store ("table issues already exists"), so a disk that
+    fills up, or a kill, during the first migration must leave nothing half-made behind. Call under
+    `schema_lock`.
+    """
+    database = sqlite_file(uri)
+    if database is None or _has_tables(database):
+        return
+    partial = database.with_name(database.name + ".partial")
+    try:
+        _remove_sqlite(partial)  # left by a process killed while creating
+        _use_wal(partial)
+        create_tables(f"sqlite:///{partial}")
+        with contextlib.closing(sqlite3.connect(partial)) as connection:  # the WAL folded into the file
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        os.replace(partial, database)
+    finally:
+        _remove_sqlite(partial)
+
+
+def _has_tables(database: Path) -> bool:
+    if not database.is_file() or database.stat().st_size == 0:
+        return False
+    with contextlib.closing(sqlite3.connect(database, timeout=BUSY_TIMEOUT_SECONDS)) as connection:
+        return bool(connection.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0])
+
+
+def _remove_sqlite(database: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            database.with_name(database.name + suffix).unlink()
 
 
 def _use_wal(database: Path) -> None:

@@ -9,23 +9,32 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from mnist_sweep import interrupt
+from mnist_sweep.config import SEAL_SUFFIX
 from mnist_sweep.data import DataSource, load_test_split
 from mnist_sweep.environment import environment
 from mnist_sweep.metrics import classification_report, confusion_matrix, wilson_interval
 from mnist_sweep.study import MODEL_URI_ATTR, RUN_ID_ATTR, TEST_RESULT_ATTR
-from mnist_sweep.tracking import Tracker
+from mnist_sweep.tracking import Tracker, global_tracking_uri
 
-SEAL_SUFFIX = ".test-seal"
+if TYPE_CHECKING:
+    import keras
+
 RESULT_WAIT_SECONDS = 600.0
+POLL_SECONDS = 1.0
+# What Tracker.log_model writes: MLflow's keras flavor, Keras' own .keras zip, never a TF SavedModel.
+MODEL_FILE = Path("data") / "model.keras"
 
 
 class FinalizeError(RuntimeError):
@@ -62,16 +71,81 @@ def choose_trial(study: optuna.Study, metric: str) -> FrozenTrial:
     return sorted(candidates, key=lambda t: ((-t.value if maximize else t.value), t.number))[0]  # type: ignore[operator]
 
 
-def _claim(storage: optuna.storages.BaseStorage, study_name: str, *, reclaim: bool) -> bool:
-    if reclaim and seal_claimed(storage, study_name):
-        optuna.delete_study(study_name=seal_name(study_name), storage=storage)
+def load_scored_model(model_uri: str, *, tracking_uri: str) -> keras.Model:
+    """The logged model, if it is in the one format this tool writes, loaded with Keras' safe mode.
+
+    A `.keras` file with a Lambda layer (code) is refused by safe mode; an MLmodel saying
+    `save_exported_model: true` would be a TensorFlow SavedModel, which has no safe mode: refused too.
+    """
+    import keras
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per step, not a bar
+    with tempfile.TemporaryDirectory(prefix="mnist-sweep-model-") as folder:
+        try:
+            with global_tracking_uri(tracking_uri):
+                local = Path(download_artifacts(artifact_uri=model_uri, dst_path=folder, tracking_uri=tracking_uri))
+            flavor = Model.load(str(local / "MLmodel")).flavors.get("keras")
+        except Exception as exc:  # MLflow and the artifact store raise many kinds; one line for the user
+            raise FinalizeError(f"model {model_uri}: cannot read it ({_first_line(exc)})") from None
+        written_here = (
+            isinstance(flavor, dict) and flavor.get("data") == "data" and flavor.get("save_exported_model") is False
+        )
+        if not written_here or not (local / MODEL_FILE).is_file():
+            raise FinalizeError(
+                f"model {model_uri}: not a model this tool wrote (MLflow keras flavor with {MODEL_FILE}, "
+                f"save_exported_model: false); refusing to load it"
+            )
+        try:
+            return keras.saving.load_model(local / MODEL_FILE, compile=False, safe_mode=True)
+        except Exception as exc:
+            raise FinalizeError(f"model {model_uri}: Keras refused to load it safely ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _claim(
+    storage: optuna.storages.BaseStorage, study_name: str, *, reclaim: bool, echo: Callable[[str], None]
+) -> bool:
+    if seal_claimed(storage, study_name):
+        dead = _dead_local_claimant(storage, study_name)
+        if dead is not None:
+            echo(f"the test set was claimed by {dead}, a process that no longer runs on this host; taking over")
+        if reclaim or dead is not None:
+            optuna.delete_study(study_name=seal_name(study_name), storage=storage)
     try:
         seal = optuna.create_study(study_name=seal_name(study_name), storage=storage)
     except optuna.exceptions.DuplicatedStudyError:
         return False
-    seal.set_user_attr("claimed_by", f"{socket.gethostname()}:{os.getpid()}")
+    seal.set_user_attr("claimed_by", _this_process())
     seal.set_user_attr("claimed_at", _now())
     return True
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead_local_claimant(storage: optuna.storages.BaseStorage, study_name: str) -> str | None:
+    """The claim's `host:pid` when that is a process of this host that has ended, else None."""
+    try:
+        claimed_by = str(optuna.load_study(study_name=seal_name(study_name), storage=storage).user_attrs["claimed_by"])
+    except KeyError:  # the seal is gone, or its claimant has not written its name yet
+        return None
+    host, _, pid = claimed_by.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return claimed_by
+    except PermissionError:  # alive, another user's
+        return None
+    return None
 
 
 def _now() -> str:
@@ -80,7 +154,8 @@ def _now() -> str:
 
 def _wait_for_result(
     study: optuna.Study, storage: optuna.storages.BaseStorage, echo: Callable[[str], None]
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
+    """The result the claimant records; None if it died (on this host) first, so the claim can be taken over."""
     echo("another process is scoring the test set; waiting for its result")
     deadline = time.monotonic() + RESULT_WAIT_SECONDS
     while time.monotonic() < deadline:
@@ -88,7 +163,9 @@ def _wait_for_result(
         result = recorded_result(fresh)
         if result is not None:
             return result
-        time.sleep(1.0)
+        if _dead_local_claimant(storage, study.study_name) is not None:
+            return None
+        interrupt.sleep(POLL_SECONDS)
     seal = optuna.load_study(study_name=seal_name(study.study_name), storage=storage)
     raise FinalizeError(
         f"the test set was claimed by {seal.user_attrs.get('claimed_by')} at {seal.user_attrs.get('claimed_at')} "
@@ -113,10 +190,13 @@ def score_test_set(
         return existing, False
     chosen = choose_trial(study, metric)
     # Load before claiming, so a corrupt test file or a missing model leaves the seal unclaimed.
-    model = tracker.load_model(chosen.user_attrs[MODEL_URI_ATTR])
+    model = load_scored_model(chosen.user_attrs[MODEL_URI_ATTR], tracking_uri=tracker.uri)
     x_test, y_test = load_test_split(source)
-    if not _claim(storage, study.study_name, reclaim=reclaim):
-        return _wait_for_result(study, storage, echo), False
+    while not _claim(storage, study.study_name, reclaim=reclaim, echo=echo):
+        reclaim = False  # only ever the claim found at the start: never one made since by a live process
+        waited = _wait_for_result(study, storage, echo)
+        if waited is not None:
+            return waited, False
     probabilities = np.asarray(model.predict(x_test, batch_size=2048, verbose=0))
     # Keras' sparse cross-entropy clips at 1e-7 too; regularisation terms are not part of a test loss.
     picked = np.clip(probabilities[np.arange(len(y_test)), y_test], 1e-7, 1.0)
@@ -141,7 +221,7 @@ def score_test_set(
         "test_confusion_matrix": report.matrix.tolist(),
         "test_per_class": report.per_class_rows(),
         "scored_at": _now(),
-        "scored_by": f"{socket.gethostname()}:{os.getpid()}",
+        "scored_by": _this_process(),
         "environment": environment(),
     }
     tracker.log_test_result(

@@ -9,8 +9,12 @@ acts at once, for a process stuck where nothing checks.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
 import signal
+import sys
+import time
 from collections.abc import Iterator
 from types import FrameType
 
@@ -42,6 +46,38 @@ def raise_if_requested() -> None:
     """Raise Interrupted if a signal arrived since the handlers were installed."""
     if _requested:
         raise Interrupted(_requested[0])
+
+
+def record_until_exit() -> None:
+    """For the process's own run: a signal that lands after the command returned, while the libraries tear
+    down (atexit, where Python drops a KeyboardInterrupt), still ends the process with its exit code."""
+    for signum in EXIT_CODES:
+        signal.signal(signum, _record)
+    atexit.register(_exit_if_requested)  # registered before the libraries' hooks, so it runs after them
+
+
+def acknowledge() -> None:
+    """The signals so far were acted on (the command exits with their code): nothing left for atexit."""
+    _requested.clear()
+
+
+def _exit_if_requested() -> None:
+    if _requested:
+        stop = Interrupted(_requested[0])
+        sys.stdout.flush()
+        print(f"mnist-sweep: {stop} while shutting down; everything was recorded", file=sys.stderr, flush=True)
+        os._exit(stop.exit_code)
+
+
+def sleep(seconds: float) -> None:
+    """time.sleep that answers a deferred SIGINT or SIGTERM within a fraction of a second."""
+    deadline = time.monotonic() + seconds
+    while True:
+        raise_if_requested()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.2))
 
 
 @contextlib.contextmanager

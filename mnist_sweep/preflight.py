@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import errno
+import os
+import sqlite3
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from mnist_sweep.config import SweepConfig
+from mnist_sweep.config import SweepConfig, mask_password
 from mnist_sweep.data import check_test_split_present, load_split, resolve_source
 from mnist_sweep.locations import local_artifact_folder
 
@@ -23,11 +29,15 @@ def _nearest_existing(path: Path) -> Path:
     return current
 
 
-def check_creatable(key: str, value: str, path: Path) -> None:
-    """`path` exists as what we need, or its nearest existing ancestor is a writable folder."""
+def check_creatable(key: str, value: str, path: Path, *, folder_wanted: bool = False) -> None:
+    """`path` exists as what we need (a folder when `folder_wanted`), or its nearest existing ancestor is a
+    writable folder."""
+    value = mask_password(value)
     anchor = _nearest_existing(path)
-    if not anchor.is_dir() and anchor != path.expanduser().absolute():
+    if not anchor.is_dir() and (folder_wanted or anchor != path.expanduser().absolute()):
         raise PreflightError(f"{key} = {value!r}: {anchor} is a file, not a folder")
+    if anchor.is_dir() and not folder_wanted and anchor == path.expanduser().absolute():
+        raise PreflightError(f"{key} = {value!r}: {anchor} is a folder, not a file")
     folder = anchor if anchor.is_dir() else anchor.parent
     try:
         # A real file, gone at once: os.access answers yes to root even on a read-only folder.
@@ -38,9 +48,12 @@ def check_creatable(key: str, value: str, path: Path) -> None:
 
 
 def check_database(key: str, uri: str) -> None:
-    """A sqlite file we can create, or a database server that answers."""
+    """A sqlite file we can create (or an intact one), or a database server that answers."""
     if uri.startswith("sqlite:///"):
-        check_creatable(key, uri, Path(uri.removeprefix("sqlite:///")))
+        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        check_creatable(key, uri, path)
+        if path.is_file():
+            check_sqlite_intact(key, uri, path)
         return
     import sqlalchemy
 
@@ -51,20 +64,70 @@ def check_database(key: str, uri: str) -> None:
         engine.dispose()
     except Exception as exc:  # drivers raise their own types; the user needs the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PreflightError(f"{key} = {uri!r}: cannot connect ({first})") from None
+        raise PreflightError(mask_password(f"{key} = {uri!r}: cannot connect ({first})")) from None
+
+
+def check_sqlite_intact(key: str, uri: str, path: Path) -> None:
+    """An existing sqlite file is a whole database: a corrupt or truncated one fails here, in one line."""
+    if path.stat().st_size == 0:
+        return  # created and left empty (a lock taken, nothing written yet): sqlite fills it on first use
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=60)) as db:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check(1)")]
+    except sqlite3.Error as exc:
+        problems = [str(exc)]
+    if problems != ["ok"]:
+        raise PreflightError(
+            f"{key} = {mask_password(uri)!r}: {path} is not an intact sqlite database ({problems[0]}); "
+            "restore it from a backup, or move it away to start afresh"
+        )
 
 
 def _connect_timeout(uri: str) -> dict[str, int]:
     return {"connect_timeout": 10} if uri.startswith(("postgresql", "mysql")) else {}
 
 
-def check_tracking_server(uri: str) -> None:
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
-            if response.status != 200:
-                raise PreflightError(f"tracking.uri = {uri!r}: /health answered {response.status}")
-    except (urllib.error.URLError, OSError) as exc:
-        raise PreflightError(f"tracking.uri = {uri!r}: no MLflow server answers ({exc})") from None
+def _credentials_header() -> dict[str, str]:
+    """The credentials MLflow's client sends (MLFLOW_TRACKING_TOKEN, or USERNAME and PASSWORD), for the preflight."""
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
+def _refused(uri: str, status: int) -> PreflightError:
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401 and not _credentials_header():
+        why = "asks for credentials (401); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    elif status == 401:
+        why = f"refused the credentials of MLFLOW_TRACKING_USERNAME = {user!r} (401); check the user and password"
+    else:
+        who = f"user {user!r}" if user else "these credentials"
+        why = f"refused access (403): {who} may not read or create experiments; ask the server's admin"
+    return PreflightError(f"tracking.uri = {uri!r}: the MLflow server {why}")
+
+
+def check_tracking_server(uri: str, experiment: str) -> None:
+    """An MLflow server answers /health, and lets us (with MLFLOW_TRACKING_* credentials) read experiments."""
+    base = uri.rstrip("/")
+    headers = _credentials_header()
+    # /health is open even on a basic-auth server: the experiment lookup is what needs the credentials.
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    for path in ("/health", f"/api/2.0/mlflow/experiments/get-by-name?{query}"):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers), timeout=10):
+                pass
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise _refused(uri, exc.code) from None
+            if not (exc.code == 404 and path != "/health"):  # 404: no experiment of that name yet
+                raise PreflightError(f"tracking.uri = {uri!r}: {path.split('?')[0]} answered {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise PreflightError(f"tracking.uri = {uri!r}: no MLflow server answers ({reason})") from None
 
 
 def check_all(cfg: SweepConfig) -> None:
@@ -72,15 +135,17 @@ def check_all(cfg: SweepConfig) -> None:
     check_database("study.storage", cfg.study.storage)
     tracking = cfg.tracking
     if tracking.uri.startswith(("http://", "https://")):
-        check_tracking_server(tracking.uri)
+        check_tracking_server(tracking.uri, cfg.study.name)
     elif tracking.uri.startswith("file://"):
-        check_creatable("tracking.uri", tracking.uri, Path(tracking.uri.removeprefix("file://")))
+        check_creatable("tracking.uri", tracking.uri, Path(tracking.uri.removeprefix("file://")), folder_wanted=True)
     else:
         check_database("tracking.uri", tracking.uri)
     artifacts = local_artifact_folder(tracking.uri, tracking.artifacts)
     if artifacts is not None:
-        check_creatable("tracking.artifacts", tracking.artifacts or str(artifacts), artifacts)
-    check_creatable("tracking.reports", tracking.reports, Path(tracking.reports))
+        check_creatable("tracking.artifacts", tracking.artifacts or str(artifacts), artifacts, folder_wanted=True)
+    reports = Path(tracking.reports)
+    check_creatable("tracking.reports", tracking.reports, reports, folder_wanted=True)
+    check_creatable("tracking.reports", tracking.reports, reports / cfg.study.name, folder_wanted=True)
 
 
 def check_inputs(cfg: SweepConfig, *, training: bool, needs_data: bool = True) -> None:
@@ -91,3 +156,54 @@ def check_inputs(cfg: SweepConfig, *, training: bool, needs_data: bool = True) -
             load_split(source, validation=cfg.data.validation, train_limit=cfg.data.train_limit, seed=cfg.data.seed)
         check_test_split_present(source)
     check_all(cfg)
+
+
+DISK_FULL_SIGNS = ("No space left on device", "database or disk is full", "Disk quota exceeded")
+
+
+def disk_full_line(exc: BaseException, cfg: SweepConfig | None) -> str | None:
+    """One line naming the full place, if `exc` (or what caused it) is a full disk; else None."""
+    cause = _disk_full_cause(exc)
+    if cause is None:
+        return None
+    filename = getattr(cause, "filename", None)
+    where = f"writing {Path(os.fsdecode(filename)).absolute()}" if filename else f"in {_fullest_place(cfg)}"
+    return (
+        f"no space left on device {where}; free space there and rerun the same command: "
+        "finished trials are kept and the sweep resumes"
+    )
+
+
+def _disk_full_cause(exc: BaseException) -> BaseException | None:
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        if any(sign in str(current) for sign in DISK_FULL_SIGNS):
+            return current
+        linked = (current.__cause__, current.__context__, getattr(current, "orig", None))
+        pending += [e for e in linked if isinstance(e, BaseException)]
+    return None
+
+
+def _fullest_place(cfg: SweepConfig | None) -> str:
+    """A sqlite error names no file: the configured local folder on the filesystem with the least room."""
+    if cfg is None:
+        return "the working directory"
+    databases = (cfg.study.storage, cfg.tracking.uri)
+    candidates = [Path(uri.removeprefix("sqlite:///")).parent for uri in databases if uri.startswith("sqlite:///")]
+    artifacts = local_artifact_folder(cfg.tracking.uri, cfg.tracking.artifacts)
+    if artifacts is not None:
+        candidates.append(artifacts)
+    candidates.append(Path(cfg.tracking.reports))
+    room: list[tuple[int, int, Path]] = []
+    for index, path in enumerate(candidates):
+        with contextlib.suppress(OSError):
+            stats = os.statvfs(_nearest_existing(path))
+            room.append((stats.f_bavail * stats.f_frsize, index, path.absolute()))
+    return str(min(room)[2]) if room else "the working directory"

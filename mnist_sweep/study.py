@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_sweep import databases
+from mnist_sweep import databases, interrupt
 from mnist_sweep.config import StudyConfig, SweepConfig
 from mnist_sweep.console import NO_PROGRESS, TrialProgress
 from mnist_sweep.data import Split, sealed_test_set
@@ -68,7 +68,7 @@ def make_storage(study: StudyConfig) -> optuna.storages.RDBStorage:
 
 def make_sampler(study: StudyConfig, *, seed_offset: int) -> optuna.samplers.BaseSampler:
     """Seeded by study.seed plus the trials already in the study, so a resumed run draws new points."""
-    seed = study.seed + seed_offset
+    seed = (study.seed + seed_offset) % 2**32  # a worker's salt must not push it past NumPy's range
     if study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
@@ -151,7 +151,7 @@ def parent_run_id(study: optuna.Study, tracker: Tracker, *, created: bool, confi
             fresh = tracker.create_parent_run(study_name=study.study_name, config=config)
             study.set_user_attr(PARENT_RUN_ATTR, fresh)
             return fresh
-        time.sleep(0.5)
+        interrupt.sleep(0.5)
 
 
 def settle_stale(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> None:
@@ -193,7 +193,7 @@ def wait_for_running_trials(
         if not announced:
             echo(f"waiting for trials {running} to finish in other workers (or go stale if theirs died)")
             announced = True
-        time.sleep(poll_seconds)
+        interrupt.sleep(poll_seconds)  # answers Ctrl-C and SIGTERM at once, not after a poll
 
 
 def _fail_abandoned(study: optuna.Study, *, older_than_seconds: float) -> None:

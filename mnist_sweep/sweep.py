@@ -138,6 +138,7 @@ def finalize(cfg: SweepConfig, *, echo: Echo, reclaim: bool = False) -> int:
     """Score the chosen trial on the test set (once) and write the report."""
     source = resolve_source(cfg.data.path)
     preflight.check_all(cfg)
+    _recorded_study(cfg)  # a study that is not there: one line, and no storage created for it
     storage = make_storage(cfg.study)
     study = _existing_study(cfg, storage)
     tracker = make_tracker(cfg)
@@ -229,11 +230,14 @@ def report(cfg: SweepConfig, *, echo: Echo) -> int:
 
 def trials(cfg: SweepConfig, *, echo: Echo, csv_file: str | None, sort: str | None) -> int:
     """Print the leaderboard (Optuna + MLflow), best first by `sort` (default: the study metric)."""
+    if csv_file:
+        preflight.check_creatable("--csv", csv_file, Path(csv_file))
     study = _recorded_study(cfg)
     rows = leaderboard_rows(study, recorded_trial_metrics(uri=cfg.tracking.uri, experiment=cfg.study.name))
     table = leaderboard_table(rows, sort=sort or cfg.study.metric)
     echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(table) else "no trials yet", final=True)
     if csv_file:
+        Path(csv_file).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(csv_file, index=False)
         echo(f"leaderboard: {csv_file}")
     return 0

@@ -102,8 +102,9 @@ def _make_local_folders(uri: str, artifacts: str) -> None:
 
 
 @contextlib.contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking URI set to `uri` only within: Model.log uploads through it."""
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` only within, for the MLflow calls that read it: Model.log
+    uploads through it, and a models:/ URI is resolved through it (whatever tracking_uri is passed)."""
     previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None  # type: ignore[no-untyped-call]
     mlflow.set_tracking_uri(uri)
     try:
@@ -122,6 +123,18 @@ def read_run(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
     except MlflowException as exc:
         raise TrackingError(f"run {run_id!r} in tracking.uri = {uri!r}: {exc.message.splitlines()[0]}") from None
     return dict(run.data.params), dict(run.data.metrics)
+
+
+def _create_mlflow_tables(uri: str) -> None:
+    """MLflow's tables, made and migrated as MlflowClient would on first use."""
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        _initialize_tables(engine)  # type: ignore[no-untyped-call]
+    finally:
+        engine.dispose()
 
 
 class Tracker:
@@ -146,6 +159,7 @@ class Tracker:
             return
         _make_local_folders(uri, artifacts)
         with databases.schema_lock(uri):  # opening the store creates or migrates its tables
+            databases.create_whole(uri, _create_mlflow_tables)
             self.client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._experiment(experiment, artifact_location(uri, artifacts))
         self._mark_model_training()
@@ -301,7 +315,7 @@ class Tracker:
             self.experiment_id, name=run.info.run_name, source_run_id=run_id, params=dict(run.data.params)
         )
         # Model.log takes the run id, so the run is not resumed as the active run around it (0.03 s).
-        with saved_as_uncompiled(model, keep_optimizer=self.model_optimizer_state), _global_tracking_uri(self.uri):
+        with saved_as_uncompiled(model, keep_optimizer=self.model_optimizer_state), global_tracking_uri(self.uri):
             info = Model.log(
                 artifact_path=None,
                 name=logged.name,
@@ -365,12 +379,6 @@ class Tracker:
         return True
 
     # ----------------------------------------------------------------------- the test set, on the parent
-
-    def load_model(self, model_uri: str) -> keras.Model:
-        import mlflow.keras
-
-        with _global_tracking_uri(self.uri):  # a models:/ URI is resolved through it
-            return mlflow.keras.load_model(model_uri)
 
     def log_test_result(
         self, parent_run_id: str, *, test_loss: float, report: ClassificationReport, tags: Mapping[str, str]

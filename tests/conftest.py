@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -164,9 +165,12 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
-    """A throwaway PostgreSQL on 127.0.0.1 (initdb + pg_ctl in a temp dir); yields its base URL."""
+@contextlib.contextmanager
+def _postgres(password: str | None) -> Iterator[str]:
+    """A throwaway PostgreSQL on 127.0.0.1 (initdb + pg_ctl in a temp dir); yields its base URL.
+
+    With `password`, the user 'sweep' has it and the server asks for it (scram-sha-256); else trust.
+    """
     bin_dir = _postgres_bin()
     if bin_dir is None:
         pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); .ci/run installs it")
@@ -181,12 +185,19 @@ def postgres_server() -> Iterator[str]:
         os.chown(folder, owner.pw_uid, owner.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
     data, port = folder / "data", _free_port()
+    auth = ["-A", "trust"]
+    if password is not None:
+        password_file = folder / "pwfile"
+        password_file.write_text(password + "\n")
+        if as_user:
+            os.chown(password_file, owner.pw_uid, owner.pw_gid)
+        auth = ["-A", "scram-sha-256", f"--pwfile={password_file}"]
 
     def pg(*args: str) -> None:
         subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
 
     try:
-        pg(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "sweep", "--no-sync")
+        pg(str(bin_dir / "initdb"), "-D", str(data), *auth, "-U", "sweep", "--no-sync")
         options = f"-h 127.0.0.1 -p {port} -k {folder} -F -c max_connections=200"
         pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
     except subprocess.CalledProcessError as exc:
@@ -197,6 +208,23 @@ def postgres_server() -> Iterator[str]:
     finally:
         subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], timeout=60)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL on 127.0.0.1 that trusts its user; yields its base URL."""
+    with _postgres(password=None) as url:
+        yield url
+
+
+POSTGRES_PASSWORD = "Pw-7f3c9e21-not-in-any-output"
+
+
+@pytest.fixture(scope="session")
+def postgres_password_server() -> Iterator[str]:
+    """A throwaway PostgreSQL whose user 'sweep' must give POSTGRES_PASSWORD; yields its URL without it."""
+    with _postgres(password=POSTGRES_PASSWORD) as url:
+        yield url
 
 
 @pytest.fixture

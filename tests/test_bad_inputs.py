@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import CliRunner, write_sweep
@@ -85,6 +86,20 @@ def empty_folder(mnist: Path, folder: Path) -> Path:
 def not_npz(mnist: Path, folder: Path) -> Path:
     (folder / "mnist.txt").write_text("not images\n")
     return folder / "mnist.txt"
+
+
+def small_npz(folder: Path, **arrays: np.ndarray | None) -> Path:
+    """A Keras-style mnist.npz of 1,600 training and 50 test images, with some arrays replaced (None: left out)."""
+    rng = np.random.default_rng(0)
+    content: dict[str, np.ndarray | None] = {
+        "x_train": rng.integers(0, 255, (1600, 28, 28), dtype=np.uint8),
+        "y_train": rng.integers(0, 10, 1600).astype(np.uint8),
+        "x_test": rng.integers(0, 255, (50, 28, 28), dtype=np.uint8),
+        "y_test": rng.integers(0, 10, 50).astype(np.uint8),
+    }
+    content.update(arrays)
+    np.savez(folder / "mnist.npz", **{k: v for k, v in content.items() if v is not None})
+    return folder / "mnist.npz"
 
 
 def broken_npz(mnist: Path, folder: Path) -> Path:
@@ -202,7 +217,42 @@ CASES = [
             mnist, folder, "t10k-labels-idx1-ubyte", set_bytes(0, (7).to_bytes(4, "big"))
         ),
         "t10k-labels-idx1-ubyte.gz",
-        "not an IDX label file",
+        "magic is 7",
+    ),
+    data(
+        "test-label-out-of-range",
+        lambda mnist, folder: corrupt_copy(mnist, folder, "t10k-labels-idx1-ubyte", set_bytes(8, bytes([10]))),
+        "t10k-labels-idx1-ubyte.gz",
+        "label 10 at index 0",
+    ),
+    data("npz-test-label-out-of-range", lambda m, f: small_npz(f, y_test=np.full(50, 12)), "y_test", "label 12"),
+    data("npz-test-labels-float", lambda m, f: small_npz(f, y_test=np.full(50, 1.5)), "y_test", "float64"),
+    data("npz-test-images-shape", lambda m, f: small_npz(f, x_test=np.zeros((50, 28, 27), np.uint8)), "x_test", "27"),
+    data("npz-test-images-float", lambda m, f: small_npz(f, x_test=np.zeros((50, 28, 28))), "x_test", "float64"),
+    data("npz-without-test", lambda m, f: small_npz(f, x_test=None), "'x_test'"),
+    setting("negative-study-seed", "study.seed=-1", "study.seed", "-1"),
+    setting("negative-data-seed", "data.seed=-1", "data.seed", "-1"),
+    setting("huge-study-seed", "study.seed=99999999999", "study.seed", "99999999999"),
+    setting("trials-boolean", "study.trials=true", "study.trials", "True"),
+    setting("epochs-boolean", "train.epochs=false", "train.epochs", "False"),
+    setting("study-name-too-long", "study.name=" + "a" * 300, "study.name", "100 characters", "300"),
+    setting("study-name-of-a-seal", 'study.name="fcn.test-seal"', "study.name", "fcn.test-seal"),
+    data("data-is-a-device", lambda mnist, folder: Path("/dev/zero"), "/dev/zero", "neither a folder"),
+    setting("storage-in-memory", 'study.storage="sqlite:///:memory:"', "study.storage", "in-memory"),
+    setting("tracking-in-memory", 'tracking.uri="sqlite:///:memory:"', "tracking.uri", "in-memory"),
+    setting(
+        "tracking-uri-with-password",
+        'tracking.uri="http://alice:Secret-pw-123@127.0.0.1:1"',
+        "tracking.uri",
+        "alice:***@",
+        "MLFLOW_TRACKING_USERNAME",
+    ),
+    setting(
+        "storage-unreachable-with-password",
+        'study.storage="postgresql://u:Secret-pw-123@127.0.0.1:1/optuna"',
+        "study.storage",
+        "u:***@127.0.0.1:1",
+        "cannot connect",
     ),
     setting("storage-unknown-scheme", 'study.storage="mongodb://127.0.0.1/optuna"'),
     setting("storage-sqlite-without-path", 'study.storage="sqlite://optuna.db"'),
@@ -222,6 +272,26 @@ CASES = [
         "reports-under-a-file",
         ("tracking.reports", "sweep.toml/reports", "is a file"),
         overrides=("--set", 'tracking.reports="../inputs/sweep.toml/reports"'),
+    ),
+    Bad(
+        "reports-is-a-file",
+        ("tracking.reports", "sweep.toml", "is a file"),
+        overrides=("--set", 'tracking.reports="../inputs/sweep.toml"'),
+    ),
+    Bad(
+        "study-report-folder-is-a-file",
+        ("tracking.reports", "sweep.toml", "is a file"),
+        overrides=("--set", 'tracking.reports="../inputs"', "--set", 'study.name="sweep.toml"'),
+    ),
+    Bad(
+        "artifacts-is-a-file",
+        ("tracking.artifacts", "sweep.toml", "is a file"),
+        overrides=("--set", 'tracking.artifacts="../inputs/sweep.toml"'),
+    ),
+    Bad(
+        "storage-is-a-folder",
+        ("study.storage", "inputs", "is a folder"),
+        overrides=("--set", 'study.storage="sqlite:///../inputs"'),
     ),
     Bad(
         "unwritable-working-directory",
@@ -281,4 +351,5 @@ def test_bad_input_exits_2_with_one_line_and_creates_nothing(
     assert lines[0].startswith("mnist-sweep: ")
     for fragment in case.expect:
         assert fragment in lines[0], f"{fragment!r} not named in: {lines[0]}"
+    assert "Secret-pw-123" not in result.stdout + result.stderr
     assert everything_under(work) == []

@@ -116,7 +116,7 @@ def shown_rows(page: Any) -> list[tuple[str, str]]:
 
 def expand_study(page: Any, study: Study) -> None:
     page.locator(f'{ROWS}[row-id="{study.parent.info.run_id}"] {EXPAND}').click()
-    page.get_by_text(study.trials[-1].info.run_name, exact=True).wait_for()
+    page.locator(f'{ROWS}[row-id="{study.trials[-1].info.run_id}"]').wait_for()
 
 
 # --------------------------------------------------------------------------- what the study recorded for the UI
@@ -193,10 +193,14 @@ def test_the_compare_view_of_four_trials_draws_parallel_coordinates(study: Study
 def test_the_models_tab_lists_every_complete_trials_model(study: Study, browser: Any) -> None:
     browser.goto(study.page_url("models"))
     names = [run.info.run_name for run in study.trials]
-    browser.get_by_role("link", name=names[0], exact=True).wait_for(timeout=90_000)
-    listed = sorted(link.inner_text() for link in browser.get_by_role("link", name=re.compile(r"^trial-\d{4}$")).all())
+    browser.get_by_role("link", name=names[0], exact=True).first.wait_for(timeout=90_000)
+    links = browser.get_by_role("link", name=re.compile(r"^trial-\d{4}$")).all()
+    by_target = [(link.inner_text(), link.get_attribute("href") or "") for link in links]
+    model_names = sorted(text for text, href in by_target if "/models/m-" in href)
+    source_runs = sorted(text for text, href in by_target if "/runs/" in href)
     models = study.client.search_logged_models(experiment_ids=[study.experiment.experiment_id])
-    assert listed == names  # each complete trial's model, linked to its run
+    assert model_names == names  # each complete trial's model, named after its trial
+    assert source_runs == names  # and linked to its run
     assert sorted(m.source_run_id for m in models) == sorted(run.info.run_id for run in study.trials)
     assert all(run.data.tags["trial_state"] == "COMPLETE" for run in study.trials)
 

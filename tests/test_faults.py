@@ -1,0 +1,292 @@
+"""A bad day: a full disk, a corrupt store, no data source, a tampered model, a dead claim, late signals.
+
+Each fault ends in one line and a known exit code, never a traceback, and nothing recorded is lost.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tests.conftest import CliRunner, CliStarter, cli, mnist_location, small_sweep_args, write_sweep
+from tests.stores import storage_url, tracking_url
+
+
+def one_line(result: subprocess.CompletedProcess[str], code: int) -> str:
+    # TensorFlow's C++ start-up lines ("E0000 ... cuInit") are not ours; the backends work quiets them.
+    lines = [line for line in result.stderr.strip().splitlines() if not re.match(r"[EWIF]\d{4} ", line)]
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("mnist-sweep: "), result.stderr
+    return lines[0]
+
+
+def finished_trials(folder: Path) -> list[int]:
+    if not (folder / "mlruns" / "optuna.db").exists():
+        return []
+    try:
+        study = optuna.load_study(study_name="fcn", storage=storage_url(folder))
+    except KeyError:  # the disk filled before the study was made
+        return []
+    return sorted(t.number for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A real tmpfs of request.param MiB, mounted at tmp_path/disk (needs root and mount rights)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={request.param}m", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def grow(mount_point: Path, mebibytes: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={mebibytes}m", str(mount_point)], check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "small_disk", [3, 9], ids=["full-while-creating-the-stores", "full-after-two-trials"], indirect=True
+)
+def test_full_disk_is_one_line_and_the_rerun_resumes_with_nothing_lost(
+    small_disk: Path, run_cli: CliRunner, tmp_path: Path
+) -> None:
+    sweep = write_sweep(tmp_path, "")
+    args = ["run", str(sweep), *small_sweep_args(trials=4), "--set", "study.heartbeat_seconds=2"]
+
+    full = run_cli(*args, cwd=small_disk)
+
+    line = one_line(full, 1)
+    assert "no space left on device" in line and str(small_disk / "mlruns") in line and "rerun" in line
+    kept = finished_trials(small_disk)
+
+    grow(small_disk, 400)
+    again = run_cli(*args, cwd=small_disk)
+
+    assert again.returncode == 0, again.stderr
+    assert "Traceback" not in again.stderr
+    after = finished_trials(small_disk)
+    assert set(kept) <= set(after) and len(after) >= 4
+    assert "test accuracy" in again.stdout
+
+
+# --------------------------------------------------------------------------- a corrupt store
+
+
+def truncated_mlflow_db(folder: Path) -> None:
+    from mnist_sweep.tracking import Tracker
+
+    Tracker(uri=tracking_url(folder), artifacts=str(folder / "mlruns" / "artifacts"), experiment="fcn")
+    database = folder / "mlruns" / "mlflow.db"
+    with closing(sqlite3.connect(database)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    content = database.read_bytes()
+    database.write_bytes(content[: len(content) // 3])
+
+
+def garbage_mlflow_db(folder: Path) -> None:
+    (folder / "mlruns").mkdir()
+    (folder / "mlruns" / "mlflow.db").write_bytes(b"this is no sqlite database at all\n" * 200)
+
+
+@pytest.mark.parametrize("damage", [garbage_mlflow_db, truncated_mlflow_db], ids=["garbage", "truncated"])
+@pytest.mark.parametrize("command", ["run", "trials", "report"])
+def test_corrupt_mlflow_db_is_one_line_like_a_corrupt_optuna_db(
+    run_cli: CliRunner, tmp_path: Path, command: str, damage: object
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    damage(work)  # type: ignore[operator]
+    before = sorted(p.name for p in (work / "mlruns").iterdir())
+
+    line = one_line(run_cli(command, str(write_sweep(tmp_path, "")), cwd=work), 2)
+
+    assert "tracking.uri" in line and "mlflow.db" in line and "not an intact sqlite database" in line
+    assert sorted(p.name for p in (work / "mlruns").iterdir()) == before
+
+
+# --------------------------------------------------------------------------- no data source
+
+
+def test_no_data_source_offline_is_one_line_saying_where_to_put_the_files(run_cli: CliRunner, tmp_path: Path) -> None:
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    home.mkdir()
+    offline = {
+        "MNIST_SWEEP_DATA": "",
+        "HOME": str(home),
+        "KERAS_HOME": str(home / ".keras"),
+        **{name: "http://127.0.0.1:9" for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")},
+    }
+    line = one_line(run_cli("run", str(write_sweep(tmp_path, "")), cwd=work, env=offline, timeout=300), 2)
+    assert "data.path" in line and "MNIST_SWEEP_DATA" in line and "download" in line and "put the four" in line
+    assert list(work.iterdir()) == []
+
+
+def test_trials_csv_under_a_file_is_one_line_before_anything_is_read(run_cli: CliRunner, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    sweep = write_sweep(tmp_path, "")
+    line = one_line(run_cli("trials", str(sweep), "--csv", f"{sweep}/leaderboard.csv", cwd=work), 2)
+    assert "--csv" in line and "is a file" in line
+    assert list(work.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- finalize
+
+
+def test_finalize_on_a_missing_study_creates_nothing(run_cli: CliRunner, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    line = one_line(run_cli("finalize", str(write_sweep(tmp_path, "")), cwd=work), 2)
+    assert "'fcn' does not exist" in line
+    assert list(work.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(working folder, sweep file) of a study with two trained trials and an unscored test set."""
+    data = mnist_location()
+    if data is None:
+        pytest.skip("no MNIST files")
+    folder = tmp_path_factory.mktemp("trained")
+    sweep = write_sweep(folder, "")
+    work = folder / "work"
+    work.mkdir()
+    result = cli("worker", str(sweep), *small_sweep_args(trials=2), cwd=work, data=data)
+    assert result.returncode == 0, result.stderr
+    return work, sweep
+
+
+def chosen_model_file(work: Path) -> tuple[Path, Path]:
+    """(the chosen trial's model.keras, its MLmodel), found the way MLflow resolves the model URI."""
+    from mlflow.tracking import MlflowClient
+
+    study = optuna.load_study(study_name="fcn", storage=storage_url(work))
+    model_uri = study.best_trial.user_attrs["model_uri"]
+    location = MlflowClient(tracking_uri=tracking_url(work)).get_logged_model(model_uri.split("/")[-1])
+    folder = Path(location.artifact_location.removeprefix("file://"))
+    return folder / "data" / "model.keras", folder / "MLmodel"
+
+
+def seal_exists(work: Path) -> bool:
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage_url(work), include_best_trial=False)}
+    return "fcn.test-seal" in names
+
+
+@pytest.fixture
+def restored(trained: tuple[Path, Path]) -> Iterator[tuple[Path, Path]]:
+    """The trained study; the chosen model's files are put back afterwards."""
+    model, mlmodel = chosen_model_file(trained[0])
+    saved = {model: model.read_bytes(), mlmodel: mlmodel.read_bytes()}
+    try:
+        yield trained
+    finally:
+        for path, content in saved.items():
+            path.write_bytes(content)
+
+
+def lambda_model_file(path: Path) -> None:
+    import keras
+
+    inputs = keras.Input((28, 28))
+    outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.Lambda(lambda x: x[:, 0, :] * 2.0)(inputs))
+    keras.Model(inputs, outputs).save(path)
+
+
+def test_finalize_refuses_a_model_holding_code_in_one_line(restored: tuple[Path, Path], run_cli: CliRunner) -> None:
+    work, sweep = restored
+    model, _ = chosen_model_file(work)
+    lambda_model_file(model)
+
+    line = one_line(run_cli("finalize", str(sweep), cwd=work), 2)
+
+    assert "Keras refused to load it safely" in line and "Lambda" in line
+    assert not seal_exists(work)  # the test set was not claimed: after restoring the model it can be scored
+
+
+def test_finalize_refuses_an_exported_savedmodel_in_one_line(restored: tuple[Path, Path], run_cli: CliRunner) -> None:
+    work, sweep = restored
+    _, mlmodel = chosen_model_file(work)
+    mlmodel.write_text(mlmodel.read_text().replace("save_exported_model: false", "save_exported_model: true"))
+
+    line = one_line(run_cli("finalize", str(sweep), cwd=work), 2)
+
+    assert "not a model this tool wrote" in line and "save_exported_model: false" in line
+    assert not seal_exists(work)
+
+
+def claim_seal(work: Path, claimed_by: str) -> None:
+    seal = optuna.create_study(study_name="fcn.test-seal", storage=storage_url(work))
+    seal.set_user_attr("claimed_by", claimed_by)
+    seal.set_user_attr("claimed_at", "2026-01-01T00:00:00+00:00")
+
+
+def test_every_wait_for_the_test_result_answers_sigterm(trained: tuple[Path, Path], start_cli: CliStarter) -> None:
+    work, sweep = trained
+    claim_seal(work, f"{socket.gethostname()}:{os.getpid()}")  # a live process: finalize waits for it
+    try:
+        process = start_cli("finalize", str(sweep), cwd=work)
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "waiting for its result" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)  # it used to sleep out its 600 s wait
+        finally:
+            process.kill()
+        assert process.returncode == 143, process.stderr.read() if process.stderr else ""
+    finally:
+        optuna.delete_study(study_name="fcn.test-seal", storage=storage_url(work))
+
+
+def test_a_dead_claim_on_this_host_is_taken_over_at_once(trained: tuple[Path, Path], run_cli: CliRunner) -> None:
+    work, sweep = trained
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    claim_seal(work, f"{socket.gethostname()}:{dead.pid}")
+
+    result = run_cli("finalize", str(sweep), cwd=work, timeout=180)
+
+    assert result.returncode == 0, result.stderr
+    assert f"claimed by {socket.gethostname()}:{dead.pid}, a process that no longer runs" in result.stdout
+    assert "test accuracy" in result.stdout
+    study = optuna.load_study(study_name="fcn", storage=storage_url(work))
+    assert study.user_attrs["test_result"]["scored_by"] != f"{socket.gethostname()}:{dead.pid}"
+
+
+def test_a_late_sigint_in_finalize_still_exits_130(trained: tuple[Path, Path], start_cli: CliStarter) -> None:
+    """After the result line: Python drops a KeyboardInterrupt raised while the libraries shut down."""
+    work, sweep = trained
+    process = start_cli("finalize", str(sweep), cwd=work)  # scored by the test above: reports it again
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "test accuracy" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
+    assert process.returncode == 130

@@ -1,0 +1,150 @@
+"""A tracking server that asks for credentials: MLFLOW_TRACKING_USERNAME/PASSWORD are sent, a refusal is one line.
+
+The 401 cases run against MLflow's own basic-auth app (`mlflow server --app-name basic-auth`), whose /health
+answers everyone: only an authenticated request finds out. The 403 case uses a small server of our own.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CliRunner, _free_port, small_sweep_args, write_sweep
+
+ADMIN_PASSWORD = "Admin-pw-5c1d-not-in-any-output"
+
+
+@pytest.fixture(scope="module")
+def basic_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow server --app-name basic-auth` on 127.0.0.1 with one admin user; yields its URL."""
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF (the dev extra installs it)")
+    folder = tmp_path_factory.mktemp("mlflow-auth")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret-key",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+    }
+    command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--workers", "1"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
+    command += ["--default-artifact-root", str(folder / "artifacts")]
+    server = subprocess.Popen(
+        command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                pytest.fail(f"mlflow basic-auth server exited with {server.returncode}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow basic-auth server did not start within 180 s")
+        yield url
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def _run_bad(run_cli: CliRunner, tmp_path: Path, uri: str, env: dict[str, str]) -> tuple[str, Path]:
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_cli("run", str(write_sweep(tmp_path, "")), "--set", f'tracking.uri="{uri}"', cwd=work, env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert list(work.iterdir()) == []
+    return lines[0], work
+
+
+NO_CREDENTIALS = {"MLFLOW_TRACKING_USERNAME": "", "MLFLOW_TRACKING_PASSWORD": "", "MLFLOW_TRACKING_TOKEN": ""}
+
+
+@pytest.mark.slow
+def test_basic_auth_server_without_credentials_is_one_line_pointing_to_the_variables(
+    basic_auth_server: str, run_cli: CliRunner, tmp_path: Path
+) -> None:
+    line, _ = _run_bad(run_cli, tmp_path, basic_auth_server, NO_CREDENTIALS)
+    assert "tracking.uri" in line and basic_auth_server in line and "401" in line
+    assert "MLFLOW_TRACKING_USERNAME" in line and "MLFLOW_TRACKING_PASSWORD" in line
+
+
+@pytest.mark.slow
+def test_basic_auth_server_with_a_wrong_password_is_one_line(
+    basic_auth_server: str, run_cli: CliRunner, tmp_path: Path
+) -> None:
+    env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "Wrong-pw-0815"}
+    line, _ = _run_bad(run_cli, tmp_path, basic_auth_server, env)
+    assert "tracking.uri" in line and "refused the credentials" in line and "'admin'" in line and "401" in line
+    assert "Wrong-pw-0815" not in line
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_against_a_basic_auth_server_with_credentials_from_the_environment(
+    basic_auth_server: str, run_cli: CliRunner, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
+    sweep = write_sweep(tmp_path, f'[tracking]\nuri = "{basic_auth_server}"\n')
+    result = run_cli("run", str(sweep), *small_sweep_args(trials=1), "--set", 'study.name="auth"', env=env)
+    assert result.returncode == 0, result.stderr
+    assert ADMIN_PASSWORD not in result.stdout + result.stderr
+    os.environ.update(env)
+    try:
+        client = MlflowClient(tracking_uri=basic_auth_server)
+        experiment = client.get_experiment_by_name("auth")
+        assert experiment is not None
+        assert len(client.search_runs([experiment.experiment_id])) == 2  # the parent and the trial
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
+
+
+class _Forbidding(http.server.BaseHTTPRequestHandler):
+    """An MLflow-like server that is up (/health) but forbids this user everything else."""
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/health" else 403)
+        self.end_headers()
+        self.wfile.write(b"OK" if self.path == "/health" else b"Permission denied")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def forbidding_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Forbidding)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tracking_server_answering_403_is_one_line(forbidding_server: str, run_cli: CliRunner, tmp_path: Path) -> None:
+    env = {"MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "Bob-pw-1234"}
+    line, _ = _run_bad(run_cli, tmp_path, forbidding_server, env)
+    assert "tracking.uri" in line and forbidding_server in line and "403" in line and "'bob'" in line
+
+
+def test_tracking_server_that_is_down_is_one_line(run_cli: CliRunner, tmp_path: Path) -> None:
+    down = f"http://127.0.0.1:{_free_port()}"
+    line, _ = _run_bad(run_cli, tmp_path, down, {})
+    assert "tracking.uri" in line and down in line and "no MLflow server answers" in line
