@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -157,20 +156,24 @@ def _wait_for_result(
 ) -> dict[str, Any] | None:
     """The result the claimant records; None if it died (on this host) first, so the claim can be taken over."""
     echo("another process is scoring the test set; waiting for its result")
-    deadline = time.monotonic() + RESULT_WAIT_SECONDS
-    while time.monotonic() < deadline:
-        fresh = optuna.load_study(study_name=study.study_name, storage=storage)
-        result = recorded_result(fresh)
-        if result is not None:
-            return result
-        if _dead_local_claimant(storage, study.study_name) is not None:
-            return None
-        interrupt.sleep(POLL_SECONDS)
+    waited = interrupt.poll(lambda: _result_or_dead(study, storage), every=POLL_SECONDS, timeout=RESULT_WAIT_SECONDS)
+    if waited is not None:
+        return waited[0]
     seal = optuna.load_study(study_name=seal_name(study.study_name), storage=storage)
     raise FinalizeError(
         f"the test set was claimed by {seal.user_attrs.get('claimed_by')} at {seal.user_attrs.get('claimed_at')} "
         "but no result was recorded; if that process died, run `mnist-sweep finalize SWEEP --reclaim`"
     )
+
+
+def _result_or_dead(study: optuna.Study, storage: optuna.storages.BaseStorage) -> tuple[dict[str, Any] | None] | None:
+    """(the result,) once recorded; (None,) if the claimant died on this host first; None while it may come."""
+    result = recorded_result(optuna.load_study(study_name=study.study_name, storage=storage))
+    if result is not None:
+        return (result,)
+    if _dead_local_claimant(storage, study.study_name) is not None:
+        return (None,)
+    return None
 
 
 def score_test_set(

@@ -141,17 +141,21 @@ def parent_run_id(study: optuna.Study, tracker: Tracker, *, created: bool, confi
         run_id = tracker.create_parent_run(study_name=study.study_name, config=config)
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
         return run_id
-    deadline = time.monotonic() + PARENT_WAIT_SECONDS
-    while True:
-        stored = study.user_attrs.get(PARENT_RUN_ATTR)
-        if stored and tracker.parent_exists(stored):
-            return str(stored)
-        if time.monotonic() > deadline or stored:
-            # The creator died before making it, or the run was deleted: make a new one.
-            fresh = tracker.create_parent_run(study_name=study.study_name, config=config)
-            study.set_user_attr(PARENT_RUN_ATTR, fresh)
-            return fresh
-        interrupt.sleep(0.5)
+    stored = interrupt.poll(lambda: _stored_parent(study, tracker), every=0.5, timeout=PARENT_WAIT_SECONDS)
+    if stored:
+        return stored
+    # The creator died before making it, or the run was deleted: make a new one.
+    fresh = tracker.create_parent_run(study_name=study.study_name, config=config)
+    study.set_user_attr(PARENT_RUN_ATTR, fresh)
+    return fresh
+
+
+def _stored_parent(study: optuna.Study, tracker: Tracker) -> str | None:
+    """The stored parent run's id once it is there; "" if it was deleted (make another); None while waiting."""
+    stored = study.user_attrs.get(PARENT_RUN_ATTR)
+    if not stored:
+        return None
+    return str(stored) if tracker.parent_exists(stored) else ""
 
 
 def settle_stale(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> None:
@@ -182,18 +186,20 @@ def wait_for_running_trials(
     study: optuna.Study, tracker: Tracker, parent_run_id: str, *, poll_seconds: float, echo: Callable[[str], None]
 ) -> None:
     """Until no trial is RUNNING: live workers' trials finish, dead workers' go stale and are failed."""
-    announced = False
-    while True:
-        raise_if_requested()
+    announced: list[int] = []
+
+    def all_ended() -> bool | None:
         settle_stale(study, tracker, parent_run_id)
         _fail_abandoned(study, older_than_seconds=ABANDONED_SECONDS)
         running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
         if not running:
-            return
+            return True
         if not announced:
             echo(f"waiting for trials {running} to finish in other workers (or go stale if theirs died)")
-            announced = True
-        interrupt.sleep(poll_seconds)  # answers Ctrl-C and SIGTERM at once, not after a poll
+            announced.extend(running)
+        return None
+
+    interrupt.poll(all_ended, every=poll_seconds)
 
 
 def _fail_abandoned(study: optuna.Study, *, older_than_seconds: float) -> None:
