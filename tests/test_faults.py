@@ -289,4 +289,6 @@ def test_a_late_sigint_in_finalize_still_exits_130(trained: tuple[Path, Path], s
             break
     process.send_signal(signal.SIGINT)
     process.wait(timeout=120)
-    assert process.returncode == 130
+    # 130 from our exit hook; -SIGINT if it lands in the interpreter's last teardown, after every hook ran,
+    # which a shell reports as 130 too. Never 0: the interrupt is not dropped.
+    assert process.returncode in (130, -signal.SIGINT)
