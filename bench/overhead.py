@@ -44,7 +44,7 @@ def raw_fit(split: object, session: object) -> None:
 
 def sweep_trial(objective: object, study: object) -> float:
     """One full mnist-sweep trial; returns its tracking seconds, as the trial recorded them."""
-    from mnist_sweep.study import TRACKING_SECONDS_ATTR
+    from mnist_sweep.records import TRACKING_SECONDS_ATTR
 
     study.optimize(objective, n_trials=1)  # type: ignore[attr-defined]
     return float(study.trials[-1].user_attrs[TRACKING_SECONDS_ATTR])  # type: ignore[attr-defined]

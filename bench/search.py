@@ -65,6 +65,8 @@ def saved_results(skip: set[str]) -> list[dict[str, Any]]:
 def read_study(workdir: Path) -> dict[str, Any]:
     import optuna
 
+    from mnist_sweep.records import TEST_RESULT_ATTR, TestResult
+
     storage = f"sqlite:///{workdir / 'mlruns' / 'optuna.db'}"
     (summary,) = [s for s in optuna.get_all_study_summaries(storage) if not s.study_name.endswith(".test-seal")]
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -76,14 +78,14 @@ def read_study(workdir: Path) -> dict[str, Any]:
         if trial.intermediate_values:
             best = max(best, max(trial.intermediate_values.values()))
         curve.append((epochs, best))
-    result = study.user_attrs["test_result"]
-    chosen = next(t for t in study.trials if t.number == result["trial_number"])
+    result = TestResult.from_dict(study.user_attrs[TEST_RESULT_ATTR])
+    chosen = next(t for t in study.trials if t.number == result.trial_number)
     return {
         "chosen_trial": {"number": chosen.number, "params": chosen.params, "value": chosen.value},
         "states": {state: sum(t.state.name == state for t in study.trials) for state in ("COMPLETE", "PRUNED", "FAIL")},
         "epochs": epochs,
         "best_val": best,
-        "test": result["test_accuracy"],
+        "test": result.test_accuracy,
         "curve": curve,
         "trials": len(study.trials),
     }

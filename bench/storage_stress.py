@@ -41,7 +41,8 @@ def worker(folder: Path, trials: int, errors: Any) -> None:
     """Run `trials` tracking-only trials; put each error's first line on the queue."""
     import optuna
 
-    from mnist_sweep.study import RUN_ID_ATTR, make_storage, open_study, worker_salt
+    from mnist_sweep.records import RUN_ID_ATTR
+    from mnist_sweep.study import make_storage, open_study, worker_salt
     from mnist_sweep.tracking import Tracker
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -101,7 +102,7 @@ def report(folder: Path, expected: int, errors: Any, seconds: float) -> None:
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from mnist_sweep.study import RUN_ID_ATTR
+    from mnist_sweep.records import RUN_ID_ATTR
 
     kinds: Counter[str] = Counter()
     while not errors.empty():

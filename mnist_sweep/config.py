@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "adamw", "nadam")
 ACTIVATIONS = ("sigmoid", "relu", "tanh", "elu", "gelu", "selu")
-METRIC_DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+# The one place a metric's direction is decided; study.direction, early stopping and every ranking follow it.
+METRIC_DIRECTIONS: dict[str, Literal["maximize", "minimize"]] = {"val_accuracy": "maximize", "val_loss": "minimize"}
 POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 STORAGE_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "mysql+pymysql")
 TRACKING_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "http", "https", "file")
@@ -53,6 +54,11 @@ def mask_password(text: str) -> str:
     """Every `scheme://user:password@` in `text` shown as `scheme://user:***@`: for every line and file we write."""
     masked = _PASSWORD_IN_DATABASE_URI.sub(r"\g<head>***@", text)
     return _PASSWORD_IN_WEB_URI.sub(r"\g<head>***@", masked)
+
+
+def metric_maximizes(metric: str) -> bool:
+    """True where a higher `metric` is better (val_accuracy), False where lower is (val_loss)."""
+    return METRIC_DIRECTIONS[metric] == "maximize"
 
 
 # --------------------------------------------------------------------------- search-space values

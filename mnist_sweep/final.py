@@ -10,21 +10,34 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep import interrupt
-from mnist_sweep.config import SEAL_SUFFIX
-from mnist_sweep.data import DataSource, load_test_split
+from mnist_sweep.config import SEAL_SUFFIX, metric_maximizes
+from mnist_sweep.data import DataSource, Images, Labels, load_test_split
 from mnist_sweep.environment import environment
-from mnist_sweep.metrics import classification_report, confusion_matrix, wilson_interval
-from mnist_sweep.study import MODEL_URI_ATTR, RUN_ID_ATTR, TEST_RESULT_ATTR
+from mnist_sweep.metrics import ClassificationReport, classification_report, confusion_matrix, wilson_interval
+from mnist_sweep.records import (
+    CLAIMED_AT_ATTR,
+    CLAIMED_BY_ATTR,
+    EPOCHS_TRAINED_ATTR,
+    MODEL_URI_KEY,
+    RUN_ID_ATTR,
+    TEST_RESULT_ATTR,
+    TEST_SCORED_AT_TAG,
+    TEST_SCORED_RUN_ID_TAG,
+    TEST_SCORED_TRIAL_TAG,
+    VAL_ACCURACY_ATTR,
+    VAL_LOSS_ATTR,
+    TestResult,
+)
 from mnist_sweep.tracking import Tracker, global_tracking_uri
 
 if TYPE_CHECKING:
@@ -44,10 +57,10 @@ def seal_name(study_name: str) -> str:
     return study_name + SEAL_SUFFIX
 
 
-def recorded_result(study: optuna.Study) -> dict[str, Any] | None:
+def recorded_result(study: optuna.Study) -> TestResult | None:
     """The test result stored on the study, if its test set was scored."""
     result = study.user_attrs.get(TEST_RESULT_ATTR)
-    return dict(result) if result else None
+    return TestResult.from_dict(result) if result else None
 
 
 def seal_claimed(storage: optuna.storages.BaseStorage, study_name: str) -> bool:
@@ -56,18 +69,28 @@ def seal_claimed(storage: optuna.storages.BaseStorage, study_name: str) -> bool:
     return seal_name(study_name) in names
 
 
+def rank_trials(trials: Sequence[FrozenTrial], *, metric: str) -> list[FrozenTrial]:
+    """Complete trials best first by `metric`, in the config's direction; then the others by number.
+
+    The one ranking: the leaderboard is in this order and `choose_trial` scores its best complete trial.
+    Ties go to the earlier trial, so neither depends on the order workers finished.
+    """
+    maximize = metric_maximizes(metric)
+
+    def key(t: FrozenTrial) -> tuple[int, float, int]:
+        if t.state == TrialState.COMPLETE and t.value is not None:
+            return (0, -t.value if maximize else t.value, t.number)
+        return (1, 0.0, t.number)
+
+    return sorted(trials, key=key)
+
+
 def choose_trial(study: optuna.Study, metric: str) -> FrozenTrial:
     """The best complete trial by the study metric that has a logged model."""
-    candidates = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None and t.user_attrs.get(MODEL_URI_ATTR)
-    ]
-    if not candidates:
-        raise FinalizeError(f"study {study.study_name!r} has no complete trial with a logged model to score")
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    # Ties go to the earlier trial, so the choice does not depend on the order workers finished.
-    return sorted(candidates, key=lambda t: ((-t.value if maximize else t.value), t.number))[0]  # type: ignore[operator]
+    for trial in rank_trials(study.get_trials(deepcopy=False), metric=metric):
+        if trial.state == TrialState.COMPLETE and trial.value is not None and trial.user_attrs.get(MODEL_URI_KEY):
+            return trial
+    raise FinalizeError(f"study {study.study_name!r} has no complete trial with a logged model to score")
 
 
 def load_scored_model(model_uri: str, *, tracking_uri: str) -> keras.Model:
@@ -120,8 +143,8 @@ def _claim(
         seal = optuna.create_study(study_name=seal_name(study_name), storage=storage)
     except optuna.exceptions.DuplicatedStudyError:
         return False
-    seal.set_user_attr("claimed_by", _this_process())
-    seal.set_user_attr("claimed_at", _now())
+    seal.set_user_attr(CLAIMED_BY_ATTR, _this_process())
+    seal.set_user_attr(CLAIMED_AT_ATTR, _now())
     return True
 
 
@@ -132,7 +155,9 @@ def _this_process() -> str:
 def _dead_local_claimant(storage: optuna.storages.BaseStorage, study_name: str) -> str | None:
     """The claim's `host:pid` when that is a process of this host that has ended, else None."""
     try:
-        claimed_by = str(optuna.load_study(study_name=seal_name(study_name), storage=storage).user_attrs["claimed_by"])
+        claimed_by = str(
+            optuna.load_study(study_name=seal_name(study_name), storage=storage).user_attrs[CLAIMED_BY_ATTR]
+        )
     except KeyError:  # the seal is gone, or its claimant has not written its name yet
         return None
     host, _, pid = claimed_by.rpartition(":")
@@ -153,7 +178,7 @@ def _now() -> str:
 
 def _wait_for_result(
     study: optuna.Study, storage: optuna.storages.BaseStorage, echo: Callable[[str], None]
-) -> dict[str, Any] | None:
+) -> TestResult | None:
     """The result the claimant records; None if it died (on this host) first, so the claim can be taken over."""
     echo("another process is scoring the test set; waiting for its result")
     waited = interrupt.poll(lambda: _result_or_dead(study, storage), every=POLL_SECONDS, timeout=RESULT_WAIT_SECONDS)
@@ -161,12 +186,12 @@ def _wait_for_result(
         return waited[0]
     seal = optuna.load_study(study_name=seal_name(study.study_name), storage=storage)
     raise FinalizeError(
-        f"the test set was claimed by {seal.user_attrs.get('claimed_by')} at {seal.user_attrs.get('claimed_at')} "
+        f"the test set was claimed by {seal.user_attrs.get(CLAIMED_BY_ATTR)} at {seal.user_attrs.get(CLAIMED_AT_ATTR)} "
         "but no result was recorded; if that process died, run `mnist-sweep finalize SWEEP --reclaim`"
     )
 
 
-def _result_or_dead(study: optuna.Study, storage: optuna.storages.BaseStorage) -> tuple[dict[str, Any] | None] | None:
+def _result_or_dead(study: optuna.Study, storage: optuna.storages.BaseStorage) -> tuple[TestResult | None] | None:
     """(the result,) once recorded; (None,) if the claimant died on this host first; None while it may come."""
     result = recorded_result(optuna.load_study(study_name=study.study_name, storage=storage))
     if result is not None:
@@ -186,65 +211,85 @@ def score_test_set(
     metric: str,
     echo: Callable[[str], None],
     reclaim: bool = False,
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[TestResult, bool]:
     """Score the chosen trial's logged model on the test set, once; returns (result, scored_now)."""
     existing = recorded_result(study)
     if existing is not None:
         return existing, False
     chosen = choose_trial(study, metric)
     # Load before claiming, so a corrupt test file or a missing model leaves the seal unclaimed.
-    model = load_scored_model(chosen.user_attrs[MODEL_URI_ATTR], tracking_uri=tracker.uri)
+    model = load_scored_model(chosen.user_attrs[MODEL_URI_KEY], tracking_uri=tracker.uri)
     x_test, y_test = load_test_split(source)
     while not _claim(storage, study.study_name, reclaim=reclaim, echo=echo):
         reclaim = False  # only ever the claim found at the start: never one made since by a live process
         waited = _wait_for_result(study, storage, echo)
         if waited is not None:
             return waited, False
+    test_loss, report = _evaluate(model, x_test, y_test)
+    result = _test_result(
+        study.study_name, chosen, metric=metric, test_loss=test_loss, report=report, images=len(y_test)
+    )
+    _record(study, tracker, parent_run_id, result, report)
+    return result, True
+
+
+def _evaluate(model: keras.Model, x_test: Images, y_test: Labels) -> tuple[float, ClassificationReport]:
+    """The test loss and the classification report of the model's predictions."""
     probabilities = np.asarray(model.predict(x_test, batch_size=2048, verbose=0))
     # Keras' sparse cross-entropy clips at 1e-7 too; regularisation terms are not part of a test loss.
     picked = np.clip(probabilities[np.arange(len(y_test)), y_test], 1e-7, 1.0)
     test_loss = float(-np.mean(np.log(picked)))
-    report = classification_report(confusion_matrix(y_test, probabilities.argmax(axis=1)))
-    correct = int(np.trace(report.matrix))
-    low, high = wilson_interval(correct, len(y_test))
-    result: dict[str, Any] = {
-        "study": study.study_name,
-        "trial_number": chosen.number,
-        "run_id": chosen.user_attrs.get(RUN_ID_ATTR),
-        "model_uri": chosen.user_attrs[MODEL_URI_ATTR],
-        "params": dict(chosen.params),
-        "metric": metric,
-        "val_loss": chosen.user_attrs.get("val_loss"),
-        "val_accuracy": chosen.user_attrs.get("val_accuracy"),
-        "epochs_trained": chosen.user_attrs.get("epochs_trained"),
-        "test_images": len(y_test),
-        "test_loss": test_loss,
-        "test_accuracy": report.overall_accuracy,
-        "test_accuracy_ci95": [low, high],
-        "test_confusion_matrix": report.matrix.tolist(),
-        "test_per_class": report.per_class_rows(),
-        "scored_at": _now(),
-        "scored_by": _this_process(),
-        "environment": environment(),
-    }
+    return test_loss, classification_report(confusion_matrix(y_test, probabilities.argmax(axis=1)))
+
+
+def _test_result(
+    study_name: str, chosen: FrozenTrial, *, metric: str, test_loss: float, report: ClassificationReport, images: int
+) -> TestResult:
+    """The chosen trial's validation record beside its test numbers, with when, where and by whom."""
+    low, high = wilson_interval(int(np.trace(report.matrix)), images)
+    return TestResult(
+        study=study_name,
+        trial_number=chosen.number,
+        run_id=chosen.user_attrs.get(RUN_ID_ATTR),
+        model_uri=chosen.user_attrs[MODEL_URI_KEY],
+        params=dict(chosen.params),
+        metric=metric,
+        val_loss=chosen.user_attrs.get(VAL_LOSS_ATTR),
+        val_accuracy=chosen.user_attrs.get(VAL_ACCURACY_ATTR),
+        epochs_trained=chosen.user_attrs.get(EPOCHS_TRAINED_ATTR),
+        test_images=images,
+        test_loss=test_loss,
+        test_accuracy=report.overall_accuracy,
+        test_accuracy_ci95=(low, high),
+        test_confusion_matrix=tuple(tuple(row) for row in report.matrix.tolist()),
+        test_per_class=tuple(report.per_class_rows()),
+        scored_at=_now(),
+        scored_by=_this_process(),
+        environment=environment(),
+    )
+
+
+def _record(
+    study: optuna.Study, tracker: Tracker, parent_run_id: str, result: TestResult, report: ClassificationReport
+) -> None:
+    """The test numbers on the study's MLflow parent run, then the result on the study: that write seals it."""
     tracker.log_test_result(
         parent_run_id,
-        test_loss=test_loss,
+        test_loss=result.test_loss,
         report=report,
         tags={
-            "test_scored_trial": str(chosen.number),
-            "test_scored_at": result["scored_at"],
-            "test_scored_run_id": str(result["run_id"]),
+            TEST_SCORED_TRIAL_TAG: str(result.trial_number),
+            TEST_SCORED_AT_TAG: result.scored_at,
+            TEST_SCORED_RUN_ID_TAG: str(result.run_id),
         },
     )
-    study.set_user_attr(TEST_RESULT_ATTR, result)
-    return result, True
+    study.set_user_attr(TEST_RESULT_ATTR, result.to_dict())
 
 
-def result_line(result: dict[str, Any]) -> str:
-    low, high = result["test_accuracy_ci95"]
+def result_line(result: TestResult) -> str:
+    low, high = result.test_accuracy_ci95
     return (
-        f"test accuracy {result['test_accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
-        f"test loss {result['test_loss']:.4f} on {result['test_images']} images; "
-        f"trial {result['trial_number']} (run {result['run_id']}), scored {result['scored_at']}"
+        f"test accuracy {result.test_accuracy:.4f} (95% CI {low:.4f}-{high:.4f}), "
+        f"test loss {result.test_loss:.4f} on {result.test_images} images; "
+        f"trial {result.trial_number} (run {result.run_id}), scored {result.scored_at}"
     )

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-NUM_CLASSES = 10
+from mnist_sweep.data import NUM_CLASSES
+
 PER_CLASS_METRICS = ("precision", "recall", "f1", "iou", "accuracy")
 
 IntMatrix = npt.NDArray[np.int64]

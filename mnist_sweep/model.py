@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import keras
 
-INPUT_SHAPE = (28, 28)
-NUM_CLASSES = 10
+from mnist_sweep.config import OPTIMIZERS
+from mnist_sweep.data import IMAGE_SIDE, NUM_CLASSES
 
 
 def build_model(
@@ -19,7 +19,7 @@ def build_model(
 ) -> keras.Model:
     """784 -> hidden... -> 10 softmax; dropout after each hidden layer and L2 on the kernels if > 0."""
     regularizer = keras.regularizers.L2(weight_decay) if weight_decay > 0 else None
-    layers: list[keras.layers.Layer] = [keras.Input(shape=INPUT_SHAPE), keras.layers.Flatten()]
+    layers: list[keras.layers.Layer] = [keras.Input(shape=(IMAGE_SIDE, IMAGE_SIDE)), keras.layers.Flatten()]
     for units in hidden:
         layers.append(keras.layers.Dense(units, activation=activation, kernel_regularizer=regularizer))
         if dropout > 0:
@@ -43,7 +43,7 @@ def build_optimizer(
         return keras.optimizers.AdamW(learning_rate=learning_rate)
     if name == "nadam":
         return keras.optimizers.Nadam(learning_rate=learning_rate)
-    raise ValueError(f"optimizer must be one of sgd, adam, rmsprop, adamw, nadam, got {name!r}")
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
 def learning_rate(

@@ -16,19 +16,21 @@ from typing import Any
 
 import optuna
 import pandas as pd
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from mnist_sweep import plots
-from mnist_sweep.config import ConfigError
+from mnist_sweep.config import METRIC_DIRECTIONS, ConfigError, metric_maximizes
 from mnist_sweep.environment import environment
+from mnist_sweep.final import rank_trials
 from mnist_sweep.metrics import most_confused
-from mnist_sweep.study import RUN_ID_ATTR
+from mnist_sweep.records import EPOCHS_TRAINED_ATTR, RUN_ID_ATTR, TestResult
 
 TOP_TRIALS = 10
 CONFUSED_PAIRS = 5
 # The trial-run metrics the leaderboard reads from MLflow, beside what Optuna holds.
 LOGGED_METRICS = ("val_accuracy", "val_loss", "val_f1_macro")
-LOWER_IS_BETTER = ("trial", "val_loss", "duration_s")
+# Sorted smallest first whatever the study metric; a metric column follows its direction in the config.
+ASCENDING_COLUMNS = ("trial", "duration_s")
 NOT_SCORED = "Test set not scored yet."
 
 Row = dict[str, Any]
@@ -37,34 +39,22 @@ Row = dict[str, Any]
 # --------------------------------------------------------------------------- plain data
 
 
-def _ranked(trials: Sequence[FrozenTrial], maximize: bool) -> list[FrozenTrial]:
-    """Complete trials best first (ties: the earlier trial), then the others by number."""
-
-    def key(t: FrozenTrial) -> tuple[int, float, int]:
-        if t.state == TrialState.COMPLETE and t.value is not None:
-            return (0, -t.value if maximize else t.value, t.number)
-        return (1, 0.0, t.number)
-
-    return sorted(trials, key=key)
-
-
-def leaderboard_rows(study: optuna.Study, run_metrics: Mapping[str, Mapping[str, float]]) -> list[Row]:
-    """Every trial, best first: number, state, params, validation metrics, epochs, duration, run id.
+def leaderboard_rows(study: optuna.Study, run_metrics: Mapping[str, Mapping[str, float]], *, metric: str) -> list[Row]:
+    """Every trial, best first (rank_trials): number, state, params, validation metrics, epochs, duration, run id.
 
     Optuna holds the final validation numbers of complete trials; MLflow adds the macro F1 and, for pruned
     or failed trials, the last epoch's numbers.
     """
     trials = study.get_trials(deepcopy=False)
     param_names = list(dict.fromkeys(name for t in trials for name in t.params))
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     rows = []
-    for t in _ranked(trials, maximize):
+    for t in rank_trials(trials, metric=metric):
         run_id = t.user_attrs.get(RUN_ID_ATTR)
         logged = run_metrics.get(run_id, {}) if run_id else {}
         row: Row = {"trial": t.number, "state": t.state.name}
         row.update({name: t.params.get(name) for name in param_names})
         row.update({name: t.user_attrs.get(name, logged.get(name)) for name in LOGGED_METRICS})
-        row["epochs"] = t.user_attrs.get("epochs_trained", len(t.intermediate_values) or None)
+        row["epochs"] = t.user_attrs.get(EPOCHS_TRAINED_ATTR, len(t.intermediate_values) or None)
         row["duration_s"] = round(t.duration.total_seconds(), 1) if t.duration is not None else None
         row["run_id"] = run_id
         rows.append(row)
@@ -72,12 +62,14 @@ def leaderboard_rows(study: optuna.Study, run_metrics: Mapping[str, Mapping[str,
 
 
 def leaderboard_table(rows: Sequence[Row], *, sort: str) -> pd.DataFrame:
-    """The rows as a table sorted by one column: losses, durations and trial numbers up, other numbers down."""
+    """The rows as a table sorted by one column: durations, trial numbers and metrics to minimise up, other numbers
+    down."""
     columns = ["trial", "state", *LOGGED_METRICS, "epochs", "duration_s", "run_id"]
     frame = pd.DataFrame(list(rows)) if rows else pd.DataFrame(columns=columns)
     if sort not in frame.columns:
         raise ConfigError(f"--sort must be one of {', '.join(frame.columns)}, got {sort!r}")
-    ascending = sort in LOWER_IS_BETTER or not pd.api.types.is_numeric_dtype(frame[sort])
+    minimised = sort in METRIC_DIRECTIONS and not metric_maximizes(sort)
+    ascending = sort in ASCENDING_COLUMNS or minimised or not pd.api.types.is_numeric_dtype(frame[sort])
     return frame.sort_values(sort, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
 
 
@@ -99,29 +91,27 @@ def study_summary(study: optuna.Study, rows: Sequence[Row]) -> dict[str, Any]:
     }
 
 
-def gaps(result: Mapping[str, Any]) -> dict[str, float | None]:
-    """Validation minus test accuracy (positive: the test set scored lower), and test minus validation loss."""
-    val_accuracy, val_loss = result.get("val_accuracy"), result.get("val_loss")
-    return {
-        "accuracy": None if val_accuracy is None else val_accuracy - result["test_accuracy"],
-        "loss": None if val_loss is None else result["test_loss"] - val_loss,
-    }
+def _environment(result: TestResult | None, summary: Mapping[str, Any]) -> Mapping[str, str]:
+    """The machine that scored the test set; the report writer's where the result does not say."""
+    if result is not None and result.environment is not None:
+        return result.environment
+    return dict(summary["environment"])
 
 
-def _chosen_rows(result: Mapping[str, Any]) -> list[Row]:
+def _chosen_rows(result: TestResult) -> list[Row]:
     facts = {
-        "trial": result["trial_number"],
-        "MLflow run id": result["run_id"],
-        "model": result["model_uri"],
-        "epochs trained": result["epochs_trained"],
-        "validation accuracy": result["val_accuracy"],
-        "validation loss": result["val_loss"],
-        **{f"param {k}": v for k, v in result["params"].items()},
+        "trial": result.trial_number,
+        "MLflow run id": result.run_id,
+        "model": result.model_uri,
+        "epochs trained": result.epochs_trained,
+        "validation accuracy": result.val_accuracy,
+        "validation loss": result.val_loss,
+        **{f"param {k}": v for k, v in result.params.items()},
     }
     return [{"": key, "value": value} for key, value in facts.items()]
 
 
-def _confused_rows(result: Mapping[str, Any]) -> list[Row]:
+def _confused_rows(result: TestResult) -> list[Row]:
     return [
         {
             "true digit": p["true"],
@@ -129,7 +119,7 @@ def _confused_rows(result: Mapping[str, Any]) -> list[Row]:
             "images": p["count"],
             "share of true digit": f"{p['share_of_true']:.1%}",
         }
-        for p in most_confused(result["test_confusion_matrix"], top=CONFUSED_PAIRS)
+        for p in most_confused(result.test_confusion_matrix, top=CONFUSED_PAIRS)
     ]
 
 
@@ -162,43 +152,51 @@ def _table(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(result: dict[str, Any] | None, summary: dict[str, Any]) -> str:
+def render_markdown(result: TestResult | None, summary: dict[str, Any]) -> str:
     """The report as Markdown: the same facts as the HTML page, without the plots."""
-    lines = [f"# mnist-sweep report: study `{summary['study']}`", ""]
-    if result is None:
-        lines += [f"**{NOT_SCORED}** Run `mnist-sweep finalize SWEEP` to score the chosen trial once.", ""]
-    else:
-        low, high = result["test_accuracy_ci95"]
-        gap = gaps(result)
-        lines += [
-            "## Held-out test set (scored once)",
-            "",
-            f"- test accuracy: **{result['test_accuracy']:.4f}** (95 % Wilson CI {low:.4f} to {high:.4f}) "
-            f"on {result['test_images']} images",
-            f"- test loss: {result['test_loss']:.4f}",
-            f"- validation -> test gap: accuracy {_cell(gap['accuracy'])} (validation minus test), "
-            f"loss {_cell(gap['loss'])} (test minus validation)",
-            f"- scored at {result['scored_at']} by {result['scored_by']}",
-            "",
-            "## Chosen trial",
-            "",
-            _table(_chosen_rows(result)),
-            "## Test confusion matrix (rows: true digit, columns: predicted)",
-            "",
-            _table(
-                [
-                    {"true": k, **{str(j): v for j, v in enumerate(row)}}
-                    for k, row in enumerate(result["test_confusion_matrix"])
-                ]
-            ),
-            "### Most confused digits",
-            "",
-            _table(_confused_rows(result)),
-            "## Per-class test metrics",
-            "",
-            _table(result["test_per_class"]),
-        ]
-    lines += [
+    title = [f"# mnist-sweep report: study `{summary['study']}`", ""]
+    test = _test_markdown(result) if result is not None else _not_scored_markdown()
+    return "\n".join([*title, *test, *_sweep_markdown(summary), *_environment_markdown(result, summary)])
+
+
+def _not_scored_markdown() -> list[str]:
+    return [f"**{NOT_SCORED}** Run `mnist-sweep finalize SWEEP` to score the chosen trial once.", ""]
+
+
+def _test_markdown(result: TestResult) -> list[str]:
+    """The test score, the chosen trial, the confusion matrix and the per-class metrics."""
+    low, high = result.test_accuracy_ci95
+    gap = result.gaps()
+    matrix_rows = [
+        {"true": k, **{str(j): v for j, v in enumerate(row)}} for k, row in enumerate(result.test_confusion_matrix)
+    ]
+    return [
+        "## Held-out test set (scored once)",
+        "",
+        f"- test accuracy: **{result.test_accuracy:.4f}** (95 % Wilson CI {low:.4f} to {high:.4f}) "
+        f"on {result.test_images} images",
+        f"- test loss: {result.test_loss:.4f}",
+        f"- validation -> test gap: accuracy {_cell(gap['accuracy'])} (validation minus test), "
+        f"loss {_cell(gap['loss'])} (test minus validation)",
+        f"- scored at {result.scored_at} by {result.scored_by}",
+        "",
+        "## Chosen trial",
+        "",
+        _table(_chosen_rows(result)),
+        "## Test confusion matrix (rows: true digit, columns: predicted)",
+        "",
+        _table(matrix_rows),
+        "### Most confused digits",
+        "",
+        _table(_confused_rows(result)),
+        "## Per-class test metrics",
+        "",
+        _table(result.test_per_class),
+    ]
+
+
+def _sweep_markdown(summary: Mapping[str, Any]) -> list[str]:
+    return [
         "## Sweep",
         "",
         f"- trials: {_state_line(summary)}",
@@ -208,12 +206,11 @@ def render_markdown(result: dict[str, Any] | None, summary: dict[str, Any]) -> s
         "### Top trials",
         "",
         _table(summary["top_trials"]),
-        "## Environment",
-        "",
-        _cell(result.get("environment", summary["environment"]) if result else summary["environment"]),
-        "",
     ]
-    return "\n".join(lines)
+
+
+def _environment_markdown(result: TestResult | None, summary: Mapping[str, Any]) -> list[str]:
+    return ["## Environment", "", _cell(dict(_environment(result, summary))), ""]
 
 
 # --------------------------------------------------------------------------- the HTML page
@@ -250,20 +247,20 @@ def _note(title: str, note: str, *, key: str) -> str:
     return f'<div class="plot-note" data-plot="{key}"><strong>{html.escape(title)}</strong>: {html.escape(note)}</div>'
 
 
-def _test_section(result: Mapping[str, Any]) -> str:
-    low, high = result["test_accuracy_ci95"]
-    gap = gaps(result)
-    matrix = result["test_confusion_matrix"]
+def _test_section(result: TestResult) -> str:
+    low, high = result.test_accuracy_ci95
+    gap = result.gaps()
+    matrix = result.test_confusion_matrix
     ci = f"95 % Wilson CI {low:.4f} to {high:.4f}"
     cards = [
-        _card("test accuracy", f"{result['test_accuracy']:.4f}", ci, value_id="test-accuracy"),
-        _card("test loss", f"{result['test_loss']:.4f}"),
+        _card("test accuracy", f"{result.test_accuracy:.4f}", ci, value_id="test-accuracy"),
+        _card("test loss", f"{result.test_loss:.4f}"),
         _card(
             "validation → test gap",
             _cell(gap["accuracy"]),
             f"accuracy, validation minus test; loss {_cell(gap['loss'])}",
         ),
-        _card("test images", str(result["test_images"]), f"scored {result['scored_at']}"),
+        _card("test images", str(result.test_images), f"scored {result.scored_at}"),
     ]
     heatmaps = [
         _plot(
@@ -282,7 +279,7 @@ def _test_section(result: Mapping[str, Any]) -> str:
 <h2>Test confusion matrix</h2><p>rows: true digit, columns: predicted digit</p>
 <div class="grid">{"".join(heatmaps)}</div>
 <h3>Most confused digits</h3>{_html_table(_confused_rows(result), table_id="confused-pairs")}
-<h3>Per-class test metrics</h3>{_html_table(result["test_per_class"], table_id="per-class")}
+<h3>Per-class test metrics</h3>{_html_table(result.test_per_class, table_id="per-class")}
 </section>"""
 
 
@@ -308,7 +305,7 @@ def _sweep_section(summary: Mapping[str, Any], sweep_plots: Sequence[plots.Sweep
 </section>"""
 
 
-def render_html(result: dict[str, Any] | None, summary: dict[str, Any], sweep_plots: Sequence[plots.SweepPlot]) -> str:
+def render_html(result: TestResult | None, summary: dict[str, Any], sweep_plots: Sequence[plots.SweepPlot]) -> str:
     """The report as one self-contained page: plotly.js embedded once (packed), nothing fetched."""
     study = html.escape(summary["study"])
     written = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -318,8 +315,7 @@ def render_html(result: dict[str, Any] | None, summary: dict[str, Any], sweep_pl
         else f'<div class="banner" id="not-scored"><strong>{NOT_SCORED}</strong> Run <code>mnist-sweep finalize '
         f"SWEEP</code> to score the chosen trial once.</div>"
     )
-    env = result.get("environment", summary["environment"]) if result else summary["environment"]
-    env_rows = [{"": key, "value": value} for key, value in env.items()]
+    env_rows = [{"": key, "value": value} for key, value in _environment(result, summary).items()]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>mnist-sweep report: {study}</title>
 <style>{_CSS}</style>
@@ -364,7 +360,7 @@ def write_report(
     folder: Path,
     *,
     study: optuna.Study,
-    result: dict[str, Any] | None,
+    result: TestResult | None,
     metric: str,
     run_metrics: Mapping[str, Mapping[str, float]],
 ) -> list[Path]:
@@ -373,7 +369,7 @@ def write_report(
     Every plot is drawn in report.html alone, which carries the one copy of plotly.js (packed, 2 MB): a page
     per plot had to embed its own copy to open offline and in MLflow's sandboxed artifact view (~28 MB a study).
     """
-    rows = leaderboard_rows(study, run_metrics)
+    rows = leaderboard_rows(study, run_metrics, metric=metric)
     summary = study_summary(study, rows)
     sweep_plots = plots.sweep_plots(study, metric=metric)
     folder.mkdir(parents=True, exist_ok=True)
@@ -381,7 +377,9 @@ def write_report(
         "report.html": render_html(result, summary, sweep_plots),
         "report.md": render_markdown(result, summary),
         "test_metrics.json": json.dumps(
-            {"test_set_scored": result is not None, **(result or {}), "sweep": summary}, indent=2, default=str
+            {"test_set_scored": result is not None, **(result.to_dict() if result else {}), "sweep": summary},
+            indent=2,
+            default=str,
         ),
         "leaderboard.csv": leaderboard_table(rows, sort=metric).to_csv(index=False),
     }

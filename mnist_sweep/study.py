@@ -19,6 +19,19 @@ from mnist_sweep.config import StudyConfig, SweepConfig
 from mnist_sweep.console import NO_PROGRESS, TrialProgress
 from mnist_sweep.data import Split, sealed_test_set
 from mnist_sweep.interrupt import raise_if_requested
+from mnist_sweep.records import (
+    EPOCHS_TRAINED_ATTR,
+    FAIL_REASON_ATTR,
+    FIT_SECONDS_ATTR,
+    MODEL_URI_KEY,
+    PARENT_RUN_ATTR,
+    RUN_ID_ATTR,
+    SEED_ATTR,
+    TRACKING_SECONDS_ATTR,
+    VAL_ACCURACY_ATTR,
+    VAL_LOSS_ATTR,
+    RunParams,
+)
 from mnist_sweep.space import sample_params
 from mnist_sweep.tracking import Tracker
 
@@ -26,13 +39,6 @@ if TYPE_CHECKING:
     from mnist_sweep.trial import TrainSettings, TrialOutcome
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-RUN_ID_ATTR = "mlflow_run_id"
-MODEL_URI_ATTR = "model_uri"
-PARENT_RUN_ATTR = "mlflow_parent_run_id"
-TEST_RESULT_ATTR = "test_result"
-FAIL_REASON_ATTR = "fail_reason"
-FIT_SECONDS_ATTR = "fit_seconds"
-TRACKING_SECONDS_ATTR = "tracking_seconds"
 PARENT_WAIT_SECONDS = 60.0
 ABANDONED_SECONDS = 600.0
 
@@ -303,30 +309,11 @@ class Objective:
 
         self.session = TrialSession()  # what this process's trials share (gc freeze, TF's registry)
 
-        self.settings: TrainSettings = TrainSettings(
-            hidden=tuple(cfg.model.hidden),
-            epochs=cfg.train.epochs,
-            early_stopping_patience=cfg.train.early_stopping_patience,
-            monitor=cfg.study.metric,
-            lr_schedule=cfg.train.lr_schedule,
-            steps_per_execution=cfg.train.steps_per_execution,
-            precision=cfg.train.precision,
+        # What every trial run logs as params besides its hyperparameters and seed; replay decodes them.
+        self.run_params = RunParams.from_config(
+            cfg, data_source=data_source, n_train=len(split.y_train), n_val=len(split.y_val)
         )
-        self.fixed_run_params = {
-            "hidden": "-".join(str(h) for h in cfg.model.hidden),
-            "epochs": cfg.train.epochs,
-            "early_stopping_patience": cfg.train.early_stopping_patience,
-            "early_stopping_monitor": cfg.study.metric,
-            "lr_schedule": cfg.train.lr_schedule,
-            "steps_per_execution": cfg.train.steps_per_execution,
-            "precision": cfg.train.precision,
-            "data_validation": cfg.data.validation,
-            "data_train_limit": cfg.data.train_limit,
-            "data_seed": cfg.data.seed,
-            "data_source": data_source,
-            "n_train": len(split.y_train),
-            "n_val": len(split.y_val),
-        }
+        self.settings: TrainSettings = TrainSettings(**self.run_params.train_settings())
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
@@ -336,10 +323,10 @@ class Objective:
                 parent_run_id=self.parent_run_id,
                 study_name=trial.study.study_name,
                 trial_number=trial.number,
-                params={**params, **self.fixed_run_params, "seed": seed},
+                params=self.run_params.for_trial(params, seed).encode(),
             )
             trial.set_user_attr(RUN_ID_ATTR, run_id)
-            trial.set_user_attr("seed", seed)
+            trial.set_user_attr(SEED_ATTR, seed)
         except Exception as exc:  # no run yet (the tracking store failed): the trial fails, and counts
             trial.set_user_attr(FAIL_REASON_ATTR, _reason(exc)[:1000])
             raise
@@ -378,10 +365,10 @@ class Objective:
     def _log_outcome(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, logging_hook: TimedHook) -> float:
         started = time.perf_counter()
         model_uri = self.tracker.log_outcome(run_id, outcome)
-        trial.set_user_attr(MODEL_URI_ATTR, model_uri)
-        trial.set_user_attr("epochs_trained", outcome.epochs_trained)
-        trial.set_user_attr("val_loss", outcome.val_loss)
-        trial.set_user_attr("val_accuracy", outcome.val_accuracy)
+        trial.set_user_attr(MODEL_URI_KEY, model_uri)
+        trial.set_user_attr(EPOCHS_TRAINED_ATTR, outcome.epochs_trained)
+        trial.set_user_attr(VAL_LOSS_ATTR, outcome.val_loss)
+        trial.set_user_attr(VAL_ACCURACY_ATTR, outcome.val_accuracy)
         trial.set_user_attr(FIT_SECONDS_ATTR, round(outcome.fit_seconds, 3))
         logging_hook.seconds += time.perf_counter() - started
         trial.set_user_attr(TRACKING_SECONDS_ATTR, round(logging_hook.seconds, 3))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import optuna
 
@@ -14,10 +13,10 @@ from mnist_sweep.data import DataSource, Split, check_test_split_present, load_s
 from mnist_sweep.databases import sqlite_file
 from mnist_sweep.environment import device_line, gpus
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
+from mnist_sweep.records import PARENT_RUN_ATTR, TestResult
 from mnist_sweep.report import leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.space import searched_names
 from mnist_sweep.study import (
-    PARENT_RUN_ATTR,
     Objective,
     count_finished,
     load_existing_study,
@@ -166,7 +165,7 @@ def _finalize(
     *,
     echo: Echo,
     reclaim: bool,
-) -> dict[str, Any]:
+) -> TestResult:
     result, scored_now = score_test_set(
         study=study,
         storage=storage,
@@ -187,7 +186,7 @@ def _finalize(
 def _write_report(
     cfg: SweepConfig,
     study: optuna.Study,
-    result: dict[str, Any] | None,
+    result: TestResult | None,
     *,
     tracker: Tracker | None,
     parent: str | None,
@@ -233,7 +232,8 @@ def trials(cfg: SweepConfig, *, echo: Echo, csv_file: str | None, sort: str | No
     if csv_file:
         preflight.check_creatable("--csv", csv_file, Path(csv_file))
     study = _recorded_study(cfg)
-    rows = leaderboard_rows(study, recorded_trial_metrics(uri=cfg.tracking.uri, experiment=cfg.study.name))
+    run_metrics = recorded_trial_metrics(uri=cfg.tracking.uri, experiment=cfg.study.name)
+    rows = leaderboard_rows(study, run_metrics, metric=cfg.study.metric)
     table = leaderboard_table(rows, sort=sort or cfg.study.metric)
     echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(table) else "no trials yet", final=True)
     if csv_file:

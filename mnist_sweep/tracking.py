@@ -19,9 +19,29 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep import databases, environment
+from mnist_sweep.data import IMAGE_SIDE, NUM_CLASSES
 from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
 from mnist_sweep.locations import artifact_location, local_artifact_folder
 from mnist_sweep.metrics import ClassificationReport
+from mnist_sweep.records import (
+    BACKEND_TAG,
+    DESCRIPTION_TAG,
+    DEVICE_TAG,
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING,
+    MODEL_URI_KEY,
+    PARENT_TAG,
+    PRUNED_AT_EPOCH_TAG,
+    ROLE_TAG,
+    STATE_REASON_TAG,
+    STATE_TAG,
+    STUDY_ROLE,
+    STUDY_TAG,
+    TEST_SCORED_TAG,
+    TRIAL_NUMBER_TAG,
+    TRIAL_ROLE,
+    final_metric,
+)
 from mnist_sweep.workarounds import saved_as_uncompiled
 
 if TYPE_CHECKING:
@@ -29,19 +49,6 @@ if TYPE_CHECKING:
 
     from mnist_sweep.trial import TrialOutcome
 
-ROLE_TAG = "mnist_sweep.role"
-STUDY_TAG = "optuna.study_name"
-TRIAL_NUMBER_TAG = "optuna.trial_number"
-STATE_TAG = "trial_state"
-PARENT_TAG = "mlflow.parentRunId"
-MODEL_URI_TAG = "model_uri"
-TEST_SCORED_TAG = "test_set_scored"
-# MLflow 3's UI opens an experiment of no kind on its GenAI overview (traces, token usage); this kind opens
-# the runs table, the place to compare trials.
-EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
-DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
-BACKEND_TAG = "keras_backend"
-DEVICE_TAG = "device"  # "GPU: <name, memory>" or "CPU: <model>"
 MAX_RUNNING_RUNS = 1000
 
 
@@ -72,8 +79,8 @@ def _model_signature() -> Any:
     from mlflow.types import Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities")]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIDE, IMAGE_SIDE), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES), "probabilities")]),
     )
 
 
@@ -214,7 +221,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=study_name,
-            tags={ROLE_TAG: "study", STUDY_TAG: study_name},
+            tags={ROLE_TAG: STUDY_ROLE, STUDY_TAG: study_name},
         )
         self.client.log_dict(run.info.run_id, dict(config), "sweep.json")
         return str(run.info.run_id)
@@ -246,7 +253,7 @@ class Tracker:
             run_name=f"trial-{trial_number:04d}",
             tags={
                 PARENT_TAG: parent_run_id,
-                ROLE_TAG: "trial",
+                ROLE_TAG: TRIAL_ROLE,
                 STUDY_TAG: study_name,
                 TRIAL_NUMBER_TAG: str(trial_number),
                 STATE_TAG: "RUNNING",
@@ -268,8 +275,8 @@ class Tracker:
         model_id, model_uri = self.log_model(run_id, outcome.model)
         now = int(time.time() * 1000)
         final = {
-            "final_val_loss": outcome.val_loss,
-            "final_val_accuracy": outcome.val_accuracy,
+            final_metric("val_loss"): outcome.val_loss,
+            final_metric("val_accuracy"): outcome.val_accuracy,
             "epochs_trained": float(outcome.epochs_trained),
             "best_epoch": float(outcome.best_epoch),
             "fit_seconds": outcome.fit_seconds,
@@ -278,7 +285,7 @@ class Tracker:
         self.client.log_batch(
             run_id,
             metrics=[Metric(k, v, now, 0, model_id=model_id) for k, v in final.items()],
-            tags=[RunTag(MODEL_URI_TAG, model_uri)],
+            tags=[RunTag(MODEL_URI_KEY, model_uri)],
         )
         self.log_report_artifacts(run_id, outcome.report, prefix="val", title="validation")
         return model_uri
@@ -340,9 +347,9 @@ class Tracker:
         """Record how the trial ended: COMPLETE, PRUNED (with the epoch) or FAIL (with the error)."""
         tags = [RunTag(STATE_TAG, state)]
         if message:
-            tags.append(RunTag("state_reason", message[:4900]))
+            tags.append(RunTag(STATE_REASON_TAG, message[:4900]))
         if pruned_epoch is not None:
-            tags.append(RunTag("pruned_at_epoch", str(pruned_epoch)))
+            tags.append(RunTag(PRUNED_AT_EPOCH_TAG, str(pruned_epoch)))
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, tags=tags, metrics=[Metric(k, v, now, 0) for k, v in (metrics or {}).items()])
         status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}[state]
@@ -367,14 +374,14 @@ class Tracker:
         return [
             (str(run.info.run_id), int(run.data.tags[TRIAL_NUMBER_TAG]))
             for run in runs
-            if run.data.tags.get(ROLE_TAG) == "trial" and TRIAL_NUMBER_TAG in run.data.tags
+            if run.data.tags.get(ROLE_TAG) == TRIAL_ROLE and TRIAL_NUMBER_TAG in run.data.tags
         ]
 
     def close_orphaned_run(self, run_id: str, reason: str) -> bool:
         """End a run left RUNNING by a worker that died; returns whether it was still RUNNING."""
         if self.run_status(run_id) != RunStatus.to_string(RunStatus.RUNNING):
             return False
-        self.client.log_batch(run_id, tags=[RunTag(STATE_TAG, "FAIL"), RunTag("state_reason", reason)])
+        self.client.log_batch(run_id, tags=[RunTag(STATE_TAG, "FAIL"), RunTag(STATE_REASON_TAG, reason)])
         self.client.set_terminated(run_id, status="KILLED")
         return True
 
@@ -395,13 +402,10 @@ class Tracker:
     def log_folder(self, run_id: str, folder: Path, artifact_path: str) -> None:
         self.client.log_artifacts(run_id, str(folder), artifact_path)
 
-    def log_json(self, run_id: str, payload: Mapping[str, Any], artifact_file: str) -> None:
-        self.client.log_text(run_id, json.dumps(payload, indent=2), artifact_file)
-
 
 # --------------------------------------------------------------------------- reading back
 
-TRIAL_RUNS_FILTER = f"tags.`{ROLE_TAG}` = 'trial'"
+TRIAL_RUNS_FILTER = f"tags.`{ROLE_TAG}` = '{TRIAL_ROLE}'"
 
 
 def find_experiment_id(*, uri: str, experiment: str) -> str | None:

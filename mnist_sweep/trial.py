@@ -18,9 +18,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from mnist_sweep.data import Split
+from mnist_sweep.config import metric_maximizes
+from mnist_sweep.data import NUM_CLASSES, Split
 from mnist_sweep.interrupt import raise_if_requested
-from mnist_sweep.metrics import NUM_CLASSES, ClassificationReport, classification_report
+from mnist_sweep.metrics import ClassificationReport, classification_report
 from mnist_sweep.model import compiled_model
 from mnist_sweep.workarounds import TracedGradients
 
@@ -52,14 +53,13 @@ class TrainSettings:
 
     @property
     def monitor_maximizes(self) -> bool:
-        return self.monitor.endswith("accuracy")
+        return metric_maximizes(self.monitor)
 
 
 @dataclass
 class TrialOutcome:
     """What one finished fit produced."""
 
-    params: dict[str, Any]
     history: dict[str, list[float]]
     epochs_trained: int
     best_epoch: int
@@ -227,7 +227,7 @@ def run_trial(
         verbose=0,
     ).history
     fit_seconds = time.perf_counter() - started
-    return _evaluate(model, dict(params), history, fit_seconds, settings)
+    return _evaluate(model, history, fit_seconds, settings)
 
 
 @contextlib.contextmanager
@@ -242,7 +242,6 @@ def _dtype_policy(name: str) -> Iterator[None]:
 
 def _evaluate(
     model: keras.Model,
-    params: dict[str, Any],
     history: Mapping[str, list[float]],
     fit_seconds: float,
     settings: TrainSettings,
@@ -256,7 +255,6 @@ def _evaluate(
     matrix = np.rint(np.asarray(history["val_confusion_counts"][best])).astype(np.int64)
     report = classification_report(matrix)
     return TrialOutcome(
-        params=params,
         history={k: [float(v) for v in values] for k, values in history.items() if k in EPOCH_METRICS},
         epochs_trained=epochs_trained,
         best_epoch=best + 1,

@@ -15,7 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep import environment
-from mnist_sweep.tracking import BACKEND_TAG, DEVICE_TAG, Tracker, _model_pip_requirements
+from mnist_sweep.records import BACKEND_TAG, DEVICE_TAG
+from mnist_sweep.tracking import Tracker, _model_pip_requirements
 from tests.conftest import DEFAULT_SWEEP, REPO, cli_environment, small_sweep_args
 
 # The real CLI's main() in a fresh interpreter; at exit, which TensorFlow modules got loaded. A backend

@@ -240,6 +240,7 @@ def test_every_service_command_succeeds(topology: tuple[Topology, int, int]) -> 
     top, _, _ = topology
     for label, (code, out, err) in top.outputs.items():
         assert code == 0, f"{label} exited {code}\n{out}\n{err}\n{(top.folder / 'mlflow.log').read_text()[-3000:]}"
+        print(f"--- {label} (exit {code})\n{out.strip()}")  # shown with `pytest -s`: what each service printed
 
 
 def study_and_runs(topology: tuple[Topology, int, int]) -> tuple[optuna.Study, MlflowClient, str, list[Any]]:

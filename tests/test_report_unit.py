@@ -13,8 +13,8 @@ from optuna.trial import TrialState
 
 from mnist_sweep import plots
 from mnist_sweep.config import ConfigError
+from mnist_sweep.records import RUN_ID_ATTR
 from mnist_sweep.report import NOT_SCORED, leaderboard_rows, leaderboard_table, write_report
-from mnist_sweep.study import RUN_ID_ATTR
 
 
 def make_study(complete: int, *, searched: bool = True, pruned: int = 0, failed: int = 0) -> optuna.Study:
@@ -70,7 +70,7 @@ def test_pruned_trials_alone_still_draw_learning_curves() -> None:
 def test_leaderboard_ranks_complete_trials_first_and_fills_pruned_ones_from_mlflow() -> None:
     study = make_study(3, pruned=1, failed=1)
     logged = {"run-3": {"val_accuracy": 0.42, "val_loss": 1.9}, "run-2": {"val_f1_macro": 0.5}}
-    rows = leaderboard_rows(study, logged)
+    rows = leaderboard_rows(study, logged, metric="val_accuracy")
     assert [(r["trial"], r["state"]) for r in rows] == [
         (2, "COMPLETE"),
         (1, "COMPLETE"),
@@ -88,7 +88,7 @@ def test_leaderboard_ranks_complete_trials_first_and_fills_pruned_ones_from_mlfl
 
 def test_leaderboard_rejects_an_unknown_sort_column_naming_it() -> None:
     with pytest.raises(ConfigError, match=r"--sort must be one of trial, state, .* got 'val_los'"):
-        leaderboard_table(leaderboard_rows(make_study(2), {}), sort="val_los")
+        leaderboard_table(leaderboard_rows(make_study(2), {}, metric="val_accuracy"), sort="val_los")
 
 
 def test_report_without_a_test_score_says_so(tmp_path: Path) -> None:

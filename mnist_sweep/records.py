@@ -1,0 +1,254 @@
+"""What a sweep records, in one place: Optuna attribute keys, MLflow tag keys, a trial run's params, the test result.
+
+A key written by one module and read by another is named here once, so a rename cannot miss a reader. The run
+params are encoded and decoded by one pair (`RunParams`), used by the objective that logs them and by `replay`
+that reads them back. This module imports neither Optuna nor MLflow nor Keras.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mnist_sweep.config import SearchConfig, SweepConfig, parse_override
+
+# --------------------------------------------------------------------------- Optuna: a trial's user attributes
+
+RUN_ID_ATTR = "mlflow_run_id"
+MODEL_URI_KEY = "model_uri"  # a trial's user attribute and its MLflow run's tag
+SEED_ATTR = "seed"
+EPOCHS_TRAINED_ATTR = "epochs_trained"
+VAL_LOSS_ATTR = "val_loss"
+VAL_ACCURACY_ATTR = "val_accuracy"
+FIT_SECONDS_ATTR = "fit_seconds"
+TRACKING_SECONDS_ATTR = "tracking_seconds"
+FAIL_REASON_ATTR = "fail_reason"
+
+# --------------------------------------------------------------------------- Optuna: the study's user attributes
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+TEST_RESULT_ATTR = "test_result"
+# On the seal study (`<study>.test-seal`): who claimed the test set, and when.
+CLAIMED_BY_ATTR = "claimed_by"
+CLAIMED_AT_ATTR = "claimed_at"
+
+# --------------------------------------------------------------------------- MLflow: tags
+
+ROLE_TAG = "mnist_sweep.role"
+STUDY_ROLE, TRIAL_ROLE = "study", "trial"  # the values of ROLE_TAG
+STUDY_TAG = "optuna.study_name"
+TRIAL_NUMBER_TAG = "optuna.trial_number"
+STATE_TAG = "trial_state"
+STATE_REASON_TAG = "state_reason"
+PRUNED_AT_EPOCH_TAG = "pruned_at_epoch"
+PARENT_TAG = "mlflow.parentRunId"
+TEST_SCORED_TAG = "test_set_scored"
+TEST_SCORED_TRIAL_TAG = "test_scored_trial"
+TEST_SCORED_AT_TAG = "test_scored_at"
+TEST_SCORED_RUN_ID_TAG = "test_scored_run_id"
+# MLflow 3's UI opens an experiment of no kind on its GenAI overview (traces, token usage); this kind opens
+# the runs table, the place to compare trials.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
+BACKEND_TAG = "keras_backend"
+DEVICE_TAG = "device"  # "GPU: <name, memory>" or "CPU: <model>"
+
+# --------------------------------------------------------------------------- MLflow: metrics
+
+FINAL_PREFIX = "final_"  # a trial run's final validation metrics: final_val_loss, final_val_accuracy
+
+
+def final_metric(name: str) -> str:
+    """The MLflow metric holding a trial's final value of `name` (val_loss, val_accuracy)."""
+    return FINAL_PREFIX + name
+
+
+# --------------------------------------------------------------------------- MLflow: a trial run's params
+
+
+def encode_hidden(hidden: Sequence[int]) -> str:
+    """[500, 500] -> "500-500"."""
+    return "-".join(str(units) for units in hidden)
+
+
+def decode_hidden(text: str) -> tuple[int, ...]:
+    """ "500-500" -> (500, 500)."""
+    return tuple(int(units) for units in text.split("-"))
+
+
+def _typed(text: str) -> Any:
+    """An MLflow param (always a string) back as the number or name it was."""
+    return parse_override(f"param.value={text}")[1]
+
+
+class MissingParamError(KeyError):
+    """A run's params lack a key that retraining needs: not a (finished) mnist-sweep trial run."""
+
+
+@dataclass(frozen=True)
+class RunParams:
+    """A trial run's MLflow params: everything needed to retrain the trial exactly.
+
+    The study's train settings and data split, the trial's hyperparameters and seed. `encode` gives the
+    strings MLflow stores; `decode` reads them back, with the config's defaults for keys older runs lack.
+    """
+
+    hidden: tuple[int, ...]
+    epochs: int
+    early_stopping_patience: int
+    early_stopping_monitor: str
+    lr_schedule: str
+    steps_per_execution: int
+    precision: str
+    data_validation: int
+    data_train_limit: int
+    data_seed: int
+    data_source: str
+    n_train: int
+    n_val: int
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    # What a run must hold to be retrained; the others fall back to the config's defaults.
+    REQUIRED = ("hidden", "epochs", "seed", "data_validation", "data_train_limit", "data_seed", "n_train", "n_val")
+
+    @classmethod
+    def from_config(cls, cfg: SweepConfig, *, data_source: str, n_train: int, n_val: int) -> RunParams:
+        """The study's part, from the sweep file; `for_trial` adds a trial's hyperparameters and seed."""
+        return cls(
+            hidden=tuple(cfg.model.hidden),
+            epochs=cfg.train.epochs,
+            early_stopping_patience=cfg.train.early_stopping_patience,
+            early_stopping_monitor=cfg.study.metric,
+            lr_schedule=cfg.train.lr_schedule,
+            steps_per_execution=cfg.train.steps_per_execution,
+            precision=cfg.train.precision,
+            data_validation=cfg.data.validation,
+            data_train_limit=cfg.data.train_limit,
+            data_seed=cfg.data.seed,
+            data_source=data_source,
+            n_train=n_train,
+            n_val=n_val,
+        )
+
+    def for_trial(self, hyperparameters: Mapping[str, Any], seed: int) -> RunParams:
+        return dataclasses.replace(self, hyperparameters=dict(hyperparameters), seed=seed)
+
+    def train_settings(self) -> dict[str, Any]:
+        """The keyword arguments of trial.TrainSettings (which imports Keras, so it is built by the caller)."""
+        return {
+            "hidden": self.hidden,
+            "epochs": self.epochs,
+            "early_stopping_patience": self.early_stopping_patience,
+            "monitor": self.early_stopping_monitor,
+            "lr_schedule": self.lr_schedule,
+            "steps_per_execution": self.steps_per_execution,
+            "precision": self.precision,
+        }
+
+    def encode(self) -> dict[str, str]:
+        """The MLflow params: the hyperparameters, then the settings, the split and the seed, as strings."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hyperparameters"}
+        settings["hidden"] = encode_hidden(self.hidden)
+        return {key: str(value) for key, value in {**self.hyperparameters, **settings}.items()}
+
+    @classmethod
+    def decode(cls, params: Mapping[str, str]) -> RunParams:
+        """A run's params back as they were logged; raises MissingParamError naming the first missing key."""
+        missing = [key for key in (*cls.REQUIRED, *SearchConfig.model_fields) if key not in params]
+        if missing:
+            raise MissingParamError(missing[0])
+        defaults = cls.from_config(SweepConfig(), data_source="", n_train=0, n_val=0).encode()
+        merged = {**defaults, **params}
+        return cls(
+            hidden=decode_hidden(merged["hidden"]),
+            epochs=int(merged["epochs"]),
+            early_stopping_patience=int(merged["early_stopping_patience"]),
+            early_stopping_monitor=merged["early_stopping_monitor"],
+            lr_schedule=merged["lr_schedule"],
+            steps_per_execution=int(merged["steps_per_execution"]),
+            precision=merged["precision"],
+            data_validation=int(merged["data_validation"]),
+            data_train_limit=int(merged["data_train_limit"]),
+            data_seed=int(merged["data_seed"]),
+            data_source=merged["data_source"],
+            n_train=int(merged["n_train"]),
+            n_val=int(merged["n_val"]),
+            hyperparameters={key: _typed(params[key]) for key in SearchConfig.model_fields},
+            seed=int(merged["seed"]),
+        )
+
+
+# --------------------------------------------------------------------------- the test result
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """The chosen trial's one score on the held-out test set, as stored on the study and in test_metrics.json."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    study: str
+    trial_number: int
+    run_id: str | None
+    model_uri: str
+    params: Mapping[str, Any]
+    metric: str
+    val_loss: float | None
+    val_accuracy: float | None
+    epochs_trained: int | None
+    test_images: int
+    test_loss: float
+    test_accuracy: float
+    test_accuracy_ci95: tuple[float, float]
+    test_confusion_matrix: tuple[tuple[int, ...], ...]
+    test_per_class: tuple[dict[str, Any], ...]
+    scored_at: str
+    scored_by: str
+    environment: Mapping[str, str] | None = None  # results scored before it was recorded lack it
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data, the keys in the order test_metrics.json has always had them."""
+        return {
+            "study": self.study,
+            "trial_number": self.trial_number,
+            "run_id": self.run_id,
+            "model_uri": self.model_uri,
+            "params": dict(self.params),
+            "metric": self.metric,
+            "val_loss": self.val_loss,
+            "val_accuracy": self.val_accuracy,
+            "epochs_trained": self.epochs_trained,
+            "test_images": self.test_images,
+            "test_loss": self.test_loss,
+            "test_accuracy": self.test_accuracy,
+            "test_accuracy_ci95": list(self.test_accuracy_ci95),
+            "test_confusion_matrix": [list(row) for row in self.test_confusion_matrix],
+            "test_per_class": [dict(row) for row in self.test_per_class],
+            "scored_at": self.scored_at,
+            "scored_by": self.scored_by,
+            **({} if self.environment is None else {"environment": dict(self.environment)}),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TestResult:
+        """Read back what `to_dict` wrote (from the study's user attribute or test_metrics.json)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {key: value for key, value in data.items() if key in names}
+        low, high = fields["test_accuracy_ci95"]
+        fields["test_accuracy_ci95"] = (low, high)
+        fields["test_confusion_matrix"] = tuple(tuple(row) for row in fields["test_confusion_matrix"])
+        fields["test_per_class"] = tuple(dict(row) for row in fields["test_per_class"])
+        fields["params"] = dict(fields["params"])
+        if fields.get("environment") is not None:
+            fields["environment"] = dict(fields["environment"])
+        return cls(**fields)
+
+    def gaps(self) -> dict[str, float | None]:
+        """Validation minus test accuracy (positive: the test set scored lower), and test minus validation loss."""
+        return {
+            "accuracy": None if self.val_accuracy is None else self.val_accuracy - self.test_accuracy,
+            "loss": None if self.val_loss is None else self.test_loss - self.val_loss,
+        }
