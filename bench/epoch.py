@@ -66,9 +66,9 @@ def fit_variant(split: Any, batch_size: int, variant: Variant) -> EpochClock:
     import keras
 
     from mnist_sweep.model import build_model, build_optimizer
-    from mnist_sweep.trial import fresh_session
+    from mnist_sweep.trial import clean_start
 
-    fresh_session(0)
+    clean_start(0)  # as a trial run alone starts (fit_trial)
     keras.mixed_precision.set_global_policy(variant.policy)
     try:
         model = build_model(hidden=[500, 500], activation="relu")

@@ -9,17 +9,17 @@ trials run), so no trial can look at them, even by accident.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gzip
 import hashlib
 import os
 import struct
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +46,7 @@ TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 Images = npt.NDArray[np.float32]
 Labels = npt.NDArray[np.int64]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -199,14 +200,42 @@ def _check_pair(where: str, images: npt.NDArray[np.uint8], labels: npt.NDArray[n
 # --------------------------------------------------------------------------- loading
 
 
-@functools.lru_cache(maxsize=4)
-def _load_raw(source: DataSource, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
-    """uint8 images and int labels of one part ('train' or 'test'), decoded once per process."""
-    return _read_part(source, part)
+class DataCache:
+    """Decoded MNIST parts and splits, kept so a process decodes the images once (a sweep, `finalize`).
+
+    One, CACHE, serves the commands; a caller that wants its own reads passes another. `clear` forgets
+    everything (a test, or a process that reads a changed folder again).
+    """
+
+    def __init__(self, maxsize: int = 4) -> None:
+        self.maxsize = maxsize
+        self._entries: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+    def get(self, key: tuple[Any, ...], make: Callable[[], T]) -> T:
+        """The value kept under `key`, made (and kept, the least recently used one dropped) if there is none."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return cast(T, self._entries[key])
+        value = make()
+        self._entries[key] = value
+        if len(self._entries) > self.maxsize:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
-def _read_part(source: DataSource, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
-    """One part read and checked, every error naming the key that chose the source."""
+CACHE = DataCache()
+
+
+def _load_raw(source: DataSource, part: str, cache: DataCache) -> tuple[npt.NDArray[np.uint8], Labels]:
+    """uint8 images and int labels of one part ('train' or 'test'), decoded once per cache."""
+    return cache.get(("raw", source, part), lambda: read_part(source, part))
+
+
+def read_part(source: DataSource, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
+    """One part ('train' or 'test') read from disk and checked, uncached; errors name the key that chose the source."""
     if source.kind == "download":
         source = _downloaded()
     try:
@@ -303,10 +332,14 @@ def _normalise(images: npt.NDArray[np.uint8]) -> Images:
     return (images.astype(np.float32) / np.float32(255.0)).astype(np.float32, copy=False)
 
 
-@functools.lru_cache(maxsize=4)
-def load_split(source: DataSource, *, validation: int, train_limit: int, seed: int) -> Split:
+def load_split(source: DataSource, *, validation: int, train_limit: int, seed: int, cache: DataCache = CACHE) -> Split:
     """The training images shuffled with `seed`, the first `validation` held out, then `train_limit`."""
-    images, labels = _load_raw(source, "train")
+    key = ("split", source, validation, train_limit, seed)
+    return cache.get(key, lambda: _split(source, validation, train_limit, seed, cache))
+
+
+def _split(source: DataSource, validation: int, train_limit: int, seed: int, cache: DataCache) -> Split:
+    images, labels = _load_raw(source, "train", cache)
     if validation >= len(images):
         raise source.error(f"data.validation = {validation} must be smaller than the {len(images)} training images")
     order = np.random.default_rng(seed).permutation(len(images))
@@ -327,11 +360,11 @@ def check_test_split_present(source: DataSource) -> None:
     """Before any trial: the test files are read and checked like the training files (header, shape,
     dtype, label range, checksum) and thrown away. Checking their form is not looking at them: no trial
     gets them, and `load_test_split` still refuses while trials run."""
-    _read_part(source, "test")
+    read_part(source, "test")
 
 
-def load_test_split(source: DataSource) -> tuple[Images, Labels]:
+def load_test_split(source: DataSource, *, cache: DataCache = CACHE) -> tuple[Images, Labels]:
     """The 10,000 test images and labels. Only the final step calls this, once per study."""
     _refuse_if_sealed()
-    images, labels = _load_raw(source, "test")
+    images, labels = _load_raw(source, "test", cache)
     return _normalise(images), labels

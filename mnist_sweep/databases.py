@@ -55,16 +55,20 @@ def schema_lock(uri: str) -> Iterator[None]:
 def _file_lock(database: Path) -> Iterator[None]:
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.with_name(database.name + ".lock"), "a") as handle:
-        while True:  # polled, not blocking: a Ctrl-C while another process holds the lock acts at once
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                interrupt.sleep(0.05)
+        # Polled, not blocking: a Ctrl-C while another process holds the lock acts at once.
+        interrupt.poll(lambda: _locked(handle), every=0.05)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _locked(handle: Any) -> bool | None:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return None
+    return True
 
 
 def create_whole(uri: str, create_tables: Callable[[str], None]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +39,7 @@ from mnist_sweep.records import (
     VAL_LOSS_ATTR,
     TestResult,
 )
-from mnist_sweep.tracking import Tracker
+from mnist_sweep.tracking import Tracker, global_tracking_uri
 
 if TYPE_CHECKING:
     import keras
@@ -104,7 +103,8 @@ def load_scored_model(model_uri: str, *, tracking_uri: str) -> keras.Model:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per step, not a bar
     with tempfile.TemporaryDirectory(prefix="mnist-sweep-model-") as folder:
         try:
-            local = Path(download_artifacts(artifact_uri=model_uri, dst_path=folder, tracking_uri=tracking_uri))
+            with global_tracking_uri(tracking_uri):
+                local = Path(download_artifacts(artifact_uri=model_uri, dst_path=folder, tracking_uri=tracking_uri))
             flavor = Model.load(str(local / "MLmodel")).flavors.get("keras")
         except Exception as exc:  # MLflow and the artifact store raise many kinds; one line for the user
             raise FinalizeError(f"model {model_uri}: cannot read it ({first_line(exc)})") from None
@@ -173,20 +173,24 @@ def _wait_for_result(
 ) -> TestResult | None:
     """The result the claimant records; None if it died (on this host) first, so the claim can be taken over."""
     echo("another process is scoring the test set; waiting for its result")
-    deadline = time.monotonic() + RESULT_WAIT_SECONDS
-    while time.monotonic() < deadline:
-        fresh = optuna.load_study(study_name=study.study_name, storage=storage)
-        result = recorded_result(fresh)
-        if result is not None:
-            return result
-        if _dead_local_claimant(storage, study.study_name) is not None:
-            return None
-        interrupt.sleep(POLL_SECONDS)
+    waited = interrupt.poll(lambda: _result_or_dead(study, storage), every=POLL_SECONDS, timeout=RESULT_WAIT_SECONDS)
+    if waited is not None:
+        return waited[0]
     seal = optuna.load_study(study_name=seal_name(study.study_name), storage=storage)
     raise FinalizeError(
         f"the test set was claimed by {seal.user_attrs.get(CLAIMED_BY_ATTR)} at {seal.user_attrs.get(CLAIMED_AT_ATTR)} "
         "but no result was recorded; if that process died, run `mnist-sweep finalize SWEEP --reclaim`"
     )
+
+
+def _result_or_dead(study: optuna.Study, storage: optuna.storages.BaseStorage) -> tuple[TestResult | None] | None:
+    """(the result,) once recorded; (None,) if the claimant died on this host first; None while it may come."""
+    result = recorded_result(optuna.load_study(study_name=study.study_name, storage=storage))
+    if result is not None:
+        return (result,)
+    if _dead_local_claimant(storage, study.study_name) is not None:
+        return (None,)
+    return None
 
 
 def score_test_set(

@@ -15,9 +15,11 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import TypeVar
 
+T = TypeVar("T")
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -78,6 +80,20 @@ def sleep(seconds: float) -> None:
         if left <= 0:
             return
         time.sleep(min(left, 0.2))
+
+
+def poll(check: Callable[[], T | None], *, every: float, timeout: float | None = None) -> T | None:
+    """Calls `check` until it returns something other than None, and returns that; None after `timeout`
+    seconds (None: no limit). A deferred SIGINT or SIGTERM is answered before each try and while waiting."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        raise_if_requested()
+        found = check()
+        if found is not None:
+            return found
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        sleep(every)
 
 
 @contextlib.contextmanager

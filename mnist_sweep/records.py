@@ -24,6 +24,7 @@ EPOCHS_TRAINED_ATTR = "epochs_trained"
 VAL_LOSS_ATTR = "val_loss"
 VAL_ACCURACY_ATTR = "val_accuracy"
 FIT_SECONDS_ATTR = "fit_seconds"
+TRACKING_SECONDS_ATTR = "tracking_seconds"
 FAIL_REASON_ATTR = "fail_reason"
 
 # --------------------------------------------------------------------------- Optuna: the study's user attributes

@@ -9,11 +9,10 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep import databases, interrupt
 from mnist_sweep.config import StudyConfig, SweepConfig
@@ -29,6 +28,7 @@ from mnist_sweep.records import (
     PARENT_RUN_ATTR,
     RUN_ID_ATTR,
     SEED_ATTR,
+    TRACKING_SECONDS_ATTR,
     VAL_ACCURACY_ATTR,
     VAL_LOSS_ATTR,
     RunParams,
@@ -135,17 +135,21 @@ def parent_run_id(study: optuna.Study, tracker: Tracker, *, created: bool, confi
         run_id = tracker.create_parent_run(study_name=study.study_name, config=config)
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
         return run_id
-    deadline = time.monotonic() + PARENT_WAIT_SECONDS
-    while True:
-        stored = study.user_attrs.get(PARENT_RUN_ATTR)
-        if stored and tracker.parent_exists(stored):
-            return str(stored)
-        if time.monotonic() > deadline or stored:
-            # The creator died before making it, or the run was deleted: make a new one.
-            fresh = tracker.create_parent_run(study_name=study.study_name, config=config)
-            study.set_user_attr(PARENT_RUN_ATTR, fresh)
-            return fresh
-        interrupt.sleep(0.5)
+    stored = interrupt.poll(lambda: _stored_parent(study, tracker), every=0.5, timeout=PARENT_WAIT_SECONDS)
+    if stored:
+        return stored
+    # The creator died before making it, or the run was deleted: make a new one.
+    fresh = tracker.create_parent_run(study_name=study.study_name, config=config)
+    study.set_user_attr(PARENT_RUN_ATTR, fresh)
+    return fresh
+
+
+def _stored_parent(study: optuna.Study, tracker: Tracker) -> str | None:
+    """The stored parent run's id once it is there; "" if it was deleted (make another); None while waiting."""
+    stored = study.user_attrs.get(PARENT_RUN_ATTR)
+    if not stored:
+        return None
+    return str(stored) if tracker.parent_exists(stored) else ""
 
 
 def settle_stale(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> None:
@@ -176,18 +180,20 @@ def wait_for_running_trials(
     study: optuna.Study, tracker: Tracker, parent_run_id: str, *, poll_seconds: float, echo: Callable[[str], None]
 ) -> None:
     """Until no trial is RUNNING: live workers' trials finish, dead workers' go stale and are failed."""
-    announced = False
-    while True:
-        raise_if_requested()
+    announced: list[int] = []
+
+    def all_ended() -> bool | None:
         settle_stale(study, tracker, parent_run_id)
         _fail_abandoned(study, older_than_seconds=ABANDONED_SECONDS)
         running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
         if not running:
-            return
+            return True
         if not announced:
             echo(f"waiting for trials {running} to finish in other workers (or go stale if theirs died)")
-            announced = True
-        interrupt.sleep(poll_seconds)  # answers Ctrl-C and SIGTERM at once, not after a poll
+            announced.extend(running)
+        return None
+
+    interrupt.poll(all_ended, every=poll_seconds)
 
 
 def _fail_abandoned(study: optuna.Study, *, older_than_seconds: float) -> None:
@@ -205,18 +211,30 @@ def trial_seed(study_seed: int, trial_number: int) -> int:
     return (study_seed * 1_000_003 + trial_number) % (2**31 - 1)
 
 
-@dataclass
-class TrialRecord:
-    """How the last trial of this process ended, for the console line and the failure budget."""
+class TrialTakenOver(BaseException):
+    """Another worker failed this process's running trial as stale (its heartbeat was late).
 
-    number: int
-    state: str
-    run_id: str = ""
-    value: float | None = None
-    message: str = ""
-    fit_seconds: float = 0.0
-    tracking_seconds: float = 0.0
-    stale: bool = False  # another worker failed it for a late heartbeat while it ran here
+    Its parameters are retried (RetryHeartbeatStaleTrialCallback), so this is no error of the trial.
+    Optuna cannot record the trial's own ending any more: it refuses to tell a finished trial and stops
+    its optimize loop (optuna#5470). So, like KeyboardInterrupt, this derives from BaseException and
+    passes by Optuna's handling of failed trials; `run_trials` prints the trial's line and goes on.
+    """
+
+    def __init__(self, number: int, interrupt: KeyboardInterrupt | None = None) -> None:
+        super().__init__(TAKEN_OVER)
+        self.number = number
+        self.interrupt = interrupt  # a signal that arrived too: acted on once the trial is recorded
+
+
+TAKEN_OVER = (
+    "another worker failed this trial as stale (its heartbeat was late) and will retry its parameters; "
+    "a larger study.heartbeat_seconds avoids this on a busy machine"
+)
+
+
+def pruned_reason(epoch: int, metric: str, value: float) -> str:
+    """Why a trial was pruned: raised by the pruning hook and shown on the trial's line."""
+    return f"pruned at epoch {epoch}: {metric} = {value:.4f}"
 
 
 class PruningHook:
@@ -236,7 +254,7 @@ class PruningHook:
         self.trial.report(values[self.metric], step=epoch)
         # After the last epoch the training is paid for: keep the model rather than prune it.
         if epoch < self.epochs and self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {epoch}: {self.metric} = {values[self.metric]:.4f}")
+            raise optuna.TrialPruned(pruned_reason(epoch, self.metric, values[self.metric]))
 
 
 class TimedHook:
@@ -253,7 +271,11 @@ class TimedHook:
 
 
 class Objective:
-    """One Optuna trial: sample, open its MLflow run, fit, log, and close the run however it ends."""
+    """One Optuna trial: sample, open its MLflow run, fit, log, and close the run however it ends.
+
+    How the trial ended is recorded on the trial itself (its state, value and user attributes), where
+    the loop's callbacks read it; the objective keeps nothing from one trial to the next.
+    """
 
     def __init__(
         self,
@@ -271,27 +293,34 @@ class Objective:
         self.tracker = tracker
         self.parent_run_id = parent_run_id
         # TensorFlow loads here, after every input check: bad input fails fast and prints one line.
-        from mnist_sweep.trial import TrainSettings
+        from mnist_sweep.trial import TrainSettings, TrialSession
+
+        self.session = TrialSession()  # what this process's trials share (gc freeze, TF's registry)
 
         # What every trial run logs as params besides its hyperparameters and seed; replay decodes them.
         self.run_params = RunParams.from_config(
             cfg, data_source=data_source, n_train=len(split.y_train), n_val=len(split.y_val)
         )
         self.settings: TrainSettings = TrainSettings(**self.run_params.train_settings())
-        self.last: TrialRecord | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
-        params = sample_params(trial, self.cfg.search)
-        seed = trial_seed(self.cfg.study.seed, trial.number)
-        run_id = self.tracker.start_trial_run(
-            parent_run_id=self.parent_run_id,
-            study_name=trial.study.study_name,
-            trial_number=trial.number,
-            params=self.run_params.for_trial(params, seed).encode(),
-        )
-        trial.set_user_attr(RUN_ID_ATTR, run_id)
-        trial.set_user_attr(SEED_ATTR, seed)
-        self.last = record = TrialRecord(number=trial.number, state="RUNNING", run_id=run_id)
+        try:
+            params = sample_params(trial, self.cfg.search)
+            seed = trial_seed(self.cfg.study.seed, trial.number)
+            run_id = self.tracker.start_trial_run(
+                parent_run_id=self.parent_run_id,
+                study_name=trial.study.study_name,
+                trial_number=trial.number,
+                params=self.run_params.for_trial(params, seed).encode(),
+            )
+            trial.set_user_attr(RUN_ID_ATTR, run_id)
+            trial.set_user_attr(SEED_ATTR, seed)
+        except Exception as exc:  # no run yet (the tracking store failed): the trial fails, and counts
+            trial.set_user_attr(FAIL_REASON_ATTR, _reason(exc)[:1000])
+            raise
+        return self._run(trial, run_id, params, seed)
+
+    def _run(self, trial: optuna.Trial, run_id: str, params: dict[str, Any], seed: int) -> float:
         logging_hook = TimedHook(lambda epoch, values: self.tracker.log_epoch(run_id, epoch, values))
         pruning_hook = PruningHook(trial, self.cfg.study.metric, self.cfg.train.epochs)
         from mnist_sweep.trial import run_trial
@@ -306,29 +335,22 @@ class Objective:
                     seed=seed,
                     epoch_hooks=[self.progress.epoch, logging_hook, pruning_hook],
                     batch_hooks=[self.progress.batch],
+                    session=self.session,
                 )
-            record.fit_seconds = outcome.fit_seconds
-            value = self._finish(trial, run_id, outcome, logging_hook)
-            record.state, record.value = "COMPLETE", value
-            record.tracking_seconds = logging_hook.seconds
-            return value
+            value = self._log_outcome(trial, run_id, outcome, logging_hook)
         except optuna.TrialPruned as exc:
-            record.state, record.message = "PRUNED", str(exc)
-            self.tracker.end_trial_run(run_id, state="PRUNED", message=str(exc), pruned_epoch=pruning_hook.last_epoch)
+            self._end(trial, run_id, state="PRUNED", message=str(exc), pruned_epoch=pruning_hook.last_epoch)
             raise
         except KeyboardInterrupt as exc:
-            record.state, record.message = "FAIL", str(exc) or "interrupted"
-            trial.set_user_attr(FAIL_REASON_ATTR, record.message)
-            self.tracker.end_trial_run(run_id, state="KILLED", message=record.message)
+            self._end(trial, run_id, state="KILLED", message=str(exc) or "interrupted", interrupt=exc)
             raise
         except Exception as exc:
-            record.state, record.message = "FAIL", f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr(FAIL_REASON_ATTR, record.message[:1000])
-            self.tracker.log_traceback(run_id, traceback.format_exc())
-            self.tracker.end_trial_run(run_id, state="FAIL", message=record.message)
+            self._end(trial, run_id, state="FAIL", message=_reason(exc), traceback_text=traceback.format_exc())
             raise
+        self._end(trial, run_id, state="COMPLETE", metrics={"tracking_seconds": logging_hook.seconds})
+        return value
 
-    def _finish(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, logging_hook: TimedHook) -> float:
+    def _log_outcome(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, logging_hook: TimedHook) -> float:
         started = time.perf_counter()
         model_uri = self.tracker.log_outcome(run_id, outcome)
         trial.set_user_attr(MODEL_URI_KEY, model_uri)
@@ -337,94 +359,155 @@ class Objective:
         trial.set_user_attr(VAL_ACCURACY_ATTR, outcome.val_accuracy)
         trial.set_user_attr(FIT_SECONDS_ATTR, round(outcome.fit_seconds, 3))
         logging_hook.seconds += time.perf_counter() - started
-        self.tracker.end_trial_run(run_id, state="COMPLETE", metrics={"tracking_seconds": logging_hook.seconds})
+        trial.set_user_attr(TRACKING_SECONDS_ATTR, round(logging_hook.seconds, 3))
         return outcome.metric(self.cfg.study.metric)
+
+    def _end(
+        self,
+        trial: optuna.Trial,
+        run_id: str,
+        *,
+        state: str,
+        message: str = "",
+        traceback_text: str = "",
+        interrupt: KeyboardInterrupt | None = None,
+        **run_extras: Any,
+    ) -> None:
+        """Close the trial's run as it ended here, unless another worker has failed the trial meanwhile."""
+        if not _still_running(trial):
+            # MLflow agrees with Optuna: FAIL (KILLED if a signal stopped it here too).
+            self.tracker.end_trial_run(run_id, state="KILLED" if interrupt else "FAIL", message=TAKEN_OVER)
+            raise TrialTakenOver(trial.number, interrupt)
+        if state in ("FAIL", "KILLED"):  # Optuna records both as FAIL
+            trial.set_user_attr(FAIL_REASON_ATTR, message[:1000])
+        if traceback_text:
+            self.tracker.log_traceback(run_id, traceback_text)
+        self.tracker.end_trial_run(run_id, state=state, message=message, **run_extras)
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _still_running(trial: optuna.Trial) -> bool:
+    """Whether the trial is still this process's: RUNNING in the storage, not failed as stale elsewhere."""
+    running = trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return any(t.number == trial.number for t in running)
 
 
 def run_trials(
     study: optuna.Study, objective: Objective, *, target: int, max_failures: int, echo: Callable[[str], None]
 ) -> int:
-    """Run trials until the study has `target` finished ones; returns how many this process ran."""
+    """Run trials until the study has `target` finished ones, from every worker; returns how many ran here.
+
+    One `study.optimize`, stopped by MaxTrialsCallback once `target` trials are COMPLETE or PRUNED, and
+    after each trial of this process its callbacks: the console line, the failure budget, dead workers'
+    trials failed and their runs closed, and a Ctrl-C or SIGTERM acted on. Optuna's heartbeats fail the
+    trials of killed workers, and RetryHeartbeatStaleTrialCallback (make_storage) retries their parameters.
+    """
+    lines = TrialLines(objective.progress, echo, metric=objective.cfg.study.metric, target=target)
+    settler = StaleTrialsSettler(objective.tracker, objective.parent_run_id)
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
+        lines,
+        FailureBudget(max_failures),
+        settler,
+        stop_if_interrupted,
+        optuna.study.MaxTrialsCallback(target, states=FINISHED),
+    ]
     try:
-        return _run_trials(study, objective, target=target, max_failures=max_failures, echo=echo)
+        stop_if_interrupted(study, None)
+        settler(study, None)
+        # Re-entered only after a trial taken over by another worker: Optuna's loop cannot go on past it.
+        while lines.show_study(study) < target:
+            try:
+                study.optimize(objective, catch=(Exception,), callbacks=callbacks, gc_after_trial=False)
+            except TrialTakenOver as taken:
+                lines.taken_over(study, taken.number)
+                settler(study, None)
+                if taken.interrupt is not None:
+                    raise taken.interrupt from None
+                stop_if_interrupted(study, None)
     finally:
         objective.progress.close()  # before any later line or error, so the display does not linger
+    return lines.ran
 
 
-def _run_trials(
-    study: optuna.Study, objective: Objective, *, target: int, max_failures: int, echo: Callable[[str], None]
-) -> int:
-    ran = failures = 0
-    progress, metric = objective.progress, objective.cfg.study.metric
-    while _counted(study, progress, metric=metric, target=target) < target:
-        raise_if_requested()
-        settle_stale(study, objective.tracker, objective.parent_run_id)
-        objective.last = None
+class TrialLines:
+    """After each trial of this process: its line above the live display, and the study's count and best."""
+
+    def __init__(self, progress: TrialProgress, echo: Callable[[str], None], *, metric: str, target: int) -> None:
+        self.progress = progress
+        self.echo = echo
+        self.metric = metric
+        self.target = target
+        self.ran = 0
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._print(study, trial.number, trial.state.name, self._body(trial))
+
+    def taken_over(self, study: optuna.Study, number: int) -> None:
+        self._print(study, number, "FAIL", TAKEN_OVER)
+
+    def show_study(self, study: optuna.Study) -> int:
+        """The study's finished trials (from every worker), also told to the live display with the best value."""
+        finished = count_finished(study)
         try:
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-        except ValueError:  # Optuna's "Cannot tell a FAIL trial"
-            if not _failed_as_stale(study, objective):
-                raise
-        ran += 1
-        finished = _counted(study, progress, metric=metric, target=target)
-        progress.trial_ended()
-        record = objective.last
-        if record is None:
-            continue
-        echo(_trial_line(record, metric=metric, finished=finished, target=target))
-        if record.state == "FAIL" and not record.stale:
-            failures += 1
-            if failures >= max_failures:
-                raise TooManyFailures(
-                    f"{failures} trials failed in this process (study.max_failures = {max_failures}); "
-                    f"last error: {record.message}"
-                )
-    # The last trial may have been the one to find a dead worker's trial stale: end that run too.
-    settle_stale(study, objective.tracker, objective.parent_run_id)
-    return ran
+            best: float | None = float(study.best_value)
+        except ValueError:  # no complete trial yet
+            best = None
+        self.progress.study(metric=self.metric, finished=finished, target=self.target, best=best)
+        return finished
+
+    def _print(self, study: optuna.Study, number: int, state: str, body: str) -> None:
+        self.ran += 1
+        finished = self.show_study(study)
+        self.progress.trial_ended()
+        self.echo(f"trial {number:4d}  {state:<8}  {body}  [{finished}/{self.target} finished]")
+
+    def _body(self, trial: FrozenTrial) -> str:
+        if trial.state == TrialState.COMPLETE:
+            fit, tracking = (
+                trial.user_attrs.get(FIT_SECONDS_ATTR, 0.0),
+                trial.user_attrs.get(TRACKING_SECONDS_ATTR, 0.0),
+            )
+            return f"{self.metric} = {trial.value:.4f}  (fit {fit:.1f} s, tracking {tracking:.2f} s)"
+        if trial.state == TrialState.PRUNED and trial.last_step is not None and trial.value is not None:
+            return pruned_reason(trial.last_step, self.metric, trial.value)
+        return str(trial.user_attrs.get(FAIL_REASON_ATTR, trial.state.name.lower()))
 
 
-def _counted(study: optuna.Study, progress: TrialProgress, *, metric: str, target: int) -> int:
-    """The study's finished trials (from every worker), also told to the live display with the best value."""
-    finished = count_finished(study)
-    try:
-        best: float | None = float(study.best_value)
-    except ValueError:  # no complete trial yet
-        best = None
-    progress.study(metric=metric, finished=finished, target=target, best=best)
-    return finished
+class FailureBudget:
+    """Stops the sweep once `max_failures` trials of this process have failed."""
+
+    def __init__(self, max_failures: int) -> None:
+        self.max_failures = max_failures
+        self.failures = 0
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state != TrialState.FAIL:
+            return
+        self.failures += 1
+        if self.failures >= self.max_failures:
+            raise TooManyFailures(
+                f"{self.failures} trials failed in this process (study.max_failures = {self.max_failures}); "
+                f"last error: {trial.user_attrs.get(FAIL_REASON_ATTR, 'unknown')}"
+            )
 
 
-def _failed_as_stale(study: optuna.Study, objective: Objective) -> bool:
-    """True when this process's trial was failed by another worker for a late heartbeat while it ran.
+class StaleTrialsSettler:
+    """Fails dead workers' trials and ends their MLflow runs; this trial may be the one to find them stale."""
 
-    Its parameters are retried (RetryHeartbeatStaleTrialCallback), so this is recorded, not fatal; the
-    run is marked failed too, so MLflow agrees with Optuna.
-    """
-    record = objective.last
-    if record is None:
-        return False
-    state = next((t.state for t in study.get_trials(deepcopy=False) if t.number == record.number), None)
-    if state != TrialState.FAIL:
-        return False
-    record.state, record.stale = "FAIL", True
-    record.message = (
-        "another worker failed this trial as stale (its heartbeat was late) and will retry its parameters; "
-        "a larger study.heartbeat_seconds avoids this on a busy machine"
-    )
-    objective.tracker.end_trial_run(record.run_id, state="FAIL", message=record.message)
-    return True
+    def __init__(self, tracker: Tracker, parent_run_id: str) -> None:
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial | None) -> None:
+        settle_stale(study, self.tracker, self.parent_run_id)
 
 
-def _trial_line(record: TrialRecord, *, metric: str, finished: int, target: int) -> str:
-    head = f"trial {record.number:4d}  {record.state:<8}"
-    if record.state == "COMPLETE":
-        body = (
-            f"{metric} = {record.value:.4f}  (fit {record.fit_seconds:.1f} s, tracking {record.tracking_seconds:.2f} s)"
-        )
-    else:
-        body = record.message
-    return f"{head}  {body}  [{finished}/{target} finished]"
+def stop_if_interrupted(study: optuna.Study, trial: FrozenTrial | None) -> None:
+    """A Ctrl-C or SIGTERM that arrived during a trial's last steps: stop before the next trial."""
+    raise_if_requested()
 
 
 def worker_salt() -> int:

@@ -170,7 +170,7 @@ def _write_report(
     study: optuna.Study,
     result: TestResult | None,
     *,
-    tracker: Tracker,
+    tracker: Tracker | None,
     parent: str | None,
     echo: Echo,
 ) -> None:
@@ -178,7 +178,7 @@ def _write_report(
     folder = Path(cfg.tracking.reports) / cfg.study.name
     run_metrics = recorded_trial_metrics(uri=cfg.tracking.uri, experiment=cfg.study.name)
     write_report(folder, study=study, result=result, metric=cfg.study.metric, run_metrics=run_metrics)
-    if parent is not None:
+    if tracker is not None and parent is not None:
         tracker.log_folder(parent, folder, "report")
     echo(f"report: {folder / 'report.html'} (and report.md, test_metrics.json, leaderboard.csv)")
 
@@ -196,12 +196,12 @@ def report(cfg: SweepConfig, *, echo: Echo, warn: Echo) -> int:
     Exit 2 where the test set is not scored yet: the report is written all the same, marked so.
     """
     study = _recorded_study(cfg)
-    tracker = make_tracker(cfg)
+    tracker = Tracker.existing(uri=cfg.tracking.uri, experiment=cfg.study.name)  # makes no store or experiment
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    if tracker is None or not tracker.parent_exists(parent or ""):
+        parent = None
     result = recorded_result(study)
-    _write_report(
-        cfg, study, result, tracker=tracker, parent=parent if tracker.parent_exists(parent or "") else None, echo=echo
-    )
+    _write_report(cfg, study, result, tracker=tracker, parent=parent, echo=echo)
     if result is None:
         warn(
             f"study {cfg.study.name!r} has no scored test set yet; the report says so "

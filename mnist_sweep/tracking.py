@@ -43,6 +43,7 @@ from mnist_sweep.records import (
     TRIAL_ROLE,
     final_metric,
 )
+from mnist_sweep.workarounds import saved_as_uncompiled
 
 if TYPE_CHECKING:
     import keras
@@ -95,22 +96,25 @@ def _matrix_csv(matrix: np.ndarray[Any, Any]) -> str:
     return "\n".join([header, *body]) + "\n"
 
 
-@contextlib.contextmanager
-def _training_state(model: keras.Model, *, keep: bool) -> Iterator[None]:
-    """Unless `keep`, the model is saved as if uncompiled: architecture and weights, no optimizer state.
+def _make_local_folders(uri: str, artifacts: str) -> None:
+    database = databases.sqlite_file(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    folder = local_artifact_folder(uri, artifacts)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
 
-    Keras 3's .keras format always saves a compiled model's optimizer (it ignores include_optimizer).
-    The model loads back uncompiled; scoring it needs predict only.
-    """
-    if keep or not getattr(model, "compiled", False):
-        yield
-        return
-    optimizer = model.optimizer
-    model.optimizer, model.compiled = None, False
+
+@contextlib.contextmanager
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` only within, for the MLflow calls that read it: Model.log
+    uploads through it, and a models:/ URI is resolved through it (whatever tracking_uri is passed)."""
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None  # type: ignore[no-untyped-call]
+    mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        model.optimizer, model.compiled = optimizer, True
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None: unset again, as MLflow's own helper does
 
 
 def read_run(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
@@ -139,21 +143,36 @@ def _create_mlflow_tables(uri: str) -> None:
 class Tracker:
     """One MLflow experiment per study; its parent run and the trial runs nested under it."""
 
-    def __init__(self, *, uri: str, artifacts: str, experiment: str, model_optimizer_state: bool = False) -> None:
-        database = databases.sqlite_file(uri)
-        if database is not None:
-            database.parent.mkdir(parents=True, exist_ok=True)
-        folder = local_artifact_folder(uri, artifacts)
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(uri)
+    def __init__(
+        self,
+        *,
+        uri: str,
+        artifacts: str,
+        experiment: str,
+        model_optimizer_state: bool = False,
+        create: bool = True,
+    ) -> None:
+        """Opens the store and the study's experiment; unless `create` is False, makes what they lack first
+        (folders, tables, the experiment). MLflow's process-wide tracking URI is left alone."""
         self.uri = uri
         self.model_optimizer_state = model_optimizer_state
+        if not create:
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment(experiment, location=None, create=False)
+            return
+        _make_local_folders(uri, artifacts)
         with databases.schema_lock(uri):  # opening the store creates or migrates its tables
             databases.create_whole(uri, _create_mlflow_tables)
             self.client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._experiment(experiment, artifact_location(uri, artifacts))
         self._mark_model_training()
+
+    @classmethod
+    def existing(cls, *, uri: str, experiment: str) -> Tracker | None:
+        """The study's tracker where its store and experiment exist, else None; makes nothing (for `report`)."""
+        if find_experiment_id(uri=uri, experiment=experiment) is None:
+            return None
+        return cls(uri=uri, artifacts="", experiment=experiment, create=False)
 
     @functools.cached_property
     def _requirements(self) -> list[str]:
@@ -165,9 +184,11 @@ class Tracker:
         # Asked at the first trial, once Keras is loaded: the device its backend trains on.
         return {BACKEND_TAG: environment.keras_backend(), DEVICE_TAG: environment.device()}
 
-    def _experiment(self, name: str, location: str | None) -> str:
+    def _experiment(self, name: str, location: str | None, *, create: bool = True) -> str:
         try:
             found = self.client.get_experiment_by_name(name)
+            if found is None and not create:
+                raise TrackingError(f"tracking.uri = {self.uri!r}: no MLflow experiment {name!r}")
             if found is None:
                 try:
                     return self.client.create_experiment(name, artifact_location=location)
@@ -297,7 +318,7 @@ class Tracker:
             self.experiment_id, name=run.info.run_name, source_run_id=run_id, params=dict(run.data.params)
         )
         # Model.log takes the run id, so the run is not resumed as the active run around it (0.03 s).
-        with _training_state(model, keep=self.model_optimizer_state):
+        with saved_as_uncompiled(model, keep_optimizer=self.model_optimizer_state), global_tracking_uri(self.uri):
             info = Model.log(
                 artifact_path=None,
                 name=logged.name,

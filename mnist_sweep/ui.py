@@ -12,13 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from mnist_sweep import interrupt
 from mnist_sweep.errors import ServeError, UsageError
 
 Echo = Callable[[str], None]
@@ -88,18 +88,17 @@ def _check_port_free(port: int) -> None:
 
 
 def _wait_until_serving(server: subprocess.Popen[bytes], base: str) -> None:
-    deadline = time.monotonic() + UI_START_SECONDS
-    while time.monotonic() < deadline:
+    def serving() -> bool | None:
         if server.poll() is not None:
             raise ServeError(f"the MLflow UI server exited at start (exit code {server.returncode})")
         try:
             with urllib.request.urlopen(base + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return
+                return True if response.status == 200 else None
         except OSError:
-            pass  # not listening yet
-        time.sleep(0.5)
-    raise ServeError(f"the MLflow UI server did not answer on {base} within {UI_START_SECONDS:.0f} s")
+            return None  # not listening yet
+
+    if interrupt.poll(serving, every=0.5, timeout=UI_START_SECONDS) is None:
+        raise ServeError(f"the MLflow UI server did not answer on {base} within {UI_START_SECONDS:.0f} s")
 
 
 def _stop_group(server: subprocess.Popen[bytes]) -> None:

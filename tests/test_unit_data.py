@@ -12,6 +12,7 @@ import pytest
 
 from mnist_sweep import data
 from mnist_sweep.data import (
+    DataCache,
     DataError,
     SealedTestSetError,
     load_split,
@@ -30,9 +31,8 @@ def idx_bytes(array: np.ndarray, *, images: bool, magic: int | None = None) -> b
 
 
 @pytest.fixture(autouse=True)
-def _fresh_caches() -> None:
-    data._load_raw.cache_clear()
-    data.load_split.cache_clear()
+def _fresh_cache() -> None:
+    data.CACHE.clear()  # each test writes its own files under paths a previous test may have read
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -111,9 +111,10 @@ def test_npz_source_and_split(tmp_path: Path, synthetic_mnist: tuple[np.ndarray,
     split = load_split(source, validation=200, train_limit=500, seed=3)
     assert split.x_train.shape == (500, 28, 28) and split.x_val.shape == (200, 28, 28)
     assert split.x_train.dtype == np.float32 and float(split.x_train.max()) <= 1.0
-    again = load_split.__wrapped__(source, validation=200, train_limit=500, seed=3)
+    assert load_split(source, validation=200, train_limit=500, seed=3) is split, "decoded and split once"
+    again = load_split(source, validation=200, train_limit=500, seed=3, cache=DataCache())
     assert np.array_equal(again.y_val, split.y_val), "same seed, same split"
-    other = load_split.__wrapped__(source, validation=200, train_limit=500, seed=4)
+    other = load_split(source, validation=200, train_limit=500, seed=4, cache=DataCache())
     assert not np.array_equal(other.y_val, split.y_val)
     x_test, y_test = load_test_split(source)
     assert x_test.shape == (50, 28, 28) and len(y_test) == 50
@@ -139,7 +140,7 @@ def test_test_split_is_sealed_while_trials_run(tmp_path: Path, synthetic_mnist: 
 
 def test_real_mnist_files(mnist_dir: Path) -> None:
     source = resolve_source(str(mnist_dir))
-    images, labels = data._load_raw(source, "train")
+    images, labels = data.read_part(source, "train")
     assert images.shape == (60000, 28, 28)
     assert labels[:5].tolist() == [5, 0, 4, 1, 9]
     _, test_labels = load_test_split(source)

@@ -14,7 +14,7 @@ from mnist_sweep.metrics import confusion_matrix
 from mnist_sweep.model import build_model, compiled_model
 from mnist_sweep.space import fixed_params, sample_params, searched_names, to_keras_tuner
 from mnist_sweep.study import PruningHook
-from mnist_sweep.trial import TrainSettings, TrialDiverged, run_trial
+from mnist_sweep.trial import TrainSettings, TrialDiverged, TrialSession, run_trial
 
 PARAMS = {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "activation": "relu"}
 
@@ -163,12 +163,16 @@ def test_trials_leave_no_graphs_behind(split: Split) -> None:
 
     settings = TrainSettings(hidden=(32,), epochs=1)
     registry_sizes, models = [], []
-    for seed in range(4):
-        outcome = run_trial(params=PARAMS, split=split, settings=settings, seed=seed)
-        registry_sizes.append(len(ops.gradient_registry._registry))
-        models.append(weakref.ref(outcome.model))
-        del outcome
-    gc.collect()
+    session = TrialSession()  # what a sweep's trials share, as the study's objective passes it
+    try:
+        for seed in range(4):
+            outcome = run_trial(params=PARAMS, split=split, settings=settings, seed=seed, session=session)
+            registry_sizes.append(len(ops.gradient_registry._registry))
+            models.append(weakref.ref(outcome.model))
+            del outcome
+        gc.collect()
+    finally:
+        session.reset()
     # Each trial registers its own traced gradients; the next trial's fresh session drops them.
     assert registry_sizes[1] == registry_sizes[2] == registry_sizes[3], registry_sizes
     assert all(model() is None for model in models)
