@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import http.server
 import os
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import CliRunner, _free_port, small_sweep_args, write_sweep
+from tests.servers import mlflow_server
 
 ADMIN_PASSWORD = "Admin-pw-5c1d-not-in-any-output"
 
@@ -28,35 +25,10 @@ def basic_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     """`mlflow server --app-name basic-auth` on 127.0.0.1 with one admin user; yields its URL."""
     pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF (the dev extra installs it)")
     folder = tmp_path_factory.mktemp("mlflow-auth")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret-key",
-        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
-    }
-    command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--workers", "1"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
-    command += ["--default-artifact-root", str(folder / "artifacts")]
-    server = subprocess.Popen(
-        command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow basic-auth server exited with {server.returncode}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow basic-auth server did not start within 180 s")
+    env = {"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret-key", "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD}
+    options = ["--app-name", "basic-auth", "--default-artifact-root", str(folder / "artifacts")]
+    with mlflow_server(folder, options, env=env) as url:
         yield url
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
 
 
 def _run_bad(run_cli: CliRunner, tmp_path: Path, uri: str, env: dict[str, str]) -> tuple[str, Path]:

@@ -6,10 +6,6 @@ the chosen model through the server. Neither folder may hold an artifact afterwa
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import DEFAULT_SWEEP, _free_port, cli, mnist_location, small_sweep_args
+from tests.conftest import DEFAULT_SWEEP, cli, mnist_location, small_sweep_args
+from tests.servers import mlflow_server
 from tests.stores import assert_runs_linked
 
 pytestmark = pytest.mark.slow
@@ -29,39 +26,12 @@ class Server:
     served: Path  # the server's --artifacts-destination
 
 
-def wait_for_health(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"mlflow server exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"mlflow server did not answer on {url}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
     served = folder / "served"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
-    command += ["--serve-artifacts", "--artifacts-destination", str(served)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(url, process)
+    with mlflow_server(folder, ["--serve-artifacts", "--artifacts-destination", str(served)]) as url:
         yield Server(url, served)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @dataclass

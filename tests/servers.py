@@ -1,0 +1,58 @@
+"""A real `mlflow server` on 127.0.0.1 for the tests that need one; always stopped afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from tests.conftest import _free_port
+
+
+def wait_for_health(url: str, process: subprocess.Popen[bytes], *, timeout: float = 180) -> None:
+    """Until `url`/health answers 200; fails if the server exits first or never answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"mlflow server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"mlflow server did not answer on {url} within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, options: Sequence[str], *, env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """`mlflow server OPTIONS` in `folder` (sqlite backend there), one worker, on a free port; yields its URL."""
+    port = _free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
+    command += [*options, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    process = subprocess.Popen(
+        command,
+        cwd=folder,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its workers go with it
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, process)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
