@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import pwd
 import shutil
@@ -137,6 +138,16 @@ def small_sweep_args(*extra: str, trials: int = 3, train_limit: int = 2000, vali
         f"data.validation={validation}",
         *extra,
     ]
+
+
+def unreadable_test_images(mnist_dir: Path, folder: Path) -> Path:
+    """MNIST whose test images keep a valid header but lose their pixels."""
+    copy = folder / "mnist"
+    shutil.copytree(mnist_dir, copy)
+    images = copy / "t10k-images-idx3-ubyte.gz"
+    images.chmod(0o644)
+    images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[:1000]))
+    return copy
 
 
 def write_sweep(folder: Path, text: str, name: str = "sweep.toml") -> Path:

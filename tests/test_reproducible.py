@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args
+from tests.conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args, unreadable_test_images
 from tests.stores import load_study
-from tests.test_sealed import unreadable_test_images
 
 pytestmark = pytest.mark.slow
 
