@@ -32,7 +32,7 @@ ACTIVATIONS = ("sigmoid", "relu", "tanh", "elu", "gelu", "selu")
 METRIC_DIRECTIONS: dict[str, Literal["maximize", "minimize"]] = {"val_accuracy": "maximize", "val_loss": "minimize"}
 POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 STORAGE_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "mysql+pymysql")
-TRACKING_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "http", "https", "file")
+TRACKING_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "http", "https")
 MAX_STUDY_NAME = 100
 SEAL_SUFFIX = ".test-seal"  # the claim on a study's test set is a second study of this name (final.py)
 TRACKING_CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
@@ -334,6 +334,11 @@ class TrackingConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrackingConfig:
+        if self.uri.startswith("file:"):  # MLflow 3.17 refuses to open a file store (maintenance mode)
+            raise ValueError(
+                f"tracking.uri = {self.uri!r}: MLflow 3.17 no longer writes to a file store; use "
+                "sqlite:///mlruns/mlflow.db or an MLflow server (`mlflow migrate-filestore` moves old runs)"
+            )
         _check_uri("tracking.uri", self.uri, TRACKING_SCHEMES)
         if not self.reports:
             raise ValueError("tracking.reports must name a folder, got ''")

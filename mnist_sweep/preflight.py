@@ -134,8 +134,6 @@ def check_all(cfg: SweepConfig) -> None:
     tracking = cfg.tracking
     if tracking.uri.startswith(("http://", "https://")):
         check_tracking_server(tracking.uri, cfg.study.name)
-    elif tracking.uri.startswith("file://"):
-        check_creatable("tracking.uri", tracking.uri, Path(tracking.uri.removeprefix("file://")), folder_wanted=True)
     else:
         check_database("tracking.uri", tracking.uri)
     artifacts = local_artifact_folder(tracking.uri, tracking.artifacts)

@@ -257,6 +257,7 @@ CASES = [
     setting("storage-unknown-scheme", 'study.storage="mongodb://127.0.0.1/optuna"'),
     setting("storage-sqlite-without-path", 'study.storage="sqlite://optuna.db"'),
     setting("tracking-unknown-scheme", 'tracking.uri="ftp://127.0.0.1/mlflow"'),
+    setting("tracking-file-store", 'tracking.uri="file:///tmp/mlruns"', "tracking.uri", "file:///tmp/mlruns", "sqlite"),
     setting(
         "storage-unreachable",
         'study.storage="postgresql://u@127.0.0.1:1/optuna"',
