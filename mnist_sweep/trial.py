@@ -203,16 +203,7 @@ def run_trial(
             steps_per_execution=settings.steps_per_execution,
             metrics=("accuracy", ConfusionCounts()),
         )
-    callbacks: list[keras.callbacks.Callback] = [_EpochCallback(epoch_hooks, batch_hooks)]
-    if settings.early_stopping_patience:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor=settings.monitor,
-                mode="max" if settings.monitor_maximizes else "min",
-                patience=settings.early_stopping_patience,
-                restore_best_weights=True,
-            )
-        )
+    callbacks = _callbacks(settings, epoch_hooks, batch_hooks)
     started = time.perf_counter()
     history = model.fit(
         split.x_train,
@@ -225,6 +216,23 @@ def run_trial(
     ).history
     fit_seconds = time.perf_counter() - started
     return _evaluate(model, history, fit_seconds, settings)
+
+
+def _callbacks(
+    settings: TrainSettings, epoch_hooks: Sequence[EpochHook], batch_hooks: Sequence[BatchHook]
+) -> list[keras.callbacks.Callback]:
+    """The hooks, and early stopping on the study metric when a patience is set."""
+    callbacks: list[keras.callbacks.Callback] = [_EpochCallback(epoch_hooks, batch_hooks)]
+    if settings.early_stopping_patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=settings.monitor,
+                mode="max" if settings.monitor_maximizes else "min",
+                patience=settings.early_stopping_patience,
+                restore_best_weights=True,
+            )
+        )
+    return callbacks
 
 
 @contextlib.contextmanager
