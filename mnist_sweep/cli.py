@@ -204,6 +204,9 @@ def _quiet_libraries(*, verbose: bool) -> None:
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # With a tracking server MLflow prints two "View run ... at" lines per run to stdout: one per trial,
+    # between ours, and through --quiet. The printed UI URL and `mnist-sweep ui` say where to look.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if verbose:
         prepare_backend()
         return

@@ -106,6 +106,8 @@ def test_models_sit_in_the_study_experiment_and_load_through_the_server(served_s
     model = mlflow.keras.load_model(chosen.data.tags["model_uri"])
     assert model.predict(np.zeros((1, 28, 28), np.float32), verbose=0).shape == (1, 10)
     assert "test accuracy" in served_sweep.outputs[1]
+    for output in served_sweep.outputs:  # MLflow's own "View run ... at" lines stay out of the terminal
+        assert "View run" not in output and "View experiment" not in output
 
 
 def test_an_explicit_artifact_uri_is_used_as_given(server: Server, tmp_path: Path, mnist_dir: Path) -> None:
