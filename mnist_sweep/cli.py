@@ -184,7 +184,7 @@ def _read_recorded(args: argparse.Namespace, cfg: SweepConfig) -> int:
     from mnist_sweep import preflight
 
     preflight.check_all(cfg)
-    _quiet_libraries(verbose=args.verbose)
+    _quiet_libraries(verbose=args.verbose, keras=False)  # nothing here trains or loads a model
     from mnist_sweep import sweep
 
     if args.command == "report":
@@ -198,9 +198,13 @@ def _read_recorded(args: argparse.Namespace, cfg: SweepConfig) -> int:
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
-def _quiet_libraries(*, verbose: bool) -> None:
-    """Keras loaded for its backend; one line per trial from us, the libraries' chatter off (unless --verbose)."""
-    from mnist_sweep.environment import prepare_backend
+def _quiet_libraries(*, verbose: bool, keras: bool = True) -> None:
+    """Keras loaded for its backend (if `keras`); our lines only, the libraries' chatter off (unless --verbose)."""
+    from mnist_sweep.environment import prepare_backend as load_keras
+
+    def prepare_backend() -> None:
+        if keras:
+            load_keras()
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -183,6 +184,21 @@ def test_scored_study_refuses_more_trials(sweep: FinishedSweep) -> None:
     assert more.returncode == 2
     assert "start a new study name" in more.stderr and more.stderr.count("\n") == 1
     assert len(sweep.study.get_trials()) == 3
+
+
+@pytest.mark.parametrize("command", ["trials", "report"])
+def test_reading_commands_load_neither_keras_nor_tensorflow(sweep: FinishedSweep, command: str) -> None:
+    code = (
+        "import sys; from mnist_sweep.cli import main; rc = main(sys.argv[1:]); "
+        "heavy = [m for m in ('tensorflow', 'keras') if sys.modules.get(m) is not None]; "
+        "assert not heavy, heavy; sys.exit(rc)"
+    )
+    args = [command, str(DEFAULT_SWEEP), *small_sweep_args()]
+    env = {**os.environ, "MNIST_SWEEP_DATA": str(sweep.data), "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=sweep.workdir, env=env
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_validate_answers_without_tensorflow_or_mlflow() -> None:
