@@ -75,7 +75,7 @@ def serve_mlflow_ui(*, uri: str, artifacts: str, experiment: str, port: int, ech
     except KeyboardInterrupt:
         echo("MLflow UI stopped")
     finally:
-        _stop_group(server)
+        stop_process_group(server)
 
 
 def _check_port_free(port: int) -> None:
@@ -101,7 +101,8 @@ def _wait_until_serving(server: subprocess.Popen[bytes], base: str) -> None:
         raise ServeError(f"the MLflow UI server did not answer on {base} within {UI_START_SECONDS:.0f} s")
 
 
-def _stop_group(server: subprocess.Popen[bytes]) -> None:
+def stop_process_group(server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to a server started in a session of its own (its workers too); SIGKILL after 15 s."""
     if server.poll() is not None:
         return
     os.killpg(server.pid, signal.SIGTERM)
