@@ -33,6 +33,7 @@ METRIC_DIRECTIONS: dict[str, Literal["maximize", "minimize"]] = {"val_accuracy":
 POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 STORAGE_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "mysql+pymysql")
 TRACKING_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "http", "https")
+PLATEAU_KEYS = ("plateau_factor", "plateau_patience", "plateau_min_lr")  # [train] keys of lr_schedule = "plateau"
 MAX_STUDY_NAME = 100
 SEAL_SUFFIX = ".test-seal"  # the claim on a study's test set is a second study of this name (final.py)
 TRACKING_CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
@@ -205,6 +206,9 @@ class StudyConfig(_Section):
     storage: str = "sqlite:///mlruns/optuna.db"
     heartbeat_seconds: int = Field(default=60, ge=1)
     max_failures: int = Field(default=5, ge=1)
+    # The lecture's own network as the study's first trial, so the report shows what the sweep gained over it
+    # (baseline.py); skipped, with a line saying why, where its values lie outside the searched space.
+    baseline: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
@@ -280,7 +284,14 @@ class TrainConfig(_Section):
 
     epochs: int = Field(default=10, ge=1, le=10000)
     early_stopping_patience: int = Field(default=0, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
+    # plateau: Keras' ReduceLROnPlateau on study.metric. Keras' own defaults (factor 0.1, patience 10) would
+    # never fire within the default sweep's 20 epochs, and a tenfold drop ends Adam's progress at once.
+    # Halving after 2 epochs without improvement gives a 20-epoch trial up to ~6 reductions, a gentle
+    # staircase much like the cosine decay that measured best; 1e-6 (1/1000 of Adam's 1e-3) is the floor.
+    plateau_factor: float = Field(default=0.5, gt=0, lt=1)
+    plateau_patience: int = Field(default=2, ge=1)
+    plateau_min_lr: float = Field(default=1e-6, ge=0)
     # Batches per compiled step: fewer Python round trips, the same accuracy; 64 is no faster than 16.
     # Measured by bench/epoch.py: see bench/RESULTS.md.
     steps_per_execution: int = Field(default=16, ge=1, le=1024)
@@ -288,6 +299,37 @@ class TrainConfig(_Section):
     # softmax. Faster at large batches, slower at batch 32 (bench/epoch.py, see bench/RESULTS.md); not yet
     # measured over a whole sweep, so float32 stays the default.
     precision: Literal["float32", "mixed_bfloat16"] = "float32"
+    # Per-trial TensorBoard event files (loss, accuracy, learning rate per epoch), uploaded to the trial's
+    # run as `tensorboard/`. Needs the optional `tensorboard` package.
+    tensorboard: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.lr_schedule != "plateau":
+            for key in PLATEAU_KEYS:
+                value, default = getattr(self, key), type(self).model_fields[key].default
+                if value != default:
+                    raise ValueError(
+                        f'train.{key} = {value!r} applies only to train.lr_schedule = "plateau", '
+                        f'got lr_schedule = {self.lr_schedule!r}; remove it or set lr_schedule = "plateau"'
+                    )
+            return self
+        # The earliest reduction comes after epoch patience + 1; it must leave an epoch to train at the lower rate.
+        if self.plateau_patience > self.epochs - 2:
+            raise ValueError(
+                f"train.plateau_patience = {self.plateau_patience} leaves no epoch at a reduced rate with "
+                f"train.epochs = {self.epochs} (the first reduction comes after epoch patience + 1); "
+                f"set it to at most {max(self.epochs - 2, 0)} or train more epochs"
+            )
+        # Early stopping counts the same epochs without improvement: at or below the plateau patience it ends
+        # the trial before the reduced rate is ever used.
+        if 0 < self.early_stopping_patience <= self.plateau_patience:
+            raise ValueError(
+                f"train.early_stopping_patience = {self.early_stopping_patience} stops a trial before "
+                f'train.lr_schedule = "plateau" (patience {self.plateau_patience}) reduces the rate; '
+                "make it larger than train.plateau_patience, or 0"
+            )
+        return self
 
 
 class SearchConfig(_Section):
@@ -354,6 +396,18 @@ class SweepConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        spec = self.search.learning_rate
+        lowest = spec.low if isinstance(spec, Range) else min(float(v) for v in spec.values)
+        if self.train.lr_schedule == "plateau" and self.train.plateau_min_lr >= lowest:
+            raise ValueError(
+                f"train.plateau_min_lr = {self.train.plateau_min_lr!r} is not below the lowest "
+                f"search.learning_rate ({lowest!r}): the plateau schedule could never lower that rate; "
+                "set a smaller plateau_min_lr"
+            )
+        return self
 
     def to_toml(self) -> str:
         """The resolved configuration as a sweep file, every key spelled out."""

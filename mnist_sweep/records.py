@@ -97,6 +97,9 @@ class RunParams:
     early_stopping_patience: int
     early_stopping_monitor: str
     lr_schedule: str
+    plateau_factor: float
+    plateau_patience: int
+    plateau_min_lr: float
     steps_per_execution: int
     precision: str
     data_validation: int
@@ -120,6 +123,9 @@ class RunParams:
             early_stopping_patience=cfg.train.early_stopping_patience,
             early_stopping_monitor=cfg.study.metric,
             lr_schedule=cfg.train.lr_schedule,
+            plateau_factor=cfg.train.plateau_factor,
+            plateau_patience=cfg.train.plateau_patience,
+            plateau_min_lr=cfg.train.plateau_min_lr,
             steps_per_execution=cfg.train.steps_per_execution,
             precision=cfg.train.precision,
             data_validation=cfg.data.validation,
@@ -141,6 +147,9 @@ class RunParams:
             "early_stopping_patience": self.early_stopping_patience,
             "monitor": self.early_stopping_monitor,
             "lr_schedule": self.lr_schedule,
+            "plateau_factor": self.plateau_factor,
+            "plateau_patience": self.plateau_patience,
+            "plateau_min_lr": self.plateau_min_lr,
             "steps_per_execution": self.steps_per_execution,
             "precision": self.precision,
         }
@@ -165,6 +174,9 @@ class RunParams:
             early_stopping_patience=int(merged["early_stopping_patience"]),
             early_stopping_monitor=merged["early_stopping_monitor"],
             lr_schedule=merged["lr_schedule"],
+            plateau_factor=float(merged["plateau_factor"]),
+            plateau_patience=int(merged["plateau_patience"]),
+            plateau_min_lr=float(merged["plateau_min_lr"]),
             steps_per_execution=int(merged["steps_per_execution"]),
             precision=merged["precision"],
             data_validation=int(merged["data_validation"]),

@@ -124,6 +124,12 @@ def setting(name: str, assignment: str, *expect: str) -> Bad:
     return Bad(name, expect or (key, value.strip('"')), overrides=("--set", assignment))
 
 
+def plateau(name: str, *assignments: str, expect: tuple[str, ...]) -> Bad:
+    """lr_schedule = "plateau" over 5 epochs (room for its default patience 2), with `assignments` on top."""
+    settings = ("train.lr_schedule=plateau", "train.epochs=5", *assignments)
+    return Bad(name, expect, overrides=tuple(arg for assignment in settings for arg in ("--set", assignment)))
+
+
 def section(name: str, text: str, *expect: str) -> Bad:
     return Bad(name, expect, sweep=VALID + "\n" + text)
 
@@ -298,6 +304,26 @@ CASES = [
         "unwritable-working-directory",
         ("study.storage", "sqlite:///mlruns/optuna.db", "cannot write"),
         unprivileged=True,
+    ),
+    # plateau together with settings it cannot use
+    setting("plateau-key-without-plateau", "train.plateau_patience=4", "train.plateau_patience", "4", "constant"),
+    plateau("plateau-factor-not-below-1", "train.plateau_factor=1.0", expect=("train.plateau_factor", "1.0")),
+    plateau("plateau-factor-zero", "train.plateau_factor=0", expect=("train.plateau_factor", "0")),
+    plateau(
+        "plateau-patience-fills-the-epochs",
+        "train.plateau_patience=4",
+        expect=("train.plateau_patience = 4", "train.epochs = 5", "at most 3"),
+    ),
+    plateau(
+        "plateau-after-early-stopping",
+        "train.early_stopping_patience=2",
+        expect=("train.early_stopping_patience = 2", "plateau", "patience 2"),
+    ),
+    plateau(
+        "plateau-floor-above-the-searched-rates",
+        "train.plateau_min_lr=0.01",
+        "search.learning_rate={low=0.001, high=0.1}",
+        expect=("train.plateau_min_lr = 0.01", "search.learning_rate", "0.001"),
     ),
 ]
 
