@@ -26,6 +26,7 @@ VAL_ACCURACY_ATTR = "val_accuracy"
 FIT_SECONDS_ATTR = "fit_seconds"
 TRACKING_SECONDS_ATTR = "tracking_seconds"
 FAIL_REASON_ATTR = "fail_reason"
+BASELINE_ATTR = "baseline"  # True on the trial that trains the lecture's own network (baseline.py)
 
 # --------------------------------------------------------------------------- Optuna: the study's user attributes
 
@@ -53,6 +54,7 @@ TEST_SCORED_RUN_ID_TAG = "test_scored_run_id"
 # the runs table, the place to compare trials.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
+BASELINE_TAG = "baseline"  # "true" on the baseline trial's run: filter the UI by tags.baseline = 'true'
 BACKEND_TAG = "keras_backend"
 DEVICE_TAG = "device"  # "GPU: <name, memory>" or "CPU: <model>"
 

@@ -15,12 +15,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep import databases, interrupt
+from mnist_sweep.baseline import BaselineSkipped, BaselineValues, baseline_values
 from mnist_sweep.config import StudyConfig, SweepConfig
 from mnist_sweep.console import NO_PROGRESS, TrialProgress
 from mnist_sweep.data import Split, sealed_test_set
 from mnist_sweep.errors import StorageError, StudyMismatchError, TooManyFailures, first_line
 from mnist_sweep.interrupt import raise_if_requested
 from mnist_sweep.records import (
+    BASELINE_ATTR,
     EPOCHS_TRAINED_ATTR,
     FAIL_REASON_ATTR,
     FIT_SECONDS_ATTR,
@@ -34,6 +36,8 @@ from mnist_sweep.records import (
     RunParams,
 )
 from mnist_sweep.space import sample_params
+from mnist_sweep.tensorboard_log import ARTIFACT_PATH as TENSORBOARD_ARTIFACT
+from mnist_sweep.tensorboard_log import EpochEvents
 from mnist_sweep.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -123,6 +127,21 @@ def open_study(
             f"but the sweep file says study.direction = {cfg.study.goal!r}; use a new study.name"
         )
     return study, created
+
+
+def enqueue_baseline(study: optuna.Study, cfg: SweepConfig) -> str:
+    """The lecture's network as the next trial, marked as the baseline; call once, where the study was created.
+
+    Returns the line to show: the trial enqueued, or why the baseline is skipped ("" where study.baseline is off).
+    """
+    plan = baseline_values(cfg)
+    if isinstance(plan, BaselineSkipped):
+        return plan.line
+    if not isinstance(plan, BaselineValues):
+        return ""
+    study.enqueue_trial(plan.values, user_attrs={BASELINE_ATTR: True})
+    shown = ", ".join(f"{name} = {value!r}" for name, value in plan.values.items())
+    return f"baseline: the lecture's network runs first ({shown or 'every key fixed'})"
 
 
 def count_finished(study: optuna.Study) -> int:
@@ -312,6 +331,7 @@ class Objective:
                 study_name=trial.study.study_name,
                 trial_number=trial.number,
                 params=self.run_params.for_trial(params, seed).encode(),
+                baseline=bool(trial.user_attrs.get(BASELINE_ATTR)),
             )
             trial.set_user_attr(RUN_ID_ATTR, run_id)
             trial.set_user_attr(SEED_ATTR, seed)
@@ -321,6 +341,16 @@ class Objective:
         return self._run(trial, run_id, params, seed)
 
     def _run(self, trial: optuna.Trial, run_id: str, params: dict[str, Any], seed: int) -> float:
+        events = EpochEvents() if self.cfg.train.tensorboard else None  # its own temporary folder
+        try:
+            return self._fit(trial, run_id, params, seed, events)
+        finally:
+            if events is not None:
+                events.discard()
+
+    def _fit(
+        self, trial: optuna.Trial, run_id: str, params: dict[str, Any], seed: int, events: EpochEvents | None
+    ) -> float:
         logging_hook = TimedHook(lambda epoch, values: self.tracker.log_epoch(run_id, epoch, values))
         pruning_hook = PruningHook(trial, self.cfg.study.metric, self.cfg.train.epochs)
         from mnist_sweep.trial import run_trial
@@ -333,21 +363,25 @@ class Objective:
                     split=self.split,
                     settings=self.settings,
                     seed=seed,
-                    epoch_hooks=[self.progress.epoch, logging_hook, pruning_hook],
+                    epoch_hooks=[self.progress.epoch, logging_hook, *([events] if events else []), pruning_hook],
                     batch_hooks=[self.progress.batch],
                     session=self.session,
                 )
             value = self._log_outcome(trial, run_id, outcome, logging_hook)
         except optuna.TrialPruned as exc:
-            self._end(trial, run_id, state="PRUNED", message=str(exc), pruned_epoch=pruning_hook.last_epoch)
+            self._end(
+                trial, run_id, state="PRUNED", message=str(exc), pruned_epoch=pruning_hook.last_epoch, events=events
+            )
             raise
         except KeyboardInterrupt as exc:
-            self._end(trial, run_id, state="KILLED", message=str(exc) or "interrupted", interrupt=exc)
+            self._end(trial, run_id, state="KILLED", message=str(exc) or "interrupted", interrupt=exc, events=events)
             raise
         except Exception as exc:
-            self._end(trial, run_id, state="FAIL", message=_reason(exc), traceback_text=traceback.format_exc())
+            self._end(
+                trial, run_id, state="FAIL", message=_reason(exc), traceback_text=traceback.format_exc(), events=events
+            )
             raise
-        self._end(trial, run_id, state="COMPLETE", metrics={"tracking_seconds": logging_hook.seconds})
+        self._end(trial, run_id, state="COMPLETE", metrics={"tracking_seconds": logging_hook.seconds}, events=events)
         return value
 
     def _log_outcome(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, logging_hook: TimedHook) -> float:
@@ -371,9 +405,15 @@ class Objective:
         message: str = "",
         traceback_text: str = "",
         interrupt: KeyboardInterrupt | None = None,
+        events: EpochEvents | None = None,
         **run_extras: Any,
     ) -> None:
-        """Close the trial's run as it ended here, unless another worker has failed the trial meanwhile."""
+        """Close the trial's run as it ended here, unless another worker has failed the trial meanwhile.
+
+        The TensorBoard events go up first, whatever the ending: a pruned trial's curve is worth seeing too.
+        """
+        if events is not None:
+            self.tracker.log_folder(run_id, events.close(), TENSORBOARD_ARTIFACT)
         if not _still_running(trial):
             # MLflow agrees with Optuna: FAIL (KILLED if a signal stopped it here too).
             self.tracker.end_trial_run(run_id, state="KILLED" if interrupt else "FAIL", message=TAKEN_OVER)

@@ -15,11 +15,12 @@ from mnist_sweep.environment import device_line, gpus
 from mnist_sweep.errors import EXIT_BAD_INPUT, NoSuchStudyError, StudySealedError
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
 from mnist_sweep.records import PARENT_RUN_ATTR, TestResult
-from mnist_sweep.report import leaderboard_rows, leaderboard_table, write_report
+from mnist_sweep.report import baseline_gain, gain_line, leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.space import searched_names
 from mnist_sweep.study import (
     Objective,
     count_finished,
+    enqueue_baseline,
     load_existing_study,
     make_storage,
     open_study,
@@ -62,9 +63,12 @@ def run(
         return _already_scored(cfg, existing, echo)
     tracker = make_tracker(cfg)
     study, created = open_study(cfg, storage, worker_salt=worker_salt() if as_worker else 0)
+    baseline_line = enqueue_baseline(study, cfg) if created else ""  # once per study: never on a resume
     parent = parent_run_id(study, tracker, created=created, config=cfg.to_dict())
     tracker.describe_run(parent, study_description(cfg, sweep_file=sweep_file))
     echo(device_line(gpus()))
+    if baseline_line:
+        echo(baseline_line)
     echo(
         f"study {cfg.study.name!r}: {count_finished(study)}/{cfg.study.trials} trials finished; "
         f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {parent}"
@@ -181,6 +185,9 @@ def _write_report(
     if tracker is not None and parent is not None:
         tracker.log_folder(parent, folder, "report")
     echo(f"report: {folder / 'report.html'} (and report.md, test_metrics.json, leaderboard.csv)")
+    gain = baseline_gain(study, metric=cfg.study.metric)
+    if gain is not None:
+        echo(gain_line(gain))
 
 
 def _recorded_study(cfg: SweepConfig) -> optuna.Study:
@@ -221,6 +228,9 @@ def trials(cfg: SweepConfig, *, echo: Echo, csv_file: str | None, sort: str | No
     rows = leaderboard_rows(study, run_metrics, metric=cfg.study.metric)
     table = leaderboard_table(rows, sort=sort or cfg.study.metric)
     echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(table) else "no trials yet", final=True)
+    gain = baseline_gain(study, metric=cfg.study.metric)
+    if gain is not None:
+        echo(gain_line(gain), final=True)
     if csv_file:
         Path(csv_file).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(csv_file, index=False)

@@ -26,6 +26,7 @@ from mnist_sweep.locations import artifact_location, local_artifact_folder
 from mnist_sweep.metrics import ClassificationReport
 from mnist_sweep.records import (
     BACKEND_TAG,
+    BASELINE_TAG,
     DESCRIPTION_TAG,
     DEVICE_TAG,
     EXPERIMENT_KIND_TAG,
@@ -242,7 +243,13 @@ class Tracker:
     # ----------------------------------------------------------------------- trial runs
 
     def start_trial_run(
-        self, *, parent_run_id: str, study_name: str, trial_number: int, params: Mapping[str, Any]
+        self,
+        *,
+        parent_run_id: str,
+        study_name: str,
+        trial_number: int,
+        params: Mapping[str, Any],
+        baseline: bool = False,
     ) -> str:
         run = self.client.create_run(
             self.experiment_id,
@@ -253,6 +260,7 @@ class Tracker:
                 STUDY_TAG: study_name,
                 TRIAL_NUMBER_TAG: str(trial_number),
                 STATE_TAG: "RUNNING",
+                **({BASELINE_TAG: "true"} if baseline else {}),
                 **self._machine_tags,
             },
         )
