@@ -93,6 +93,9 @@ def test_params_and_per_epoch_metrics(sweep: FinishedSweep) -> None:
         assert [m.step for m in history] == [1]
         for key in ("loss", "accuracy", "val_loss"):
             assert len(sweep.client.get_metric_history(child.info.run_id, key)) == 1
+        # sweeps/fcn.toml decays the rate by cosine to 1 % of it: after the only epoch, that is where it is
+        (rate,) = sweep.client.get_metric_history(child.info.run_id, "learning_rate")
+        assert (rate.step, rate.value) == (1, pytest.approx(0.01 * float(params["learning_rate"]), rel=1e-4))
         if child.data.tags["trial_state"] == "COMPLETE":
             metrics = child.data.metrics
             assert metrics["final_val_accuracy"] == pytest.approx(history[0].value, abs=1e-6)
