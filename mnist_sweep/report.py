@@ -99,9 +99,12 @@ def baseline_gain(study: optuna.Study, *, metric: str) -> BaselineGain | None:
     """The baseline against the best complete trial (rank_trials, the ranking that chooses the tested trial);
     None where the study has no baseline trial."""
     trials = study.get_trials(deepcopy=False)
-    baseline = next((t for t in trials if t.user_attrs.get(BASELINE_ATTR)), None)
-    if baseline is None:
+    # A baseline whose worker died is retried with its attributes (RetryHeartbeatStaleTrialCallback): the
+    # complete one counts, else the latest.
+    marked = [t for t in trials if t.user_attrs.get(BASELINE_ATTR)]
+    if not marked:
         return None
+    baseline = next((t for t in marked if t.state == TrialState.COMPLETE), marked[-1])
     ranked = rank_trials(trials, metric=metric)
     best = ranked[0] if ranked and ranked[0].state == TrialState.COMPLETE else None
     complete = baseline.state == TrialState.COMPLETE

@@ -67,12 +67,12 @@ def run(
     parent = parent_run_id(study, tracker, created=created, config=cfg.to_dict())
     tracker.describe_run(parent, study_description(cfg, sweep_file=sweep_file))
     echo(device_line(gpus()))
-    if baseline_line:
-        echo(baseline_line)
     echo(
         f"study {cfg.study.name!r}: {count_finished(study)}/{cfg.study.trials} trials finished; "
         f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {parent}"
     )
+    if baseline_line:
+        echo(baseline_line)
     objective = Objective(
         cfg=cfg, split=split, tracker=tracker, parent_run_id=parent, data_source=source.describe(), progress=progress
     )

@@ -95,3 +95,15 @@ def test_a_baseline_that_wins_or_did_not_finish_says_so() -> None:
         "baseline (trial 0, the lecture's network) is pruned: no gain over it to show on validation yet"
     )
     assert baseline_gain(finished_study([0.9, 0.98], baseline=5), metric="val_accuracy") is None
+
+
+def test_a_retried_baseline_counts_by_its_complete_trial() -> None:
+    """A stale baseline is failed and retried with its attributes: the retry's value is the baseline's."""
+    study = optuna.create_study(direction="maximize")
+    for value, baseline in ((None, True), (0.97, True), (0.98, False)):
+        trial = study.ask()
+        if baseline:
+            trial.set_user_attr("baseline", True)
+        study.tell(trial, value, state=optuna.trial.TrialState.FAIL if value is None else None)
+    gain = baseline_gain(study, metric="val_accuracy")
+    assert gain is not None and (gain.baseline_trial, gain.baseline_value, gain.best_trial) == (1, 0.97, 2)

@@ -224,7 +224,8 @@ def test_terminal_shows_live_progress_then_the_trial_lines(tmp_path: Path, data:
     lines = final.splitlines()
     assert lines[0].startswith("no GPU found, training on CPU")
     assert lines[1].startswith("study 'fcn': 0/2 trials finished")
-    assert lines[2].startswith("trial    0  COMPLETE") and lines[3].startswith("trial    1  COMPLETE")
+    assert lines[2].startswith("baseline skipped: the lecture's network lies outside the searched space")
+    assert lines[3].startswith("trial    0  COMPLETE") and lines[4].startswith("trial    1  COMPLETE")
     assert lines[-1].startswith("test accuracy 0.")
 
 
@@ -251,7 +252,8 @@ class PipedRun:
 
 @pytest.fixture(scope="module")
 def run_into_head(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Iterator[PipedRun]:
-    """`mnist-sweep run ... | head -3`: the reader takes three lines and goes away while trials still run."""
+    """`mnist-sweep run ... | head -4`: the reader takes four lines (the first trial's last) and goes away while
+    trials still run."""
     workdir = tmp_path_factory.mktemp("head")
     with (workdir / "stderr.txt").open("w+") as stderr:
         process = subprocess.Popen(
@@ -263,7 +265,7 @@ def run_into_head(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Itera
             text=True,
         )
         assert process.stdout is not None
-        first_lines = [process.stdout.readline() for _ in range(3)]
+        first_lines = [process.stdout.readline() for _ in range(4)]
         process.stdout.close()  # as head does after its three lines
         returncode = process.wait(timeout=600)
         stderr.seek(0)
@@ -275,7 +277,8 @@ def test_run_into_a_closed_pipe_finishes_every_trial_and_scores_the_test_set(run
     done = run_into_head
     assert done.first_lines[0].startswith("no GPU found, training on CPU")
     assert done.first_lines[1].startswith("study 'fcn': 0/3 trials finished")
-    assert done.first_lines[2].startswith("trial    0  ")
+    assert done.first_lines[2].startswith("baseline skipped: ")  # sweeps/fcn.toml leaves out sigmoid and dropout 0
+    assert done.first_lines[3].startswith("trial    0  ")
     assert "\x1b" not in "".join(done.first_lines), "no cursor movement in a pipe"
     assert done.returncode == 0 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
     assert_no_native_noise(done.stderr)
