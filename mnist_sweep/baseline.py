@@ -49,20 +49,18 @@ def baseline_values(cfg: SweepConfig) -> BaselineValues | BaselineSkipped | None
         return None
     outside = []
     if tuple(cfg.model.hidden) != LECTURE_HIDDEN:
-        outside.append(f"model.hidden = {list(cfg.model.hidden)} is not {list(LECTURE_HIDDEN)}")
+        outside.append(f"model.hidden is {list(cfg.model.hidden)}, not {list(LECTURE_HIDDEN)}")
     values: dict[str, Any] = {}
     for name, spec in cfg.search.specs().items():
         found = _within(spec, LECTURE_PARAMS[name])
         if found is None:
-            outside.append(f"search.{name} = {_shown(spec)} lacks {LECTURE_PARAMS[name]!r}")
+            outside.append(f"search.{name} lacks {LECTURE_PARAMS[name]!r}")
         elif not spec.is_fixed:
             values[name] = found
     if outside:
         return BaselineSkipped(
-            "baseline skipped: the lecture's network lies outside the searched space ("
-            + "; ".join(outside)
-            + "); the space is not widened for it: include those values to run the baseline, "
-            "or set study.baseline = false"
+            f"baseline skipped: the lecture's values are outside the space ({', '.join(outside)}); "
+            "it is not widened: add them to run the baseline, or set study.baseline = false"
         )
     return BaselineValues(values)
 
@@ -78,10 +76,3 @@ def _within(spec: ParamSpec, value: str | int | float) -> Any:
         if choice == value and isinstance(choice, str) == isinstance(value, str):
             return choice
     return None
-
-
-def _shown(spec: ParamSpec) -> str:
-    value = spec.to_toml_value()
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in value.items()) + "}"
-    return repr(value)
