@@ -205,9 +205,17 @@ class StudyConfig(_Section):
     storage: str = "sqlite:///mlruns/optuna.db"
     heartbeat_seconds: int = Field(default=60, ge=1)
     max_failures: int = Field(default=5, ge=1)
+    # Processes `run` trains in on this machine: itself and N - 1 `worker`s, each pinned to its share of
+    # the cores (or to a GPU); "auto" = the count measured fastest here (mnist_sweep/packing.py).
+    workers: int | str = 1
+    gpus: int | str = "all"  # GPUs the local workers spread over: "all" visible, 0 = CPU only, N = the first N
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
+        if self.workers != "auto" and (isinstance(self.workers, str) or self.workers < 1):
+            raise ValueError(f'study.workers must be a number of processes >= 1 or "auto", got {self.workers!r}')
+        if self.gpus != "all" and (isinstance(self.gpus, str) or self.gpus < 0):
+            raise ValueError(f'study.gpus must be "all", 0 (CPU only) or a number of GPUs, got {self.gpus!r}')
         if len(self.name) > MAX_STUDY_NAME:
             raise ValueError(
                 f"study.name must be at most {MAX_STUDY_NAME} characters (it names a folder and an MLflow "
