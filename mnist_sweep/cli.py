@@ -177,7 +177,8 @@ def _train_or_score(args: argparse.Namespace, cfg: SweepConfig) -> int:
     if args.command == "run":  # resolves `auto` (a measurement), then pins this process to its share
         loudness = ["--quiet"] if args.quiet else ["--verbose"] if args.verbose else []
         child = functools.partial(local_workers.child_command, args.sweep, _overrides(args), loudness=loudness)
-        cfg, local = local_workers.arrange(cfg, gpu_ids=gpu_ids, child_command=child, echo=_echo)
+        cfg, spec = local_workers.arrange(cfg, gpu_ids=gpu_ids, child_command=child, echo=_echo)
+        local = local_workers.start(spec, echo=_echo)
     _quiet_libraries(verbose=args.verbose)
     from mnist_sweep import sweep
 

@@ -98,13 +98,20 @@ def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def start(spec: LocalWorkers | None, *, echo: Echo) -> Children | None:
+    """The children, started before this process loads TensorFlow, so they load theirs meanwhile.
+
+    Should this process end before `running` takes them over, the kernel sends them SIGTERM.
+    """
+    return Children(spec, echo=echo) if spec is not None and spec.placements else None
+
+
 @contextlib.contextmanager
-def running(spec: LocalWorkers | None, *, echo: Echo) -> Iterator[Children | None]:
-    """The children, started; stopped with this process's signal (SIGTERM on any other error) on the way out."""
-    if spec is None or not spec.placements:
+def running(children: Children | None) -> Iterator[Children | None]:
+    """Stops the children on the way out: with this process's signal (SIGTERM on any other error)."""
+    if children is None:
         yield None
         return
-    children = Children(spec, echo=echo)
     try:
         yield children
     except BaseException as exc:

@@ -14,7 +14,7 @@ from mnist_sweep.databases import nothing_recorded
 from mnist_sweep.environment import device_line, gpus
 from mnist_sweep.errors import EXIT_BAD_INPUT, NoSuchStudyError, StudySealedError
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
-from mnist_sweep.local_workers import LocalWorkers
+from mnist_sweep.local_workers import Children
 from mnist_sweep.records import PARENT_RUN_ATTR, TestResult
 from mnist_sweep.report import leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.space import searched_names
@@ -52,12 +52,12 @@ def run(
     as_worker: bool = False,
     progress: TrialProgress = NO_PROGRESS,
     sweep_file: str = "",
-    local: LocalWorkers | None = None,
+    local: Children | None = None,
 ) -> int:
     """Join or create the study, run trials until study.trials are finished, then (run) finalize.
 
     `source` and `split` come from `preflight.prepare`, which has checked every input already; `local`,
-    the `worker` processes `run --workers N` starts beside this one (they end before the test set is scored).
+    the `worker` processes `run --workers N` started beside this one (they end before the test set is scored).
     """
     storage = make_storage(cfg.study)
     existing = load_existing_study(cfg, storage)
@@ -75,7 +75,7 @@ def run(
     tracker.set_parent_status(parent, "RUNNING")  # a rerun after an interrupt: the study is running again
     status = "KILLED"
     try:
-        with local_workers.running(local, echo=echo) as children:  # they load TensorFlow while this one does
+        with local_workers.running(local) as children:  # they load TensorFlow while this one does
             objective = Objective(
                 cfg=cfg,
                 split=split,

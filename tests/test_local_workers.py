@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -160,15 +162,19 @@ def trial_runs(folder: Path) -> list[Run]:
     return [r for r in all_runs(folder) if r.data.tags.get("mnist_sweep.role") == "trial"]
 
 
-def runs_of(folder: Path, *, worker: str, status: str) -> list[Run]:
-    if not (folder / "mlruns" / "mlflow.db").exists():
+def runs_of(folder: Path, *, worker: str, status: str) -> list[tuple[str, int]]:
+    """(run id, pid) of worker `worker`'s trial runs in `status`, read-only from the sqlite file (no schema race)."""
+    database = folder / "mlruns" / "mlflow.db"
+    query = (
+        "SELECT r.run_uuid, w.value FROM runs r JOIN tags i ON i.run_uuid = r.run_uuid AND i.key = ? "
+        "JOIN tags w ON w.run_uuid = r.run_uuid AND w.key = ? WHERE i.value = ? AND r.status = ?"
+    )
+    try:
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)) as connection:
+            rows = connection.execute(query, (WORKER_INDEX_TAG, WORKER_TAG, worker, status)).fetchall()
+    except sqlite3.Error:  # not there yet, or its tables not made yet
         return []
-    client = MlflowClient(tracking_url(folder))
-    found = client.get_experiment_by_name("fcn")
-    if found is None:
-        return []
-    where = f"tags.`{WORKER_INDEX_TAG}` = '{worker}' and attributes.status = '{status}'"
-    return list(client.search_runs([found.experiment_id], filter_string=where))
+    return [(run_id, int(where.rsplit(":", 1)[1])) for run_id, where in rows]
 
 
 def workers_args(*extra: str, trials: int, epochs: int = 1) -> list[str]:
@@ -181,11 +187,12 @@ def test_a_killed_local_worker_loses_nothing_and_every_run_names_its_worker(
     tmp_path: Path, start_cli: CliStarter
 ) -> None:
     # 2 s heartbeats: the killed worker's trial goes stale after 4 s and is retried by `run`.
-    run = start_cli("run", *workers_args("--set", "study.heartbeat_seconds=2", trials=5))
+    run = start_cli("run", *workers_args("--set", "study.heartbeat_seconds=2", trials=6))
     # Worker 1's second trial: it has printed a finished trial's line through `run` already.
     wait_for(lambda: runs_of(tmp_path, worker="1", status="FINISHED"), process=run, timeout=240)
     running = wait_for(lambda: runs_of(tmp_path, worker="1", status="RUNNING"), process=run, timeout=120)
-    os.kill(int(running[0].data.tags[WORKER_TAG].rsplit(":", 1)[1]), signal.SIGKILL)
+    killed_run, killed_pid = running[0]
+    os.kill(killed_pid, signal.SIGKILL)
 
     out, err = run.communicate(timeout=300)
 
@@ -195,7 +202,7 @@ def test_a_killed_local_worker_loses_nothing_and_every_run_names_its_worker(
     study, runs = load_study(tmp_path), all_runs(tmp_path)
     assert_nothing_running(study, runs)
     assert_runs_linked(study, runs)
-    killed = MlflowClient(tracking_url(tmp_path)).get_run(running[0].info.run_id)
+    killed = MlflowClient(tracking_url(tmp_path)).get_run(killed_run)
     assert killed.info.status == "KILLED"
     assert study.trials[int(killed.data.tags["optuna.trial_number"])].state == optuna.trial.TrialState.FAIL
     assert study.user_attrs["test_result"]["test_accuracy"] > 0.5
@@ -211,7 +218,7 @@ def test_sigterm_to_run_stops_its_workers_and_fails_every_running_trial(tmp_path
     # Both workers in a trial at once.
     wait_for(lambda: runs_of(tmp_path, worker="1", status="RUNNING"), process=run, timeout=240)
     wait_for(lambda: runs_of(tmp_path, worker="0", status="RUNNING"), process=run, timeout=120)
-    child_pid = int(runs_of(tmp_path, worker="1", status="RUNNING")[0].data.tags[WORKER_TAG].rsplit(":", 1)[1])
+    (_, child_pid), *_ = runs_of(tmp_path, worker="1", status="RUNNING")
 
     run.send_signal(signal.SIGTERM)
     _, err = run.communicate(timeout=180)
