@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_sweep.config import build_config
 from mnist_sweep.errors import ConfigError
-from mnist_sweep.packing import Measured, candidate_layouts, choose, resolve_auto
+from mnist_sweep.packing import Measured, candidate_layouts, choose, measure, resolve_auto
 from mnist_sweep.placement import (
     CPUS_TAG,
     WORKER_INDEX_TAG,
@@ -128,6 +128,16 @@ def test_auto_reuses_its_cached_measurement(tmp_path: Path) -> None:
         f"workers auto: 2, {choose([Measured(1, {64: 100.0}), Measured(2, {64: 190.0})], [64])[1]}; "
         f"measured then, kept in {cache_file(cfg)}"
     ]
+
+
+@pytest.mark.slow
+def test_the_probe_measures_pinned_processes_side_by_side() -> None:
+    cfg = build_config({})
+    layout = plan(2, cpus=sorted(os.sched_getaffinity(0))[:1] * 2, gpu_ids=())  # both on one core: cheap
+
+    throughput = measure(layout, cfg, batch_sizes=[64], samples=1024)
+
+    assert list(throughput) == [64] and throughput[64] > 0
 
 
 # --------------------------------------------------------------------------- bad input
