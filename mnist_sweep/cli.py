@@ -179,6 +179,8 @@ def _train_or_score(args: argparse.Namespace, cfg: SweepConfig) -> int:
         child = functools.partial(local_workers.child_command, args.sweep, _overrides(args), loudness=loudness)
         cfg, spec = local_workers.arrange(cfg, gpu_ids=gpu_ids, child_command=child, echo=_echo)
         local = local_workers.start(spec, echo=_echo)
+        if isinstance(_console.progress, console.LiveProgress):  # its ETA shares the trials left among them
+            _console.progress.workers = 1 + len(spec.placements) if spec else 1
     _quiet_libraries(verbose=args.verbose)
     from mnist_sweep import sweep
 
