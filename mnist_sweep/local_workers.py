@@ -39,7 +39,6 @@ class Children:
     """The running children, their relay threads, and how they end."""
 
     def __init__(self, spec: LocalWorkers, *, echo: Echo) -> None:
-        self.echo = echo
         self.processes: list[tuple[Placement, subprocess.Popen[str]]] = []
         self.relays: list[threading.Thread] = []
         for share in spec.placements:
@@ -125,6 +124,8 @@ def check(cfg: SweepConfig, *, force: bool) -> list[str]:
     from mnist_sweep.environment import visible_nvidia_gpus
 
     gpus = cfg.study.gpus
+    if cfg.study.workers == 1 and gpus == "all":
+        return []  # today's `run`: the GPUs CUDA_VISIBLE_DEVICES gives, nvidia-smi not even asked
     visible = [] if gpus == 0 else visible_nvidia_gpus()
     gpu_ids = placement.chosen_gpu_ids(
         gpus, placement.visible_gpu_ids(len(visible), os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -150,6 +151,8 @@ def arrange(
     assert isinstance(workers, int)
     cfg = cfg.model_copy(update={"study": cfg.study.model_copy(update={"workers": workers})})
     if workers == 1:
+        if cfg.study.gpus != "all":  # the one process on the GPUs study.gpus names (none: 0)
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
         return cfg, None
     placements = placement.plan(workers, cpus=cpus, gpu_ids=gpu_ids)
     os.environ.update(placements[0].environment())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+from collections.abc import Iterable
 from contextlib import closing
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from mnist_sweep import placement
 from mnist_sweep.config import build_config
 from mnist_sweep.errors import ConfigError
+from mnist_sweep.local_workers import arrange, child_command
 from mnist_sweep.packing import Measured, candidate_layouts, choose, measure, resolve_auto
 from mnist_sweep.placement import (
     CPUS_TAG,
@@ -86,6 +89,47 @@ def test_tpe_lies_about_running_trials_only_with_several_workers() -> None:
 
     assert not one._constant_liar  # type: ignore[attr-defined]
     assert two._constant_liar  # type: ignore[attr-defined]
+
+
+def test_one_worker_is_todays_run_and_gpus_0_still_hides_the_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    unset_for_this_test(monkeypatch, ["CUDA_VISIBLE_DEVICES", "MNIST_SWEEP_CPUS"])
+
+    cfg, spec = arrange(build_config({}), gpu_ids=[], child_command=child_command_for_test, echo=no_echo)
+    assert spec is None and "CUDA_VISIBLE_DEVICES" not in os.environ and cfg.study.workers == 1
+
+    cfg, spec = arrange(
+        build_config({"study": {"gpus": 0}}), gpu_ids=[], child_command=child_command_for_test, echo=no_echo
+    )
+    assert spec is None and os.environ["CUDA_VISIBLE_DEVICES"] == "" and "MNIST_SWEEP_CPUS" not in os.environ
+
+
+def test_run_keeps_the_first_share_and_its_workers_get_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    unset_for_this_test(monkeypatch, Placement(0, (0,)).environment())
+    pinned: list[str] = []
+    monkeypatch.setattr(placement, "pin_this_process", lambda: pinned.append(os.environ["MNIST_SWEEP_CPUS"]))
+    monkeypatch.setattr(placement, "usable_cpus", lambda: (0, 1, 2, 3))
+    cfg = build_config({"study": {"workers": 2}})
+
+    cfg, spec = arrange(cfg, gpu_ids=["0"], child_command=child_command_for_test, echo=no_echo)
+
+    assert pinned == ["0-1"] and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    assert spec is not None and spec.placements == (Placement(1, (2, 3), "0"),)
+    assert spec.command[-2:] == ("--set", "study.workers=2")
+
+
+def unset_for_this_test(monkeypatch: pytest.MonkeyPatch, names: Iterable[str]) -> None:
+    """Absent now, and as before once the test ends (delenv alone forgets a variable that was not set)."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+def child_command_for_test(*, workers: int) -> tuple[str, ...]:
+    return child_command("sweep.toml", [], workers=workers, loudness=[])
+
+
+def no_echo(line: str, *, final: bool = False) -> None:
+    pass
 
 
 # --------------------------------------------------------------------------- auto
