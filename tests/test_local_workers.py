@@ -267,18 +267,21 @@ def test_a_killed_local_worker_loses_nothing_and_every_run_names_its_worker(
 
 
 @pytest.mark.slow
-def test_sigterm_to_run_stops_its_workers_and_fails_every_running_trial(tmp_path: Path, start_cli: CliStarter) -> None:
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_to_run_stops_its_workers_and_fails_every_running_trial(
+    signum: signal.Signals, code: int, tmp_path: Path, start_cli: CliStarter
+) -> None:
     run = start_cli("run", *workers_args(trials=4, epochs=20))
     # Both workers in a trial at once.
     wait_for(lambda: runs_of(tmp_path, worker="1", status="RUNNING"), process=run, timeout=240)
     wait_for(lambda: runs_of(tmp_path, worker="0", status="RUNNING"), process=run, timeout=120)
     (_, child_pid), *_ = runs_of(tmp_path, worker="1", status="RUNNING")
 
-    run.send_signal(signal.SIGTERM)
+    run.send_signal(signum)  # a terminal's Ctrl-C reaches `run` alone: its workers run in their own session
     _, err = run.communicate(timeout=180)
 
-    assert run.returncode == 143, err
-    assert "[worker 1] mnist-sweep: interrupted by SIGTERM" in err
+    assert run.returncode == code, err
+    assert f"[worker 1] mnist-sweep: interrupted by {signum.name}" in err
     with pytest.raises(ProcessLookupError):
         os.kill(child_pid, 0)
     study, runs = load_study(tmp_path), all_runs(tmp_path)
