@@ -1,10 +1,11 @@
-"""The default sweep on full MNIST, then the same sweep with pruning off and with the random sampler.
+"""The default sweep on full MNIST, then with pruning off, with the random sampler, and with local workers.
 
 Reports wall time, epochs spent, best validation accuracy and the once-scored test accuracy of each, and
 plots best-validation-accuracy against epochs spent for the three (bench/search.html).
 
     python bench/search.py                       # the real benchmark (hours on 2 cores)
     python bench/search.py --set study.trials=4 --set train.epochs=2 --set data.train_limit=5000   # smoke
+    python bench/search.py --only 3 --only 4 --only 5   # 1 worker, 2 workers, --workers auto (same seed)
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ VARIANTS = {
     "default (TPE + median pruner)": [],
     "pruning off": ["--set", "study.pruner='none'"],
     "random sampler": ["--set", "study.sampler='random'"],
+    # Local workers, same seed, measured in one invocation (--only 3 4 5) so the wall times compare.
+    "1 worker": ["--workers", "1"],
+    "2 workers": ["--workers", "2"],
+    "auto workers": ["--workers", "auto"],
 }
 
 
@@ -49,7 +54,8 @@ def run_variant(name: str, extra: list[str], overrides: list[str], folder: Path)
 
 
 def slug(name: str) -> str:
-    return name.split(" ")[0]
+    first, *rest = name.split(" ")
+    return f"{first}-{rest[0]}" if first.isdigit() or first == "auto" else first  # "2-workers", not "2"
 
 
 def saved_results(skip: set[str]) -> list[dict[str, Any]]:
@@ -114,7 +120,8 @@ def main() -> None:
         choices=range(len(VARIANTS)),
         type=int,
         action="append",
-        help="run only these variants (0 default, 1 pruning off, 2 random sampler)",
+        help="run only these variants (0 default, 1 pruning off, 2 random sampler, 3 1 worker, 4 2 workers, "
+        "5 auto workers)",
     )
     parser.add_argument("--replot", action="store_true", help="only redraw bench/search.html from bench/search_runs/")
     args = parser.parse_args()
@@ -154,8 +161,16 @@ def main() -> None:
             f"(target ≤ 60 %), best val accuracy {100 * (default['best_val'] - unpruned['best_val']):+.2f} points "
             "(target within 0.1)."
         )
+    one, two, auto = by_name.get("1 worker"), by_name.get("2 workers"), by_name.get("auto workers")
+    for name, packed in (("2 workers", two), ("auto workers", auto)):
+        if one and packed:
+            body += (
+                f"\n\n{name}: {packed['wall'] / one['wall']:.2f}x the wall time of 1 worker (target ≤ 0.7x with "
+                f"auto), test accuracy {packed['test']:.4f} (target ≥ 0.986), {packed['epochs']} epochs against "
+                f"{one['epochs']}."
+            )
     body += f"\n\nOverrides: {args.overrides or 'none'}. Plot: bench/search.html"
-    record("bench/search: the default sweep, pruning off, random sampler", body)
+    record(f"bench/search: {', '.join(r['name'] for r in results if not r.get('earlier'))}", body)
 
 
 if __name__ == "__main__":

@@ -209,9 +209,17 @@ class StudyConfig(_Section):
     # The lecture's own network as the study's first trial, so the report shows what the sweep gained over it
     # (baseline.py); skipped, with a line saying why, where its values lie outside the searched space.
     baseline: bool = True
+    # Processes `run` trains in on this machine: itself and N - 1 `worker`s, each pinned to its share of
+    # the cores (or to a GPU); "auto" = the count measured fastest here (mnist_sweep/packing.py).
+    workers: int | str = 1
+    gpus: int | str = "all"  # GPUs the local workers spread over: "all" visible, 0 = CPU only, N = the first N
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
+        if self.workers != "auto" and (isinstance(self.workers, str) or self.workers < 1):
+            raise ValueError(f'study.workers must be a number of processes >= 1 or "auto", got {self.workers!r}')
+        if self.gpus != "all" and (isinstance(self.gpus, str) or self.gpus < 0):
+            raise ValueError(f'study.gpus must be "all", 0 (CPU only) or a number of GPUs, got {self.gpus!r}')
         if len(self.name) > MAX_STUDY_NAME:
             raise ValueError(
                 f"study.name must be at most {MAX_STUDY_NAME} characters (it names a folder and an MLflow "

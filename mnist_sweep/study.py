@@ -21,6 +21,7 @@ from mnist_sweep.console import NO_PROGRESS, TrialProgress
 from mnist_sweep.data import Split, sealed_test_set
 from mnist_sweep.errors import StorageError, StudyMismatchError, TooManyFailures, first_line
 from mnist_sweep.interrupt import raise_if_requested
+from mnist_sweep.placement import WORKER_VAR
 from mnist_sweep.records import (
     BASELINE_ATTR,
     EPOCHS_TRAINED_ATTR,
@@ -69,7 +70,8 @@ def make_sampler(study: StudyConfig, *, seed_offset: int) -> optuna.samplers.Bas
     seed = (study.seed + seed_offset) % 2**32  # a worker's salt must not push it past NumPy's range
     if study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    # Several workers at once: a running trial counts as a poor result, so TPE does not hand its point out again.
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=study.workers != 1)
 
 
 def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
@@ -552,4 +554,7 @@ def stop_if_interrupted(study: optuna.Study, trial: FrozenTrial | None) -> None:
 
 def worker_salt() -> int:
     """Decorrelates the samplers of workers that start at the same moment."""
+    local = os.environ.get(WORKER_VAR)
+    if local:  # a local worker of `run --workers N`: distinct, and the same when the command is rerun
+        return int(local) * 7919
     return os.getpid() + int.from_bytes(os.urandom(2), "little")

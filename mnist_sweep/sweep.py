@@ -6,7 +6,7 @@ from pathlib import Path
 
 import optuna
 
-from mnist_sweep import preflight
+from mnist_sweep import local_workers, preflight
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.console import NO_PROGRESS, Echo, TrialProgress
 from mnist_sweep.data import DataSource, Split
@@ -14,6 +14,7 @@ from mnist_sweep.databases import nothing_recorded
 from mnist_sweep.environment import device_line, gpus
 from mnist_sweep.errors import EXIT_BAD_INPUT, NoSuchStudyError, StudySealedError
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
+from mnist_sweep.local_workers import Children
 from mnist_sweep.records import PARENT_RUN_ATTR, TestResult
 from mnist_sweep.report import baseline_gain, gain_line, leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.space import searched_names
@@ -52,10 +53,12 @@ def run(
     as_worker: bool = False,
     progress: TrialProgress = NO_PROGRESS,
     sweep_file: str = "",
+    local: Children | None = None,
 ) -> int:
     """Join or create the study, run trials until study.trials are finished, then (run) finalize.
 
-    `source` and `split` come from `preflight.prepare`, which has checked every input already.
+    `source` and `split` come from `preflight.prepare`, which has checked every input already; `local`,
+    the `worker` processes `run --workers N` started beside this one (they end before the test set is scored).
     """
     storage = make_storage(cfg.study)
     existing = load_existing_study(cfg, storage)
@@ -73,13 +76,21 @@ def run(
     )
     if baseline_line:
         echo(baseline_line)
-    objective = Objective(
-        cfg=cfg, split=split, tracker=tracker, parent_run_id=parent, data_source=source.describe(), progress=progress
-    )
     tracker.set_parent_status(parent, "RUNNING")  # a rerun after an interrupt: the study is running again
     status = "KILLED"
     try:
-        run_trials(study, objective, target=cfg.study.trials, max_failures=cfg.study.max_failures, echo=echo)
+        with local_workers.running(local) as children:  # they load TensorFlow while this one does
+            objective = Objective(
+                cfg=cfg,
+                split=split,
+                tracker=tracker,
+                parent_run_id=parent,
+                data_source=source.describe(),
+                progress=progress,
+            )
+            run_trials(study, objective, target=cfg.study.trials, max_failures=cfg.study.max_failures, echo=echo)
+            if children is not None:
+                children.wait()
         if finalize:  # score only once every trial has ended, so none is left RUNNING behind the seal
             wait_for_running_trials(study, tracker, parent, poll_seconds=cfg.study.heartbeat_seconds, echo=echo)
         status = "FINISHED"

@@ -24,6 +24,7 @@ from mnist_sweep.errors import TrackingError, first_line
 from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
 from mnist_sweep.locations import artifact_location, local_artifact_folder
 from mnist_sweep.metrics import ClassificationReport
+from mnist_sweep.placement import worker_tags
 from mnist_sweep.records import (
     BACKEND_TAG,
     BASELINE_TAG,
@@ -183,7 +184,7 @@ class Tracker:
     @functools.cached_property
     def _machine_tags(self) -> dict[str, str]:
         # Asked at the first trial, once Keras is loaded: the device its backend trains on.
-        return {BACKEND_TAG: environment.keras_backend(), DEVICE_TAG: environment.device()}
+        return {BACKEND_TAG: environment.keras_backend(), DEVICE_TAG: environment.device(), **worker_tags()}
 
     def _experiment(self, name: str, location: str | None, *, create: bool = True) -> str:
         try:

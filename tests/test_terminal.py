@@ -65,6 +65,18 @@ def test_live_display_shows_trial_epoch_batch_metric_best_trials_and_eta() -> No
     assert progress.eta_seconds() == pytest.approx(50 + 7 * 120, abs=2)
 
 
+def test_eta_shares_the_trials_left_among_local_workers() -> None:
+    progress = LiveProgress(RichConsole(file=io.StringIO()))
+    progress.study(metric="val_accuracy", finished=2, target=10, best=None)
+    progress.number, progress.epochs, progress.trial_started_at = 7, 4, time.monotonic() - 30
+    progress.trial_seconds, progress.workers = [100.0, 140.0], 2
+    progress.epoch(1, {"val_accuracy": 0.95})
+    progress.batch(2, 215, 430)
+
+    # 50 s left of this trial, then 7 more at the 120 s mean, two at a time
+    assert progress.eta_seconds() == pytest.approx(50 + 7 * 120 / 2, abs=2)
+
+
 def test_eta_before_anything_is_known_is_a_dash_then_the_mean_trial() -> None:
     progress = LiveProgress(RichConsole(file=io.StringIO()))
     progress.study(metric="val_loss", finished=0, target=3, best=None)
