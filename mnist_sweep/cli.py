@@ -159,6 +159,10 @@ def _train_or_score(args: argparse.Namespace, cfg: SweepConfig) -> int:
         from mnist_sweep import sweep
 
         return sweep.finalize(cfg, source=source, echo=_echo, reclaim=args.reclaim)
+    if args.command == "worker":  # keras-tuner's oracle runs in one process: refused before anything is made
+        from mnist_sweep.keras_tuner_engine import check_workers
+
+        check_workers(cfg, as_worker=True)
     source, split = preflight.prepare(cfg, training=True)
     _quiet_libraries(verbose=args.verbose)
     from mnist_sweep import sweep

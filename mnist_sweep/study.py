@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import time
@@ -20,7 +21,9 @@ from mnist_sweep.console import NO_PROGRESS, TrialProgress
 from mnist_sweep.data import Split, sealed_test_set
 from mnist_sweep.errors import StorageError, StudyMismatchError, TooManyFailures, first_line
 from mnist_sweep.interrupt import raise_if_requested
+from mnist_sweep.keras_tuner_engine import OracleSampler, check_engine, engine_label, planned_epochs
 from mnist_sweep.records import (
+    ENGINE_ATTR,
     EPOCHS_TRAINED_ATTR,
     FAIL_REASON_ATTR,
     FIT_SECONDS_ATTR,
@@ -54,10 +57,17 @@ def make_storage(study: StudyConfig) -> optuna.storages.RDBStorage:
                 engine_kwargs=databases.engine_kwargs(study.storage),
                 heartbeat_interval=study.heartbeat_seconds,
                 grace_period=2 * study.heartbeat_seconds,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                heartbeat_stale_trial_callback=_stale_trial_retry(study),
             )
     except Exception as exc:  # sqlalchemy raises many kinds; the user needs one line
         raise StorageError(f"study.storage = {study.storage!r}: cannot open ({first_line(exc)})") from None
+
+
+def _stale_trial_retry(study: StudyConfig) -> optuna.storages.RetryHeartbeatStaleTrialCallback | None:
+    # keras-tuner's oracle reruns its own trials that were running when their process died.
+    if study.engine == "keras-tuner":
+        return None
+    return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
 
 
 def make_sampler(study: StudyConfig, *, seed_offset: int) -> optuna.samplers.BaseSampler:
@@ -97,8 +107,15 @@ def open_study(
 ) -> tuple[optuna.Study, bool]:
     """Create the study, or load it if it exists; returns (study, created_here)."""
     existing = load_existing_study(cfg, storage)
+    if existing is not None:
+        check_engine(existing, cfg)
     offset = len(existing.get_trials(deepcopy=False)) if existing is not None else 0
-    sampler = make_sampler(cfg.study, seed_offset=offset + worker_salt)
+    sampler: optuna.samplers.BaseSampler
+    if cfg.study.engine == "keras-tuner":
+        # TODO(baseline): the lecture's values go to the oracle as first_values=[...] (study.baseline).
+        sampler = OracleSampler(cfg)
+    else:
+        sampler = make_sampler(cfg.study, seed_offset=offset + worker_salt)
     pruner = make_pruner(cfg.study)
     created = False
     try:
@@ -111,6 +128,7 @@ def open_study(
             load_if_exists=False,
         )
         created = True
+        study.set_user_attr(ENGINE_ATTR, engine_label(cfg))
         with warnings.catch_warnings():  # experimental since Optuna 3.2, and still so in 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([cfg.study.metric])  # optuna-dashboard's axes name the metric
@@ -306,32 +324,34 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         try:
             params = sample_params(trial, self.cfg.search)
+            epochs = planned_epochs(trial, self.cfg.train.epochs)  # keras-tuner's hyperband plans each trial's
             seed = trial_seed(self.cfg.study.seed, trial.number)
+            run_params = dataclasses.replace(self.run_params.for_trial(params, seed), epochs=epochs)
             run_id = self.tracker.start_trial_run(
                 parent_run_id=self.parent_run_id,
                 study_name=trial.study.study_name,
                 trial_number=trial.number,
-                params=self.run_params.for_trial(params, seed).encode(),
+                params=run_params.encode(),
             )
             trial.set_user_attr(RUN_ID_ATTR, run_id)
             trial.set_user_attr(SEED_ATTR, seed)
         except Exception as exc:  # no run yet (the tracking store failed): the trial fails, and counts
             trial.set_user_attr(FAIL_REASON_ATTR, _reason(exc)[:1000])
             raise
-        return self._run(trial, run_id, params, seed)
+        return self._run(trial, run_id, params, seed, epochs)
 
-    def _run(self, trial: optuna.Trial, run_id: str, params: dict[str, Any], seed: int) -> float:
+    def _run(self, trial: optuna.Trial, run_id: str, params: dict[str, Any], seed: int, epochs: int) -> float:
         logging_hook = TimedHook(lambda epoch, values: self.tracker.log_epoch(run_id, epoch, values))
-        pruning_hook = PruningHook(trial, self.cfg.study.metric, self.cfg.train.epochs)
+        pruning_hook = PruningHook(trial, self.cfg.study.metric, epochs)
         from mnist_sweep.trial import run_trial
 
-        self.progress.trial_started(number=trial.number, epochs=self.cfg.train.epochs)
+        self.progress.trial_started(number=trial.number, epochs=epochs)
         try:
             with sealed_test_set():
                 outcome = run_trial(
                     params=params,
                     split=self.split,
-                    settings=self.settings,
+                    settings=dataclasses.replace(self.settings, epochs=epochs),
                     seed=seed,
                     epoch_hooks=[self.progress.epoch, logging_hook, pruning_hook],
                     batch_hooks=[self.progress.batch],
