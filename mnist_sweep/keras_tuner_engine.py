@@ -117,8 +117,8 @@ def distribution(spec: ParamSpec) -> BaseDistribution:
 def make_oracle(cfg: SweepConfig, *, first_values: list[dict[str, Any]] | None = None) -> keras_tuner.Oracle:
     """The oracle `study.sampler` names, on the searched keys of [search], seeded from study.seed.
 
-    `first_values`: hyperparameters the oracle gives before its own draws (a baseline trial); hyperband
-    runs them in its first bracket like any of its random draws.
+    `first_values`: hyperparameters the oracle gives before its own draws (a baseline trial; keys left out
+    are drawn); hyperband runs them in its first bracket like any of its random draws.
     """
     import keras_tuner
 
@@ -154,9 +154,10 @@ def _first_values_oracle(base: type) -> type:
         first_values: list[dict[str, Any]]
 
         def _random_values(self) -> dict[str, Any] | None:
-            if self.first_values:
-                return dict(self.first_values.pop(0))
-            return super()._random_values()  # type: ignore[no-any-return]
+            drawn: dict[str, Any] | None = super()._random_values()
+            if self.first_values:  # keys the first values leave out are drawn
+                return {**(drawn or {}), **self.first_values.pop(0)}
+            return drawn
 
     FirstValuesOracle.__name__ = base.__name__
     return FirstValuesOracle
