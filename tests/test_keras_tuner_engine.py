@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_sweep.config import SweepConfig, build_config
 from mnist_sweep.errors import StudyMismatchError
-from mnist_sweep.keras_tuner_engine import ORACLE_STATE, OracleSampler, check_engine, oracle_dir
+from mnist_sweep.keras_tuner_engine import ORACLE_STATE, OracleSampler, OracleStopped, check_engine, oracle_dir
 from mnist_sweep.records import ENGINE_ATTR, KERAS_TUNER_EPOCHS_ATTR, KERAS_TUNER_TRIAL_ID_ATTR
 from mnist_sweep.space import sample_params
 from tests.conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args
@@ -166,6 +166,21 @@ def test_a_study_keeps_its_engine_and_oracle(tmp_path: Path) -> None:
     made_by_optuna.enqueue_trial({})
     with pytest.raises(StudyMismatchError, match="oracle state .* is missing"):
         check_engine(made_by_optuna, kt_config(tmp_path, "hyperband"))
+
+
+def test_an_exhausted_oracle_fails_the_trial_saying_why(tmp_path: Path, new_sampler: Any) -> None:
+    cfg = build_config(
+        {
+            "study": {"engine": "keras-tuner", "sampler": "hyperband", "storage": f"sqlite:///{tmp_path}/o.db"},
+            "train": {"epochs": 9},
+            "search": {"optimizer": ["adam", "sgd"], "learning_rate": 0.01, "batch_size": 64, "activation": "relu"},
+        }
+    )
+    study = optuna.create_study(storage=cfg.study.storage, sampler=new_sampler(cfg), direction="maximize")
+    study.optimize(synthetic_objective(cfg), n_trials=3, catch=(OracleStopped,))
+
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert KERAS_TUNER_TRIAL_ID_ATTR not in study.trials[2].user_attrs
 
 
 def test_a_second_process_on_the_study_is_refused(tmp_path: Path, new_sampler: Any) -> None:
