@@ -30,7 +30,8 @@ VARIANTS = {
     "pruning off": ["--set", "study.pruner='none'"],
     "random sampler": ["--set", "study.sampler='random'"],
     # keras-tuner's oracles as keras-tuner runs them: no Optuna pruner. Hyperband trains each trial for the
-    # epochs its bracket gives (from scratch); at 20 epochs and factor 3, 30 trials are one full iteration.
+    # epochs its bracket gives (a promotion on from its earlier model); at 20 epochs and factor 3, 30 trials
+    # are one full iteration. Bayesian draws 3 random points per searched key before its Gaussian process.
     "hyperband (keras-tuner)": [*KERAS_TUNER, "--set", "study.sampler='hyperband'"],
     "bayesian (keras-tuner)": [*KERAS_TUNER, "--set", "study.sampler='bayesian'"],
 }

@@ -2,7 +2,9 @@
 
 `OracleSampler` is an Optuna sampler that asks a keras-tuner oracle (random, bayesian or hyperband) through
 the oracle's public ask/tell methods: `create_trial` when Optuna starts a trial, `update_trial` with the
-trial's per-epoch study metric and `end_trial` when Optuna records how it ended. The trial code, the MLflow
+trial's per-epoch study metric and `end_trial` when Optuna records how it ended. Hyperband's plan for a
+trial (its epochs, and the earlier trial a promotion goes on from) reaches the objective through
+`planned_epochs` and `planned_warm_start`. The trial code, the MLflow
 logging, resume, the once-only test set, the report and the leaderboard therefore work as with Optuna. The
 oracle's state is keras-tuner's own files (`oracle.json`, `trial_*/trial.json`) in `oracle_dir`, saved by
 the oracle at each ask and tell and reloaded on a rerun; the keras-tuner trial id is recorded on the Optuna
@@ -30,7 +32,13 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_sweep.config import Choice, ParamSpec, Range, SweepConfig
 from mnist_sweep.databases import sqlite_file
 from mnist_sweep.errors import StudyMismatchError, UserError
-from mnist_sweep.records import ENGINE_ATTR, FAIL_REASON_ATTR, KERAS_TUNER_EPOCHS_ATTR, KERAS_TUNER_TRIAL_ID_ATTR
+from mnist_sweep.records import (
+    ENGINE_ATTR,
+    FAIL_REASON_ATTR,
+    KERAS_TUNER_EPOCHS_ATTR,
+    KERAS_TUNER_TRIAL_ID_ATTR,
+    MODEL_URI_KEY,
+)
 from mnist_sweep.space import searched_names, to_keras_tuner
 
 if TYPE_CHECKING:
@@ -47,7 +55,7 @@ HYPERBAND_VALUES = {
     "tuner/initial_epoch": "keras_tuner_initial_epoch",
     "tuner/bracket": "keras_tuner_bracket",
     "tuner/round": "keras_tuner_round",
-    "tuner/trial_id": "keras_tuner_promoted_from",  # the oracle trial whose values go on (trained anew)
+    "tuner/trial_id": "keras_tuner_promoted_from",  # the oracle trial whose model this one trains on
 }
 
 
@@ -102,6 +110,14 @@ def planned_epochs(trial: optuna.Trial, default: int) -> int:
     if isinstance(sampler, OracleSampler):
         return sampler.epochs_for(trial.number, default)
     return default
+
+
+def planned_warm_start(trial: optuna.Trial) -> tuple[str, int] | None:
+    """For a hyperband promotion: the model URI of the trial it goes on from, and that trial's epochs."""
+    sampler = trial.study.sampler
+    if isinstance(sampler, OracleSampler):
+        return sampler.warm_start_for(trial.study, trial.number)
+    return None
 
 
 def distribution(spec: ParamSpec) -> BaseDistribution:
@@ -225,6 +241,21 @@ class OracleSampler(optuna.samplers.BaseSampler):
         if oracle_trial is None:
             return default
         return int(oracle_trial.hyperparameters.values.get("tuner/epochs", default))
+
+    def warm_start_for(self, study: optuna.Study, number: int) -> tuple[str, int] | None:
+        oracle_trial = self.asked.get(number)
+        if oracle_trial is None:
+            return None
+        values = oracle_trial.hyperparameters.values
+        source, initial_epoch = values.get("tuner/trial_id"), int(values.get("tuner/initial_epoch", 0))
+        if source is None or initial_epoch <= 0:
+            return None
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            attrs = trial.user_attrs
+            if attrs.get(KERAS_TUNER_TRIAL_ID_ATTR) == source and attrs.get(KERAS_TUNER_EPOCHS_ATTR) == initial_epoch:
+                model_uri = attrs.get(MODEL_URI_KEY)
+                return (str(model_uri), initial_epoch) if model_uri else None
+        return None  # its trial left no model: this one trains from scratch, all its epochs
 
     # ---------------------------------------------------------------- tell
 

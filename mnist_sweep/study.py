@@ -21,7 +21,13 @@ from mnist_sweep.console import NO_PROGRESS, TrialProgress
 from mnist_sweep.data import Split, sealed_test_set
 from mnist_sweep.errors import StorageError, StudyMismatchError, TooManyFailures, first_line
 from mnist_sweep.interrupt import raise_if_requested
-from mnist_sweep.keras_tuner_engine import OracleSampler, check_engine, engine_label, planned_epochs
+from mnist_sweep.keras_tuner_engine import (
+    OracleSampler,
+    check_engine,
+    engine_label,
+    planned_epochs,
+    planned_warm_start,
+)
 from mnist_sweep.records import (
     ENGINE_ATTR,
     EPOCHS_TRAINED_ATTR,
@@ -40,7 +46,7 @@ from mnist_sweep.space import sample_params
 from mnist_sweep.tracking import Tracker
 
 if TYPE_CHECKING:
-    from mnist_sweep.trial import TrainSettings, TrialOutcome
+    from mnist_sweep.trial import TrainSettings, TrialOutcome, WarmStart
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PARENT_WAIT_SECONDS = 60.0
@@ -347,6 +353,7 @@ class Objective:
 
         self.progress.trial_started(number=trial.number, epochs=epochs)
         try:
+            warm_start = self._warm_start(trial)
             with sealed_test_set():
                 outcome = run_trial(
                     params=params,
@@ -356,6 +363,7 @@ class Objective:
                     epoch_hooks=[self.progress.epoch, logging_hook, pruning_hook],
                     batch_hooks=[self.progress.batch],
                     session=self.session,
+                    warm_start=warm_start,
                 )
             value = self._log_outcome(trial, run_id, outcome, logging_hook)
         except optuna.TrialPruned as exc:
@@ -369,6 +377,18 @@ class Objective:
             raise
         self._end(trial, run_id, state="COMPLETE", metrics={"tracking_seconds": logging_hook.seconds})
         return value
+
+    def _warm_start(self, trial: optuna.Trial) -> WarmStart | None:
+        """keras-tuner's hyperband goes on from an earlier trial's logged model (weights, as keras-tuner does)."""
+        planned = planned_warm_start(trial)
+        if planned is None:
+            return None
+        from mnist_sweep.final import load_scored_model
+        from mnist_sweep.trial import WarmStart
+
+        model_uri, initial_epoch = planned
+        weights = load_scored_model(model_uri, tracking_uri=self.cfg.tracking.uri).get_weights()
+        return WarmStart(weights=weights, initial_epoch=initial_epoch)
 
     def _log_outcome(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, logging_hook: TimedHook) -> float:
         started = time.perf_counter()

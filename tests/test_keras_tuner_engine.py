@@ -223,14 +223,26 @@ def test_hyperband_sweep_logs_each_trial_with_the_epochs_it_trained(tmp_path: Pa
     client = MlflowClient(tracking_url(tmp_path))
     by_id = {r.info.run_id: r for r in runs}
     trials = study.get_trials(states=(COMPLETE,))
-    # 3 epochs, factor 3: three trials of 1 epoch, then the best of them for 3.
+    # 3 epochs, factor 3: three trials of 1 epoch, then the best of them goes on to epoch 3 from its model.
     assert [t.user_attrs[KERAS_TUNER_EPOCHS_ATTR] for t in trials] == [1, 1, 1, 3]
+    first_round = max(trials[:3], key=lambda t: t.value or 0.0)
+    promoted = trials[3]
+    assert promoted.user_attrs["keras_tuner_promoted_from"] == first_round.user_attrs[KERAS_TUNER_TRIAL_ID_ATTR]
+    assert promoted.params == first_round.params
     for trial in trials:
         run = by_id[trial.user_attrs["mlflow_run_id"]]
         planned = trial.user_attrs[KERAS_TUNER_EPOCHS_ATTR]
+        initial = trial.user_attrs["keras_tuner_initial_epoch"]
         assert run.data.params["epochs"] == str(planned)
-        assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == planned
-        assert trial.user_attrs["epochs_trained"] == planned
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == list(range(initial + 1, planned + 1))  # the epochs it trained
+        assert trial.user_attrs["epochs_trained"] == planned - initial
+        assert sorted(trial.intermediate_values) == list(range(initial + 1, planned + 1))
+    # Trained on from the first round's weights: its first epoch's mean training loss is well below that of the
+    # first round's own first epoch, which began from a fresh network.
+    (loss_before,) = client.get_metric_history(first_round.user_attrs["mlflow_run_id"], "loss")
+    loss_after = min(client.get_metric_history(promoted.user_attrs["mlflow_run_id"], "loss"), key=lambda m: m.step)
+    assert loss_after.step == 2 and loss_after.value < 0.8 * loss_before.value
     assert "test_accuracy" in parent_run(runs).data.metrics
     assert (tmp_path / "reports" / "fcn" / "report.html").is_file()
     assert (tmp_path / "mlruns" / "keras-tuner" / "fcn" / ORACLE_STATE).is_file()
