@@ -182,10 +182,17 @@ def _first_values_oracle(base: type) -> type:
 class OracleSampler(optuna.samplers.BaseSampler):
     """Optuna's trials, their values chosen by a keras-tuner oracle (see the module's docstring).
 
-    `first_values`: the oracle's first values (a baseline trial), used only by a new oracle.
+    `first_values`: the oracle's first values (a baseline trial), used only by a new oracle; `first_attrs`:
+    user attributes for the Optuna trials that run them (also when a restart asks one again).
     """
 
-    def __init__(self, cfg: SweepConfig, *, first_values: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SweepConfig,
+        *,
+        first_values: list[dict[str, Any]] | None = None,
+        first_attrs: Mapping[str, Any] | None = None,
+    ) -> None:
         self.metric = cfg.study.metric
         self.directory = oracle_dir(cfg)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -199,6 +206,7 @@ class OracleSampler(optuna.samplers.BaseSampler):
         else:
             self.oracle.first_values = list(first_values or [])
         self.search_space = {name: distribution(cfg.search.specs()[name]) for name in searched_names(cfg.search)}
+        self.first_attrs = dict(first_attrs or {})
         self.asked: dict[int, keras_tuner.engine.trial.Trial] = {}  # Optuna trial number -> oracle trial
         self.stopped = ""  # why the oracle gave no trial, when it did not
 
@@ -206,6 +214,7 @@ class OracleSampler(optuna.samplers.BaseSampler):
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Ask the oracle for this trial (never raises here: Optuna has already stored the trial)."""
+        first_values_left = len(self.oracle.first_values)
         oracle_trial = self.oracle.create_trial(TUNER_ID)
         if oracle_trial.status != "RUNNING":
             self.stopped = f"keras-tuner's oracle gave no trial ({oracle_trial.status}): its search space is exhausted"
@@ -215,8 +224,21 @@ class OracleSampler(optuna.samplers.BaseSampler):
         values = oracle_trial.hyperparameters.values
         attrs = {KERAS_TUNER_TRIAL_ID_ATTR: oracle_trial.trial_id}
         attrs.update({attr: values[key] for key, attr in HYPERBAND_VALUES.items() if key in values})
+        if len(self.oracle.first_values) < first_values_left or self._asked_before_with_first_attrs(study, attrs):
+            attrs.update(self.first_attrs)
         for key, value in attrs.items():  # as Optuna's own samplers record their state on a trial
             study._storage.set_trial_user_attr(trial._trial_id, key, value)
+
+    def _asked_before_with_first_attrs(self, study: optuna.Study, attrs: Mapping[str, Any]) -> bool:
+        """Whether an earlier trial ran this oracle trial as one of the first values (a restart asks it again)."""
+        if not self.first_attrs:
+            return False
+        oracle_id = attrs[KERAS_TUNER_TRIAL_ID_ATTR]
+        return any(
+            t.user_attrs.get(KERAS_TUNER_TRIAL_ID_ATTR) == oracle_id
+            and self.first_attrs.items() <= t.user_attrs.items()
+            for t in study.get_trials(deepcopy=False)
+        )
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return dict(self.search_space)

@@ -118,7 +118,9 @@ def open_study(
     offset = len(existing.get_trials(deepcopy=False)) if existing is not None else 0
     sampler: optuna.samplers.BaseSampler
     if cfg.study.engine == "keras-tuner":
-        # TODO(baseline): the lecture's values go to the oracle as first_values=[...] (study.baseline).
+        # TODO(baseline, issue 14 part 3): with study.baseline, the lecture's values go to the oracle as its
+        # first values, not to Optuna's enqueue_trial: OracleSampler(cfg, first_values=[values],
+        # first_attrs={<baseline user attribute>: True}); a reloaded oracle ignores them.
         sampler = OracleSampler(cfg)
     else:
         sampler = make_sampler(cfg.study, seed_offset=offset + worker_salt)
