@@ -332,7 +332,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         try:
             params = sample_params(trial, self.cfg.search)
-            epochs = planned_epochs(trial, self.cfg.train.epochs)  # keras-tuner's hyperband plans each trial's
+            epochs = planned_epochs(trial, self.cfg.train.epochs)  # hyperband gives each trial its own
             seed = trial_seed(self.cfg.study.seed, trial.number)
             run_params = dataclasses.replace(self.run_params.for_trial(params, seed), epochs=epochs)
             run_id = self.tracker.start_trial_run(

@@ -213,12 +213,7 @@ def run_trial(
             steps_per_execution=settings.steps_per_execution,
             metrics=("accuracy", ConfusionCounts()),
         )
-    initial_epoch = 0
-    if warm_start is not None:
-        model.set_weights(warm_start.weights)
-        initial_epoch = warm_start.initial_epoch
-        # A fresh optimizer (as keras-tuner reloads weights only), its learning-rate schedule where it was.
-        model.optimizer.iterations.assign(initial_epoch * steps_per_epoch)
+    initial_epoch = _go_on_from(warm_start, model, steps_per_epoch) if warm_start else 0
     callbacks = _callbacks(settings, epoch_hooks, batch_hooks)
     started = time.perf_counter()
     history = model.fit(
@@ -233,6 +228,14 @@ def run_trial(
     ).history
     fit_seconds = time.perf_counter() - started
     return _evaluate(model, history, fit_seconds, settings, initial_epoch=initial_epoch)
+
+
+def _go_on_from(warm_start: WarmStart, model: keras.Model, steps_per_epoch: int) -> int:
+    """The earlier trial's weights in `model`; returns the epoch fit starts after."""
+    model.set_weights(warm_start.weights)
+    # A fresh optimizer (keras-tuner reloads weights only), its learning-rate schedule where it was.
+    model.optimizer.iterations.assign(warm_start.initial_epoch * steps_per_epoch)
+    return warm_start.initial_epoch
 
 
 def _callbacks(
