@@ -1,8 +1,11 @@
-"""The default sweep on full MNIST, then the same sweep with pruning off, with the random sampler, and with
-keras-tuner's hyperband and bayesian oracles (study.engine = "keras-tuner"; same space, seed, data, epochs).
+"""The default sweep on full MNIST against pruning off, random sampling and keras-tuner's oracles.
+
+The same sweep with pruning off, with the random sampler, and with keras-tuner's hyperband and bayesian
+oracles (study.engine = "keras-tuner"; same space, seed, data and epochs).
 
 Reports wall time, epochs spent, best validation accuracy and the once-scored test accuracy of each, and
-plots best-validation-accuracy against epochs spent and against wall time for all of them (bench/search.html).
+plots best-validation-accuracy against epochs spent and against wall time for all of them (bench/search.html;
+with --trials, --epochs or --set: bench/search-reduced.html, results in bench/search_runs/reduced/).
 
     python bench/search.py                       # the real benchmark (hours on 2 cores)
     python bench/search.py --trials 13 --epochs 9 --set data.train_limit=10000   # every variant, ~10 min
@@ -51,7 +54,7 @@ def run_variant(name: str, extra: list[str], overrides: list[str], folder: Path)
     result = {"name": name, "wall": wall, **read_study(workdir)}
     result["threads"] = os.environ.get("TF_NUM_INTRAOP_THREADS", "default")
     result["overrides"] = overrides
-    SAVED.mkdir(exist_ok=True)
+    SAVED.mkdir(parents=True, exist_ok=True)
     (SAVED / f"{slug(name)}.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -155,8 +158,11 @@ def main() -> None:
     args = parser.parse_args()
     args.overrides += [f"study.trials={args.trials}"] if args.trials else []
     args.overrides += [f"train.epochs={args.epochs}"] if args.epochs else []
+    global SAVED  # a reduced budget keeps its results apart: the full benchmark's stay as measured
+    SAVED = SAVED / "reduced" if args.overrides else SAVED
+    plot_path = REPO / "bench" / ("search-reduced.html" if args.overrides else "search.html")
     if args.replot:
-        plot(saved_results(skip=set()), REPO / "bench" / "search.html")
+        plot(saved_results(skip=set()), plot_path)
         return
     chosen = [name for index, name in enumerate(VARIANTS) if args.only is None or index in args.only]
     results = []
@@ -165,7 +171,7 @@ def main() -> None:
             results.append(run_variant(name, VARIANTS[name], args.overrides, Path(folder)))
     results += saved_results(skip={r["name"] for r in results})
     results.sort(key=lambda r: list(VARIANTS).index(r["name"]))
-    plot(results, REPO / "bench" / "search.html")
+    plot(results, plot_path)
     rows = [
         [
             r["name"] + (" (earlier run)" if r.get("earlier") else ""),
@@ -191,7 +197,7 @@ def main() -> None:
             f"(target ≤ 60 %), best val accuracy {100 * (default['best_val'] - unpruned['best_val']):+.2f} points "
             "(target within 0.1)."
         )
-    body += f"\n\nOverrides: {args.overrides or 'none'}. Plot: bench/search.html"
+    body += f"\n\nOverrides: {args.overrides or 'none'}. Plot: {plot_path.relative_to(REPO)}"
     record("bench/search: the default sweep, pruning off, random sampler, keras-tuner hyperband and bayesian", body)
 
 
