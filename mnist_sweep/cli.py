@@ -170,7 +170,12 @@ def _train_or_score(args: argparse.Namespace, cfg: SweepConfig) -> int:
 
         return sweep.finalize(cfg, source=source, echo=_echo, reclaim=args.reclaim)
     from mnist_sweep import local_workers
+    from mnist_sweep.keras_tuner_engine import check_workers
 
+    if args.command == "worker":  # keras-tuner's oracle runs in one process: refused before anything is made
+        check_workers(cfg, as_worker=True)
+    elif isinstance(cfg.study.workers, int):
+        check_workers(cfg, workers=cfg.study.workers)
     gpu_ids = local_workers.check(cfg, force=args.force) if args.command == "run" else []
     source, split = preflight.prepare(cfg, training=True)
     local = None

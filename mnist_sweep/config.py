@@ -195,13 +195,17 @@ class StudyConfig(_Section):
     trials: int = Field(default=30, ge=1)
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     direction: Literal["maximize", "minimize"] | None = None
-    sampler: Literal["tpe", "random"] = "tpe"
-    pruner: Literal["none", "median", "percentile", "successive_halving"] = "median"
+    engine: Literal["optuna", "keras-tuner"] = "optuna"  # who chooses each trial's hyperparameters
+    # optuna: tpe | random (default tpe); keras-tuner: the oracle, random | bayesian | hyperband (default bayesian)
+    sampler: Literal["tpe", "random", "bayesian", "hyperband"] | None = None
+    # Default: median with optuna; none with keras-tuner (its oracle decides how long a trial trains)
+    pruner: Literal["none", "median", "percentile", "successive_halving"] | None = None
     pruner_startup_trials: int = Field(default=5, ge=0)  # median, percentile: trials before any pruning
     pruner_warmup_epochs: int = Field(default=1, ge=0)  # epochs before a trial can be pruned (halving: >= 1)
     pruner_interval_epochs: int = Field(default=1, ge=1)  # median, percentile: consider pruning every N epochs
     pruner_percentile: float = Field(default=25.0, gt=0, lt=100)  # percentile: keep the top P % at each epoch
     pruner_reduction_factor: int = Field(default=3, ge=2)  # successive_halving: 1 in N goes on at each rung
+    hyperband_factor: int = Field(default=3, ge=2)  # keras-tuner hyperband: 1 in N goes on, N times the epochs
     seed: int = Field(default=42, ge=0, lt=2**31)  # NumPy's RandomState (inside the samplers) takes 0 .. 2**32 - 1
     storage: str = "sqlite:///mlruns/optuna.db"
     heartbeat_seconds: int = Field(default=60, ge=1)
@@ -243,6 +247,7 @@ class StudyConfig(_Section):
                 f"which is {expected}d; set direction = {expected!r} or leave it out"
             )
         _check_uri("study.storage", self.storage, STORAGE_SCHEMES)
+        _resolve_engine_keys(self)
         if self.pruner == "successive_halving" and self.pruner_warmup_epochs < 1:
             raise ValueError(
                 "study.pruner_warmup_epochs is the first rung of successive halving and must be >= 1, got 0"
@@ -253,6 +258,61 @@ class StudyConfig(_Section):
     def goal(self) -> Literal["maximize", "minimize"]:
         assert self.direction is not None  # filled in by the validator
         return self.direction
+
+
+OPTUNA_SAMPLERS = ("tpe", "random")
+KERAS_TUNER_ORACLES = ("random", "bayesian", "hyperband")
+OPTUNA_PRUNER_KEYS = (
+    "pruner_startup_trials",
+    "pruner_warmup_epochs",
+    "pruner_interval_epochs",
+    "pruner_percentile",
+    "pruner_reduction_factor",
+)
+
+
+def _resolve_engine_keys(study: StudyConfig) -> None:
+    """Fill in the engine's default sampler and pruner; refuse a key that belongs to the other engine."""
+    keras_tuner = study.engine == "keras-tuner"
+    if study.sampler is None:
+        object.__setattr__(study, "sampler", "bayesian" if keras_tuner else "tpe")
+    if study.pruner is None:
+        object.__setattr__(study, "pruner", "none" if keras_tuner else "median")
+    if keras_tuner and study.sampler not in KERAS_TUNER_ORACLES:
+        raise ValueError(
+            f"study.sampler = {study.sampler!r} is an Optuna sampler; with study.engine = 'keras-tuner' it names "
+            f"the oracle: {', '.join(KERAS_TUNER_ORACLES)}"
+        )
+    if not keras_tuner and study.sampler not in OPTUNA_SAMPLERS:
+        raise ValueError(
+            f"study.sampler = {study.sampler!r} is a keras-tuner oracle; the optuna engine samples with "
+            f"{' or '.join(OPTUNA_SAMPLERS)} (set study.engine = 'keras-tuner' to use it)"
+        )
+    hyperband = keras_tuner and study.sampler == "hyperband"
+    if not hyperband and _changed(study, "hyperband_factor"):
+        raise ValueError(
+            f"study.hyperband_factor = {study.hyperband_factor} belongs to keras-tuner's hyperband oracle "
+            f"(study.engine = 'keras-tuner', study.sampler = 'hyperband'), not to study.engine = {study.engine!r} "
+            f"with study.sampler = {study.sampler!r}; remove it"
+        )
+    if hyperband and study.pruner != "none":
+        raise ValueError(
+            f"study.pruner = {study.pruner!r} cannot run with keras-tuner's hyperband oracle, which decides itself "
+            "how many epochs each trial trains; leave study.pruner out (or set it to 'none')"
+        )
+    # A sweep file written for Optuna keeps its pruner keys when it says study.pruner = 'none': they are as
+    # inert as with Optuna and no pruner, and --set cannot remove a key from a file.
+    for key in OPTUNA_PRUNER_KEYS if hyperband and "pruner" not in study.model_fields_set else ():
+        if _changed(study, key):
+            raise ValueError(
+                f"study.{key} = {getattr(study, key)!r} belongs to Optuna's pruner, which keras-tuner's hyperband "
+                "oracle replaces; remove it (or set study.pruner = 'none' to keep it, unused)"
+            )
+
+
+def _changed(section: BaseModel, key: str) -> bool:
+    """Whether `key` holds other than its default: a default written out (as `validate` prints it) is no choice."""
+    return bool(getattr(section, key) != type(section).model_fields[key].default)
 
 
 class DataConfig(_Section):
@@ -415,6 +475,8 @@ class SweepConfig(_Section):
                 f"search.learning_rate ({lowest!r}): the plateau schedule could never lower that rate; "
                 "set a smaller plateau_min_lr"
             )
+        if self.study.engine == "keras-tuner":
+            _check_keras_tuner_space(self.search, trials=self.study.trials, oracle=self.study.sampler)
         return self
 
     def to_toml(self) -> str:
@@ -430,6 +492,31 @@ class SweepConfig(_Section):
                 key: _shown(value) for key, value in ((k, getattr(section, k)) for k in type(section).model_fields)
             }
         return out
+
+
+def _check_keras_tuner_space(search: SearchConfig, *, trials: int, oracle: str | None) -> None:
+    """Refuse what keras-tuner's HyperParameters cannot hold, or an oracle cannot draw `trials` times."""
+    points = 1
+    for name, spec in search.specs().items():
+        if isinstance(spec, Choice):
+            kinds = sorted({type(v).__name__ for v in spec.values})
+            if len(kinds) > 1:
+                raise ValueError(
+                    f"search.{name} = {spec.to_toml_value()!r}: keras-tuner's Choice holds values of one type, "
+                    f"got {' and '.join(kinds)} (write 1 as 1.0) for study.engine = 'keras-tuner'"
+                )
+            points *= len(spec.values)
+        elif spec.integer:
+            points *= int(spec.high - spec.low) + 1
+        else:
+            points = 0  # a float range: as many points as wanted
+            break
+    # Its random and bayesian oracles never draw a point twice (hyperband's promotions do, on purpose).
+    if oracle != "hyperband" and 0 < points < trials:
+        raise ValueError(
+            f"search holds {points} distinct points but study.trials = {trials}: keras-tuner's {oracle} oracle "
+            "draws each point once; lower study.trials or widen [search]"
+        )
 
 
 def _shown(value: Any) -> Any:

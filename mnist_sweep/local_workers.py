@@ -144,6 +144,9 @@ def arrange(
     """
     cpus = placement.usable_cpus()
     workers = cfg.study.workers
+    if workers == "auto" and cfg.study.engine == "keras-tuner":
+        echo("study.workers = 'auto': 1, since study.engine = 'keras-tuner' runs its oracle in one process")
+        workers = 1
     if workers == "auto":
         from mnist_sweep.packing import resolve_auto
 

@@ -27,10 +27,14 @@ FIT_SECONDS_ATTR = "fit_seconds"
 TRACKING_SECONDS_ATTR = "tracking_seconds"
 FAIL_REASON_ATTR = "fail_reason"
 BASELINE_ATTR = "baseline"  # True on the trial that trains the lecture's own network (baseline.py)
+# study.engine = "keras-tuner": the oracle's trial id, and (hyperband) the epochs the oracle gave the trial
+KERAS_TUNER_TRIAL_ID_ATTR = "keras_tuner_trial_id"
+KERAS_TUNER_EPOCHS_ATTR = "keras_tuner_epochs"
 
 # --------------------------------------------------------------------------- Optuna: the study's user attributes
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+ENGINE_ATTR = "engine"  # "optuna" or "keras-tuner/<oracle>": a rerun must use the same
 TEST_RESULT_ATTR = "test_result"
 # On the seal study (`<study>.test-seal`): who claimed the test set, and when.
 CLAIMED_BY_ATTR = "claimed_by"

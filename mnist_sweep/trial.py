@@ -58,6 +58,14 @@ class TrainSettings:
         return metric_maximizes(self.monitor)
 
 
+@dataclass(frozen=True)
+class WarmStart:
+    """Go on from an earlier trial of the same hyperparameters: its weights, after its `initial_epoch` epochs."""
+
+    weights: list[np.ndarray]
+    initial_epoch: int
+
+
 @dataclass
 class TrialOutcome:
     """What one finished fit produced."""
@@ -196,10 +204,12 @@ def run_trial(
     epoch_hooks: Sequence[EpochHook] = (),
     batch_hooks: Sequence[BatchHook] = (),
     session: TrialSession | None = None,
+    warm_start: WarmStart | None = None,
 ) -> TrialOutcome:
     """Fit one model with `params` on `split` and measure it on the validation images.
 
     `session` is the process's when it runs several trials (a sweep); without one the trial runs alone.
+    `warm_start`: train epochs initial_epoch + 1 .. settings.epochs from those weights (keras-tuner's hyperband).
     """
     if session is not None:
         session.fresh(seed)
@@ -216,6 +226,7 @@ def run_trial(
             steps_per_execution=settings.steps_per_execution,
             metrics=("accuracy", ConfusionCounts()),
         )
+    initial_epoch = _go_on_from(warm_start, model, steps_per_epoch) if warm_start else 0
     callbacks = _callbacks(settings, epoch_hooks, batch_hooks)
     started = time.perf_counter()
     history = model.fit(
@@ -223,12 +234,21 @@ def run_trial(
         split.y_train,
         batch_size=batch_size,
         epochs=settings.epochs,
+        initial_epoch=initial_epoch,
         validation_data=(split.x_val, split.y_val),
         callbacks=callbacks,
         verbose=0,
     ).history
     fit_seconds = time.perf_counter() - started
-    return _evaluate(model, history, fit_seconds, settings)
+    return _evaluate(model, history, fit_seconds, settings, initial_epoch=initial_epoch)
+
+
+def _go_on_from(warm_start: WarmStart, model: keras.Model, steps_per_epoch: int) -> int:
+    """The earlier trial's weights in `model`; returns the epoch fit starts after."""
+    model.set_weights(warm_start.weights)
+    # A fresh optimizer (keras-tuner reloads weights only), its learning-rate schedule where it was.
+    model.optimizer.iterations.assign(warm_start.initial_epoch * steps_per_epoch)
+    return warm_start.initial_epoch
 
 
 def _callbacks(
@@ -277,8 +297,10 @@ def _evaluate(
     history: Mapping[str, list[float]],
     fit_seconds: float,
     settings: TrainSettings,
+    *,
+    initial_epoch: int = 0,
 ) -> TrialOutcome:
-    epochs_trained = len(history["loss"])
+    epochs_trained = len(history["loss"])  # this trial's own epochs (not a warm start's earlier ones)
     # With early stopping the weights are the best epoch's, so report that epoch's numbers.
     restored = settings.early_stopping_patience > 0 and epochs_trained > 0
     choose = np.argmax if settings.monitor_maximizes else np.argmin
@@ -289,7 +311,7 @@ def _evaluate(
     return TrialOutcome(
         history={k: [float(v) for v in values] for k, values in history.items() if k in EPOCH_METRICS},
         epochs_trained=epochs_trained,
-        best_epoch=best + 1,
+        best_epoch=initial_epoch + best + 1,
         val_loss=float(history["val_loss"][best]),
         val_accuracy=report.overall_accuracy,
         report=report,

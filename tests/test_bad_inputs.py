@@ -134,6 +134,11 @@ def section(name: str, text: str, *expect: str) -> Bad:
     return Bad(name, expect, sweep=VALID + "\n" + text)
 
 
+def in_study(name: str, text: str, *expect: str) -> Bad:
+    """Keys added to [study] (and, after them, any sections `text` opens)."""
+    return Bad(name, expect, sweep=VALID.replace("trials = 2\n", f"trials = 2\n{text}\n", 1))
+
+
 def data(name: str, make: Callable[[Path, Path], Path], *expect: str, unprivileged: bool = False) -> Bad:
     return Bad(name, ("data.path", *expect), data=make, unprivileged=unprivileged)
 
@@ -164,6 +169,45 @@ CASES = [
     setting("unknown-activation", 'search.activation=["relu", "relu6"]', "search.activation", "relu6"),
     setting("unknown-sampler", 'study.sampler="grid"'),
     setting("unknown-pruner", 'study.pruner="hyperband"'),
+    # study.engine: each engine's keys, and a space keras-tuner's HyperParameters cannot hold
+    setting("unknown-engine", 'study.engine="kerastuner"'),
+    setting("keras-tuner-oracle-with-optuna", 'study.sampler="hyperband"', "study.sampler", "hyperband", "optuna"),
+    setting("hyperband-factor-with-optuna", "study.hyperband_factor=4", "study.hyperband_factor", "4"),
+    in_study(
+        "optuna-sampler-with-keras-tuner",
+        'engine = "keras-tuner"\nsampler = "tpe"',
+        "study.sampler",
+        "'tpe'",
+        "keras-tuner",
+    ),
+    in_study("unknown-oracle", 'engine = "keras-tuner"\nsampler = "grid"', "study.sampler", "grid"),
+    in_study(
+        "optuna-pruner-with-hyperband",
+        'engine = "keras-tuner"\nsampler = "hyperband"\npruner = "median"',
+        "study.pruner",
+        "median",
+        "hyperband",
+    ),
+    in_study(
+        "optuna-pruner-key-with-hyperband",
+        'engine = "keras-tuner"\nsampler = "hyperband"\npruner_warmup_epochs = 2',
+        "study.pruner_warmup_epochs",
+        "2",
+    ),
+    in_study(
+        "keras-tuner-mixed-type-choice",
+        'engine = "keras-tuner"\n\n[search]\nlearning_rate = [0.001, 1]',
+        "search.learning_rate",
+        "one type",
+    ),
+    in_study(
+        "keras-tuner-space-smaller-than-trials",
+        'engine = "keras-tuner"\nsampler = "random"\n\n[search]\noptimizer = "adam"\nlearning_rate = 0.001\n'
+        "batch_size = 128\nactivation = ['relu']",
+        "search",
+        "1 distinct points",
+        "study.trials = 2",
+    ),
     setting("percentile-out-of-range", "study.pruner_percentile=0", "study.pruner_percentile", "0"),
     setting("unknown-metric", 'study.metric="val_f1"'),
     setting("unknown-direction", 'study.direction="max"'),
