@@ -100,5 +100,9 @@ class SealedTestSetError(RuntimeError):
     """Something asked for the test images while trials run: a bug, shown with its traceback."""
 
 
+class OracleStopped(RuntimeError):
+    """keras-tuner's oracle gave no values for a trial (its search space is exhausted); the trial fails with this."""
+
+
 class MissingParamError(KeyError):
     """A run's params lack a key that retraining needs: not a (finished) mnist-sweep trial run."""

@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep.config import Choice, ParamSpec, Range, SweepConfig
 from mnist_sweep.databases import sqlite_file
-from mnist_sweep.errors import StudyMismatchError, UserError
+from mnist_sweep.errors import OracleStopped, StudyMismatchError, UserError
 from mnist_sweep.records import (
     ENGINE_ATTR,
     FAIL_REASON_ATTR,
@@ -57,10 +57,6 @@ HYPERBAND_VALUES = {
     "tuner/round": "keras_tuner_round",
     "tuner/trial_id": "keras_tuner_promoted_from",  # the oracle trial whose model this one trains on
 }
-
-
-class OracleStopped(RuntimeError):
-    """The oracle gave no values for a trial (its search space is exhausted); the trial fails with this."""
 
 
 def engine_label(cfg: SweepConfig) -> str:

@@ -11,8 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep.config import SweepConfig, build_config
-from mnist_sweep.errors import StudyMismatchError
-from mnist_sweep.keras_tuner_engine import ORACLE_STATE, OracleSampler, OracleStopped, check_engine, oracle_dir
+from mnist_sweep.errors import OracleStopped, StudyMismatchError
+from mnist_sweep.keras_tuner_engine import ORACLE_STATE, OracleSampler, check_engine, oracle_dir
 from mnist_sweep.records import ENGINE_ATTR, KERAS_TUNER_EPOCHS_ATTR, KERAS_TUNER_TRIAL_ID_ATTR
 from mnist_sweep.space import sample_params
 from tests.conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args
