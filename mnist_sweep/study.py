@@ -34,7 +34,7 @@ from mnist_sweep.records import (
     RunParams,
 )
 from mnist_sweep.space import sample_params
-from mnist_sweep.tracking import Tracker
+from mnist_sweep.tracking import UPLOAD_GRACE_SECONDS, Tracker
 
 if TYPE_CHECKING:
     from mnist_sweep.trial import TrainSettings, TrialOutcome
@@ -166,14 +166,22 @@ def close_stale_runs(study: optuna.Study, tracker: Tracker, parent_run_id: str) 
     if not running_runs:
         return 0
     # Found by MLflow's trial-number tag, so a run made just before a kill, not yet linked, is found too.
-    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     closed = 0
     for run_id, number in running_runs:
-        state = states.get(number)
-        if state != TrialState.RUNNING:
+        state = trials[number].state if number in trials else None
+        if state != TrialState.RUNNING and not _uploading(trials.get(number)):
             reason = f"its worker stopped; Optuna recorded trial {number} as {state.name if state else 'missing'}"
             closed += tracker.close_orphaned_run(run_id, reason)
     return closed
+
+
+def _uploading(trial: FrozenTrial | None) -> bool:
+    """A COMPLETE trial whose run is still RUNNING may be a live worker storing its artifacts (a killed one's
+    upload never ends: after UPLOAD_GRACE_SECONDS its run is closed)."""
+    if trial is None or trial.state != TrialState.COMPLETE or trial.datetime_complete is None:
+        return False
+    return (datetime.datetime.now() - trial.datetime_complete).total_seconds() < UPLOAD_GRACE_SECONDS
 
 
 def wait_for_running_trials(
@@ -337,7 +345,7 @@ class Objective:
                     batch_hooks=[self.progress.batch],
                     session=self.session,
                 )
-            value = self._log_outcome(trial, run_id, outcome, logging_hook)
+            model_id, value = self._log_outcome(trial, run_id, outcome, logging_hook)
         except optuna.TrialPruned as exc:
             self._end(trial, run_id, state="PRUNED", message=str(exc), pruned_epoch=pruning_hook.last_epoch)
             raise
@@ -347,12 +355,19 @@ class Objective:
         except Exception as exc:
             self._end(trial, run_id, state="FAIL", message=_reason(exc), traceback_text=traceback.format_exc())
             raise
-        self._end(trial, run_id, state="COMPLETE", metrics={"tracking_seconds": logging_hook.seconds})
+        if not _still_running(trial):
+            self._end(trial, run_id, state="COMPLETE")  # raises TrialTakenOver
+        # The run ends FINISHED once the uploads thread has stored the artifacts, overlapping the next trial.
+        self.tracker.finish_trial_run(
+            run_id, outcome, model_id=model_id, metrics={"tracking_seconds": logging_hook.seconds}
+        )
         return value
 
-    def _log_outcome(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, logging_hook: TimedHook) -> float:
+    def _log_outcome(
+        self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, logging_hook: TimedHook
+    ) -> tuple[str, float]:
         started = time.perf_counter()
-        model_uri = self.tracker.log_outcome(run_id, outcome)
+        model_id, model_uri = self.tracker.reserve_model(run_id)
         trial.set_user_attr(MODEL_URI_KEY, model_uri)
         trial.set_user_attr(EPOCHS_TRAINED_ATTR, outcome.epochs_trained)
         trial.set_user_attr(VAL_LOSS_ATTR, outcome.val_loss)
@@ -360,7 +375,7 @@ class Objective:
         trial.set_user_attr(FIT_SECONDS_ATTR, round(outcome.fit_seconds, 3))
         logging_hook.seconds += time.perf_counter() - started
         trial.set_user_attr(TRACKING_SECONDS_ATTR, round(logging_hook.seconds, 3))
-        return outcome.metric(self.cfg.study.metric)
+        return model_id, outcome.metric(self.cfg.study.metric)
 
     def _end(
         self,
@@ -412,6 +427,7 @@ def run_trials(
         FailureBudget(max_failures),
         settler,
         stop_if_interrupted,
+        lambda study, trial: objective.tracker.uploads.raise_if_failed(),
         optuna.study.MaxTrialsCallback(target, states=FINISHED),
     ]
     try:
@@ -427,6 +443,11 @@ def run_trials(
                 if taken.interrupt is not None:
                     raise taken.interrupt from None
                 stop_if_interrupted(study, None)
+    except BaseException:
+        objective.tracker.uploads.wait(raise_errors=False)  # a FINISHED run has its artifacts (BackgroundUploads)
+        raise
+    else:
+        objective.tracker.uploads.wait()
     finally:
         objective.progress.close()  # before any later line or error, so the display does not linger
     return lines.ran
