@@ -39,7 +39,7 @@ from mnist_sweep.records import (
     VAL_LOSS_ATTR,
     TestResult,
 )
-from mnist_sweep.tracking import UPLOAD_GRACE_SECONDS, Tracker, global_tracking_uri
+from mnist_sweep.tracking import Tracker, global_tracking_uri
 
 if TYPE_CHECKING:
     import keras
@@ -97,13 +97,14 @@ def artifacts_stored(tracker: Tracker, trial: FrozenTrial) -> bool:
     """Whether the trial's run is FINISHED, which it becomes only once its model and reports are stored
     (tracking.BackgroundUploads); an upload still running in another worker is waited for."""
 
-    def status() -> str | None:
-        found = tracker.run_status(str(trial.user_attrs.get(RUN_ID_ATTR, "")))
-        return None if found == "RUNNING" else (found or "")
+    run_id = str(trial.user_attrs.get(RUN_ID_ATTR, ""))
 
-    completed = trial.datetime_complete or datetime.now()
-    left = UPLOAD_GRACE_SECONDS - (datetime.now() - completed).total_seconds()
-    return interrupt.poll(status, every=POLL_SECONDS, timeout=max(left, 0.0)) == "FINISHED"
+    def status() -> str | None:
+        if tracker.upload_may_be_running(run_id, completed=trial.datetime_complete):
+            return None
+        return tracker.run_status(run_id) or ""
+
+    return interrupt.poll(status, every=POLL_SECONDS) == "FINISHED"
 
 
 def load_scored_model(model_uri: str, *, tracking_uri: str) -> keras.Model:

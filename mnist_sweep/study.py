@@ -34,7 +34,7 @@ from mnist_sweep.records import (
     RunParams,
 )
 from mnist_sweep.space import sample_params
-from mnist_sweep.tracking import UPLOAD_GRACE_SECONDS, Tracker
+from mnist_sweep.tracking import Tracker
 
 if TYPE_CHECKING:
     from mnist_sweep.trial import TrainSettings, TrialOutcome
@@ -169,19 +169,21 @@ def close_stale_runs(study: optuna.Study, tracker: Tracker, parent_run_id: str) 
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     closed = 0
     for run_id, number in running_runs:
-        state = trials[number].state if number in trials else None
-        if state != TrialState.RUNNING and not _uploading(trials.get(number)):
+        trial = trials.get(number)
+        state = trial.state if trial else None
+        if state != TrialState.RUNNING and not _uploading(trial, tracker, run_id):
             reason = f"its worker stopped; Optuna recorded trial {number} as {state.name if state else 'missing'}"
+            if state == TrialState.COMPLETE:
+                reason += ", but its model and reports were not all stored; finalize never scores it"
             closed += tracker.close_orphaned_run(run_id, reason)
     return closed
 
 
-def _uploading(trial: FrozenTrial | None) -> bool:
-    """A COMPLETE trial whose run is still RUNNING may be a live worker storing its artifacts (a killed one's
-    upload never ends: after UPLOAD_GRACE_SECONDS its run is closed)."""
-    if trial is None or trial.state != TrialState.COMPLETE or trial.datetime_complete is None:
+def _uploading(trial: FrozenTrial | None, tracker: Tracker, run_id: str) -> bool:
+    """A COMPLETE trial's run still RUNNING may be a live worker storing its artifacts (BackgroundUploads)."""
+    if trial is None or trial.state != TrialState.COMPLETE:
         return False
-    return (datetime.datetime.now() - trial.datetime_complete).total_seconds() < UPLOAD_GRACE_SECONDS
+    return tracker.upload_may_be_running(run_id, completed=trial.datetime_complete)
 
 
 def wait_for_running_trials(

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import functools
 import io
 import json
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -143,6 +146,25 @@ def _create_mlflow_tables(uri: str) -> None:
 
 
 UPLOAD_GRACE_SECONDS = 120.0
+PROCESS_TAG = "mnist_sweep.process"  # host:pid of the process that trains the trial and stores its artifacts
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_ended(name: str) -> bool:
+    """Whether `name` (host:pid) is a process of this host that has ended; other hosts' are not known."""
+    host, _, pid = name.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class BackgroundUploads:
@@ -152,7 +174,7 @@ class BackgroundUploads:
     training thread. Here they overlap the next fit. What a crash leaves stays consistent because a trial's
     run ends FINISHED only as the last step of its upload: a process killed mid-upload leaves its run
     RUNNING, the next `run` closes it as KILLED (once UPLOAD_GRACE_SECONDS have passed since its Optuna
-    trial completed; before that it may be another live worker's upload), and finalize never scores a
+    trial completed, at once if its process on this host has ended), and finalize never scores a
     trial whose run is not FINISHED. Ctrl-C, SIGTERM, an error and the end of the loop all wait for the
     uploads first (study.run_trials). An upload that fails ends its run FAILED and is raised on the
     training thread after the next trial, as the same error a synchronous upload would have raised.
@@ -311,6 +333,7 @@ class Tracker:
                 STUDY_TAG: study_name,
                 TRIAL_NUMBER_TAG: str(trial_number),
                 STATE_TAG: "RUNNING",
+                PROCESS_TAG: this_process(),
                 **self._machine_tags,
             },
         )
@@ -437,6 +460,17 @@ class Tracker:
             return str(self.client.get_run(run_id).info.status)
         except MlflowException:
             return None
+
+    def upload_may_be_running(self, run_id: str, *, completed: datetime.datetime | None) -> bool:
+        """Whether a RUNNING run of a COMPLETE trial (completed then) may still be getting its artifacts
+        (BackgroundUploads): its process has not ended and UPLOAD_GRACE_SECONDS have not passed."""
+        if completed is None or (datetime.datetime.now() - completed).total_seconds() >= UPLOAD_GRACE_SECONDS:
+            return False
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return run.info.status == "RUNNING" and not process_ended(run.data.tags.get(PROCESS_TAG, ""))
 
     def running_trial_runs(self, parent_run_id: str) -> list[tuple[str, int]]:
         """(run id, trial number) of the study's trial runs that MLflow still has as RUNNING."""
