@@ -173,10 +173,19 @@ def close_stale_runs(study: optuna.Study, tracker: Tracker, parent_run_id: str) 
         state = trial.state if trial else None
         if state != TrialState.RUNNING and not _uploading(trial, tracker, run_id):
             reason = f"its worker stopped; Optuna recorded trial {number} as {state.name if state else 'missing'}"
-            if state == TrialState.COMPLETE:
-                reason += ", but its model and reports were not all stored; finalize never scores it"
+            if state == TrialState.COMPLETE and trial is not None:
+                reason += f", but its model and reports were not all stored; {REDONE}"
+                if tracker.close_orphaned_run(run_id, reason):
+                    # Optuna cannot take a COMPLETE back: finalize skips it, and its parameters train again.
+                    study.enqueue_trial(trial.params, user_attrs={REDO_OF_ATTR: number})
+                    closed += 1
+                continue
             closed += tracker.close_orphaned_run(run_id, reason)
     return closed
+
+
+REDO_OF_ATTR = "redo_of_trial"  # a trial that trains again the parameters of one whose artifacts were lost
+REDONE = "finalize never scores it and its parameters are trained again"
 
 
 def _uploading(trial: FrozenTrial | None, tracker: Tracker, run_id: str) -> bool:

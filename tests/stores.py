@@ -107,6 +107,11 @@ def assert_runs_linked(study: optuna.Study, runs: list[Run]) -> None:
     for trial in finished:
         run = by_id[trial.user_attrs[RUN_ID_ATTR]]
         assert run.data.tags["optuna.trial_number"] == str(trial.number)
+        if run.info.status == "KILLED" and "not all stored" in run.data.tags.get("state_reason", ""):
+            # killed while its artifacts were stored (tracking.BackgroundUploads): its parameters trained again
+            redo = [t for t in study.trials if t.user_attrs.get("redo_of_trial") == trial.number]
+            assert [t.params for t in redo] == [trial.params], f"trial {trial.number} lost its model, not redone"
+            continue
         assert run.info.status == "FINISHED"
     numbers = [r.data.tags["optuna.trial_number"] for r in children]
     finished_numbers = {str(t.number) for t in finished}

@@ -29,7 +29,7 @@ REPORT_FILES = {
 
 
 def sweep_args() -> list[str]:
-    return [str(DEFAULT_SWEEP), *small_sweep_args("--set", "study.heartbeat_seconds=2", trials=3)]
+    return [str(DEFAULT_SWEEP), *small_sweep_args("--set", "study.heartbeat_seconds=2", trials=2)]
 
 
 def stop_right_after_first_trial(process: subprocess.Popen[str], folder: Path, signum: int) -> None:
@@ -79,8 +79,10 @@ def test_sigkill_right_after_a_trial_leaves_every_finished_run_complete_and_the_
         run = by_id[trial.user_attrs["mlflow_run_id"]]
         if run.info.status == "FINISHED":
             assert_artifacts_complete(tmp_path, run)
-        else:  # killed while storing its artifacts: closed, and never the scored trial
+        else:  # killed while storing its artifacts: closed, never scored, its parameters trained again
             assert run.info.status == "KILLED" and "not all stored" in run.data.tags["state_reason"]
+            redo = [t for t in study.trials if t.user_attrs.get("redo_of_trial") == trial.number]
+            assert [t.params for t in redo] == [trial.params] and redo[0].state == COMPLETE
     scored = study.user_attrs["test_result"]["trial_number"]
     assert by_id[study.trials[scored].user_attrs["mlflow_run_id"]].info.status == "FINISHED"
 
