@@ -182,11 +182,17 @@ class BackgroundUploads:
 
     def __init__(self, tracker: Tracker) -> None:
         self._tracker = tracker
+        self.background = True  # False: each upload runs at once on the caller's thread (bench/overhead's A/B)
         self._jobs: queue.Queue[tuple[str, Callable[[], None]]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._errors: list[BaseException] = []
 
     def submit(self, run_id: str, job: Callable[[], None]) -> None:
+        if not self.background:
+            self.wait()
+            self._run(run_id, job)
+            self.raise_if_failed()
+            return
         if self._thread is None:
             # A daemon: a process that exits without waiting (a second signal) must not hang; its run stays
             # RUNNING, never FINISHED without its artifacts.
@@ -209,15 +215,19 @@ class BackgroundUploads:
         while True:
             run_id, job = self._jobs.get()
             try:
-                job()
-            except BaseException as exc:  # kept for the training thread to raise
-                self._errors.append(exc)
-                with contextlib.suppress(Exception):  # the store may be what failed: then the run stays RUNNING
-                    self._tracker.end_trial_run(
-                        run_id, state="FAIL", message=f"storing the trial's artifacts failed: {first_line(exc)}"
-                    )
+                self._run(run_id, job)
             finally:
                 self._jobs.task_done()
+
+    def _run(self, run_id: str, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as exc:  # kept for the training thread to raise
+            self._errors.append(exc)
+            with contextlib.suppress(Exception):  # the store may be what failed: then the run stays RUNNING
+                self._tracker.end_trial_run(
+                    run_id, state="FAIL", message=f"storing the trial's artifacts failed: {first_line(exc)}"
+                )
 
 
 class Tracker:
