@@ -353,7 +353,8 @@ class Objective:
                     settings=self.settings,
                     seed=seed,
                     epoch_hooks=[self.progress.epoch, logging_hook, pruning_hook],
-                    batch_hooks=[self.progress.batch],
+                    # an earlier trial's failed upload (a full disk) stops this one within a few steps
+                    batch_hooks=[self.progress.batch, self.tracker.uploads.raise_if_failed],
                     session=self.session,
                 )
             model_id, value = self._log_outcome(trial, run_id, outcome, logging_hook)
@@ -438,7 +439,7 @@ def run_trials(
         FailureBudget(max_failures),
         settler,
         stop_if_interrupted,
-        lambda study, trial: objective.tracker.uploads.raise_if_failed(),
+        objective.tracker.uploads.raise_if_failed,
         optuna.study.MaxTrialsCallback(target, states=FINISHED),
     ]
     try:

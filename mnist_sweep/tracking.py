@@ -177,7 +177,8 @@ class BackgroundUploads:
     trial completed, at once if its process on this host has ended), and finalize never scores a
     trial whose run is not FINISHED. Ctrl-C, SIGTERM, an error and the end of the loop all wait for the
     uploads first (study.run_trials). An upload that fails ends its run FAILED and is raised on the
-    training thread after the next trial, as the same error a synchronous upload would have raised.
+    training thread within a few steps of the next trial and after it, as the same error a synchronous upload
+    would have raised (a full disk: one line, and rerun).
     """
 
     def __init__(self, tracker: Tracker) -> None:
@@ -206,10 +207,10 @@ class BackgroundUploads:
         if raise_errors:
             self.raise_if_failed()
 
-    def raise_if_failed(self) -> None:
+    def raise_if_failed(self, *args: object) -> None:
+        """Raise the first upload failure, every time (the process is to stop); takes and ignores a hook's args."""
         if self._errors:
-            error, self._errors = self._errors[0], []
-            raise error
+            raise self._errors[0]
 
     def _work(self) -> None:
         while True:
