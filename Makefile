@@ -10,7 +10,7 @@ ifneq ($(wildcard ../shared/data/mnist),)
 export MNIST_SWEEP_DATA ?= $(abspath ../shared/data/mnist)
 endif
 
-.PHONY: sweep test lint ui dashboard install install-dev bench-overhead bench-epoch bench-memory bench-search bench-backends bench-gpu
+.PHONY: sweep test lint ui dashboard install install-dev bench-overhead bench-epoch bench-memory bench-search bench-backends bench-gpu bench-packing
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,9 @@ bench-backends: $(VENV)/.installed-dev  ## epoch time of the default trial per K
 
 bench-gpu: $(VENV)/.installed-dev       ## on a GPU machine: epoch time by batch size, 1-8 workers on one GPU
 	$(BIN)/python bench/gpu.py
+
+bench-packing: $(VENV)/.installed-dev   ## 1 process on all cores against 1 per core, batch 64/128/256
+	$(BIN)/python bench/packing.py
 
 bench-search: $(VENV)/.installed-dev     ## the default sweep, pruning off, random sampler (hours on 2 cores)
 	$(BIN)/python bench/search.py

@@ -1,10 +1,16 @@
-"""The default sweep on full MNIST, then the same sweep with pruning off and with the random sampler.
+"""The default sweep on full MNIST against pruning off, random sampling, keras-tuner's oracles and local workers.
+
+The same sweep with pruning off, with the random sampler, with keras-tuner's hyperband and bayesian
+oracles (study.engine = "keras-tuner"; same space, seed, data and epochs), and in 1, 2 or `auto` local workers.
 
 Reports wall time, epochs spent, best validation accuracy and the once-scored test accuracy of each, and
-plots best-validation-accuracy against epochs spent for the three (bench/search.html).
+plots best-validation-accuracy against epochs spent and against wall time for all of them (bench/search.html;
+with --trials, --epochs or --set: bench/search-reduced.html, results in bench/search_runs/reduced/).
 
     python bench/search.py                       # the real benchmark (hours on 2 cores)
-    python bench/search.py --set study.trials=4 --set train.epochs=2 --set data.train_limit=5000   # smoke
+    python bench/search.py --only 5 --only 6 --only 7   # 1 worker, 2 workers, --workers auto (same seed)
+    python bench/search.py --trials 13 --epochs 9 --set data.train_limit=10000   # every variant, reduced
+    python bench/search.py --trials 4 --epochs 2 --set data.train_limit=2000     # smoke
 """
 
 from __future__ import annotations
@@ -22,10 +28,20 @@ from typing import Any
 from _common import REPO, data_dir, record, table
 
 SAVED = REPO / "bench" / "search_runs"
+KERAS_TUNER = ["--set", "study.engine='keras-tuner'", "--set", "study.pruner='none'"]
 VARIANTS = {
     "default (TPE + median pruner)": [],
     "pruning off": ["--set", "study.pruner='none'"],
     "random sampler": ["--set", "study.sampler='random'"],
+    # keras-tuner's oracles as keras-tuner runs them: no Optuna pruner. Hyperband trains each trial for the
+    # epochs its bracket gives (a promotion on from its earlier model); at 20 epochs and factor 3, 30 trials
+    # are one full iteration. Bayesian draws 3 random points per searched key before its Gaussian process.
+    "hyperband (keras-tuner)": [*KERAS_TUNER, "--set", "study.sampler='hyperband'"],
+    "bayesian (keras-tuner)": [*KERAS_TUNER, "--set", "study.sampler='bayesian'"],
+    # Local workers, same seed, measured in one invocation (--only 5 6 7) so the wall times compare.
+    "1 worker": ["--workers", "1"],
+    "2 workers": ["--workers", "2"],
+    "auto workers": ["--workers", "auto"],
 }
 
 
@@ -43,13 +59,14 @@ def run_variant(name: str, extra: list[str], overrides: list[str], folder: Path)
     result = {"name": name, "wall": wall, **read_study(workdir)}
     result["threads"] = os.environ.get("TF_NUM_INTRAOP_THREADS", "default")
     result["overrides"] = overrides
-    SAVED.mkdir(exist_ok=True)
+    SAVED.mkdir(parents=True, exist_ok=True)
     (SAVED / f"{slug(name)}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 def slug(name: str) -> str:
-    return name.split(" ")[0]
+    first, *rest = name.split(" ")
+    return f"{first}-{rest[0]}" if first.isdigit() or first == "auto" else first  # "2-workers", not "2"
 
 
 def saved_results(skip: set[str]) -> list[dict[str, Any]]:
@@ -71,13 +88,18 @@ def read_study(workdir: Path) -> dict[str, Any]:
     (summary,) = [s for s in optuna.get_all_study_summaries(storage) if not s.study_name.endswith(".test-seal")]
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
     curve: list[tuple[int, float]] = []
+    curve_time: list[tuple[float, float]] = []  # seconds since the first trial started, best so far
     epochs = 0
     best = 0.0
-    for trial in sorted(study.trials, key=lambda t: t.number):
+    trials = sorted(study.trials, key=lambda t: t.number)
+    started = min((t.datetime_start for t in trials if t.datetime_start), default=None)
+    for trial in trials:
         epochs += len(trial.intermediate_values)
         if trial.intermediate_values:
             best = max(best, max(trial.intermediate_values.values()))
         curve.append((epochs, best))
+        if started and trial.datetime_complete:
+            curve_time.append(((trial.datetime_complete - started).total_seconds(), best))
     result = TestResult.from_dict(study.user_attrs[TEST_RESULT_ATTR])
     chosen = next(t for t in study.trials if t.number == result.trial_number)
     return {
@@ -87,39 +109,66 @@ def read_study(workdir: Path) -> dict[str, Any]:
         "best_val": best,
         "test": result.test_accuracy,
         "curve": curve,
+        "curve_time": curve_time,
+        "engine": study.user_attrs.get("engine", "optuna"),
         "trials": len(study.trials),
     }
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     import plotly.graph_objects as go
+    from plotly.colors import qualitative
+    from plotly.subplots import make_subplots
 
-    figure = go.Figure()
-    for result in results:
-        xs, ys = zip(*result["curve"], strict=True)
-        figure.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=result["name"], line_shape="hv"))
-    figure.update_layout(
-        title="best validation accuracy against epochs spent",
-        xaxis_title="epochs spent (all trials)",
-        yaxis_title="best val_accuracy so far",
-    )
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("against epochs spent", "against wall time"))
+    for index, result in enumerate(results):
+        color = qualitative.Plotly[index % len(qualitative.Plotly)]
+        for column, key in ((1, "curve"), (2, "curve_time")):
+            if not result.get(key):  # runs saved before wall time was recorded
+                continue
+            xs, ys = zip(*result[key], strict=True)
+            xs = tuple(x / 60 for x in xs) if key == "curve_time" else xs
+            figure.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=ys,
+                    mode="lines+markers",
+                    name=result["name"],
+                    legendgroup=result["name"],
+                    showlegend=column == 1,
+                    line={"shape": "hv", "color": color},
+                ),
+                row=1,
+                col=column,
+            )
+    figure.update_xaxes(title_text="epochs spent (all trials)", row=1, col=1)
+    figure.update_xaxes(title_text="minutes since the first trial started", row=1, col=2)
+    figure.update_yaxes(title_text="best val_accuracy so far", row=1, col=1)
+    figure.update_layout(title="best validation accuracy so far, every variant")
     figure.write_html(path, include_plotlyjs="cdn")  # a small file to commit; plotly.js comes from its CDN
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--trials", type=int, help="study.trials of every variant (a smaller budget)")
+    parser.add_argument("--epochs", type=int, help="train.epochs of every variant (hyperband's max_epochs)")
     parser.add_argument(
         "--only",
         choices=range(len(VARIANTS)),
         type=int,
         action="append",
-        help="run only these variants (0 default, 1 pruning off, 2 random sampler)",
+        help="run only these variants (" + ", ".join(f"{index} {name}" for index, name in enumerate(VARIANTS)) + ")",
     )
     parser.add_argument("--replot", action="store_true", help="only redraw bench/search.html from bench/search_runs/")
     args = parser.parse_args()
+    args.overrides += [f"study.trials={args.trials}"] if args.trials else []
+    args.overrides += [f"train.epochs={args.epochs}"] if args.epochs else []
+    global SAVED  # a reduced budget keeps its results apart: the full benchmark's stay as measured
+    SAVED = SAVED / "reduced" if args.overrides else SAVED
+    plot_path = REPO / "bench" / ("search-reduced.html" if args.overrides else "search.html")
     if args.replot:
-        plot(saved_results(skip=set()), REPO / "bench" / "search.html")
+        plot(saved_results(skip=set()), plot_path)
         return
     chosen = [name for index, name in enumerate(VARIANTS) if args.only is None or index in args.only]
     results = []
@@ -128,7 +177,7 @@ def main() -> None:
             results.append(run_variant(name, VARIANTS[name], args.overrides, Path(folder)))
     results += saved_results(skip={r["name"] for r in results})
     results.sort(key=lambda r: list(VARIANTS).index(r["name"]))
-    plot(results, REPO / "bench" / "search.html")
+    plot(results, plot_path)
     rows = [
         [
             r["name"] + (" (earlier run)" if r.get("earlier") else ""),
@@ -154,8 +203,16 @@ def main() -> None:
             f"(target ≤ 60 %), best val accuracy {100 * (default['best_val'] - unpruned['best_val']):+.2f} points "
             "(target within 0.1)."
         )
-    body += f"\n\nOverrides: {args.overrides or 'none'}. Plot: bench/search.html"
-    record("bench/search: the default sweep, pruning off, random sampler", body)
+    one, two, auto = by_name.get("1 worker"), by_name.get("2 workers"), by_name.get("auto workers")
+    for name, packed in (("2 workers", two), ("auto workers", auto)):
+        if one and packed:
+            body += (
+                f"\n\n{name}: {packed['wall'] / one['wall']:.2f}x the wall time of 1 worker (target ≤ 0.7x with "
+                f"auto), test accuracy {packed['test']:.4f} (target ≥ 0.986), {packed['epochs']} epochs against "
+                f"{one['epochs']}."
+            )
+    body += f"\n\nOverrides: {args.overrides or 'none'}. Plot: {plot_path.relative_to(REPO)}"
+    record(f"bench/search: {', '.join(r['name'] for r in results if not r.get('earlier'))}", body)
 
 
 if __name__ == "__main__":

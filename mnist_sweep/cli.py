@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -90,7 +91,14 @@ def _parser() -> argparse.ArgumentParser:
         )
         return sub
 
-    command("run", "run trials until study.trials are finished, then score the chosen model on the test set once")
+    run = command("run", "run trials until study.trials are finished, then score the chosen model on the test set once")
+    run.add_argument(
+        "--workers",
+        metavar="N|auto",
+        help="train in N local processes, each pinned to its share of the cores or GPUs "
+        "(shortcut for --set study.workers=N; auto: the count measured fastest on this machine)",
+    )
+    run.add_argument("--force", action="store_true", help="allow more --workers than cores")
     command("worker", "join the study and run trials (never touches the test set)")
     finalize = command("finalize", "score the chosen trial's model on the test set once and write the report")
     finalize.add_argument(
@@ -121,6 +129,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
             overrides.append(f"{key}={value}")
     if args.data is not None:
         overrides.append("data.path=" + toml_string(args.data))
+    if getattr(args, "workers", None) is not None:
+        overrides.append(f"study.workers={args.workers}")
     return overrides
 
 
@@ -159,12 +169,29 @@ def _train_or_score(args: argparse.Namespace, cfg: SweepConfig) -> int:
         from mnist_sweep import sweep
 
         return sweep.finalize(cfg, source=source, echo=_echo, reclaim=args.reclaim)
+    from mnist_sweep import local_workers
+    from mnist_sweep.keras_tuner_engine import check_workers
+
+    if args.command == "worker":  # keras-tuner's oracle runs in one process: refused before anything is made
+        check_workers(cfg, as_worker=True)
+    elif isinstance(cfg.study.workers, int):
+        check_workers(cfg, workers=cfg.study.workers)
+    gpu_ids = local_workers.check(cfg, force=args.force) if args.command == "run" else []
     source, split = preflight.prepare(cfg, training=True)
+    local = None
+    if args.command == "run":  # resolves `auto` (a measurement), then pins this process to its share
+        loudness = ["--quiet"] if args.quiet else ["--verbose"] if args.verbose else []
+        child = functools.partial(local_workers.child_command, args.sweep, _overrides(args), loudness=loudness)
+        cfg, spec = local_workers.arrange(cfg, gpu_ids=gpu_ids, child_command=child, echo=_echo)
+        local = local_workers.start(spec, echo=_echo)
+        if isinstance(_console.progress, console.LiveProgress):  # its ETA shares the trials left among them
+            _console.progress.workers = 1 + len(spec.placements) if spec else 1
     _quiet_libraries(verbose=args.verbose)
     from mnist_sweep import sweep
 
     return sweep.run(
         cfg,
+        local=local,
         source=source,
         split=split,
         echo=_echo,

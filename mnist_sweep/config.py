@@ -33,6 +33,7 @@ METRIC_DIRECTIONS: dict[str, Literal["maximize", "minimize"]] = {"val_accuracy":
 POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 STORAGE_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "mysql+pymysql")
 TRACKING_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, "mysql", "http", "https")
+PLATEAU_KEYS = ("plateau_factor", "plateau_patience", "plateau_min_lr")  # [train] keys of lr_schedule = "plateau"
 MAX_STUDY_NAME = 100
 SEAL_SUFFIX = ".test-seal"  # the claim on a study's test set is a second study of this name (final.py)
 TRACKING_CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
@@ -194,20 +195,35 @@ class StudyConfig(_Section):
     trials: int = Field(default=30, ge=1)
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     direction: Literal["maximize", "minimize"] | None = None
-    sampler: Literal["tpe", "random"] = "tpe"
-    pruner: Literal["none", "median", "percentile", "successive_halving"] = "median"
+    engine: Literal["optuna", "keras-tuner"] = "optuna"  # who chooses each trial's hyperparameters
+    # optuna: tpe | random (default tpe); keras-tuner: the oracle, random | bayesian | hyperband (default bayesian)
+    sampler: Literal["tpe", "random", "bayesian", "hyperband"] | None = None
+    # Default: median with optuna; none with keras-tuner (its oracle decides how long a trial trains)
+    pruner: Literal["none", "median", "percentile", "successive_halving"] | None = None
     pruner_startup_trials: int = Field(default=5, ge=0)  # median, percentile: trials before any pruning
     pruner_warmup_epochs: int = Field(default=1, ge=0)  # epochs before a trial can be pruned (halving: >= 1)
     pruner_interval_epochs: int = Field(default=1, ge=1)  # median, percentile: consider pruning every N epochs
     pruner_percentile: float = Field(default=25.0, gt=0, lt=100)  # percentile: keep the top P % at each epoch
     pruner_reduction_factor: int = Field(default=3, ge=2)  # successive_halving: 1 in N goes on at each rung
+    hyperband_factor: int = Field(default=3, ge=2)  # keras-tuner hyperband: 1 in N goes on, N times the epochs
     seed: int = Field(default=42, ge=0, lt=2**31)  # NumPy's RandomState (inside the samplers) takes 0 .. 2**32 - 1
     storage: str = "sqlite:///mlruns/optuna.db"
     heartbeat_seconds: int = Field(default=60, ge=1)
     max_failures: int = Field(default=5, ge=1)
+    # The lecture's own network as the study's first trial, so the report shows what the sweep gained over it
+    # (baseline.py); skipped, with a line saying why, where its values lie outside the searched space.
+    baseline: bool = True
+    # Processes `run` trains in on this machine: itself and N - 1 `worker`s, each pinned to its share of
+    # the cores (or to a GPU); "auto" = the count measured fastest here (mnist_sweep/packing.py).
+    workers: int | str = 1
+    gpus: int | str = "all"  # GPUs the local workers spread over: "all" visible, 0 = CPU only, N = the first N
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
+        if self.workers != "auto" and (isinstance(self.workers, str) or self.workers < 1):
+            raise ValueError(f'study.workers must be a number of processes >= 1 or "auto", got {self.workers!r}')
+        if self.gpus != "all" and (isinstance(self.gpus, str) or self.gpus < 0):
+            raise ValueError(f'study.gpus must be "all", 0 (CPU only) or a number of GPUs, got {self.gpus!r}')
         if len(self.name) > MAX_STUDY_NAME:
             raise ValueError(
                 f"study.name must be at most {MAX_STUDY_NAME} characters (it names a folder and an MLflow "
@@ -231,6 +247,7 @@ class StudyConfig(_Section):
                 f"which is {expected}d; set direction = {expected!r} or leave it out"
             )
         _check_uri("study.storage", self.storage, STORAGE_SCHEMES)
+        _resolve_engine_keys(self)
         if self.pruner == "successive_halving" and self.pruner_warmup_epochs < 1:
             raise ValueError(
                 "study.pruner_warmup_epochs is the first rung of successive halving and must be >= 1, got 0"
@@ -241,6 +258,61 @@ class StudyConfig(_Section):
     def goal(self) -> Literal["maximize", "minimize"]:
         assert self.direction is not None  # filled in by the validator
         return self.direction
+
+
+OPTUNA_SAMPLERS = ("tpe", "random")
+KERAS_TUNER_ORACLES = ("random", "bayesian", "hyperband")
+OPTUNA_PRUNER_KEYS = (
+    "pruner_startup_trials",
+    "pruner_warmup_epochs",
+    "pruner_interval_epochs",
+    "pruner_percentile",
+    "pruner_reduction_factor",
+)
+
+
+def _resolve_engine_keys(study: StudyConfig) -> None:
+    """Fill in the engine's default sampler and pruner; refuse a key that belongs to the other engine."""
+    keras_tuner = study.engine == "keras-tuner"
+    if study.sampler is None:
+        object.__setattr__(study, "sampler", "bayesian" if keras_tuner else "tpe")
+    if study.pruner is None:
+        object.__setattr__(study, "pruner", "none" if keras_tuner else "median")
+    if keras_tuner and study.sampler not in KERAS_TUNER_ORACLES:
+        raise ValueError(
+            f"study.sampler = {study.sampler!r} is an Optuna sampler; with study.engine = 'keras-tuner' it names "
+            f"the oracle: {', '.join(KERAS_TUNER_ORACLES)}"
+        )
+    if not keras_tuner and study.sampler not in OPTUNA_SAMPLERS:
+        raise ValueError(
+            f"study.sampler = {study.sampler!r} is a keras-tuner oracle; the optuna engine samples with "
+            f"{' or '.join(OPTUNA_SAMPLERS)} (set study.engine = 'keras-tuner' to use it)"
+        )
+    hyperband = keras_tuner and study.sampler == "hyperband"
+    if not hyperband and _changed(study, "hyperband_factor"):
+        raise ValueError(
+            f"study.hyperband_factor = {study.hyperband_factor} belongs to keras-tuner's hyperband oracle "
+            f"(study.engine = 'keras-tuner', study.sampler = 'hyperband'), not to study.engine = {study.engine!r} "
+            f"with study.sampler = {study.sampler!r}; remove it"
+        )
+    if hyperband and study.pruner != "none":
+        raise ValueError(
+            f"study.pruner = {study.pruner!r} cannot run with keras-tuner's hyperband oracle, which decides itself "
+            "how many epochs each trial trains; leave study.pruner out (or set it to 'none')"
+        )
+    # A sweep file written for Optuna keeps its pruner keys when it says study.pruner = 'none': they are as
+    # inert as with Optuna and no pruner, and --set cannot remove a key from a file.
+    for key in OPTUNA_PRUNER_KEYS if hyperband and "pruner" not in study.model_fields_set else ():
+        if _changed(study, key):
+            raise ValueError(
+                f"study.{key} = {getattr(study, key)!r} belongs to Optuna's pruner, which keras-tuner's hyperband "
+                "oracle replaces; remove it (or set study.pruner = 'none' to keep it, unused)"
+            )
+
+
+def _changed(section: BaseModel, key: str) -> bool:
+    """Whether `key` holds other than its default: a default written out (as `validate` prints it) is no choice."""
+    return bool(getattr(section, key) != type(section).model_fields[key].default)
 
 
 class DataConfig(_Section):
@@ -280,7 +352,14 @@ class TrainConfig(_Section):
 
     epochs: int = Field(default=10, ge=1, le=10000)
     early_stopping_patience: int = Field(default=0, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
+    # plateau: Keras' ReduceLROnPlateau on study.metric. Keras' own defaults (factor 0.1, patience 10) would
+    # never fire within the default sweep's 20 epochs, and a tenfold drop ends Adam's progress at once.
+    # Halving after 2 epochs without improvement gives a 20-epoch trial up to ~6 reductions, a gentle
+    # staircase much like the cosine decay that measured best; 1e-6 (1/1000 of Adam's 1e-3) is the floor.
+    plateau_factor: float = Field(default=0.5, gt=0, lt=1)
+    plateau_patience: int = Field(default=2, ge=1)
+    plateau_min_lr: float = Field(default=1e-6, ge=0)
     # Batches per compiled step: fewer Python round trips, the same accuracy; 64 is no faster than 16.
     # Measured by bench/epoch.py: see bench/RESULTS.md.
     steps_per_execution: int = Field(default=16, ge=1, le=1024)
@@ -288,6 +367,37 @@ class TrainConfig(_Section):
     # softmax. Faster at large batches, slower at batch 32 (bench/epoch.py, see bench/RESULTS.md); not yet
     # measured over a whole sweep, so float32 stays the default.
     precision: Literal["float32", "mixed_bfloat16"] = "float32"
+    # Per-trial TensorBoard event files (loss, accuracy, learning rate per epoch), uploaded to the trial's
+    # run as `tensorboard/`. Needs the optional `tensorboard` package.
+    tensorboard: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.lr_schedule != "plateau":
+            for key in PLATEAU_KEYS:
+                value, default = getattr(self, key), type(self).model_fields[key].default
+                if value != default:
+                    raise ValueError(
+                        f'train.{key} = {value!r} applies only to train.lr_schedule = "plateau", '
+                        f'got lr_schedule = {self.lr_schedule!r}; remove it or set lr_schedule = "plateau"'
+                    )
+            return self
+        # The earliest reduction comes after epoch patience + 1; it must leave an epoch to train at the lower rate.
+        if self.plateau_patience > self.epochs - 2:
+            raise ValueError(
+                f"train.plateau_patience = {self.plateau_patience} leaves no epoch at a reduced rate with "
+                f"train.epochs = {self.epochs} (the first reduction comes after epoch patience + 1); "
+                f"set it to at most {max(self.epochs - 2, 0)} or train more epochs"
+            )
+        # Early stopping counts the same epochs without improvement: at or below the plateau patience it ends
+        # the trial before the reduced rate is ever used.
+        if 0 < self.early_stopping_patience <= self.plateau_patience:
+            raise ValueError(
+                f"train.early_stopping_patience = {self.early_stopping_patience} stops a trial before "
+                f'train.lr_schedule = "plateau" (patience {self.plateau_patience}) reduces the rate; '
+                "make it larger than train.plateau_patience, or 0"
+            )
+        return self
 
 
 class SearchConfig(_Section):
@@ -355,6 +465,20 @@ class SweepConfig(_Section):
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        spec = self.search.learning_rate
+        lowest = spec.low if isinstance(spec, Range) else min(float(v) for v in spec.values)
+        if self.train.lr_schedule == "plateau" and self.train.plateau_min_lr >= lowest:
+            raise ValueError(
+                f"train.plateau_min_lr = {self.train.plateau_min_lr!r} is not below the lowest "
+                f"search.learning_rate ({lowest!r}): the plateau schedule could never lower that rate; "
+                "set a smaller plateau_min_lr"
+            )
+        if self.study.engine == "keras-tuner":
+            _check_keras_tuner_space(self.search, trials=self.study.trials, oracle=self.study.sampler)
+        return self
+
     def to_toml(self) -> str:
         """The resolved configuration as a sweep file, every key spelled out."""
         return dumps_toml(self.to_dict())
@@ -368,6 +492,31 @@ class SweepConfig(_Section):
                 key: _shown(value) for key, value in ((k, getattr(section, k)) for k in type(section).model_fields)
             }
         return out
+
+
+def _check_keras_tuner_space(search: SearchConfig, *, trials: int, oracle: str | None) -> None:
+    """Refuse what keras-tuner's HyperParameters cannot hold, or an oracle cannot draw `trials` times."""
+    points = 1
+    for name, spec in search.specs().items():
+        if isinstance(spec, Choice):
+            kinds = sorted({type(v).__name__ for v in spec.values})
+            if len(kinds) > 1:
+                raise ValueError(
+                    f"search.{name} = {spec.to_toml_value()!r}: keras-tuner's Choice holds values of one type, "
+                    f"got {' and '.join(kinds)} (write 1 as 1.0) for study.engine = 'keras-tuner'"
+                )
+            points *= len(spec.values)
+        elif spec.integer:
+            points *= int(spec.high - spec.low) + 1
+        else:
+            points = 0  # a float range: as many points as wanted
+            break
+    # Its random and bayesian oracles never draw a point twice (hyperband's promotions do, on purpose).
+    if oracle != "hyperband" and 0 < points < trials:
+        raise ValueError(
+            f"search holds {points} distinct points but study.trials = {trials}: keras-tuner's {oracle} oracle "
+            "draws each point once; lower study.trials or widen [search]"
+        )
 
 
 def _shown(value: Any) -> Any:

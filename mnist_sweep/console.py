@@ -189,6 +189,7 @@ class LiveProgress:
         self.last_value: float | None = None
         self.trial_started_at = 0.0
         self.trial_seconds: list[float] = []  # of the trials this process finished, for the ETA
+        self.workers = 1  # local workers training side by side (`run --workers N`): the trials left share out
 
     def study(self, *, metric: str, finished: int, target: int, best: float | None) -> None:
         self.metric, self.finished, self.target, self.best = metric, finished, target, best
@@ -247,7 +248,7 @@ class LiveProgress:
             return None
         remaining_here = max((this_trial if this_trial is not None else per_trial) - elapsed, 0.0)
         still_to_start = max(self.target - self.finished - (1 if self.number is not None else 0), 0)
-        return remaining_here + per_trial * still_to_start
+        return remaining_here + per_trial * still_to_start / self.workers
 
     def render(self) -> RenderableType:
         from rich.progress_bar import ProgressBar

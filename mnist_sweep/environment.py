@@ -65,6 +65,9 @@ def prepare_backend() -> str:
       it in set_random_seed, to serialise TensorShapes when saving), which costs seconds, a GiB of
       memory and CUDA start-up noise. Hidden, this process runs exactly as on a machine without it.
     """
+    from mnist_sweep.placement import pin_this_process
+
+    pin_this_process()  # a local worker of `run --workers N`: its cores, before the thread pools are sized
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # as set_memory_growth, for every GPU
     backend = keras_backend()

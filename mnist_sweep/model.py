@@ -49,7 +49,8 @@ def build_optimizer(
 def learning_rate(
     initial: float, *, schedule: str, total_steps: int
 ) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """A constant rate, or cosine decay to 1 % of it over the whole training run."""
+    """Cosine decay to 1 % of the rate over the whole training run; otherwise the rate itself ("constant", and
+    "plateau", whose callback lowers it during training)."""
     if schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(initial, decay_steps=max(total_steps, 1), alpha=0.01)
     return initial

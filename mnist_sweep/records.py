@@ -26,10 +26,15 @@ VAL_ACCURACY_ATTR = "val_accuracy"
 FIT_SECONDS_ATTR = "fit_seconds"
 TRACKING_SECONDS_ATTR = "tracking_seconds"
 FAIL_REASON_ATTR = "fail_reason"
+BASELINE_ATTR = "baseline"  # True on the trial that trains the lecture's own network (baseline.py)
+# study.engine = "keras-tuner": the oracle's trial id, and (hyperband) the epochs the oracle gave the trial
+KERAS_TUNER_TRIAL_ID_ATTR = "keras_tuner_trial_id"
+KERAS_TUNER_EPOCHS_ATTR = "keras_tuner_epochs"
 
 # --------------------------------------------------------------------------- Optuna: the study's user attributes
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+ENGINE_ATTR = "engine"  # "optuna" or "keras-tuner/<oracle>": a rerun must use the same
 TEST_RESULT_ATTR = "test_result"
 # On the seal study (`<study>.test-seal`): who claimed the test set, and when.
 CLAIMED_BY_ATTR = "claimed_by"
@@ -53,6 +58,7 @@ TEST_SCORED_RUN_ID_TAG = "test_scored_run_id"
 # the runs table, the place to compare trials.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
+BASELINE_TAG = "baseline"  # "true" on the baseline trial's run: filter the UI by tags.baseline = 'true'
 BACKEND_TAG = "keras_backend"
 DEVICE_TAG = "device"  # "GPU: <name, memory>" or "CPU: <model>"
 
@@ -97,6 +103,9 @@ class RunParams:
     early_stopping_patience: int
     early_stopping_monitor: str
     lr_schedule: str
+    plateau_factor: float
+    plateau_patience: int
+    plateau_min_lr: float
     steps_per_execution: int
     precision: str
     data_validation: int
@@ -120,6 +129,9 @@ class RunParams:
             early_stopping_patience=cfg.train.early_stopping_patience,
             early_stopping_monitor=cfg.study.metric,
             lr_schedule=cfg.train.lr_schedule,
+            plateau_factor=cfg.train.plateau_factor,
+            plateau_patience=cfg.train.plateau_patience,
+            plateau_min_lr=cfg.train.plateau_min_lr,
             steps_per_execution=cfg.train.steps_per_execution,
             precision=cfg.train.precision,
             data_validation=cfg.data.validation,
@@ -141,6 +153,9 @@ class RunParams:
             "early_stopping_patience": self.early_stopping_patience,
             "monitor": self.early_stopping_monitor,
             "lr_schedule": self.lr_schedule,
+            "plateau_factor": self.plateau_factor,
+            "plateau_patience": self.plateau_patience,
+            "plateau_min_lr": self.plateau_min_lr,
             "steps_per_execution": self.steps_per_execution,
             "precision": self.precision,
         }
@@ -165,6 +180,9 @@ class RunParams:
             early_stopping_patience=int(merged["early_stopping_patience"]),
             early_stopping_monitor=merged["early_stopping_monitor"],
             lr_schedule=merged["lr_schedule"],
+            plateau_factor=float(merged["plateau_factor"]),
+            plateau_patience=int(merged["plateau_patience"]),
+            plateau_min_lr=float(merged["plateau_min_lr"]),
             steps_per_execution=int(merged["steps_per_execution"]),
             precision=merged["precision"],
             data_validation=int(merged["data_validation"]),

@@ -10,6 +10,7 @@ import html
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from mnist_sweep.environment import environment
 from mnist_sweep.errors import UsageError
 from mnist_sweep.final import rank_trials
 from mnist_sweep.metrics import most_confused
-from mnist_sweep.records import EPOCHS_TRAINED_ATTR, RUN_ID_ATTR, TestResult
+from mnist_sweep.records import BASELINE_ATTR, EPOCHS_TRAINED_ATTR, RUN_ID_ATTR, TestResult
 
 TOP_TRIALS = 10
 CONFUSED_PAIRS = 5
@@ -74,11 +75,73 @@ def leaderboard_table(rows: Sequence[Row], *, sort: str) -> pd.DataFrame:
     return frame.sort_values(sort, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
 
 
-def study_summary(study: optuna.Study, rows: Sequence[Row]) -> dict[str, Any]:
-    """Plain data about the sweep: state counts, durations, the top trials (of `rows`) and the environment."""
+@dataclass(frozen=True)
+class BaselineGain:
+    """The baseline trial (the lecture's network) against the best trial of the sweep, on validation."""
+
+    metric: str
+    baseline_trial: int
+    baseline_state: str
+    baseline_value: float | None  # None unless the baseline trial is complete
+    best_trial: int | None
+    best_value: float | None
+
+    @property
+    def gain(self) -> float | None:
+        """How much better the best trial is, in the metric's direction (>= 0); None without both values."""
+        if self.baseline_value is None or self.best_value is None:
+            return None
+        difference = self.best_value - self.baseline_value
+        return difference if metric_maximizes(self.metric) else -difference
+
+
+def baseline_gain(study: optuna.Study, *, metric: str) -> BaselineGain | None:
+    """The baseline against the best complete trial (rank_trials, the ranking that chooses the tested trial);
+    None where the study has no baseline trial."""
+    trials = study.get_trials(deepcopy=False)
+    # A baseline whose worker died is retried with its attributes (RetryHeartbeatStaleTrialCallback): the
+    # complete one counts, else the latest.
+    marked = [t for t in trials if t.user_attrs.get(BASELINE_ATTR)]
+    if not marked:
+        return None
+    baseline = next((t for t in marked if t.state == TrialState.COMPLETE), marked[-1])
+    ranked = rank_trials(trials, metric=metric)
+    best = ranked[0] if ranked and ranked[0].state == TrialState.COMPLETE else None
+    complete = baseline.state == TrialState.COMPLETE
+    return BaselineGain(
+        metric=metric,
+        baseline_trial=baseline.number,
+        baseline_state=baseline.state.name,
+        baseline_value=baseline.value if complete else None,
+        best_trial=best.number if best is not None else None,
+        best_value=best.value if best is not None else None,
+    )
+
+
+def gain_line(gain: BaselineGain) -> str:
+    """One line: e.g. `baseline (trial 0, the lecture's network) val_accuracy 0.9712 -> best 0.9864 (trial 16),
+    +1.52 points`."""
+    head = f"baseline (trial {gain.baseline_trial}, the lecture's network)"
+    if gain.baseline_value is None or gain.gain is None:
+        return f"{head} is {gain.baseline_state.lower()}: no gain over it to show on validation yet"
+    value = f"{gain.metric} {gain.baseline_value:.4f}"
+    if gain.best_trial == gain.baseline_trial:
+        return f"{head} {value} is the best trial: the sweep gained nothing over it on validation"
+    assert gain.best_value is not None
+    if gain.metric == "val_accuracy":
+        change = f"+{100 * gain.gain:.2f} points"
+    else:
+        change = f"{gain.best_value - gain.baseline_value:+.4f} (lower is better)"
+    return f"{head} {value} -> best {gain.best_value:.4f} (trial {gain.best_trial}), {change}"
+
+
+def study_summary(study: optuna.Study, rows: Sequence[Row], *, metric: str) -> dict[str, Any]:
+    """Plain data about the sweep: state counts, durations, the top trials (of `rows`), the gain over the
+    baseline trial (None without one) and the environment."""
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
     durations = [t.duration.total_seconds() for t in trials if t.duration is not None]
+    gain = baseline_gain(study, metric=metric)
     return {
         "study": study.study_name,
         "direction": study.direction.name.lower(),
@@ -88,6 +151,7 @@ def study_summary(study: optuna.Study, rows: Sequence[Row]) -> dict[str, Any]:
         "top_trials": [
             {k: v for k, v in row.items() if k != "state"} for row in rows if row["state"] == TrialState.COMPLETE.name
         ][:TOP_TRIALS],
+        "baseline": None if gain is None else {**asdict(gain), "gain": gain.gain, "line": gain_line(gain)},
         "environment": environment(),
     }
 
@@ -202,6 +266,7 @@ def _sweep_markdown(summary: Mapping[str, Any]) -> list[str]:
         "",
         f"- trials: {_state_line(summary)}",
         f"- time in trials: {summary['total_trial_seconds']} s (mean {summary['mean_trial_seconds']} s per trial)",
+        *([f"- {summary['baseline']['line']}"] if summary.get("baseline") else []),
         "- plots: report.html (one page, opens offline)",
         "",
         "### Top trials",
@@ -291,6 +356,8 @@ def _sweep_section(summary: Mapping[str, Any], sweep_plots: Sequence[plots.Sweep
         for label, state in (("complete", "COMPLETE"), ("pruned", "PRUNED"), ("failed", "FAIL"))
     ]
     seconds = f"mean {summary['mean_trial_seconds']} s per trial"
+    gain = summary.get("baseline")
+    baseline = f'<p id="baseline-gain">{html.escape(gain["line"])}</p>' if gain else ""
     cards.append(_card("time in trials", f"{summary['total_trial_seconds']} s", seconds))
     drawn = [
         _plot(plots.figure_div(p.figure, div_id=p.key), key=p.key)
@@ -300,7 +367,7 @@ def _sweep_section(summary: Mapping[str, Any], sweep_plots: Sequence[plots.Sweep
     ]
     return f"""
 <section id="sweep"><h2>Sweep</h2>
-<div class="cards">{"".join(cards)}</div>
+<div class="cards">{"".join(cards)}</div>{baseline}
 <h3>Top trials</h3>{_html_table(summary["top_trials"], table_id="top-trials")}
 {"".join(drawn)}
 </section>"""
@@ -371,7 +438,7 @@ def write_report(
     per plot had to embed its own copy to open offline and in MLflow's sandboxed artifact view (~28 MB a study).
     """
     rows = leaderboard_rows(study, run_metrics, metric=metric)
-    summary = study_summary(study, rows)
+    summary = study_summary(study, rows, metric=metric)
     sweep_plots = plots.sweep_plots(study, metric=metric)
     folder.mkdir(parents=True, exist_ok=True)
     written = {

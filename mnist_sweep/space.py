@@ -38,12 +38,14 @@ def sample_params(trial: optuna.trial.BaseTrial, search: SearchConfig) -> dict[s
     return params
 
 
-def to_keras_tuner(search: SearchConfig) -> keras_tuner.HyperParameters:
-    """The same space as keras-tuner hyperparameters, for users who drive keras-tuner themselves."""
+def to_keras_tuner(search: SearchConfig, *, include_fixed: bool = True) -> keras_tuner.HyperParameters:
+    """The same space as keras-tuner hyperparameters (the keras-tuner engine's oracles search the searched keys)."""
     import keras_tuner
 
     hp = keras_tuner.HyperParameters()
     for name, spec in search.specs().items():
+        if spec.is_fixed and not include_fixed:
+            continue
         if isinstance(spec, Range):
             sampling = "log" if spec.log else "linear"
             if spec.integer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import time
@@ -15,12 +16,23 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep import databases, interrupt
+from mnist_sweep.baseline import BaselineSkipped, BaselineValues, baseline_values
 from mnist_sweep.config import StudyConfig, SweepConfig
 from mnist_sweep.console import NO_PROGRESS, TrialProgress
 from mnist_sweep.data import Split, sealed_test_set
 from mnist_sweep.errors import StorageError, StudyMismatchError, TooManyFailures, first_line
 from mnist_sweep.interrupt import raise_if_requested
+from mnist_sweep.keras_tuner_engine import (
+    OracleSampler,
+    check_engine,
+    engine_label,
+    planned_epochs,
+    planned_warm_start,
+)
+from mnist_sweep.placement import WORKER_VAR
 from mnist_sweep.records import (
+    BASELINE_ATTR,
+    ENGINE_ATTR,
     EPOCHS_TRAINED_ATTR,
     FAIL_REASON_ATTR,
     FIT_SECONDS_ATTR,
@@ -34,10 +46,12 @@ from mnist_sweep.records import (
     RunParams,
 )
 from mnist_sweep.space import sample_params
+from mnist_sweep.tensorboard_log import ARTIFACT_PATH as TENSORBOARD_ARTIFACT
+from mnist_sweep.tensorboard_log import EpochEvents
 from mnist_sweep.tracking import Tracker
 
 if TYPE_CHECKING:
-    from mnist_sweep.trial import TrainSettings, TrialOutcome
+    from mnist_sweep.trial import TrainSettings, TrialOutcome, WarmStart
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PARENT_WAIT_SECONDS = 60.0
@@ -54,10 +68,17 @@ def make_storage(study: StudyConfig) -> optuna.storages.RDBStorage:
                 engine_kwargs=databases.engine_kwargs(study.storage),
                 heartbeat_interval=study.heartbeat_seconds,
                 grace_period=2 * study.heartbeat_seconds,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                heartbeat_stale_trial_callback=_stale_trial_retry(study),
             )
     except Exception as exc:  # sqlalchemy raises many kinds; the user needs one line
         raise StorageError(f"study.storage = {study.storage!r}: cannot open ({first_line(exc)})") from None
+
+
+def _stale_trial_retry(study: StudyConfig) -> optuna.storages.RetryHeartbeatStaleTrialCallback | None:
+    # keras-tuner's oracle reruns its own trials that were running when their process died.
+    if study.engine == "keras-tuner":
+        return None
+    return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
 
 
 def make_sampler(study: StudyConfig, *, seed_offset: int) -> optuna.samplers.BaseSampler:
@@ -65,7 +86,8 @@ def make_sampler(study: StudyConfig, *, seed_offset: int) -> optuna.samplers.Bas
     seed = (study.seed + seed_offset) % 2**32  # a worker's salt must not push it past NumPy's range
     if study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    # Several workers at once: a running trial counts as a poor result, so TPE does not hand its point out again.
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=study.workers != 1)
 
 
 def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
@@ -97,8 +119,20 @@ def open_study(
 ) -> tuple[optuna.Study, bool]:
     """Create the study, or load it if it exists; returns (study, created_here)."""
     existing = load_existing_study(cfg, storage)
+    if existing is not None:
+        check_engine(existing, cfg)
     offset = len(existing.get_trials(deepcopy=False)) if existing is not None else 0
-    sampler = make_sampler(cfg.study, seed_offset=offset + worker_salt)
+    sampler: optuna.samplers.BaseSampler
+    if cfg.study.engine == "keras-tuner":
+        # The baseline goes to the oracle as its first values, not to Optuna's enqueue_trial (the oracle, not
+        # Optuna, picks each trial's values here); a reloaded oracle has drawn them already and ignores them.
+        plan = baseline_values(cfg)
+        if isinstance(plan, BaselineValues):
+            sampler = OracleSampler(cfg, first_values=[plan.values], first_attrs={BASELINE_ATTR: True})
+        else:
+            sampler = OracleSampler(cfg)
+    else:
+        sampler = make_sampler(cfg.study, seed_offset=offset + worker_salt)
     pruner = make_pruner(cfg.study)
     created = False
     try:
@@ -111,6 +145,7 @@ def open_study(
             load_if_exists=False,
         )
         created = True
+        study.set_user_attr(ENGINE_ATTR, engine_label(cfg))
         with warnings.catch_warnings():  # experimental since Optuna 3.2, and still so in 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([cfg.study.metric])  # optuna-dashboard's axes name the metric
@@ -123,6 +158,22 @@ def open_study(
             f"but the sweep file says study.direction = {cfg.study.goal!r}; use a new study.name"
         )
     return study, created
+
+
+def enqueue_baseline(study: optuna.Study, cfg: SweepConfig) -> str:
+    """The lecture's network as the next trial, marked as the baseline; call once, where the study was created.
+
+    Returns the line to show: the trial enqueued, or why the baseline is skipped ("" where study.baseline is off).
+    """
+    plan = baseline_values(cfg)
+    if isinstance(plan, BaselineSkipped):
+        return plan.line
+    if not isinstance(plan, BaselineValues):
+        return ""
+    if cfg.study.engine == "optuna":  # keras-tuner's oracle draws it first (open_study)
+        study.enqueue_trial(plan.values, user_attrs={BASELINE_ATTR: True})
+    shown = ", ".join(f"{name} = {value!r}" for name, value in plan.values.items())
+    return f"baseline: the lecture's network runs first ({shown or 'every key fixed'})"
 
 
 def count_finished(study: optuna.Study) -> int:
@@ -325,48 +376,75 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         try:
             params = sample_params(trial, self.cfg.search)
+            epochs = planned_epochs(trial, self.cfg.train.epochs)  # hyperband gives each trial its own
             seed = trial_seed(self.cfg.study.seed, trial.number)
+            run_params = dataclasses.replace(self.run_params.for_trial(params, seed), epochs=epochs)
             run_id = self.tracker.start_trial_run(
                 parent_run_id=self.parent_run_id,
                 study_name=trial.study.study_name,
                 trial_number=trial.number,
-                params=self.run_params.for_trial(params, seed).encode(),
+                params=run_params.encode(),
+                baseline=bool(trial.user_attrs.get(BASELINE_ATTR)),
             )
             trial.set_user_attr(RUN_ID_ATTR, run_id)
             trial.set_user_attr(SEED_ATTR, seed)
         except Exception as exc:  # no run yet (the tracking store failed): the trial fails, and counts
             trial.set_user_attr(FAIL_REASON_ATTR, _reason(exc)[:1000])
             raise
-        return self._run(trial, run_id, params, seed)
+        return self._run(trial, run_id, params, seed, epochs)
 
-    def _run(self, trial: optuna.Trial, run_id: str, params: dict[str, Any], seed: int) -> float:
+    def _run(self, trial: optuna.Trial, run_id: str, params: dict[str, Any], seed: int, epochs: int) -> float:
+        events = EpochEvents() if self.cfg.train.tensorboard else None  # its own temporary folder
+        try:
+            return self._fit(trial, run_id, params, seed, epochs, events)
+        finally:
+            if events is not None:
+                events.discard()
+
+    def _fit(
+        self,
+        trial: optuna.Trial,
+        run_id: str,
+        params: dict[str, Any],
+        seed: int,
+        epochs: int,
+        events: EpochEvents | None,
+    ) -> float:
         logging_hook = TimedHook(lambda epoch, values: self.tracker.log_epoch(run_id, epoch, values))
-        pruning_hook = PruningHook(trial, self.cfg.study.metric, self.cfg.train.epochs)
+        pruning_hook = PruningHook(trial, self.cfg.study.metric, epochs)
         from mnist_sweep.trial import run_trial
 
-        self.progress.trial_started(number=trial.number, epochs=self.cfg.train.epochs)
+        self.progress.trial_started(number=trial.number, epochs=epochs)
         try:
+            warm_start = self._warm_start(trial)
             with sealed_test_set():
                 outcome = run_trial(
                     params=params,
                     split=self.split,
-                    settings=self.settings,
+                    settings=dataclasses.replace(self.settings, epochs=epochs),
                     seed=seed,
-                    epoch_hooks=[self.progress.epoch, logging_hook, pruning_hook],
+                    epoch_hooks=[self.progress.epoch, logging_hook, *([events] if events else []), pruning_hook],
                     # an earlier trial's failed upload (a full disk) stops this one within a few steps
                     batch_hooks=[self.progress.batch, self.tracker.uploads.raise_if_failed],
                     session=self.session,
+                    warm_start=warm_start,
                 )
             model_id, value = self._log_outcome(trial, run_id, outcome, logging_hook)
         except optuna.TrialPruned as exc:
-            self._end(trial, run_id, state="PRUNED", message=str(exc), pruned_epoch=pruning_hook.last_epoch)
+            self._end(
+                trial, run_id, state="PRUNED", message=str(exc), pruned_epoch=pruning_hook.last_epoch, events=events
+            )
             raise
         except KeyboardInterrupt as exc:
-            self._end(trial, run_id, state="KILLED", message=str(exc) or "interrupted", interrupt=exc)
+            self._end(trial, run_id, state="KILLED", message=str(exc) or "interrupted", interrupt=exc, events=events)
             raise
         except Exception as exc:
-            self._end(trial, run_id, state="FAIL", message=_reason(exc), traceback_text=traceback.format_exc())
+            self._end(
+                trial, run_id, state="FAIL", message=_reason(exc), traceback_text=traceback.format_exc(), events=events
+            )
             raise
+        if events is not None:  # its folder goes when this trial returns: uploaded here, not in the background
+            self.tracker.log_folder(run_id, events.close(), TENSORBOARD_ARTIFACT)
         if not _still_running(trial):
             self._end(trial, run_id, state="COMPLETE")  # raises TrialTakenOver
         # The run ends FINISHED once the uploads thread has stored the artifacts, overlapping the next trial.
@@ -374,6 +452,19 @@ class Objective:
             run_id, outcome, model_id=model_id, metrics={"tracking_seconds": logging_hook.seconds}
         )
         return value
+
+    def _warm_start(self, trial: optuna.Trial) -> WarmStart | None:
+        """keras-tuner's hyperband goes on from an earlier trial's logged model (weights, as keras-tuner does)."""
+        planned = planned_warm_start(trial)
+        if planned is None:
+            return None
+        from mnist_sweep.final import load_scored_model
+        from mnist_sweep.trial import WarmStart
+
+        self.tracker.uploads.wait()  # that model may be this process's upload still in flight
+        model_uri, initial_epoch = planned
+        weights = load_scored_model(model_uri, tracking_uri=self.cfg.tracking.uri).get_weights()
+        return WarmStart(weights=weights, initial_epoch=initial_epoch)
 
     def _log_outcome(
         self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, logging_hook: TimedHook
@@ -398,9 +489,15 @@ class Objective:
         message: str = "",
         traceback_text: str = "",
         interrupt: KeyboardInterrupt | None = None,
+        events: EpochEvents | None = None,
         **run_extras: Any,
     ) -> None:
-        """Close the trial's run as it ended here, unless another worker has failed the trial meanwhile."""
+        """Close the trial's run as it ended here, unless another worker has failed the trial meanwhile.
+
+        The TensorBoard events go up first, whatever the ending: a pruned trial's curve is worth seeing too.
+        """
+        if events is not None:
+            self.tracker.log_folder(run_id, events.close(), TENSORBOARD_ARTIFACT)
         if not _still_running(trial):
             # MLflow agrees with Optuna: FAIL (KILLED if a signal stopped it here too).
             self.tracker.end_trial_run(run_id, state="KILLED" if interrupt else "FAIL", message=TAKEN_OVER)
@@ -545,4 +642,7 @@ def stop_if_interrupted(study: optuna.Study, trial: FrozenTrial | None) -> None:
 
 def worker_salt() -> int:
     """Decorrelates the samplers of workers that start at the same moment."""
+    local = os.environ.get(WORKER_VAR)
+    if local:  # a local worker of `run --workers N`: distinct, and the same when the command is rerun
+        return int(local) * 7919
     return os.getpid() + int.from_bytes(os.urandom(2), "little")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import optuna
 
-from mnist_sweep import preflight
+from mnist_sweep import local_workers, preflight
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.console import NO_PROGRESS, Echo, TrialProgress
 from mnist_sweep.data import DataSource, Split
@@ -14,12 +14,14 @@ from mnist_sweep.databases import nothing_recorded
 from mnist_sweep.environment import device_line, gpus
 from mnist_sweep.errors import EXIT_BAD_INPUT, NoSuchStudyError, StudySealedError
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
+from mnist_sweep.local_workers import Children
 from mnist_sweep.records import PARENT_RUN_ATTR, TestResult
-from mnist_sweep.report import leaderboard_rows, leaderboard_table, write_report
+from mnist_sweep.report import baseline_gain, gain_line, leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.space import searched_names
 from mnist_sweep.study import (
     Objective,
     count_finished,
+    enqueue_baseline,
     load_existing_study,
     make_storage,
     open_study,
@@ -51,10 +53,12 @@ def run(
     as_worker: bool = False,
     progress: TrialProgress = NO_PROGRESS,
     sweep_file: str = "",
+    local: Children | None = None,
 ) -> int:
     """Join or create the study, run trials until study.trials are finished, then (run) finalize.
 
-    `source` and `split` come from `preflight.prepare`, which has checked every input already.
+    `source` and `split` come from `preflight.prepare`, which has checked every input already; `local`,
+    the `worker` processes `run --workers N` started beside this one (they end before the test set is scored).
     """
     storage = make_storage(cfg.study)
     existing = load_existing_study(cfg, storage)
@@ -62,6 +66,7 @@ def run(
         return _already_scored(cfg, existing, echo)
     tracker = make_tracker(cfg)
     study, created = open_study(cfg, storage, worker_salt=worker_salt() if as_worker else 0)
+    baseline_line = enqueue_baseline(study, cfg) if created else ""  # once per study: never on a resume
     parent = parent_run_id(study, tracker, created=created, config=cfg.to_dict())
     tracker.describe_run(parent, study_description(cfg, sweep_file=sweep_file))
     echo(device_line(gpus()))
@@ -69,13 +74,23 @@ def run(
         f"study {cfg.study.name!r}: {count_finished(study)}/{cfg.study.trials} trials finished; "
         f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {parent}"
     )
-    objective = Objective(
-        cfg=cfg, split=split, tracker=tracker, parent_run_id=parent, data_source=source.describe(), progress=progress
-    )
+    if baseline_line:
+        echo(baseline_line)
     tracker.set_parent_status(parent, "RUNNING")  # a rerun after an interrupt: the study is running again
     status = "KILLED"
     try:
-        run_trials(study, objective, target=cfg.study.trials, max_failures=cfg.study.max_failures, echo=echo)
+        with local_workers.running(local) as children:  # they load TensorFlow while this one does
+            objective = Objective(
+                cfg=cfg,
+                split=split,
+                tracker=tracker,
+                parent_run_id=parent,
+                data_source=source.describe(),
+                progress=progress,
+            )
+            run_trials(study, objective, target=cfg.study.trials, max_failures=cfg.study.max_failures, echo=echo)
+            if children is not None:
+                children.wait()
         if finalize:  # score only once every trial has ended, so none is left RUNNING behind the seal
             wait_for_running_trials(study, tracker, parent, poll_seconds=cfg.study.heartbeat_seconds, echo=echo)
         status = "FINISHED"
@@ -93,14 +108,22 @@ def study_description(cfg: SweepConfig, *, sweep_file: str = "") -> str:
     hidden = "-".join(str(units) for units in cfg.model.hidden)
     return (
         f"Optuna study **{study.name}**{source}: {study.trials} trials of the MNIST fully connected network "
-        f"(hidden layers {hidden}, up to {cfg.train.epochs} epochs), {study.sampler} sampler, "
-        f"{study.pruner} pruner.\n\n"
+        f"(hidden layers {hidden}, up to {cfg.train.epochs} epochs), {_chooser(cfg)}, {study.pruner} pruner.\n\n"
         f"Searched: {searched or 'nothing (every hyperparameter fixed)'}. The trial with the best `{study.metric}` "
         f"({study.goal}) on the validation split is chosen, and its model is scored once on the held-out test set "
         "(the `test_*` metrics of this run, and `report/report.html`).\n\n"
         "Each trial is a child run `trial-NNNN`: compare them by the columns `final_val_accuracy`, `final_val_loss` "
         "and the searched params."
     )
+
+
+def _chooser(cfg: SweepConfig) -> str:
+    """Who picks each trial's hyperparameters, in words."""
+    study = cfg.study
+    if study.engine == "optuna":
+        return f"{study.sampler} sampler"
+    factor = f" (factor {study.hyperband_factor})" if study.sampler == "hyperband" else ""
+    return f"keras-tuner's {study.sampler} oracle{factor}"
 
 
 def _already_scored(cfg: SweepConfig, study: optuna.Study, echo: Echo) -> int:
@@ -181,6 +204,9 @@ def _write_report(
     if tracker is not None and parent is not None:
         tracker.log_folder(parent, folder, "report")
     echo(f"report: {folder / 'report.html'} (and report.md, test_metrics.json, leaderboard.csv)")
+    gain = baseline_gain(study, metric=cfg.study.metric)
+    if gain is not None:
+        echo(gain_line(gain))
 
 
 def _recorded_study(cfg: SweepConfig) -> optuna.Study:
@@ -221,6 +247,9 @@ def trials(cfg: SweepConfig, *, echo: Echo, csv_file: str | None, sort: str | No
     rows = leaderboard_rows(study, run_metrics, metric=cfg.study.metric)
     table = leaderboard_table(rows, sort=sort or cfg.study.metric)
     echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(table) else "no trials yet", final=True)
+    gain = baseline_gain(study, metric=cfg.study.metric)
+    if gain is not None:
+        echo(gain_line(gain), final=True)
     if csv_file:
         Path(csv_file).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(csv_file, index=False)

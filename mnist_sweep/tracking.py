@@ -29,8 +29,10 @@ from mnist_sweep.errors import TrackingError, first_line
 from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
 from mnist_sweep.locations import artifact_location, local_artifact_folder
 from mnist_sweep.metrics import ClassificationReport
+from mnist_sweep.placement import worker_tags
 from mnist_sweep.records import (
     BACKEND_TAG,
+    BASELINE_TAG,
     DESCRIPTION_TAG,
     DEVICE_TAG,
     EXPERIMENT_KIND_TAG,
@@ -273,7 +275,7 @@ class Tracker:
     @functools.cached_property
     def _machine_tags(self) -> dict[str, str]:
         # Asked at the first trial, once Keras is loaded: the device its backend trains on.
-        return {BACKEND_TAG: environment.keras_backend(), DEVICE_TAG: environment.device()}
+        return {BACKEND_TAG: environment.keras_backend(), DEVICE_TAG: environment.device(), **worker_tags()}
 
     def _experiment(self, name: str, location: str | None, *, create: bool = True) -> str:
         try:
@@ -333,7 +335,13 @@ class Tracker:
     # ----------------------------------------------------------------------- trial runs
 
     def start_trial_run(
-        self, *, parent_run_id: str, study_name: str, trial_number: int, params: Mapping[str, Any]
+        self,
+        *,
+        parent_run_id: str,
+        study_name: str,
+        trial_number: int,
+        params: Mapping[str, Any],
+        baseline: bool = False,
     ) -> str:
         run = self.client.create_run(
             self.experiment_id,
@@ -345,6 +353,7 @@ class Tracker:
                 TRIAL_NUMBER_TAG: str(trial_number),
                 STATE_TAG: "RUNNING",
                 PROCESS_TAG: this_process(),
+                **({BASELINE_TAG: "true"} if baseline else {}),
                 **self._machine_tags,
             },
         )

@@ -27,13 +27,15 @@ from mnist_sweep.model import compiled_model
 from mnist_sweep.workarounds import TracedGradients
 
 EpochHook = Callable[[int, Mapping[str, float]], None]
-"""Called with the 1-based epoch number and that epoch's loss, accuracy, val_loss, val_accuracy."""
+"""Called with the 1-based epoch number and that epoch's loss, accuracy, val_loss, val_accuracy and
+learning_rate (the optimizer's rate at the epoch's end, before a plateau reduction)."""
 
 BatchHook = Callable[[int, int, int], None]
 """Called with the 1-based epoch, the batches done in it and the batches per epoch, on Keras' callback
 thread; with steps_per_execution = N, once per N batches. Keep it cheap (a live display stores numbers)."""
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+LEARNING_RATE = "learning_rate"
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,24 @@ class TrainSettings:
     epochs: int
     early_stopping_patience: int = 0
     monitor: str = "val_loss"  # what early stopping watches and which epoch counts as best
-    lr_schedule: str = "constant"
+    lr_schedule: str = "constant"  # "constant", "cosine" or "plateau"
+    plateau_factor: float = 0.5  # plateau: ReduceLROnPlateau's factor, patience and floor
+    plateau_patience: int = 2
+    plateau_min_lr: float = 1e-6
     steps_per_execution: int = 1
     precision: str = "float32"  # a Keras dtype policy: "float32" or "mixed_bfloat16"
 
     @property
     def monitor_maximizes(self) -> bool:
         return metric_maximizes(self.monitor)
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Go on from an earlier trial of the same hyperparameters: its weights, after its `initial_epoch` epochs."""
+
+    weights: list[np.ndarray]
+    initial_epoch: int
 
 
 @dataclass
@@ -100,6 +113,7 @@ class _EpochCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         values = {k: float(v) for k, v in (logs or {}).items() if k in EPOCH_METRICS}
+        values[LEARNING_RATE] = current_learning_rate(self.model)
         for key in ("loss", "val_loss"):
             if key in values:
                 _check_finite(key, values[key], epoch + 1, None)
@@ -130,6 +144,13 @@ class ConfusionCounts(keras.metrics.Metric):  # type: ignore[misc]
 
     def reset_state(self) -> None:
         self.counts.assign(keras.ops.zeros((self.classes, self.classes)))
+
+
+def current_learning_rate(model: keras.Model) -> float:
+    """The optimizer's rate now: a schedule's value at the current step, or the rate a plateau set."""
+    rate = model.optimizer.learning_rate  # a Keras variable (constant, plateau) or a tensor (a schedule's value)
+    # A variable's own numpy(): NumPy 2 converts it otherwise only with a DeprecationWarning.
+    return float(rate.numpy() if isinstance(rate, keras.Variable) else keras.ops.convert_to_numpy(rate))
 
 
 def _check_finite(name: str, value: float, epoch: int, batch: int | None) -> None:
@@ -183,10 +204,12 @@ def run_trial(
     epoch_hooks: Sequence[EpochHook] = (),
     batch_hooks: Sequence[BatchHook] = (),
     session: TrialSession | None = None,
+    warm_start: WarmStart | None = None,
 ) -> TrialOutcome:
     """Fit one model with `params` on `split` and measure it on the validation images.
 
     `session` is the process's when it runs several trials (a sweep); without one the trial runs alone.
+    `warm_start`: train epochs initial_epoch + 1 .. settings.epochs from those weights (keras-tuner's hyperband).
     """
     if session is not None:
         session.fresh(seed)
@@ -203,6 +226,7 @@ def run_trial(
             steps_per_execution=settings.steps_per_execution,
             metrics=("accuracy", ConfusionCounts()),
         )
+    initial_epoch = _go_on_from(warm_start, model, steps_per_epoch) if warm_start else 0
     callbacks = _callbacks(settings, epoch_hooks, batch_hooks)
     started = time.perf_counter()
     history = model.fit(
@@ -210,24 +234,47 @@ def run_trial(
         split.y_train,
         batch_size=batch_size,
         epochs=settings.epochs,
+        initial_epoch=initial_epoch,
         validation_data=(split.x_val, split.y_val),
         callbacks=callbacks,
         verbose=0,
     ).history
     fit_seconds = time.perf_counter() - started
-    return _evaluate(model, history, fit_seconds, settings)
+    return _evaluate(model, history, fit_seconds, settings, initial_epoch=initial_epoch)
+
+
+def _go_on_from(warm_start: WarmStart, model: keras.Model, steps_per_epoch: int) -> int:
+    """The earlier trial's weights in `model`; returns the epoch fit starts after."""
+    model.set_weights(warm_start.weights)
+    # A fresh optimizer (keras-tuner reloads weights only), its learning-rate schedule where it was.
+    model.optimizer.iterations.assign(warm_start.initial_epoch * steps_per_epoch)
+    return warm_start.initial_epoch
 
 
 def _callbacks(
     settings: TrainSettings, epoch_hooks: Sequence[EpochHook], batch_hooks: Sequence[BatchHook]
 ) -> list[keras.callbacks.Callback]:
-    """The hooks, and early stopping on the study metric when a patience is set."""
+    """The hooks, the plateau schedule and early stopping (both on the study metric) where configured.
+
+    The hooks come first: they see the rate the epoch trained with, before a plateau lowers it.
+    """
     callbacks: list[keras.callbacks.Callback] = [_EpochCallback(epoch_hooks, batch_hooks)]
+    mode = "max" if settings.monitor_maximizes else "min"
+    if settings.lr_schedule == "plateau":
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=settings.monitor,
+                mode=mode,
+                factor=settings.plateau_factor,
+                patience=settings.plateau_patience,
+                min_lr=settings.plateau_min_lr,
+            )
+        )
     if settings.early_stopping_patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
                 monitor=settings.monitor,
-                mode="max" if settings.monitor_maximizes else "min",
+                mode=mode,
                 patience=settings.early_stopping_patience,
                 restore_best_weights=True,
             )
@@ -250,8 +297,10 @@ def _evaluate(
     history: Mapping[str, list[float]],
     fit_seconds: float,
     settings: TrainSettings,
+    *,
+    initial_epoch: int = 0,
 ) -> TrialOutcome:
-    epochs_trained = len(history["loss"])
+    epochs_trained = len(history["loss"])  # this trial's own epochs (not a warm start's earlier ones)
     # With early stopping the weights are the best epoch's, so report that epoch's numbers.
     restored = settings.early_stopping_patience > 0 and epochs_trained > 0
     choose = np.argmax if settings.monitor_maximizes else np.argmin
@@ -262,7 +311,7 @@ def _evaluate(
     return TrialOutcome(
         history={k: [float(v) for v in values] for k, values in history.items() if k in EPOCH_METRICS},
         epochs_trained=epochs_trained,
-        best_epoch=best + 1,
+        best_epoch=initial_epoch + best + 1,
         val_loss=float(history["val_loss"][best]),
         val_accuracy=report.overall_accuracy,
         report=report,

@@ -125,6 +125,13 @@ def start_cli(tmp_path: Path, mnist_dir: Path) -> CliStarter:
     return starter
 
 
+# The end-to-end tests that apply to both engines run with each: Optuna's TPE, keras-tuner's bayesian oracle.
+ENGINE_ARGS: dict[str, tuple[str, ...]] = {
+    "optuna": (),
+    "keras-tuner": ("--set", 'study.engine="keras-tuner"', "--set", 'study.sampler="bayesian"'),
+}
+
+
 def small_sweep_args(*extra: str, trials: int = 3, train_limit: int = 2000, validation: int = 1000) -> list[str]:
     """The default sweep shrunk: few trials, 1 epoch, a small real subset."""
     return [

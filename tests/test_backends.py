@@ -36,8 +36,10 @@ def needs(package: str) -> None:
         pytest.skip(f"{package} is not installed: pip install -e '.[{package}]' (make install-dev installs jax)")
 
 
-def sweep_under(backend: str, workdir: Path, data: Path, *, trials: int) -> subprocess.CompletedProcess[str]:
-    args = ["run", str(DEFAULT_SWEEP), *small_sweep_args(trials=trials, train_limit=1000, validation=500)]
+def sweep_under(
+    backend: str, workdir: Path, data: Path, *, trials: int, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    args = ["run", str(DEFAULT_SWEEP), *small_sweep_args(trials=trials, train_limit=1000, validation=500), *extra]
     return subprocess.run(
         [sys.executable, "-c", SWEEP_THEN_LIST_TENSORFLOW, *args],
         cwd=workdir,
@@ -83,9 +85,19 @@ def check_recorded(workdir: Path, backend: str, trials: int) -> None:
 @pytest.mark.backend
 def test_a_jax_sweep_never_imports_tensorflow(tmp_path: Path, mnist_dir: Path) -> None:
     needs("jax")
-    done = sweep_under("jax", tmp_path, mnist_dir, trials=2)
+    # TensorBoard event files too: written without TensorFlow (Keras' own callback would need tf.summary)
+    done = sweep_under("jax", tmp_path, mnist_dir, trials=2, extra=("--set", "train.tensorboard=true"))
     assert done.returncode == 0, done.stderr
     assert "tensorflow modules loaded: 0 []" in done.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fcn")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], "tags.`mnist_sweep.role` = 'trial'")
+    assert len(runs) == 2
+    for run in runs:
+        folders = [a.path for a in client.list_artifacts(run.info.run_id, "tensorboard")]
+        assert folders == ["tensorboard/train", "tensorboard/validation"]
+        assert client.list_artifacts(run.info.run_id, "tensorboard/train")[0].file_size > 0
     lines = done.stdout.splitlines()
     assert lines[0] in ("no GPU found, training on CPU (" + environment.cpu_model() + ")",) or lines[0].startswith(
         "training on GPU: "

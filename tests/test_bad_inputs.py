@@ -124,8 +124,19 @@ def setting(name: str, assignment: str, *expect: str) -> Bad:
     return Bad(name, expect or (key, value.strip('"')), overrides=("--set", assignment))
 
 
+def plateau(name: str, *assignments: str, expect: tuple[str, ...]) -> Bad:
+    """lr_schedule = "plateau" over 5 epochs (room for its default patience 2), with `assignments` on top."""
+    settings = ("train.lr_schedule=plateau", "train.epochs=5", *assignments)
+    return Bad(name, expect, overrides=tuple(arg for assignment in settings for arg in ("--set", assignment)))
+
+
 def section(name: str, text: str, *expect: str) -> Bad:
     return Bad(name, expect, sweep=VALID + "\n" + text)
+
+
+def in_study(name: str, text: str, *expect: str) -> Bad:
+    """Keys added to [study] (and, after them, any sections `text` opens)."""
+    return Bad(name, expect, sweep=VALID.replace("trials = 2\n", f"trials = 2\n{text}\n", 1))
 
 
 def data(name: str, make: Callable[[Path, Path], Path], *expect: str, unprivileged: bool = False) -> Bad:
@@ -158,6 +169,45 @@ CASES = [
     setting("unknown-activation", 'search.activation=["relu", "relu6"]', "search.activation", "relu6"),
     setting("unknown-sampler", 'study.sampler="grid"'),
     setting("unknown-pruner", 'study.pruner="hyperband"'),
+    # study.engine: each engine's keys, and a space keras-tuner's HyperParameters cannot hold
+    setting("unknown-engine", 'study.engine="kerastuner"'),
+    setting("keras-tuner-oracle-with-optuna", 'study.sampler="hyperband"', "study.sampler", "hyperband", "optuna"),
+    setting("hyperband-factor-with-optuna", "study.hyperband_factor=4", "study.hyperband_factor", "4"),
+    in_study(
+        "optuna-sampler-with-keras-tuner",
+        'engine = "keras-tuner"\nsampler = "tpe"',
+        "study.sampler",
+        "'tpe'",
+        "keras-tuner",
+    ),
+    in_study("unknown-oracle", 'engine = "keras-tuner"\nsampler = "grid"', "study.sampler", "grid"),
+    in_study(
+        "optuna-pruner-with-hyperband",
+        'engine = "keras-tuner"\nsampler = "hyperband"\npruner = "median"',
+        "study.pruner",
+        "median",
+        "hyperband",
+    ),
+    in_study(
+        "optuna-pruner-key-with-hyperband",
+        'engine = "keras-tuner"\nsampler = "hyperband"\npruner_warmup_epochs = 2',
+        "study.pruner_warmup_epochs",
+        "2",
+    ),
+    in_study(
+        "keras-tuner-mixed-type-choice",
+        'engine = "keras-tuner"\n\n[search]\nlearning_rate = [0.001, 1]',
+        "search.learning_rate",
+        "one type",
+    ),
+    in_study(
+        "keras-tuner-space-smaller-than-trials",
+        'engine = "keras-tuner"\nsampler = "random"\n\n[search]\noptimizer = "adam"\nlearning_rate = 0.001\n'
+        "batch_size = 128\nactivation = ['relu']",
+        "search",
+        "1 distinct points",
+        "study.trials = 2",
+    ),
     setting("percentile-out-of-range", "study.pruner_percentile=0", "study.pruner_percentile", "0"),
     setting("unknown-metric", 'study.metric="val_f1"'),
     setting("unknown-direction", 'study.direction="max"'),
@@ -298,6 +348,26 @@ CASES = [
         "unwritable-working-directory",
         ("study.storage", "sqlite:///mlruns/optuna.db", "cannot write"),
         unprivileged=True,
+    ),
+    # plateau together with settings it cannot use
+    setting("plateau-key-without-plateau", "train.plateau_patience=4", "train.plateau_patience", "4", "constant"),
+    plateau("plateau-factor-not-below-1", "train.plateau_factor=1.0", expect=("train.plateau_factor", "1.0")),
+    plateau("plateau-factor-zero", "train.plateau_factor=0", expect=("train.plateau_factor", "0")),
+    plateau(
+        "plateau-patience-fills-the-epochs",
+        "train.plateau_patience=4",
+        expect=("train.plateau_patience = 4", "train.epochs = 5", "at most 3"),
+    ),
+    plateau(
+        "plateau-after-early-stopping",
+        "train.early_stopping_patience=2",
+        expect=("train.early_stopping_patience = 2", "plateau", "patience 2"),
+    ),
+    plateau(
+        "plateau-floor-above-the-searched-rates",
+        "train.plateau_min_lr=0.01",
+        "search.learning_rate={low=0.001, high=0.1}",
+        expect=("train.plateau_min_lr = 0.01", "search.learning_rate", "0.001"),
     ),
 ]
 

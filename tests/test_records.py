@@ -40,6 +40,9 @@ def test_a_trial_run_logs_these_params_as_strings() -> None:
         "early_stopping_patience": "0",
         "early_stopping_monitor": "val_loss",
         "lr_schedule": "constant",
+        "plateau_factor": "0.5",
+        "plateau_patience": "2",
+        "plateau_min_lr": "1e-06",
         "steps_per_execution": "16",
         "precision": "float32",
         "data_validation": "5000",
@@ -53,7 +56,8 @@ def test_a_trial_run_logs_these_params_as_strings() -> None:
 
 
 def test_decoding_the_logged_params_gives_back_the_trial_with_its_types() -> None:
-    cfg = build_config({"model": {"hidden": [64, 32]}, "train": {"lr_schedule": "cosine", "steps_per_execution": 4}})
+    train = {"lr_schedule": "plateau", "plateau_factor": 0.25, "plateau_patience": 3, "steps_per_execution": 4}
+    cfg = build_config({"model": {"hidden": [64, 32]}, "train": train})
     logged = RunParams.from_config(cfg, data_source="idx:/data", n_train=900, n_val=100).for_trial(HYPERPARAMETERS, 77)
 
     decoded = RunParams.decode(logged.encode())
@@ -62,11 +66,12 @@ def test_decoding_the_logged_params_gives_back_the_trial_with_its_types() -> Non
     assert decoded.hyperparameters == HYPERPARAMETERS
     assert isinstance(decoded.hyperparameters["batch_size"], int) and decoded.hidden == (64, 32)
     assert decoded.train_settings()["steps_per_execution"] == 4
+    assert (decoded.plateau_factor, decoded.plateau_patience) == (0.25, 3)
 
 
 def test_keys_an_older_run_lacks_come_from_the_configs_defaults() -> None:
     params = logged_params(SweepConfig())
-    for key in ("steps_per_execution", "early_stopping_monitor", "lr_schedule", "precision"):
+    for key in ("steps_per_execution", "early_stopping_monitor", "lr_schedule", "precision", "plateau_factor"):
         del params[key]
 
     decoded = RunParams.decode(params)
@@ -75,6 +80,7 @@ def test_keys_an_older_run_lacks_come_from_the_configs_defaults() -> None:
     assert decoded.steps_per_execution == defaults.train.steps_per_execution == 16
     assert decoded.early_stopping_monitor == defaults.study.metric
     assert (decoded.lr_schedule, decoded.precision) == (defaults.train.lr_schedule, defaults.train.precision)
+    assert decoded.plateau_factor == defaults.train.plateau_factor
 
 
 @pytest.mark.parametrize("key", ["hidden", "seed", "n_train", "learning_rate"])

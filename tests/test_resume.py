@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
 import optuna
 import pytest
+from optuna.trial import FrozenTrial
 
-from tests.conftest import DEFAULT_SWEEP, CliRunner, CliStarter, small_sweep_args
+from mnist_sweep.records import KERAS_TUNER_TRIAL_ID_ATTR
+from tests.conftest import DEFAULT_SWEEP, ENGINE_ARGS, CliRunner, CliStarter, small_sweep_args
 from tests.stores import (
     all_runs,
     assert_nothing_running,
@@ -24,32 +27,50 @@ pytestmark = pytest.mark.slow
 FAIL, COMPLETE = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
 
 
-def resume_args(trials: int) -> list[str]:
+def resume_args(trials: int, engine: str = "optuna") -> list[str]:
     """Short heartbeats so a killed trial goes stale in seconds; epochs long enough to be killed mid-fit."""
     return [
         str(DEFAULT_SWEEP),
-        *small_sweep_args("--set", "study.heartbeat_seconds=2", "--set", 'study.pruner="none"', trials=trials),
+        *small_sweep_args(
+            "--set", "study.heartbeat_seconds=2", "--set", 'study.pruner="none"', *ENGINE_ARGS[engine], trials=trials
+        ),
         *("--epochs", "3"),
     ]
 
 
-def test_sigkill_mid_trial_then_rerun_loses_nothing(tmp_path: Path, start_cli: CliStarter, run_cli: CliRunner) -> None:
-    process = start_cli("run", *resume_args(trials=3))
+def reruns(trial: FrozenTrial, killed: FrozenTrial) -> bool:
+    """Whether `trial` reran `killed`: Optuna's retry of a stale trial, or keras-tuner's oracle asking it again."""
+    if KERAS_TUNER_TRIAL_ID_ATTR in killed.user_attrs:
+        same = trial.user_attrs.get(KERAS_TUNER_TRIAL_ID_ATTR) == killed.user_attrs[KERAS_TUNER_TRIAL_ID_ATTR]
+        return same and trial.number != killed.number
+    return trial.system_attrs.get("failed_trial") == killed.number
+
+
+@pytest.mark.parametrize("engine", list(ENGINE_ARGS))
+def test_sigkill_mid_trial_then_rerun_loses_nothing(
+    tmp_path: Path, start_cli: CliStarter, run_cli: CliRunner, engine: str
+) -> None:
+    process = start_cli("run", *resume_args(trials=3, engine=engine))
     victim = wait_for(lambda: running_trial_with_run(tmp_path, after_complete=1), process=process)
     process.kill()
     process.wait()
     assert next(t for t in raw_trials(tmp_path) if t["number"] == victim["number"])["state"] == "RUNNING"
     before = {r.info.run_id: run_snapshot(r) for r in all_runs(tmp_path) if r.info.status == "FINISHED"}
 
-    rerun = run_cli("run", *resume_args(trials=3))
+    rerun = run_cli("run", *resume_args(trials=3, engine=engine))
 
     assert rerun.returncode == 0, rerun.stderr
     study, runs = load_study(tmp_path), all_runs(tmp_path)
     assert len(study.get_trials(states=(COMPLETE,))) == 3
     killed = study.trials[victim["number"]]
     assert killed.state == FAIL
-    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
+    retried = [t for t in study.trials if reruns(t, killed)]
     assert [t.params for t in retried] == [killed.params], "the killed trial's parameters were not retried"
+    if engine == "keras-tuner":  # the oracle, reloaded, has ended exactly the trials the ledger completed
+        saved = [json.loads(f.read_text()) for f in (tmp_path / "mlruns/keras-tuner/fcn").glob("trial_*/trial.json")]
+        completed = {t.user_attrs[KERAS_TUNER_TRIAL_ID_ATTR] for t in study.get_trials(states=(COMPLETE,))}
+        assert {t["trial_id"] for t in saved if t["status"] == "COMPLETED"} == completed
+        assert {t["status"] for t in saved} == {"COMPLETED"}
     by_id = {r.info.run_id: r for r in runs}
     assert by_id[victim["attrs"]["mlflow_run_id"]].info.status in ("FAILED", "KILLED")
     assert {run_id: run_snapshot(by_id[run_id]) for run_id in before} == before

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import DEFAULT_SWEEP, REPO, cli, created_files, mnist_location, small_sweep_args
+from tests.conftest import DEFAULT_SWEEP, ENGINE_ARGS, REPO, cli, created_files, mnist_location, small_sweep_args
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +52,13 @@ class FinishedSweep:
         return cli(*args, cwd=self.workdir, data=self.data)
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedSweep]:
+@pytest.fixture(scope="module", params=list(ENGINE_ARGS))
+def sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedSweep]:
     data = mnist_location()
     if data is None:
         pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
     workdir = tmp_path_factory.mktemp("sweep")
-    first = cli("run", str(DEFAULT_SWEEP), *small_sweep_args(), cwd=workdir, data=data)
+    first = cli("run", str(DEFAULT_SWEEP), *small_sweep_args(*ENGINE_ARGS[request.param]), cwd=workdir, data=data)
     assert first.returncode == 0, first.stderr
     yield FinishedSweep(workdir, data, first)
 
@@ -93,6 +93,9 @@ def test_params_and_per_epoch_metrics(sweep: FinishedSweep) -> None:
         assert [m.step for m in history] == [1]
         for key in ("loss", "accuracy", "val_loss"):
             assert len(sweep.client.get_metric_history(child.info.run_id, key)) == 1
+        # sweeps/fcn.toml decays the rate by cosine to 1 % of it: after the only epoch, that is where it is
+        (rate,) = sweep.client.get_metric_history(child.info.run_id, "learning_rate")
+        assert (rate.step, rate.value) == (1, pytest.approx(0.01 * float(params["learning_rate"]), rel=1e-4))
         if child.data.tags["trial_state"] == "COMPLETE":
             metrics = child.data.metrics
             assert metrics["final_val_accuracy"] == pytest.approx(history[0].value, abs=1e-6)

@@ -65,6 +65,18 @@ def test_live_display_shows_trial_epoch_batch_metric_best_trials_and_eta() -> No
     assert progress.eta_seconds() == pytest.approx(50 + 7 * 120, abs=2)
 
 
+def test_eta_shares_the_trials_left_among_local_workers() -> None:
+    progress = LiveProgress(RichConsole(file=io.StringIO()))
+    progress.study(metric="val_accuracy", finished=2, target=10, best=None)
+    progress.number, progress.epochs, progress.trial_started_at = 7, 4, time.monotonic() - 30
+    progress.trial_seconds, progress.workers = [100.0, 140.0], 2
+    progress.epoch(1, {"val_accuracy": 0.95})
+    progress.batch(2, 215, 430)
+
+    # 50 s left of this trial, then 7 more at the 120 s mean, two at a time
+    assert progress.eta_seconds() == pytest.approx(50 + 7 * 120 / 2, abs=2)
+
+
 def test_eta_before_anything_is_known_is_a_dash_then_the_mean_trial() -> None:
     progress = LiveProgress(RichConsole(file=io.StringIO()))
     progress.study(metric="val_loss", finished=0, target=3, best=None)
@@ -198,6 +210,8 @@ def test_terminal_shows_live_progress_then_the_trial_lines(tmp_path: Path, data:
         "search.batch_size=32",
         "--set",
         "train.steps_per_execution=1",
+        "--set",
+        "study.baseline=false",  # no skip line: the screen holds the progress lines alone
         cwd=tmp_path,
         data=data,
     )
@@ -251,7 +265,8 @@ class PipedRun:
 
 @pytest.fixture(scope="module")
 def run_into_head(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Iterator[PipedRun]:
-    """`mnist-sweep run ... | head -3`: the reader takes three lines and goes away while trials still run."""
+    """`mnist-sweep run ... | head -4`: the reader takes four lines (the first trial's last) and goes away while
+    trials still run."""
     workdir = tmp_path_factory.mktemp("head")
     with (workdir / "stderr.txt").open("w+") as stderr:
         process = subprocess.Popen(
@@ -263,7 +278,7 @@ def run_into_head(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Itera
             text=True,
         )
         assert process.stdout is not None
-        first_lines = [process.stdout.readline() for _ in range(3)]
+        first_lines = [process.stdout.readline() for _ in range(4)]
         process.stdout.close()  # as head does after its three lines
         returncode = process.wait(timeout=600)
         stderr.seek(0)
@@ -275,7 +290,8 @@ def test_run_into_a_closed_pipe_finishes_every_trial_and_scores_the_test_set(run
     done = run_into_head
     assert done.first_lines[0].startswith("no GPU found, training on CPU")
     assert done.first_lines[1].startswith("study 'fcn': 0/3 trials finished")
-    assert done.first_lines[2].startswith("trial    0  ")
+    assert done.first_lines[2].startswith("baseline skipped: ")  # sweeps/fcn.toml leaves out sigmoid and dropout 0
+    assert done.first_lines[3].startswith("trial    0  ")
     assert "\x1b" not in "".join(done.first_lines), "no cursor movement in a pipe"
     assert done.returncode == 0 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
     assert_no_native_noise(done.stderr)

@@ -63,7 +63,8 @@ def test_trial_fits_reports_every_epoch_and_measures_validation(split: Split) ->
         epoch_hooks=[lambda epoch, values: seen.append((epoch, dict(values)))],
     )
     assert [epoch for epoch, _ in seen] == [1, 2]
-    assert set(seen[0][1]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert set(seen[0][1]) == {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"}
+    assert [values["learning_rate"] for _, values in seen] == pytest.approx([1e-3, 1e-3])  # constant
     assert outcome.epochs_trained == 2 and outcome.best_epoch == 2
     assert outcome.report.matrix.sum() == len(split.y_val)
     # the confusion matrix and Keras agree on the validation accuracy
@@ -90,6 +91,34 @@ def test_early_stopping_reports_the_restored_epoch(split: Split) -> None:
     )
     assert outcome.val_loss == pytest.approx(min(outcome.history["val_loss"]))
     assert outcome.best_epoch == int(np.argmin(outcome.history["val_loss"])) + 1
+
+
+def test_plateau_lowers_the_rate_after_patience_epochs_without_improvement(split: Split) -> None:
+    """A rate too small to move val_loss by ReduceLROnPlateau's min_delta: every `patience` epochs it is halved."""
+    rates: list[float] = []
+    run_trial(
+        params={**PARAMS, "learning_rate": 1e-9},
+        split=split,
+        settings=TrainSettings(
+            hidden=(32,), epochs=4, lr_schedule="plateau", plateau_factor=0.5, plateau_patience=1, plateau_min_lr=0.0
+        ),
+        seed=0,
+        epoch_hooks=[lambda epoch, values: rates.append(values["learning_rate"])],
+    )
+    # epoch 1 sets the best; no improvement in epoch 2 -> halved for epoch 3, and again for epoch 4
+    assert rates == pytest.approx([1e-9, 1e-9, 5e-10, 2.5e-10], rel=1e-5)
+
+
+def test_cosine_rate_reported_per_epoch_decays(split: Split) -> None:
+    rates: list[float] = []
+    run_trial(
+        params=PARAMS,
+        split=split,
+        settings=TrainSettings(hidden=(32,), epochs=3, lr_schedule="cosine"),
+        seed=0,
+        epoch_hooks=[lambda epoch, values: rates.append(values["learning_rate"])],
+    )
+    assert 1e-3 > rates[0] > rates[1] > rates[2] == pytest.approx(1e-5, rel=1e-3)  # 1 % of it after the last step
 
 
 def test_diverging_loss_stops_the_trial(split: Split) -> None:

@@ -1,0 +1,251 @@
+"""The lecture's training toolbox, end to end: the lecture's network as the baseline trial, the plateau schedule
+with its learning rate per epoch, and TensorBoard event files uploaded to each trial's run.
+
+One tiny real study (two workers' runs, then finalize), read back from Optuna, MLflow and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mnist_sweep.baseline import LECTURE_PARAMS
+from tests.conftest import REPO, cli, mnist_location, write_sweep
+
+pytestmark = pytest.mark.slow
+
+# A space that holds the lecture's values (sigmoid, adam at 1e-3, batch 128, no dropout); plateau with room to act.
+LECTURE_SPACE = """
+[study]
+name = "lecture"
+trials = 2
+sampler = "random"
+pruner = "none"
+
+[data]
+validation = 500
+train_limit = 1500
+
+[train]
+epochs = 3
+lr_schedule = "plateau"
+plateau_patience = 1
+tensorboard = true
+
+[search]
+optimizer = ["adam", "sgd"]
+learning_rate = { low = 1e-4, high = 1e-2, log = true }
+batch_size = [128, 256]
+activation = ["sigmoid", "relu"]
+"""
+SEARCHED = ("optimizer", "learning_rate", "batch_size", "activation")
+EPOCHS = [1, 2, 3]
+
+
+@dataclass(frozen=True)
+class Study:
+    folder: Path
+    sweep: Path
+    first: subprocess.CompletedProcess[str]
+    resumed: subprocess.CompletedProcess[str]
+    finalized: subprocess.CompletedProcess[str]
+    trials: subprocess.CompletedProcess[str]
+
+    def optuna(self) -> optuna.Study:
+        return optuna.load_study(study_name="lecture", storage=f"sqlite:///{self.folder}/mlruns/optuna.db")
+
+    def mlflow(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=f"sqlite:///{self.folder}/mlruns/mlflow.db")
+
+    def run_of(self, trial: optuna.trial.FrozenTrial):  # type: ignore[no-untyped-def]
+        return self.mlflow().get_run(trial.user_attrs["mlflow_run_id"])
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
+    """Two trials by one worker, a third by a second (a resume), then finalize and the leaderboard."""
+    data = mnist_location()
+    if data is None:
+        pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
+    folder = tmp_path_factory.mktemp("lecture")
+    sweep = write_sweep(folder, LECTURE_SPACE)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        done = cli(*args, cwd=folder, data=data)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    first = run("worker", str(sweep))
+    resumed = run("worker", str(sweep), "--trials", "3")
+    finalized = run("finalize", str(sweep), "--trials", "3")
+    trials = run("trials", str(sweep), "--trials", "3")
+    return Study(folder, sweep, first, resumed, finalized, trials)
+
+
+def test_the_first_trial_is_the_lecture_network_with_exactly_its_values(study: Study) -> None:
+    trials = study.optuna().get_trials()
+    first = trials[0]
+    assert first.params == {name: LECTURE_PARAMS[name] for name in SEARCHED}
+    assert first.params == {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 128, "activation": "sigmoid"}
+    assert first.user_attrs["baseline"] is True
+    assert [t.number for t in trials if t.user_attrs.get("baseline")] == [0]
+    run = study.run_of(first)
+    assert run.data.tags["baseline"] == "true"
+    assert {name: run.data.params[name] for name in (*SEARCHED, "dropout", "hidden")} == {
+        "optimizer": "adam",
+        "learning_rate": "0.001",
+        "batch_size": "128",
+        "activation": "sigmoid",
+        "dropout": "0.0",
+        "hidden": "500-500",
+    }
+    assert all("baseline" not in study.run_of(t).data.tags for t in trials[1:])
+    assert "baseline: the lecture's network runs first" in study.first.stdout
+
+
+def test_a_resume_does_not_enqueue_the_baseline_again(study: Study) -> None:
+    trials = study.optuna().get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert sum(bool(t.user_attrs.get("baseline")) for t in trials) == 1
+    assert "baseline" not in study.resumed.stdout
+
+
+def test_report_and_leaderboard_show_the_gain_over_the_baseline_on_validation(study: Study) -> None:
+    trials = study.optuna().get_trials()
+    baseline = trials[0].value
+    best = max(trials, key=lambda t: (t.value, -t.number))
+    assert baseline is not None and best.value is not None
+    if best.number == 0:
+        expected = f"val_accuracy {baseline:.4f} is the best trial: the sweep gained nothing over it"
+    else:
+        points = 100 * (best.value - baseline)
+        expected = f"val_accuracy {baseline:.4f} -> best {best.value:.4f} (trial {best.number}), {points:+.2f} points"
+    line = f"baseline (trial 0, the lecture's network) {expected}"
+    assert line in study.trials.stdout and line in study.finalized.stdout
+    reports = study.folder / "reports" / "lecture"
+    assert line in (reports / "report.md").read_text(encoding="utf-8")
+    assert line.replace("'", "&#x27;").replace(">", "&gt;") in (reports / "report.html").read_text(encoding="utf-8")
+    recorded = json.loads((reports / "test_metrics.json").read_text(encoding="utf-8"))
+    assert recorded["sweep"]["baseline"]["baseline_value"] == pytest.approx(baseline)
+    assert recorded["sweep"]["baseline"]["gain"] == pytest.approx(best.value - baseline)
+    # The test set scores the validation winner: the baseline only where it wins.
+    assert recorded["trial_number"] == best.number
+
+
+def plateau_rates(first: float, val_accuracy: list[float], *, factor: float, patience: int) -> list[float]:
+    """The rate of each epoch by ReduceLROnPlateau's rule (mode max, min_delta 1e-4), from the logged val_accuracy."""
+    rates, rate, best, wait = [], first, -np.inf, 0
+    for value in val_accuracy:
+        rates.append(rate)
+        if value - 1e-4 > best:
+            best, wait = value, 0
+            continue
+        wait += 1
+        if wait >= patience:
+            rate, wait = max(rate * factor, 1e-6), 0
+    return rates
+
+
+def test_plateau_logs_the_learning_rate_of_every_epoch(study: Study) -> None:
+    client = study.mlflow()
+    for trial in study.optuna().get_trials():
+        run_id = trial.user_attrs["mlflow_run_id"]
+        history = client.get_metric_history(run_id, "learning_rate")
+        assert [m.step for m in history] == EPOCHS
+        accuracy = [m.value for m in client.get_metric_history(run_id, "val_accuracy")]
+        expected = plateau_rates(trial.params["learning_rate"], accuracy, factor=0.5, patience=1)
+        assert [m.value for m in history] == pytest.approx(expected, rel=1e-6)
+
+
+def test_each_trial_run_holds_tensorboard_event_files_with_every_epoch(study: Study, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    client = study.mlflow()
+    for trial in study.optuna().get_trials():
+        run_id = trial.user_attrs["mlflow_run_id"]
+        local = Path(client.download_artifacts(run_id, "tensorboard", str(tmp_path / str(trial.number))))
+        expected = {
+            ("train", "epoch_loss"): "loss",
+            ("train", "epoch_accuracy"): "accuracy",
+            ("train", "epoch_learning_rate"): "learning_rate",
+            ("validation", "epoch_loss"): "val_loss",
+            ("validation", "epoch_accuracy"): "val_accuracy",
+        }
+        for (folder, tag), metric in expected.items():
+            events = EventAccumulator(str(local / folder))
+            events.Reload()
+            scalars = [(e.step, float(make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+            logged = [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
+            assert [step for step, _ in scalars] == EPOCHS, (folder, tag)
+            assert [value for _, value in scalars] == pytest.approx([value for _, value in logged], rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "plateau"])
+def test_every_schedule_logs_its_learning_rate_per_epoch_to_mlflow(
+    schedule: str, synthetic_mnist: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """One trial through the sweep's objective on synthetic images; the rates read back from its MLflow run."""
+    from mnist_sweep.config import build_config
+    from mnist_sweep.data import Split
+    from mnist_sweep.study import Objective
+    from mnist_sweep.tracking import Tracker
+
+    images, labels = synthetic_mnist
+    x = images.astype(np.float32) / 255.0
+    split = Split(x_train=x[:1000], y_train=labels[:1000], x_val=x[1000:], y_val=labels[1000:])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # plateau: a rate too small to improve val_accuracy by min_delta, so it is halved after epoch 2
+    rate, plateau = (1e-9, {"plateau_patience": 1, "plateau_min_lr": 0.0}) if schedule == "plateau" else (0.01, {})
+    cfg = build_config(
+        {
+            "study": {"baseline": False},
+            "model": {"hidden": [16]},
+            "train": {"epochs": 3, "lr_schedule": schedule, **plateau},
+            "search": {"optimizer": "adam", "learning_rate": rate, "batch_size": 100, "activation": "relu"},
+        }
+    )
+    tracker = Tracker(uri=uri, artifacts=str(tmp_path / "artifacts"), experiment="schedules")
+    parent = tracker.create_parent_run(study_name="schedules", config={})
+    objective = Objective(cfg=cfg, split=split, tracker=tracker, parent_run_id=parent, data_source="synthetic")
+    study = optuna.create_study(direction="maximize")
+    study.optimize(objective, n_trials=1)
+
+    run_id = study.trials[0].user_attrs["mlflow_run_id"]
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "learning_rate")
+    assert [m.step for m in history] == EPOCHS
+    expected = {
+        "constant": [0.01, 0.01, 0.01],
+        "cosine": [0.01 * (0.01 + 0.99 * (1 + np.cos(np.pi * epoch / 3)) / 2) for epoch in EPOCHS],  # at epoch ends
+        "plateau": [1e-9, 1e-9, 5e-10],
+    }[schedule]
+    assert [m.value for m in history] == pytest.approx(expected, rel=1e-4)
+
+
+def test_tensorboard_not_installed_is_one_line_exit_2_and_creates_nothing(tmp_path: Path) -> None:
+    """A `tensorboard` that cannot be imported (first on the path): the key, the fix, nothing written."""
+    data = mnist_location()
+    if data is None:
+        pytest.skip("no MNIST files")
+    shadow = tmp_path / "shadow" / "tensorboard"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'tensorboard'\")\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    sweep = write_sweep(tmp_path, "[train]\ntensorboard = true\n")
+    path = f"{tmp_path / 'shadow'}{os.pathsep}{REPO}"
+
+    done = cli("run", str(sweep), "--trials", "1", cwd=work, data=data, env={"PYTHONPATH": path})
+
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert "train.tensorboard = true" in lines[0] and "pip install 'mnist-sweep[tensorboard]'" in lines[0]
+    assert list(work.iterdir()) == []
