@@ -225,10 +225,13 @@ def close_stale_runs(study: optuna.Study, tracker: Tracker, parent_run_id: str) 
         if state != TrialState.RUNNING and not _uploading(trial, tracker, run_id):
             reason = f"its worker stopped; Optuna recorded trial {number} as {state.name if state else 'missing'}"
             if state == TrialState.COMPLETE and trial is not None:
-                reason += f", but its model and reports were not all stored; {REDONE}"
+                # Optuna cannot take a COMPLETE back: finalize skips it, and its parameters train again, unless
+                # keras-tuner's oracle chooses the trials (it has this one as completed, and asks no values twice).
+                redo = str(study.user_attrs.get(ENGINE_ATTR, "optuna")) == "optuna"
+                reason += f", but its model and reports were not all stored; {REDONE if redo else NOT_REDONE}"
                 if tracker.close_orphaned_run(run_id, reason):
-                    # Optuna cannot take a COMPLETE back: finalize skips it, and its parameters train again.
-                    study.enqueue_trial(trial.params, user_attrs={REDO_OF_ATTR: number})
+                    if redo:
+                        study.enqueue_trial(trial.params, user_attrs={REDO_OF_ATTR: number})
                     closed += 1
                 continue
             closed += tracker.close_orphaned_run(run_id, reason)
@@ -237,6 +240,7 @@ def close_stale_runs(study: optuna.Study, tracker: Tracker, parent_run_id: str) 
 
 REDO_OF_ATTR = "redo_of_trial"  # a trial that trains again the parameters of one whose artifacts were lost
 REDONE = "finalize never scores it and its parameters are trained again"
+NOT_REDONE = "finalize never scores it (keras-tuner's oracle has it as completed: not trained again)"
 
 
 def _uploading(trial: FrozenTrial | None, tracker: Tracker, run_id: str) -> bool:

@@ -29,7 +29,7 @@ from mnist_sweep.errors import TrackingError, first_line
 from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
 from mnist_sweep.locations import artifact_location, local_artifact_folder
 from mnist_sweep.metrics import ClassificationReport
-from mnist_sweep.placement import worker_tags
+from mnist_sweep.placement import WORKER_TAG, worker_tags
 from mnist_sweep.records import (
     BACKEND_TAG,
     BASELINE_TAG,
@@ -148,11 +148,6 @@ def _create_mlflow_tables(uri: str) -> None:
 
 
 UPLOAD_GRACE_SECONDS = 120.0
-PROCESS_TAG = "mnist_sweep.process"  # host:pid of the process that trains the trial and stores its artifacts
-
-
-def this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def process_ended(name: str) -> bool:
@@ -352,7 +347,6 @@ class Tracker:
                 STUDY_TAG: study_name,
                 TRIAL_NUMBER_TAG: str(trial_number),
                 STATE_TAG: "RUNNING",
-                PROCESS_TAG: this_process(),
                 **({BASELINE_TAG: "true"} if baseline else {}),
                 **self._machine_tags,
             },
@@ -490,7 +484,7 @@ class Tracker:
             run = self.client.get_run(run_id)
         except MlflowException:
             return False
-        return run.info.status == "RUNNING" and not process_ended(run.data.tags.get(PROCESS_TAG, ""))
+        return run.info.status == "RUNNING" and not process_ended(run.data.tags.get(WORKER_TAG, ""))
 
     def running_trial_runs(self, parent_run_id: str) -> list[tuple[str, int]]:
         """(run id, trial number) of the study's trial runs that MLflow still has as RUNNING."""
