@@ -82,12 +82,29 @@ def rank_trials(trials: Sequence[FrozenTrial], *, metric: str) -> list[FrozenTri
     return sorted(trials, key=key)
 
 
-def choose_trial(study: optuna.Study, metric: str) -> FrozenTrial:
-    """The best complete trial by the study metric that has a logged model."""
+def choose_trial(
+    study: optuna.Study, metric: str, *, stored: Callable[[FrozenTrial], bool] = lambda trial: True
+) -> FrozenTrial:
+    """The best complete trial by the study metric that has a logged model, `stored` in full."""
     for trial in rank_trials(study.get_trials(deepcopy=False), metric=metric):
-        if trial.state == TrialState.COMPLETE and trial.value is not None and trial.user_attrs.get(MODEL_URI_KEY):
+        complete = trial.state == TrialState.COMPLETE and trial.value is not None
+        if complete and trial.user_attrs.get(MODEL_URI_KEY) and stored(trial):
             return trial
     raise FinalizeError(f"study {study.study_name!r} has no complete trial with a logged model to score")
+
+
+def artifacts_stored(tracker: Tracker, trial: FrozenTrial) -> bool:
+    """Whether the trial's run is FINISHED, which it becomes only once its model and reports are stored
+    (tracking.BackgroundUploads); an upload still running in another worker is waited for."""
+
+    run_id = str(trial.user_attrs.get(RUN_ID_ATTR, ""))
+
+    def status() -> str | None:
+        if tracker.upload_may_be_running(run_id, completed=trial.datetime_complete):
+            return None
+        return tracker.run_status(run_id) or ""
+
+    return interrupt.poll(status, every=POLL_SECONDS) == "FINISHED"
 
 
 def load_scored_model(model_uri: str, *, tracking_uri: str) -> keras.Model:
@@ -208,7 +225,7 @@ def score_test_set(
     existing = recorded_result(study)
     if existing is not None:
         return existing, False
-    chosen = choose_trial(study, metric)
+    chosen = choose_trial(study, metric, stored=lambda trial: artifacts_stored(tracker, trial))
     # Load before claiming, so a corrupt test file or a missing model leaves the seal unclaimed.
     model = load_scored_model(chosen.user_attrs[MODEL_URI_KEY], tracking_uri=tracker.uri)
     x_test, y_test = load_test_split(source)

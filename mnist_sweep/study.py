@@ -217,14 +217,37 @@ def close_stale_runs(study: optuna.Study, tracker: Tracker, parent_run_id: str) 
     if not running_runs:
         return 0
     # Found by MLflow's trial-number tag, so a run made just before a kill, not yet linked, is found too.
-    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     closed = 0
     for run_id, number in running_runs:
-        state = states.get(number)
-        if state != TrialState.RUNNING:
+        trial = trials.get(number)
+        state = trial.state if trial else None
+        if state != TrialState.RUNNING and not _uploading(trial, tracker, run_id):
             reason = f"its worker stopped; Optuna recorded trial {number} as {state.name if state else 'missing'}"
+            if state == TrialState.COMPLETE and trial is not None:
+                # Optuna cannot take a COMPLETE back: finalize skips it, and its parameters train again, unless
+                # keras-tuner's oracle chooses the trials (it has this one as completed, and asks no values twice).
+                redo = str(study.user_attrs.get(ENGINE_ATTR, "optuna")) == "optuna"
+                reason += f", but its model and reports were not all stored; {REDONE if redo else NOT_REDONE}"
+                if tracker.close_orphaned_run(run_id, reason):
+                    if redo:
+                        study.enqueue_trial(trial.params, user_attrs={REDO_OF_ATTR: number})
+                    closed += 1
+                continue
             closed += tracker.close_orphaned_run(run_id, reason)
     return closed
+
+
+REDO_OF_ATTR = "redo_of_trial"  # a trial that trains again the parameters of one whose artifacts were lost
+REDONE = "finalize never scores it and its parameters are trained again"
+NOT_REDONE = "finalize never scores it (keras-tuner's oracle has it as completed: not trained again)"
+
+
+def _uploading(trial: FrozenTrial | None, tracker: Tracker, run_id: str) -> bool:
+    """A COMPLETE trial's run still RUNNING may be a live worker storing its artifacts (BackgroundUploads)."""
+    if trial is None or trial.state != TrialState.COMPLETE:
+        return False
+    return tracker.upload_may_be_running(run_id, completed=trial.datetime_complete)
 
 
 def wait_for_running_trials(
@@ -405,11 +428,12 @@ class Objective:
                     settings=dataclasses.replace(self.settings, epochs=epochs),
                     seed=seed,
                     epoch_hooks=[self.progress.epoch, logging_hook, *([events] if events else []), pruning_hook],
-                    batch_hooks=[self.progress.batch],
+                    # an earlier trial's failed upload (a full disk) stops this one within a few steps
+                    batch_hooks=[self.progress.batch, self.tracker.uploads.raise_if_failed],
                     session=self.session,
                     warm_start=warm_start,
                 )
-            value = self._log_outcome(trial, run_id, outcome, logging_hook)
+            model_id, value = self._log_outcome(trial, run_id, outcome, logging_hook)
         except optuna.TrialPruned as exc:
             self._end(
                 trial, run_id, state="PRUNED", message=str(exc), pruned_epoch=pruning_hook.last_epoch, events=events
@@ -423,7 +447,14 @@ class Objective:
                 trial, run_id, state="FAIL", message=_reason(exc), traceback_text=traceback.format_exc(), events=events
             )
             raise
-        self._end(trial, run_id, state="COMPLETE", metrics={"tracking_seconds": logging_hook.seconds}, events=events)
+        if events is not None:  # its folder goes when this trial returns: uploaded here, not in the background
+            self.tracker.log_folder(run_id, events.close(), TENSORBOARD_ARTIFACT)
+        if not _still_running(trial):
+            self._end(trial, run_id, state="COMPLETE")  # raises TrialTakenOver
+        # The run ends FINISHED once the uploads thread has stored the artifacts, overlapping the next trial.
+        self.tracker.finish_trial_run(
+            run_id, outcome, model_id=model_id, metrics={"tracking_seconds": logging_hook.seconds}
+        )
         return value
 
     def _warm_start(self, trial: optuna.Trial) -> WarmStart | None:
@@ -434,13 +465,16 @@ class Objective:
         from mnist_sweep.final import load_scored_model
         from mnist_sweep.trial import WarmStart
 
+        self.tracker.uploads.wait()  # that model may be this process's upload still in flight
         model_uri, initial_epoch = planned
         weights = load_scored_model(model_uri, tracking_uri=self.cfg.tracking.uri).get_weights()
         return WarmStart(weights=weights, initial_epoch=initial_epoch)
 
-    def _log_outcome(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, logging_hook: TimedHook) -> float:
+    def _log_outcome(
+        self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, logging_hook: TimedHook
+    ) -> tuple[str, float]:
         started = time.perf_counter()
-        model_uri = self.tracker.log_outcome(run_id, outcome)
+        model_id, model_uri = self.tracker.reserve_model(run_id)
         trial.set_user_attr(MODEL_URI_KEY, model_uri)
         trial.set_user_attr(EPOCHS_TRAINED_ATTR, outcome.epochs_trained)
         trial.set_user_attr(VAL_LOSS_ATTR, outcome.val_loss)
@@ -448,7 +482,7 @@ class Objective:
         trial.set_user_attr(FIT_SECONDS_ATTR, round(outcome.fit_seconds, 3))
         logging_hook.seconds += time.perf_counter() - started
         trial.set_user_attr(TRACKING_SECONDS_ATTR, round(logging_hook.seconds, 3))
-        return outcome.metric(self.cfg.study.metric)
+        return model_id, outcome.metric(self.cfg.study.metric)
 
     def _end(
         self,
@@ -506,6 +540,7 @@ def run_trials(
         FailureBudget(max_failures),
         settler,
         stop_if_interrupted,
+        objective.tracker.uploads.raise_if_failed,
         optuna.study.MaxTrialsCallback(target, states=FINISHED),
     ]
     try:
@@ -521,6 +556,11 @@ def run_trials(
                 if taken.interrupt is not None:
                     raise taken.interrupt from None
                 stop_if_interrupted(study, None)
+    except BaseException:
+        objective.tracker.uploads.wait(raise_errors=False)  # a FINISHED run has its artifacts (BackgroundUploads)
+        raise
+    else:
+        objective.tracker.uploads.wait()
     finally:
         objective.progress.close()  # before any later line or error, so the display does not linger
     return lines.ran
