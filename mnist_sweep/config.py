@@ -442,8 +442,9 @@ class TrackingConfig(_Section):
     # two moments) triples its size and its save time (bench/RESULTS.md).
     model_optimizer_state: bool = False
     # true: a trial's model and reports are stored on a background thread while the next trial trains (its run
-    # ends FINISHED only once they are). Off by default: on 2 CPU cores the upload competes with the next fit,
-    # trial/raw 1.039 against 1.025 stored at once (bench/overhead, idle machine, 2026-11-28 20:12).
+    # ends FINISHED only once they are). Off by default: on 2 CPU cores the upload competes with the next fit
+    # and no gain was measured (bench/overhead, idle machine, 2026-11-28 20:12: trial/raw 1.039 in the
+    # background against 1.025 stored at once, within the spread of its blocks).
     background_uploads: bool = False
 
     @model_validator(mode="after")
