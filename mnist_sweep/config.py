@@ -441,6 +441,11 @@ class TrackingConfig(_Section):
     # The logged model is for scoring and serving: architecture and weights. The optimizer's state (Adam's
     # two moments) triples its size and its save time (bench/RESULTS.md).
     model_optimizer_state: bool = False
+    # true: a trial's model and reports are stored on a background thread while the next trial trains (its run
+    # ends FINISHED only once they are). Off by default: on 2 CPU cores the upload competes with the next fit
+    # and no gain was measured (bench/overhead, idle machine, 2026-11-28 20:12: trial/raw 1.039 in the
+    # background against 1.025 stored at once, within the spread of its blocks).
+    background_uploads: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> TrackingConfig:

@@ -40,6 +40,7 @@ def make_tracker(cfg: SweepConfig) -> Tracker:
         artifacts=cfg.tracking.artifacts,
         experiment=cfg.study.name,
         model_optimizer_state=cfg.tracking.model_optimizer_state,
+        background_uploads=cfg.tracking.background_uploads,
     )
 
 

@@ -180,7 +180,7 @@ class BackgroundUploads:
 
     def __init__(self, tracker: Tracker) -> None:
         self._tracker = tracker
-        self.background = True  # False: each upload runs at once on the caller's thread (bench/overhead's A/B)
+        self.background = True  # False: each upload runs at once on the caller's thread (tracking.background_uploads)
         self._jobs: queue.Queue[tuple[str, Callable[[], None]]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._errors: list[BaseException] = []
@@ -238,12 +238,14 @@ class Tracker:
         artifacts: str,
         experiment: str,
         model_optimizer_state: bool = False,
+        background_uploads: bool = False,
         create: bool = True,
     ) -> None:
         """Opens the store and the study's experiment; unless `create` is False, makes what they lack first
         (folders, tables, the experiment). MLflow's process-wide tracking URI is left alone."""
         self.uri = uri
         self.model_optimizer_state = model_optimizer_state
+        self.background_uploads = background_uploads
         if not create:
             self.client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._experiment(experiment, location=None, create=False)
@@ -406,7 +408,9 @@ class Tracker:
 
     @functools.cached_property
     def uploads(self) -> BackgroundUploads:
-        return BackgroundUploads(self)
+        uploads = BackgroundUploads(self)
+        uploads.background = self.background_uploads
+        return uploads
 
     def log_report_artifacts(self, run_id: str, report: ClassificationReport, *, prefix: str, title: str) -> None:
         """The confusion matrix (JSON, CSV, PNG, HTML) and the per-class metrics, in one upload."""

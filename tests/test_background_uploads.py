@@ -28,8 +28,9 @@ REPORT_FILES = {
 }
 
 
-def sweep_args() -> list[str]:
-    return [str(DEFAULT_SWEEP), *small_sweep_args("--set", "study.heartbeat_seconds=2", trials=2)]
+def sweep_args(*, background: bool = True) -> list[str]:
+    mode = f"tracking.background_uploads={str(background).lower()}"
+    return [str(DEFAULT_SWEEP), *small_sweep_args("--set", "study.heartbeat_seconds=2", "--set", mode, trials=2)]
 
 
 def stop_right_after_first_trial(process: subprocess.Popen[str], folder: Path, signum: int) -> None:
@@ -59,16 +60,17 @@ def assert_artifacts_complete(folder: Path, run: Run) -> None:
     assert probabilities.shape == (2, 10)
 
 
+@pytest.mark.parametrize("background", [True, False], ids=["background", "stored at once (default)"])
 def test_sigkill_right_after_a_trial_leaves_every_finished_run_complete_and_the_rerun_scores(
-    tmp_path: Path, start_cli: CliStarter, run_cli: CliRunner
+    tmp_path: Path, start_cli: CliStarter, run_cli: CliRunner, background: bool
 ) -> None:
-    stop_right_after_first_trial(start_cli("run", *sweep_args()), tmp_path, signal.SIGKILL)
+    stop_right_after_first_trial(start_cli("run", *sweep_args(background=background)), tmp_path, signal.SIGKILL)
 
     finished = [run for run in trial_runs(tmp_path) if run.info.status == "FINISHED"]
     for run in finished:
         assert_artifacts_complete(tmp_path, run)
 
-    again = run_cli("run", *sweep_args())
+    again = run_cli("run", *sweep_args(background=background))
 
     assert again.returncode == 0, again.stderr
     assert "test accuracy" in again.stdout
