@@ -42,6 +42,16 @@ VARIANTS = {
     "1 worker": ["--workers", "1"],
     "2 workers": ["--workers", "2"],
     "auto workers": ["--workers", "auto"],
+    # The bayesian oracle with the default sweep's median pruner, as the Optuna default runs (added last so
+    # the indexes above stay; --only 8).
+    "median-pruned bayesian (keras-tuner)": [
+        "--set",
+        "study.engine='keras-tuner'",
+        "--set",
+        "study.sampler='bayesian'",
+        "--set",
+        "study.pruner='median'",
+    ],
 }
 
 
