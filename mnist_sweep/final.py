@@ -39,7 +39,7 @@ from mnist_sweep.records import (
     VAL_LOSS_ATTR,
     TestResult,
 )
-from mnist_sweep.tracking import Tracker, global_tracking_uri
+from mnist_sweep.tracking import Tracker, global_tracking_uri, process_ended
 
 if TYPE_CHECKING:
     import keras
@@ -169,16 +169,7 @@ def _dead_local_claimant(storage: optuna.storages.BaseStorage, study_name: str) 
         )
     except KeyError:  # the seal is gone, or its claimant has not written its name yet
         return None
-    host, _, pid = claimed_by.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return claimed_by
-    except PermissionError:  # alive, another user's
-        return None
-    return None
+    return claimed_by if process_ended(claimed_by) else None
 
 
 def _now() -> str:

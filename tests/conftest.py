@@ -29,6 +29,14 @@ def mnist_location() -> Path | None:
     return candidate if candidate.exists() else None
 
 
+def required_mnist() -> Path:
+    """The real MNIST files for a test that trains on them; the test is skipped, saying how, where there are none."""
+    location = mnist_location()
+    if location is None:
+        pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
+    return location
+
+
 @pytest.fixture(autouse=True)
 def _no_download(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never download: the Keras fallback raises if anything reaches it."""
@@ -42,10 +50,7 @@ def _no_download(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def mnist_dir() -> Path:
-    location = mnist_location()
-    if location is None:
-        pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
-    return location
+    return required_mnist()
 
 
 @pytest.fixture

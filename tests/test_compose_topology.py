@@ -31,7 +31,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.compose_native import DOCKER, NativeService, Translation, load_compose, native_service
-from tests.conftest import REPO, _free_port, _postgres_bin, mnist_location
+from tests.conftest import REPO, _free_port, _postgres_bin, required_mnist
 from tests.stores import assert_nothing_running, assert_runs_linked, parent_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -185,9 +185,7 @@ class Topology:
 
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Topology, int, int]]:
-    mnist = mnist_location()
-    if mnist is None:
-        pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
+    mnist = required_mnist()
     top = Topology(tmp_path_factory.mktemp("compose"), mnist)
     assert set(top.services) == SERVICES, "a service was added or removed: teach this test to run it"
     with postgres_as_the_image_starts_it(top.services["postgres"]) as (pg_port, pg_bin):

@@ -23,7 +23,7 @@ from mnist_sweep import plots
 from mnist_sweep.plots import SWEEP_PLOT_TITLES
 from mnist_sweep.report import NOT_SCORED
 from tests.browser import chromium_page, free_port, read_line_with
-from tests.conftest import CLI, DEFAULT_SWEEP, CliRunner, cli, cli_environment, mnist_location, small_sweep_args
+from tests.conftest import CLI, DEFAULT_SWEEP, CliRunner, cli, cli_environment, required_mnist, small_sweep_args
 
 pytestmark = pytest.mark.slow
 
@@ -72,9 +72,7 @@ class Sweep:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
     """One tiny real sweep (3 trials, 1 epoch, 1,000 images), shared by the tests that only read it."""
-    data = mnist_location()
-    if data is None:
-        pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
+    data = required_mnist()
     done = Sweep(tmp_path_factory.mktemp("sweep"), data)
     finished = done.run("run", SWEEP, *TINY)
     assert finished.returncode == 0, finished.stderr[-3000:]

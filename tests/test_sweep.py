@@ -15,7 +15,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import DEFAULT_SWEEP, ENGINE_ARGS, REPO, cli, created_files, mnist_location, small_sweep_args
+from tests.conftest import DEFAULT_SWEEP, ENGINE_ARGS, REPO, cli, created_files, required_mnist, small_sweep_args
 
 pytestmark = pytest.mark.slow
 
@@ -54,9 +54,7 @@ class FinishedSweep:
 
 @pytest.fixture(scope="module", params=list(ENGINE_ARGS))
 def sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedSweep]:
-    data = mnist_location()
-    if data is None:
-        pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
+    data = required_mnist()
     workdir = tmp_path_factory.mktemp("sweep")
     first = cli("run", str(DEFAULT_SWEEP), *small_sweep_args(*ENGINE_ARGS[request.param]), cwd=workdir, data=data)
     assert first.returncode == 0, first.stderr

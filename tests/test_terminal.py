@@ -30,7 +30,7 @@ from mnist_sweep import __version__
 from mnist_sweep.console import Console, LiveProgress, ReaderSafeStream, duration
 from mnist_sweep.data import Split
 from mnist_sweep.trial import TrainSettings, run_trial
-from tests.conftest import DEFAULT_SWEEP, cli, cli_command, cli_environment, mnist_location, small_sweep_args
+from tests.conftest import DEFAULT_SWEEP, cli, cli_command, cli_environment, required_mnist, small_sweep_args
 
 # A line the C++ runtime writes (absl/glog format): `E0000 00:00:1795882744.594102  7725 cuda_platform.cc:52] ...`
 NATIVE_LOG_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\]", re.MULTILINE)
@@ -149,9 +149,7 @@ def test_help_is_written_for_users_and_version_is_the_package_version(tmp_path: 
 
 @pytest.fixture(scope="module")
 def data() -> Path:
-    location = mnist_location()
-    if location is None:
-        pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
+    location = required_mnist()
     return location
 
 

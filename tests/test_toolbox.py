@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep.baseline import LECTURE_PARAMS
-from tests.conftest import REPO, cli, mnist_location, write_sweep
+from tests.conftest import REPO, cli, mnist_location, required_mnist, write_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -71,9 +71,7 @@ class Study:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
     """Two trials by one worker, a third by a second (a resume), then finalize and the leaderboard."""
-    data = mnist_location()
-    if data is None:
-        pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
+    data = required_mnist()
     folder = tmp_path_factory.mktemp("lecture")
     sweep = write_sweep(folder, LECTURE_SPACE)
 

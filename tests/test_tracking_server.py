@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import DEFAULT_SWEEP, cli, mnist_location, small_sweep_args
+from tests.conftest import DEFAULT_SWEEP, cli, required_mnist, small_sweep_args
 from tests.servers import mlflow_server
 from tests.stores import assert_runs_linked
 
@@ -52,9 +52,7 @@ def sweep_args(server: Server, storage: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def served_sweep(server: Server, tmp_path_factory: pytest.TempPathFactory) -> ServedSweep:
-    data = mnist_location()
-    if data is None:
-        pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
+    data = required_mnist()
     shared = tmp_path_factory.mktemp("shared-storage") / "optuna.db"
     trainer, finalizer = tmp_path_factory.mktemp("machine-a"), tmp_path_factory.mktemp("machine-b")
     worker = cli("worker", *sweep_args(server, shared), cwd=trainer, data=data)

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.browser import DASHBOARD_MISSING, Served, chromium_page, free_port, nothing_listens, serving
-from tests.conftest import CLI, DEFAULT_SWEEP, cli, cli_environment, mnist_location, small_sweep_args
+from tests.conftest import CLI, DEFAULT_SWEEP, cli, cli_environment, required_mnist, small_sweep_args
 
 pytestmark = pytest.mark.slow  # each test starts the real CLI (TensorFlow and MLflow imports)
 
@@ -65,9 +65,7 @@ class Finished:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
     """One tiny real sweep (4 trials, 1 epoch), shared by every test here."""
-    data = mnist_location()
-    if data is None:
-        pytest.skip("no MNIST files: set MNIST_SWEEP_DATA or lay ../shared/data/mnist beside the checkout")
+    data = required_mnist()
     folder = tmp_path_factory.mktemp("ui")
     done = cli("run", SWEEP, *small_sweep_args(trials=TRIALS, train_limit=1000, validation=500), cwd=folder, data=data)
     assert done.returncode == 0, done.stderr[-3000:]
