@@ -298,6 +298,7 @@ def test_finalize_while_workers_train_is_refused_then_two_waiting_finalizers_sco
 
         refused = run_cli("finalize", *args)
         still_training = running_with_run(storage, tmp_path)
+        sealed_when_refused = seal_name("fcn") in optuna.get_all_study_names(storage)
         finalizers += [start_cli("finalize", *args, "--wait") for _ in range(2)]
         outputs = [_ended(process) for process in finalizers]
         worker_outputs = [_ended(process) for process in workers]
@@ -311,6 +312,7 @@ def test_finalize_while_workers_train_is_refused_then_two_waiting_finalizers_sco
     named = [int(n) for n in re.findall(r"trial (\d+) \(worker [^)]+\)", refused.stderr)]
     assert named and still_training, "the workers were not training while finalize ran: lengthen the trials"
     assert "--wait" in refused.stderr and "test accuracy" not in refused.stdout
+    assert not sealed_when_refused, "a refused finalize sealed the study"
 
     study = optuna.load_study(study_name="fcn", storage=storage)
     finished = [t.number for t in study.get_trials(states=(COMPLETE, TrialState.PRUNED))]
