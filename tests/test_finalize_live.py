@@ -41,21 +41,9 @@ from tests.stores import (
     wait_for,
 )
 from tests.test_terminal import rendered
+from tests.test_trial_loop import sweep_config
 
 COMPLETE, RUNNING = TrialState.COMPLETE, TrialState.RUNNING
-
-
-def sweep_config(folder: Path, *overrides: str) -> SweepConfig:
-    return load_sweep(
-        DEFAULT_SWEEP,
-        [
-            f'study.storage="sqlite:///{folder}/optuna.db"',
-            f'tracking.uri="sqlite:///{folder}/mlflow.db"',
-            f'tracking.artifacts="{folder}/artifacts"',
-            "study.heartbeat_seconds=1",
-            *overrides,
-        ],
-    )
 
 
 class Stores:
@@ -82,7 +70,7 @@ class Stores:
 
 
 def test_a_live_trial_is_refused_in_one_line_naming_it_and_a_dead_workers_trial_is_closed(tmp_path: Path) -> None:
-    stores = Stores(sweep_config(tmp_path))
+    stores = Stores(sweep_config(tmp_path, "study.heartbeat_seconds=1"))
     live_trial = stores.study.ask()
     dead = stores.study.ask()
     stores.storage.record_heartbeat(dead._trial_id)  # its worker beat once, then died
@@ -117,7 +105,7 @@ def test_a_live_trial_is_refused_in_one_line_naming_it_and_a_dead_workers_trial_
 def test_the_wait_ends_once_nothing_trains_and_below_target_once_nothing_started_for_the_quiet_period(
     tmp_path: Path,
 ) -> None:
-    stores = Stores(sweep_config(tmp_path))
+    stores = Stores(sweep_config(tmp_path, "study.heartbeat_seconds=1"))
     now = [0.0]
     lines: list[str] = []
     waiting = stores.waiting(lambda: now[0], lines, target=3)
