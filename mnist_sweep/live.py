@@ -82,7 +82,7 @@ def settle_before_scoring(
         if live:
             raise TrialsLiveError(live_line(study.study_name, live))
         return
-    waiting = _Waiting(
+    waiting = Waiting(
         study, tracker, parent_run_id, metric=metric, target=target, quiet_seconds=quiet_seconds, echo=echo
     )
     try:
@@ -91,7 +91,7 @@ def settle_before_scoring(
         progress.close()
 
 
-class _Waiting:
+class Waiting:
     """The state of one wait: what was last said, and since when nothing has trained or started."""
 
     def __init__(

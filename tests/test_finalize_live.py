@@ -17,6 +17,7 @@ from typing import Any
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState, create_trial
 from rich.console import Console as RichConsole
 
@@ -56,8 +57,8 @@ class Stores:
         self.study, created = open_study(cfg, self.storage)
         self.parent = parent_run_id(self.study, self.tracker, created=created, config=cfg.to_dict())
 
-    def waiting(self, clock: Callable[[], float], lines: list[str], *, target: int) -> live._Waiting:
-        return live._Waiting(
+    def waiting(self, clock: Callable[[], float], lines: list[str], *, target: int) -> live.Waiting:
+        return live.Waiting(
             self.study,
             self.tracker,
             self.parent,
@@ -96,7 +97,9 @@ def test_a_live_trial_is_refused_in_one_line_naming_it_and_a_dead_workers_trial_
 
     line = str(refused.value)
     assert "\n" not in line
-    assert f"trial {live_trial.number} (worker " in line and f"trial {dead.number} " not in line
+    worker = MlflowClient(stores.cfg.tracking.uri).get_run(run_id).data.tags["worker"]  # who trains it
+    assert f"trial {live_trial.number} (worker {worker})" in line
+    assert f"trial {dead.number} " not in line
     assert "--wait" in line and "nothing was sealed" in line
     assert stores.study.get_trials()[dead.number].state == TrialState.FAIL, "the dead worker's trial blocks"
     assert seal_name("fcn") not in optuna.get_all_study_names(stores.storage)
