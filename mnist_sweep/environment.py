@@ -12,6 +12,7 @@ is none. nvidia-smi only adds names and memory. A process that must know before 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import platform
@@ -140,6 +141,15 @@ def gpus() -> list[Gpu]:
     else:
         return visible_nvidia_gpus()
     return _with_memory(names, visible_nvidia_gpus())
+
+
+GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/dxg", "/dev/kfd")  # CUDA, CUDA under WSL2, ROCm
+
+
+def gpu_device_nodes() -> bool:
+    """Whether this machine (container) has the device files any GPU needs: without them no backend finds
+    one, and asking it costs a backend import for nothing."""
+    return any(glob.glob(pattern) for pattern in GPU_DEVICE_NODES)
 
 
 def backend_gpus_in_child() -> list[Gpu]:

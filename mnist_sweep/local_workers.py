@@ -125,10 +125,11 @@ def check(cfg: SweepConfig, *, force: bool) -> list[str] | None:
     (CUDA_VISIBLE_DEVICES entries as given), [] for none, None to leave CUDA_VISIBLE_DEVICES as it is.
 
     Several workers need the GPU count before this process loads its backend (it pins itself first): a
-    child process asks the backend (environment.backend_gpus_in_child). One worker asks nothing here: it
+    child process asks the backend (environment.backend_gpus_in_child), where the machine has GPU device
+    files at all. One worker asks nothing here: it
     is given the first study.gpus GPUs, and `check_gpus_found` checks them once its backend is loaded.
     """
-    from mnist_sweep.environment import backend_gpus_in_child, keras_backend, set_device_order
+    from mnist_sweep.environment import backend_gpus_in_child, gpu_device_nodes, keras_backend, set_device_order
 
     set_device_order()  # before any backend loads, here or in a child
     if isinstance(cfg.study.workers, int):
@@ -142,7 +143,7 @@ def check(cfg: SweepConfig, *, force: bool) -> list[str] | None:
             return None  # today's `run`: the GPUs CUDA_VISIBLE_DEVICES gives, nothing asked
         visible = placement.visible_gpu_ids(len(given.split(",")) if given is not None else int(gpus), given)
         return placement.chosen_gpu_ids(gpus, visible, backend=keras_backend())
-    found = backend_gpus_in_child()
+    found = backend_gpus_in_child() if gpu_device_nodes() else []
     visible = placement.visible_gpu_ids(len(found), given)
     return placement.chosen_gpu_ids(gpus, visible, backend=keras_backend())
 

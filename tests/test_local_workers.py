@@ -170,6 +170,7 @@ def test_uuids_and_mig_ids_go_to_the_workers_round_robin_as_given(monkeypatch: p
     monkeypatch.setattr(placement, "usable_cpus", lambda: (0, 1, 2))
     monkeypatch.setattr(placement, "pin_this_process", lambda: None)
     monkeypatch.setattr(environment, "backend_gpus_in_child", lambda: [Gpu("NVIDIA H100"), Gpu("NVIDIA H100 MIG")])
+    monkeypatch.setattr(environment, "gpu_device_nodes", lambda: True)
     cfg = build_config({"study": {"workers": 3}})
 
     gpu_ids = check(cfg, force=False)
@@ -183,6 +184,7 @@ def test_uuids_and_mig_ids_go_to_the_workers_round_robin_as_given(monkeypatch: p
 def test_gpus_expected_but_none_found_end_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
     unset_for_this_test(monkeypatch, ["CUDA_DEVICE_ORDER"])
     monkeypatch.setattr(environment, "backend_gpus_in_child", lambda: [])
+    monkeypatch.setattr(environment, "gpu_device_nodes", lambda: True)  # device files, but the backend finds none
     monkeypatch.setattr(placement, "usable_cpus", lambda: (0, 1))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1111aaaa")
     with pytest.raises(ConfigError, match=r"study.gpus = 1: only 0 GPU\(s\) visible .*'GPU-1111aaaa'"):
@@ -435,7 +437,7 @@ def fake_nvidia_smi(folder: Path) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("command", "flags"),
     [("run", ["--workers", "2", "--force"]), ("run", []), ("worker", [])],
-    ids=["run --workers 2 (a child probes the backend)", "run (its own backend)", "worker (its own backend)"],
+    ids=["run --workers 2", "run (its own backend)", "worker (its own backend)"],
 )
 def test_gpus_expected_but_not_found_by_the_backend_exit_2_though_nvidia_smi_lists_them(
     command: str, flags: list[str], run_cli: CliRunner, tmp_path: Path
@@ -456,6 +458,7 @@ def test_gpus_expected_but_not_found_by_the_backend_exit_2_though_nvidia_smi_lis
 def test_children_get_their_gpu_as_given_and_the_pci_bus_order(monkeypatch: pytest.MonkeyPatch) -> None:
     unset_for_this_test(monkeypatch, ["CUDA_DEVICE_ORDER"])
     monkeypatch.setattr(environment, "backend_gpus_in_child", lambda: [Gpu("NVIDIA A100 MIG 1g.10gb")])
+    monkeypatch.setattr(environment, "gpu_device_nodes", lambda: True)
     mig = "MIG-11111111-2222-3333-4444-555555555555,MIG-66666666-7777-8888-9999-000000000000"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", mig)
     gpu_ids = check(build_config({"study": {"workers": 2}}), force=True)
