@@ -7,12 +7,16 @@ The translation is deliberately small, so that what runs is the compose file's o
   server listens on;
 - a path inside the container (a volume's target, the image's WORKDIR) becomes a folder on this machine;
 - the image's ENTRYPOINT `mnist-sweep` (or a service's `entrypoint: ["mlflow"]`) becomes `python -m ...`
-  with this checkout's code; the image's ENV lines come first, the service's environment on top.
+  with this checkout's code; the image's ENV lines come first, the service's environment on top;
+- a service's CPU limit (`deploy.resources.limits.cpus`) becomes an affinity of that many cores (rounded
+  down, at least one): a cgroup quota needs privileges a test does not have, and mnist-sweep sizes its
+  threads by the smaller of the two the same way (its reading of cgroup files is unit-tested on fake ones).
 Nothing else of a command is changed; a test adds its own arguments only in the open (`extra`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import sys
@@ -94,6 +98,14 @@ class NativeService:
     argv: list[str]
     env: dict[str, str]
     cwd: Path
+    cpu_limit: float | None = None  # the service's deploy.resources.limits.cpus
+
+    def cores(self, index: int, available: Sequence[int]) -> list[int]:
+        """The cores replica `index` runs on: `cpu_limit` of them (all without a limit), replicas side by side."""
+        if self.cpu_limit is None:
+            return list(available)
+        count = min(len(available), max(1, math.floor(self.cpu_limit)))
+        return [available[(index * count + i) % len(available)] for i in range(count)]
 
 
 @dataclass
@@ -171,4 +183,5 @@ def native_service(
     assert isinstance(declared, dict), f"{name}: environment as a mapping, please (KEY: value)"
     environment = {**image_env, **{key: str(value) for key, value in declared.items()}}
     env = {**base_env, **{key: translate(value) for key, value in environment.items()}}
-    return NativeService(name=name, argv=argv, env=env, cwd=folder)
+    limit = service.get("deploy", {}).get("resources", {}).get("limits", {}).get("cpus")
+    return NativeService(name=name, argv=argv, env=env, cwd=folder, cpu_limit=None if limit is None else float(limit))

@@ -10,6 +10,7 @@ sweep left is read back through MlflowClient over HTTP and through Optuna on Pos
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pwd
 import secrets
@@ -159,9 +160,10 @@ class Topology:
     def __init__(self, folder: Path, mnist: Path) -> None:
         self.folder = folder
         self.password = secrets.token_urlsafe(16)
-        # The test's docker/.env: the only values it chooses.
-        self.compose = load_compose({"POSTGRES_PASSWORD": self.password, "MNIST_DIR": str(mnist)})
+        # The test's docker/.env: the only values it chooses (one CPU per container: 2 workers + finalize here).
+        self.compose = load_compose({"POSTGRES_PASSWORD": self.password, "MNIST_DIR": str(mnist), "WORKER_CPUS": "1"})
         self.outputs: dict[str, tuple[int, str, str]] = {}
+        self.cores: dict[str, list[int]] = {}  # each sweeper's cores, from its service's CPU limit
 
     @property
     def services(self) -> dict[str, Any]:
@@ -216,9 +218,13 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Topolog
                 )
                 for name, label in (("worker", "worker-1"), ("worker", "worker-2"), ("finalize", "finalize"))
             ]
-            for s in sweepers:
+            available = sorted(os.sched_getaffinity(0))
+            for index, s in enumerate(sweepers):
                 pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-                processes.append((s, subprocess.Popen(s.argv, cwd=s.cwd, env=s.env, **pipes)))  # type: ignore[call-overload]
+                cores = s.cores(index, available)  # its container's CPU limit
+                top.cores[s.cwd.name] = cores
+                limited = functools.partial(os.sched_setaffinity, 0, cores)
+                processes.append((s, subprocess.Popen(s.argv, cwd=s.cwd, env=s.env, preexec_fn=limited, **pipes)))  # type: ignore[call-overload]
             for sweeper, process in processes:
                 out, err = process.communicate(timeout=900)
                 top.outputs[sweeper.cwd.name] = (process.returncode, out, err)
@@ -322,3 +328,20 @@ def test_the_server_answers_the_host_name_workers_use_and_refuses_others(topolog
     _, _, mlflow_port = topology
     assert host_header_status(mlflow_port, "mlflow:5000") == 200  # what the workers send inside compose
     assert host_header_status(mlflow_port, "evil.example") in (400, 403)  # the middleware is on
+
+
+def test_every_worker_applies_the_studys_policy_with_threads_sized_to_its_cpu_limit(
+    topology: tuple[Topology, int, int],
+) -> None:
+    top, _, _ = topology
+    study, _, _, runs = study_and_runs(topology)
+    assert study.user_attrs["worker_policy"] == {"constant_liar": True, "threads": "cpu_limit"}
+    trial_runs = [r for r in runs if r.data.tags.get("mnist_sweep.role") == "trial"]
+    assert trial_runs
+    for run in trial_runs:
+        tags = run.data.tags
+        assert tags["sampler.constant_liar"] == "true", tags  # though each service's command says 1 worker
+        assert tags["worker.threads"] == "1", tags  # WORKER_CPUS=1: one thread each, not one per host core
+    assert {len(cores) for cores in top.cores.values()} == {1}
+    used = {r.data.tags["worker.cpus"] for r in trial_runs}
+    assert used <= {str(cores[0]) for cores in top.cores.values()}, used

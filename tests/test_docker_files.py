@@ -135,7 +135,20 @@ def test_workers_and_finalize_reserve_one_nvidia_gpu_each() -> None:
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         assert device["device_ids"] == ["3"]
     (limits,) = [c["resources"]["limits"] for c in job("mnist-sweep-workers")["spec"]["template"]["spec"]["containers"]]
-    assert limits == {"nvidia.com/gpu": 1}
+    assert limits["nvidia.com/gpu"] == 1
+
+
+def test_every_training_container_has_a_cpu_limit_to_size_its_threads_to() -> None:
+    services = load_compose({**TEST_ENV, "WORKER_CPUS": "2.5"})["services"]
+    for name in ("worker", "finalize"):
+        assert services[name]["deploy"]["resources"]["limits"]["cpus"] == "2.5", name
+    assert load_compose(TEST_ENV)["services"]["worker"]["deploy"]["resources"]["limits"]["cpus"] == "4"
+    assert re.search(r"^WORKER_CPUS=\d", (DOCKER / ".env.example").read_text(), flags=re.MULTILINE)
+    for document in k8s_documents():
+        for container in document["spec"]["template"]["spec"]["containers"]:
+            resources = container["resources"]
+            assert float(resources["limits"]["cpu"]) >= 1, document["metadata"]["name"]
+            assert resources["requests"]["cpu"] == resources["limits"]["cpu"]  # the quota it is scheduled for
 
 
 def test_the_mlflow_service_serves_artifacts_from_a_volume_on_postgres() -> None:
