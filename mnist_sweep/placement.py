@@ -191,14 +191,15 @@ def _memberships(membership: Path) -> Iterator[tuple[str, str, str]]:
 
 
 def _up_from(mount: Path | None, path: str) -> list[Path]:
-    """The cgroup folder for `path` under `mount` and every folder above it up to the mount."""
+    """The cgroup folder for `path` under `mount` and every folder above it up to the mount (those missing
+    are read as no limit: in a cgroup namespace the mount itself is this process's cgroup)."""
     if mount is None:
         return []
-    folder = mount / path.strip("/")
-    if not folder.is_dir():  # a cgroup namespace: the mount is this process's cgroup
+    folder = Path(os.path.normpath(mount / path.strip("/")))
+    if not folder.is_relative_to(mount):  # a path outside the mount ("/../x" in a namespace): the mount is ours
         return [mount]
     chain = [folder]
-    while chain[-1] != mount:
+    while chain[-1] != mount and chain[-1] != chain[-1].parent:
         chain.append(chain[-1].parent)
     return chain
 

@@ -186,7 +186,7 @@ def open_study(
     if existing is not None:
         check_engine(existing, cfg)
     offset = len(existing.get_trials(deepcopy=False)) if existing is not None else 0
-    policy = recorded_policy(existing.user_attrs, cfg.study) if existing is not None else new_study_policy(cfg.study)
+    policy = new_study_policy(cfg.study)  # a study that exists already: its record decides, below
     pruner = make_pruner(cfg.study)
     sampler = _sampler(cfg, policy, seed_offset=offset + worker_salt)
     created = False

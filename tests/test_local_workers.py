@@ -117,7 +117,10 @@ def test_cgroup_v2_in_a_container_namespace_reads_the_mount_root(tmp_path: Path)
     write(membership, "0::/\n")  # what a container with its own cgroup namespace sees
     write(root / "cpu.max", "200000 100000")  # compose: deploy.resources.limits.cpus = 2
     assert placement.cgroup_cpu_limit(root, membership) == 2.0
-    write(membership, "0::/../outside\n")  # a path not under the mount: the mount is the process's cgroup
+    write(membership, "0::/docker/abc\n")  # the host's path for it, not under the namespaced mount
+    assert placement.cgroup_cpu_limit(root, membership) == 2.0
+    write(membership, "0::/../outside\n")  # a path outside the mount: the mount is the process's cgroup
+    write(tmp_path / "outside" / "cpu.max", "50000 100000")  # not this process's: never read
     assert placement.cgroup_cpu_limit(root, membership) == 2.0
     write(root / "cpu.max", "max 100000")
     assert placement.cgroup_cpu_limit(root, membership) is None
