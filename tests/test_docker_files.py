@@ -14,10 +14,18 @@ import yaml
 
 from mnist_sweep.cli import _overrides, _parser
 from mnist_sweep.config import load_sweep, tomllib
-from tests.compose_native import COMPOSE_FILE, DOCKER, DOCKERFILE, InterpolationError, image_settings, load_compose
+from tests.compose_native import (
+    COMPOSE_FILE,
+    DOCKER,
+    DOCKERFILE,
+    InterpolationError,
+    image_settings,
+    k8s_documents,
+    k8s_job,
+    load_compose,
+)
 from tests.conftest import REPO
 
-K8S = DOCKER / "k8s"
 TEST_ENV = {"POSTGRES_PASSWORD": "not-a-real-one", "MNIST_DIR": "/srv/mnist"}
 SWEEPS_IN_IMAGE = "/work/sweeps"
 
@@ -31,16 +39,8 @@ def tool(name: str) -> str:
     return found
 
 
-def k8s_documents() -> list[dict[str, Any]]:
-    documents = []
-    for path in sorted(K8S.glob("*.yaml")):
-        documents += [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
-    return documents
-
-
 def job(name: str) -> dict[str, Any]:
-    (found,) = [d for d in k8s_documents() if d["kind"] == "Job" and d["metadata"]["name"] == name]
-    return found
+    return k8s_job(name)
 
 
 def invocations() -> list[tuple[str, list[str]]]:
