@@ -27,6 +27,7 @@ from mnist_sweep.study import (
     make_storage,
     open_study,
     parent_run_id,
+    recorded_policy,
     run_trials,
     worker_salt,
 )
@@ -88,6 +89,7 @@ def run(
                 parent_run_id=parent,
                 data_source=source.describe(),
                 progress=progress,
+                run_tags=recorded_policy(study.user_attrs, cfg.study).tags(),  # the sampler this process built
             )
             run_trials(
                 study,
