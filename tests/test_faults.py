@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.conftest import CliRunner, CliStarter, cli, mnist_location, small_sweep_args, write_sweep
+from tests.conftest import CliRunner, CliStarter, cli, required_mnist, small_sweep_args, write_sweep
 from tests.stores import storage_url, tracking_url
 
 
@@ -169,9 +169,7 @@ def test_finalize_on_a_missing_study_creates_nothing(run_cli: CliRunner, tmp_pat
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(working folder, sweep file) of a study with two trained trials and an unscored test set."""
-    data = mnist_location()
-    if data is None:
-        pytest.skip("no MNIST files")
+    data = required_mnist()
     folder = tmp_path_factory.mktemp("trained")
     sweep = write_sweep(folder, "")
     work = folder / "work"
