@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 
-MISSING = '''
+MISSING = """
 from tests.conftest import missing_dependency, required_module
 
 def test_needs_a_server():
@@ -19,7 +19,7 @@ def test_needs_a_server():
 
 def test_needs_a_module():
     required_module("no_such_module_for_mnist_sweep", "no_such_module is not installed")
-'''
+"""
 
 
 @pytest.mark.parametrize(("ci", "outcome"), [("true", "2 failed"), ("", "2 skipped")], ids=["CI=true", "no-CI"])
@@ -27,7 +27,18 @@ def test_a_missing_dependency_fails_under_ci_and_skips_elsewhere(tmp_path: Path,
     (tmp_path / "test_missing.py").write_text(MISSING)
     env = {**os.environ, "PYTHONPATH": str(REPO), "CI": ci}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rfs", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rfs",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path),
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
