@@ -69,8 +69,12 @@ def claimed(storage: str, claimant: ProcessId, heartbeat: datetime.datetime | No
     seal.set_user_attr(CLAIMED_AT_ATTR, "2026-01-01T00:00:00+00:00")
 
 
+def claim_attrs(storage: str) -> dict[str, object]:
+    return dict(optuna.load_study(study_name="fcn.test-seal", storage=storage).user_attrs)
+
+
 def claimant_of(storage: str) -> str:
-    return str(optuna.load_study(study_name="fcn.test-seal", storage=storage).user_attrs[CLAIMED_BY_ATTR])
+    return str(claim_attrs(storage)[CLAIMED_BY_ATTR])
 
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
@@ -98,6 +102,20 @@ def test_a_claim_is_taken_over_only_when_its_claimant_is_proven_ended_or_its_hea
 
     assert claimant_of(storage) == (this_process().encode() if taken else other.encode())
     assert (said == []) if not taken else (len(said) == 1 and why in said[0] and other.label in said[0])
+
+
+def test_the_claimants_heartbeat_stays_fresh_while_it_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    claimed(storage, this_process(), STALE)  # its last beat long ago, as if scoring had taken that long
+    monkeypatch.setattr(final, "CLAIM_HEARTBEAT_SECONDS", 0.05)
+
+    with final._claim_heartbeat(optuna.storages.RDBStorage(storage), "fcn"):
+        deadline = time.monotonic() + 120  # a generous bound for a loaded machine, not a timing check
+        while claim_attrs(storage)[CLAIM_HEARTBEAT_ATTR] == STALE.isoformat(timespec="seconds"):
+            assert time.monotonic() < deadline, "the claimant never beat"
+            time.sleep(0.05)
+
+    assert final._abandoned(claim_attrs(storage), waited=0.0) is None
 
 
 def test_a_claim_never_completed_is_judged_by_how_long_it_was_watched() -> None:
