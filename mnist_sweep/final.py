@@ -188,11 +188,21 @@ def _abandoned(attrs: dict[str, object], *, waited: float) -> str | None:
     label = claimant.label if claimant is not None else "a process that never wrote its name"
     if claimant is not None and processes.ended(claimant):
         return f"{label}, a process that no longer runs on this host"
-    beat = attrs.get(CLAIM_HEARTBEAT_ATTR) or attrs.get(CLAIMED_AT_ATTR)  # claims made before heartbeats: claimed_at
+    beat = _moment(attrs.get(CLAIM_HEARTBEAT_ATTR) or attrs.get(CLAIMED_AT_ATTR))  # older claims: claimed_at
     if beat is None:  # judged by how long this process has watched it stay so
         return f"{label}, which never completed its claim" if waited > CLAIM_STALE_SECONDS else None
-    age = (datetime.now(timezone.utc) - datetime.fromisoformat(str(beat))).total_seconds()
-    return f"{label}, whose heartbeat stopped at {beat}" if age > CLAIM_STALE_SECONDS else None
+    # Wall clocks of two hosts compared, as Optuna's trial heartbeats are: they are assumed to agree within seconds.
+    age = (datetime.now(timezone.utc) - beat).total_seconds()
+    return f"{label}, whose heartbeat stopped at {_iso(beat)}" if age > CLAIM_STALE_SECONDS else None
+
+
+def _moment(value: object) -> datetime | None:
+    """An ISO time with its zone, as _now writes it; None for anything else."""
+    try:
+        moment = datetime.fromisoformat(str(value)) if value else None
+    except ValueError:
+        return None
+    return moment if moment is not None and moment.tzinfo is not None else None
 
 
 def _release_if_abandoned(
@@ -237,7 +247,11 @@ def _claim_heartbeat(storage: optuna.storages.BaseStorage, study_name: str) -> I
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return _iso(datetime.now(timezone.utc))
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds")
 
 
 def _wait_for_result(

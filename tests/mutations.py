@@ -91,7 +91,7 @@ MUTATIONS = (
     Mutation(
         "once: a claim is taken over only when its heartbeat is stale",
         "mnist_sweep/final.py",
-        'whose heartbeat stopped at {beat}" if age > CLAIM_STALE_SECONDS else None',
+        'whose heartbeat stopped at {_iso(beat)}" if age > CLAIM_STALE_SECONDS else None',
         'whose heartbeat stopped at {beat}" if age > -1 else None',
         CLAIM_TESTS,
     ),
@@ -224,10 +224,21 @@ def run(mutation: Mutation, root: Path, *, before: bool) -> Outcome:
     return Outcome(mutation, verdict, failed, time.monotonic() - started)
 
 
+def shown(failed: tuple[str, ...]) -> str:
+    """The failed tests, one per line; the cases of one parametrized test counted, not listed."""
+    cases: dict[str, list[str]] = {}
+    for node in failed:
+        name, _, case = node.removeprefix("tests/").partition("[")
+        cases.setdefault(name, []).append(case.rstrip("]"))
+    lines = [name if cases[name] == [""] else f"{name}[{cases[name][0]}]" for name in cases if len(cases[name]) == 1]
+    lines += [f"{name} ({len(found)} cases)" for name, found in cases.items() if len(found) > 1]
+    return "<br>".join(lines) or "-"
+
+
 def table(outcomes: list[Outcome]) -> str:
     rows = ["| guard removed | in | result | tests that failed | s |", "|---|---|---|---|---|"]
     for outcome in outcomes:
-        failed = "<br>".join(name.removeprefix("tests/") for name in outcome.failed) or "-"
+        failed = shown(outcome.failed)
         rows.append(
             f"| {outcome.mutation.name} | {outcome.mutation.path} | {outcome.verdict} | {failed} "
             f"| {outcome.seconds:.0f} |"
