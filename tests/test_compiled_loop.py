@@ -67,10 +67,20 @@ def test_the_compiled_loop_logs_what_fit_logs_and_learns(split: Split) -> None:
     assert outcome.val_accuracy == pytest.approx(seen[-1][1]["val_accuracy"], abs=1e-6)
 
 
-def test_the_compiled_loop_is_reproducible(split: Split) -> None:
+def test_the_compiled_loop_is_reproducible_and_calls_the_batch_hooks_once_per_epoch(split: Split) -> None:
     first, _ = trained(split, "compiled", epochs=2)
-    second, _ = trained(split, "compiled", epochs=2)
+    second: Seen = []
+    batches: list[tuple[int, int, int]] = []
+    run_trial(
+        params=PARAMS,
+        split=split,
+        settings=TrainSettings(hidden=(64,), epochs=2, lr_schedule="cosine", loop="compiled"),
+        seed=1,
+        epoch_hooks=[lambda epoch, values: second.append((epoch, dict(values)))],
+        batch_hooks=[lambda epoch, done, steps: batches.append((epoch, done, steps))],
+    )
     assert first == second
+    assert batches == [(1, 16, 16), (2, 16, 16)]  # the live display: the whole epoch done, at its end
 
 
 def test_a_pruner_stops_the_compiled_loop_at_its_epoch_and_the_clock_has_its_cost(split: Split) -> None:
