@@ -26,6 +26,7 @@ from mnist_sweep.study import (
     make_storage,
     open_study,
     parent_run_id,
+    recorded_policy,
     run_trials,
     wait_for_running_trials,
     worker_salt,
@@ -88,6 +89,7 @@ def run(
                 parent_run_id=parent,
                 data_source=source.describe(),
                 progress=progress,
+                run_tags=recorded_policy(study.user_attrs, cfg.study).tags(),  # the sampler this process built
             )
             run_trials(study, objective, target=cfg.study.trials, max_failures=cfg.study.max_failures, echo=echo)
             if children is not None:

@@ -339,11 +339,13 @@ class Tracker:
         trial_number: int,
         params: Mapping[str, Any],
         baseline: bool = False,
+        tags: Mapping[str, str] | None = None,
     ) -> str:
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"trial-{trial_number:04d}",
             tags={
+                **(tags or {}),
                 PARENT_TAG: parent_run_id,
                 ROLE_TAG: TRIAL_ROLE,
                 STUDY_TAG: study_name,
