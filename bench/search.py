@@ -127,6 +127,10 @@ def seeds_report(results: list[dict[str, Any]], overrides: list[str], new_defaul
             for key in ("wall", "epochs", "epoch_seconds", "best_val", "test")
         }
         medians[name]["cost"] = median([cost(r) for r in mine])
+        # The fixed costs: per trial, what is not fit (sampling, build, compile outside fit, tracking); per sweep,
+        # what is not trials (start-up, data, the test score, the report).
+        medians[name]["per_trial"] = median([(r["trial_seconds"] - r["epoch_seconds"]) / r["trials"] for r in mine])
+        medians[name]["per_sweep"] = median([r["wall"] - r["trial_seconds"] for r in mine])
     median_rows: list[list[object]] = [
         [name, "median", m["wall"] / 60, m["epochs"], m["epoch_seconds"], m["best_val"], m["test"], m["cost"]]
         for name, m in medians.items()
@@ -140,7 +144,11 @@ def seeds_report(results: list[dict[str, Any]], overrides: list[str], new_defaul
             f"{100 * (new['test'] - today['test']):+.2f} points against today's default (≥ -0.10); "
             f"sweep cost {new['cost']:.1f}x its winner's own fit (≤ 8)."
         )
-    body += f"\n\nNew default: {new_default}. Overrides: {overrides or 'none'}."
+    body += "\n\nFixed costs (medians): " + "; ".join(
+        f"{name}: {m['per_trial']:.2f} s per trial outside its fit, {m['per_sweep']:.1f} s per sweep outside its trials"
+        for name, m in medians.items()
+    )
+    body += f".\n\nNew default: {new_default}. Overrides: {overrides or 'none'}."
     return body
 
 

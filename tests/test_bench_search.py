@@ -29,9 +29,10 @@ def result(name: str, seed: int, wall: float, best_val: float, test: float, winn
         "name": name,
         "seed": seed,
         "wall": wall,
+        "trials": 10,
         "epochs": 100,
         "epoch_seconds": wall / 2,
-        "trial_seconds": wall,
+        "trial_seconds": wall - 20,
         "best_val": best_val,
         "test": test,
         "winner_fit_seconds": winner,
@@ -57,10 +58,11 @@ def test_the_seeds_report_gives_rows_medians_and_the_targets_on_the_medians() ->
     medians = [line for line in body.splitlines() if "| median |" in line]
     assert [line.split(" | ")[0] for line in medians] == [f"| {today}", f"| {new}", f"| {peer}"]
     assert medians[1].split(" | ")[2] == f"{520 / 60:.3f}"  # the median wall, in minutes
-    assert medians[1].split(" | ")[-1] == "8.000 |"  # the median of 500/100, 540/60, 520/65
+    assert medians[1].split(" | ")[-1] == "7.692 |"  # trial seconds over the winner's fit: 480/100, 520/60, 500/65
     assert "wall 0.55x the peer's (≤ 0.6)" in body  # 520 / 950
     assert "best val +0.05 points and test +0.00 points against today's default" in body
-    assert "sweep cost 8.0x its winner's own fit (≤ 8)" in body
+    assert "sweep cost 7.7x its winner's own fit (≤ 8)" in body
+    assert f"{new}: 24.00 s per trial outside its fit, 20.0 s per sweep outside its trials" in body  # (500-260)/10
     assert "New default: [\"train.loop='compiled'\"]" in body
 
 
