@@ -11,6 +11,7 @@ import optuna
 import pytest
 
 from mnist_sweep.data import Split
+from mnist_sweep.errors import TrialDiverged
 from mnist_sweep.metrics import confusion_matrix
 from mnist_sweep.study import PruningHook
 from mnist_sweep.trial import FitClock, TrainSettings, TrialOutcome, WarmStart, compiled_loop_runs, run_trial
@@ -98,6 +99,20 @@ def test_a_pruner_stops_the_compiled_loop_at_its_epoch_and_the_clock_has_its_cos
         )
     assert list(trial.storage.get_trial(trial._trial_id).intermediate_values) == [1]
     assert clock.epochs == 1 and clock.seconds > 0
+
+
+def test_a_diverging_loss_stops_the_compiled_loop_after_its_epoch(split: Split) -> None:
+    params = {"optimizer": "sgd", "learning_rate": 1e12, "batch_size": 32, "activation": "relu"}
+    clock = FitClock()
+    with pytest.raises(TrialDiverged, match=r"loss became (nan|inf) at epoch 1, batch 31"):
+        run_trial(
+            params=params,
+            split=split,
+            settings=TrainSettings(hidden=(32,), epochs=3, loop="compiled"),
+            seed=0,
+            clock=clock,
+        )
+    assert clock.epochs == 0  # stopped at its first epoch's end, before the epoch hooks
 
 
 def test_early_stopping_and_plateau_run_as_under_fit(split: Split) -> None:
