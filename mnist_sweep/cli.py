@@ -107,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take over a scoring claim left by a process that died before recording a result",
     )
+    finalize.add_argument(
+        "--wait",
+        action="store_true",
+        help="while other workers still train trials of the study, wait for them (instead of refusing), then score",
+    )
     command("validate", "print the resolved configuration, or the error (exit 2)")
     command("report", "rewrite report.html, report.md and test_metrics.json from what is recorded (never scores)")
     trials = command("trials", "print the leaderboard of the study's trials (Optuna + MLflow)")
@@ -169,7 +174,9 @@ def _train_or_score(args: argparse.Namespace, cfg: SweepConfig) -> int:
         _quiet_libraries(verbose=args.verbose)
         from mnist_sweep import sweep
 
-        return sweep.finalize(cfg, source=source, echo=_echo, reclaim=args.reclaim)
+        return sweep.finalize(
+            cfg, source=source, echo=_echo, reclaim=args.reclaim, wait=args.wait, progress=_console.progress
+        )
     from mnist_sweep import local_workers
     from mnist_sweep.keras_tuner_engine import check_workers
 

@@ -325,27 +325,8 @@ def _uploading(trial: FrozenTrial | None, tracker: Tracker, run_id: str) -> bool
     return tracker.upload_may_be_running(run_id, completed=trial.datetime_complete)
 
 
-def wait_for_running_trials(
-    study: optuna.Study, tracker: Tracker, parent_run_id: str, *, poll_seconds: float, echo: Callable[[str], None]
-) -> None:
-    """Until no trial is RUNNING: live workers' trials finish, dead workers' go stale and are failed."""
-    announced: list[int] = []
-
-    def all_ended() -> bool | None:
-        settle_stale(study, tracker, parent_run_id)
-        _fail_abandoned(study, older_than_seconds=ABANDONED_SECONDS)
-        running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-        if not running:
-            return True
-        if not announced:
-            echo(f"waiting for trials {running} to finish in other workers (or go stale if theirs died)")
-            announced.extend(running)
-        return None
-
-    interrupt.poll(all_ended, every=poll_seconds)
-
-
-def _fail_abandoned(study: optuna.Study, *, older_than_seconds: float) -> None:
+def fail_abandoned(study: optuna.Study, *, older_than_seconds: float = ABANDONED_SECONDS) -> None:
+    """Fail RUNNING trials that never got their MLflow run and are older than `older_than_seconds`."""
     # A process stopped between Optuna's ask and its first heartbeat leaves a trial that never goes
     # stale; it never got as far as its MLflow run, so a missing run id after a long while marks it.
     now = datetime.datetime.now()
@@ -607,19 +588,28 @@ def _still_running(trial: optuna.Trial) -> bool:
 
 
 def run_trials(
-    study: optuna.Study, objective: Objective, *, target: int, max_failures: int, echo: Callable[[str], None]
+    study: optuna.Study,
+    objective: Objective,
+    *,
+    target: int,
+    max_failures: int,
+    echo: Callable[[str], None],
+    sealed: Callable[[], bool] = lambda: False,
 ) -> int:
     """Run trials until the study has `target` finished ones, from every worker; returns how many ran here.
 
     One `study.optimize`, stopped by MaxTrialsCallback once `target` trials are COMPLETE or PRUNED, and
     after each trial of this process its callbacks: the console line, the failure budget, dead workers'
-    trials failed and their runs closed, and a Ctrl-C or SIGTERM acted on. Optuna's heartbeats fail the
-    trials of killed workers, and RetryHeartbeatStaleTrialCallback (make_storage) retries their parameters.
+    trials failed and their runs closed, a Ctrl-C or SIGTERM acted on, and a study `sealed` meanwhile (its test
+    set scored) stopped. Optuna's heartbeats fail the trials of killed workers, and RetryHeartbeatStaleTrialCallback
+    (make_storage) retries their parameters.
     """
     lines = TrialLines(objective.progress, echo, metric=objective.cfg.study.metric, target=target)
     settler = StaleTrialsSettler(objective.tracker, objective.parent_run_id)
+    seal = SealWatch(sealed, echo, study_name=study.study_name)
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
         lines,
+        seal,
         FailureBudget(max_failures),
         settler,
         stop_if_interrupted,
@@ -630,7 +620,7 @@ def run_trials(
         stop_if_interrupted(study, None)
         settler(study, None)
         # Re-entered only after a trial taken over by another worker: Optuna's loop cannot go on past it.
-        while lines.show_study(study) < target:
+        while not seal.seen() and lines.show_study(study) < target:
             try:
                 study.optimize(objective, catch=(Exception,), callbacks=callbacks, gc_after_trial=False)
             except TrialTakenOver as taken:
@@ -709,6 +699,32 @@ class FailureBudget:
                 f"{self.failures} trials failed in this process (study.max_failures = {self.max_failures}); "
                 f"last error: {trial.user_attrs.get(FAIL_REASON_ATTR, 'unknown')}"
             )
+
+
+class SealWatch:
+    """Stops this process's trials once the study is sealed: a trial begun after the seal can never be chosen.
+
+    Checked before the first trial and after each, so a worker that joins or goes on after `finalize` took the
+    seal starts nothing; one that asked for its trial just before the seal (a race) trains it, and it is
+    recorded, but the test result names the trials it was chosen among (`TestResult.counted_trials`).
+    """
+
+    def __init__(self, sealed: Callable[[], bool], echo: Callable[[str], None], *, study_name: str) -> None:
+        self.sealed = sealed
+        self.echo = echo
+        self.study_name = study_name
+        self._seen = False
+
+    def seen(self) -> bool:
+        """Whether the study is sealed (said once, in one line)."""
+        if not self._seen and self.sealed():
+            self._seen = True
+            self.echo(f"study {self.study_name!r} is sealed (its test set scored): this process starts no more trials")
+        return self._seen
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.seen():
+            study.stop()
 
 
 class StaleTrialsSettler:

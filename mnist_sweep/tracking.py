@@ -492,6 +492,13 @@ class Tracker:
             return False
         return run.info.status == "RUNNING" and not process_ended(run.data.tags.get(WORKER_TAG, ""))
 
+    def run_worker(self, run_id: str) -> str | None:
+        """The worker that logs the run (its `worker` tag, placement.worker_tags), if the run is there."""
+        try:
+            return self.client.get_run(run_id).data.tags.get(WORKER_TAG)
+        except MlflowException:
+            return None
+
     def running_trial_runs(self, parent_run_id: str) -> list[tuple[str, int]]:
         """(run id, trial number) of the study's trial runs that MLflow still has as RUNNING."""
         runs = self.client.search_runs(
