@@ -19,6 +19,7 @@ from mnist_sweep.data import DataSource, Split, check_test_split_present, load_s
 from mnist_sweep.databases import sqlite_file
 from mnist_sweep.errors import PreflightError, first_line
 from mnist_sweep.locations import local_artifact_folder
+from mnist_sweep.samplers import check_installed as check_sampler_installed
 from mnist_sweep.tensorboard_log import check_installed as check_tensorboard_installed
 
 
@@ -160,6 +161,8 @@ def prepare(cfg: SweepConfig, *, training: bool) -> tuple[DataSource, Split | No
     split = None
     if training and cfg.train.tensorboard:
         check_tensorboard_installed()
+    if training:
+        check_sampler_installed(cfg.study)
     if training:
         split = load_split(source, validation=cfg.data.validation, train_limit=cfg.data.train_limit, seed=cfg.data.seed)
     check_test_split_present(source)
