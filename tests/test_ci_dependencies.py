@@ -23,6 +23,7 @@ def test_needs_a_module():
 
 
 @pytest.mark.parametrize(("ci", "outcome"), [("true", "2 failed"), ("", "2 skipped")], ids=["CI=true", "no-CI"])
+@pytest.mark.subprocess
 def test_a_missing_dependency_fails_under_ci_and_skips_elsewhere(tmp_path: Path, ci: str, outcome: str) -> None:
     (tmp_path / "test_missing.py").write_text(MISSING)
     env = {**os.environ, "PYTHONPATH": str(REPO), "CI": ci}
