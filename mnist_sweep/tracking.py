@@ -79,11 +79,16 @@ def _model_pip_requirements() -> list[str]:
 
 
 def _model_signature() -> Any:
+    """float32 images (N, 28, 28) in, (N, 10) probabilities out.
+
+    The input is unnamed: a named tensor makes pyfunc (and so `mlflow models serve`) hand the model a dict
+    {name: images}, which a Sequential model refuses.
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIDE, IMAGE_SIDE), "image")]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIDE, IMAGE_SIDE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES), "probabilities")]),
     )
 
