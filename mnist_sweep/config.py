@@ -446,6 +446,9 @@ class TrackingConfig(_Section):
     # and no gain was measured (bench/overhead, idle machine, 2026-11-28 20:12: trial/raw 1.039 in the
     # background against 1.025 stored at once, within the spread of its blocks).
     background_uploads: bool = False
+    # The Model Registry's name for the chosen, once-scored model (alias "champion"); left out: the study's name;
+    # "": register nothing (registry.py).
+    registered_model: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TrackingConfig:
@@ -472,6 +475,8 @@ class SweepConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
+        if self.tracking.registered_model is None:
+            object.__setattr__(self.tracking, "registered_model", self.study.name)
         spec = self.search.learning_rate
         lowest = spec.low if isinstance(spec, Range) else min(float(v) for v in spec.values)
         if self.train.lr_schedule == "plateau" and self.train.plateau_min_lr >= lowest:

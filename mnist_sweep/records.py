@@ -36,6 +36,8 @@ KERAS_TUNER_EPOCHS_ATTR = "keras_tuner_epochs"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 ENGINE_ATTR = "engine"  # "optuna" or "keras-tuner/<oracle>": a rerun must use the same
 TEST_RESULT_ATTR = "test_result"
+REGISTERED_MODEL_ATTR = "registered_model"  # the chosen model's Model Registry version (Registration.to_dict)
+LECTURE_REFERENCE_ATTR = "lecture_reference"  # the lecture's network trained beside the trials (LectureReference)
 # On the seal study (`<study>.test-seal`): who claimed the test set, and when.
 CLAIMED_BY_ATTR = "claimed_by"
 CLAIMED_AT_ATTR = "claimed_at"
@@ -59,6 +61,11 @@ TEST_SCORED_RUN_ID_TAG = "test_scored_run_id"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
 BASELINE_TAG = "baseline"  # "true" on the baseline trial's run: filter the UI by tags.baseline = 'true'
+REFERENCE_ROLE = "reference"  # ROLE_TAG of the lecture's network's run: beside the trials, never one of them
+# On a registered model: made by this tool, so later studies may add versions to it; a name without it is
+# another project's model, and is left alone.
+REGISTERED_BY_TAG, REGISTERED_BY = "mnist_sweep.registered_by", "mnist-sweep"
+PARENT_RUN_ID_TAG = "parent_run_id"  # on a registered model version: the study's MLflow parent run
 BACKEND_TAG = "keras_backend"
 DEVICE_TAG = "device"  # "GPU: <name, memory>" or "CPU: <model>"
 
@@ -194,6 +201,35 @@ class RunParams:
             hyperparameters={key: _typed(params[key]) for key in SearchConfig.model_fields},
             seed=int(merged["seed"]),
         )
+
+
+# --------------------------------------------------------------------------- the Model Registry
+
+CHAMPION = "champion"  # the alias of the version a study chose and scored: models:/<name>@champion
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The chosen trial's model as a version of a registered model, with its alias."""
+
+    name: str
+    version: str
+    alias: str = CHAMPION
+
+    @property
+    def uri(self) -> str:
+        """What serving and scoring load it by: models:/<name>@<alias>."""
+        return f"models:/{self.name}@{self.alias}"
+
+    def line(self) -> str:
+        return f"registered model {self.name!r} version {self.version}, alias {self.alias} ({self.uri})"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "alias": self.alias}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Registration | None:
+        return None if not data else cls(name=str(data["name"]), version=str(data["version"]), alias=str(data["alias"]))
 
 
 # --------------------------------------------------------------------------- the test result

@@ -25,7 +25,14 @@ from mnist_sweep.environment import environment
 from mnist_sweep.errors import UsageError
 from mnist_sweep.final import rank_trials
 from mnist_sweep.metrics import most_confused
-from mnist_sweep.records import BASELINE_ATTR, EPOCHS_TRAINED_ATTR, RUN_ID_ATTR, TestResult
+from mnist_sweep.records import (
+    BASELINE_ATTR,
+    EPOCHS_TRAINED_ATTR,
+    REGISTERED_MODEL_ATTR,
+    RUN_ID_ATTR,
+    Registration,
+    TestResult,
+)
 
 TOP_TRIALS = 10
 CONFUSED_PAIRS = 5
@@ -217,10 +224,12 @@ def _table(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(result: TestResult | None, summary: dict[str, Any]) -> str:
+def render_markdown(
+    result: TestResult | None, summary: dict[str, Any], registration: Registration | None = None
+) -> str:
     """The report as Markdown: the same facts as the HTML page, without the plots."""
     title = [f"# mnist-sweep report: study `{summary['study']}`", ""]
-    test = _test_markdown(result) if result is not None else _not_scored_markdown()
+    test = _test_markdown(result, registration) if result is not None else _not_scored_markdown()
     return "\n".join([*title, *test, *_sweep_markdown(summary), *_environment_markdown(result, summary)])
 
 
@@ -228,7 +237,20 @@ def _not_scored_markdown() -> list[str]:
     return [f"**{NOT_SCORED}** Run `mnist-sweep finalize SWEEP` to score the chosen trial once.", ""]
 
 
-def _test_markdown(result: TestResult) -> list[str]:
+def registered_text(registration: Registration | None) -> str:
+    """Where the chosen model is in the Model Registry, for both pages."""
+    if registration is None:
+        return (
+            "not registered (tracking.registered_model is \"\", or the registry refused it: "
+            "`mnist-sweep finalize SWEEP` registers it once)"
+        )
+    return (
+        f"{registration.name!r} version {registration.version}, alias {registration.alias}: "
+        f"load it with mlflow.pyfunc.load_model({registration.uri!r})"
+    )
+
+
+def _test_markdown(result: TestResult, registration: Registration | None) -> list[str]:
     """The test score, the chosen trial, the confusion matrix and the per-class metrics."""
     low, high = result.test_accuracy_ci95
     gap = result.gaps()
@@ -244,6 +266,7 @@ def _test_markdown(result: TestResult) -> list[str]:
         f"- validation -> test gap: accuracy {_cell(gap['accuracy'])} (validation minus test), "
         f"loss {_cell(gap['loss'])} (test minus validation)",
         f"- scored at {result.scored_at} by {result.scored_by}",
+        f"- registered model: {registered_text(registration)}",
         "",
         "## Chosen trial",
         "",
@@ -313,7 +336,7 @@ def _note(title: str, note: str, *, key: str) -> str:
     return f'<div class="plot-note" data-plot="{key}"><strong>{html.escape(title)}</strong>: {html.escape(note)}</div>'
 
 
-def _test_section(result: TestResult) -> str:
+def _test_section(result: TestResult, registration: Registration | None) -> str:
     low, high = result.test_accuracy_ci95
     gap = result.gaps()
     matrix = result.test_confusion_matrix
@@ -327,6 +350,12 @@ def _test_section(result: TestResult) -> str:
             f"accuracy, validation minus test; loss {_cell(gap['loss'])}",
         ),
         _card("test images", str(result.test_images), f"scored {result.scored_at}"),
+        _card(
+            "registered model",
+            f"{registration.name} v{registration.version}" if registration else "not registered",
+            f"alias {registration.alias}: {registration.uri}" if registration else registered_text(None),
+            value_id="registered-model",
+        ),
     ]
     heatmaps = [
         _plot(
@@ -373,12 +402,17 @@ def _sweep_section(summary: Mapping[str, Any], sweep_plots: Sequence[plots.Sweep
 </section>"""
 
 
-def render_html(result: TestResult | None, summary: dict[str, Any], sweep_plots: Sequence[plots.SweepPlot]) -> str:
+def render_html(
+    result: TestResult | None,
+    summary: dict[str, Any],
+    sweep_plots: Sequence[plots.SweepPlot],
+    registration: Registration | None = None,
+) -> str:
     """The report as one self-contained page: plotly.js embedded once (packed), nothing fetched."""
     study = html.escape(summary["study"])
     written = datetime.now(timezone.utc).isoformat(timespec="seconds")
     test = (
-        _test_section(result)
+        _test_section(result, registration)
         if result is not None
         else f'<div class="banner" id="not-scored"><strong>{NOT_SCORED}</strong> Run <code>mnist-sweep finalize '
         f"SWEEP</code> to score the chosen trial once.</div>"
@@ -440,12 +474,19 @@ def write_report(
     rows = leaderboard_rows(study, run_metrics, metric=metric)
     summary = study_summary(study, rows, metric=metric)
     sweep_plots = plots.sweep_plots(study, metric=metric)
+    registration = Registration.from_dict(study.user_attrs.get(REGISTERED_MODEL_ATTR))
     folder.mkdir(parents=True, exist_ok=True)
+    registered = {"registered_model": registration.to_dict() if registration else None}
     written = {
-        "report.html": render_html(result, summary, sweep_plots),
-        "report.md": render_markdown(result, summary),
+        "report.html": render_html(result, summary, sweep_plots, registration),
+        "report.md": render_markdown(result, summary, registration),
         "test_metrics.json": json.dumps(
-            {"test_set_scored": result is not None, **(result.to_dict() if result else {}), "sweep": summary},
+            {
+                "test_set_scored": result is not None,
+                **(result.to_dict() if result else {}),
+                **registered,
+                "sweep": summary,
+            },
             indent=2,
             default=str,
         ),

@@ -12,10 +12,11 @@ from mnist_sweep.console import NO_PROGRESS, Echo, TrialProgress
 from mnist_sweep.data import DataSource, Split
 from mnist_sweep.databases import nothing_recorded
 from mnist_sweep.environment import device_line, gpus
-from mnist_sweep.errors import EXIT_BAD_INPUT, NoSuchStudyError, StudySealedError
+from mnist_sweep.errors import EXIT_BAD_INPUT, NoSuchStudyError, RegistryError, StudySealedError
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
 from mnist_sweep.local_workers import Children
-from mnist_sweep.records import PARENT_RUN_ATTR, TestResult
+from mnist_sweep.records import PARENT_RUN_ATTR, REGISTERED_MODEL_ATTR, Registration, TestResult
+from mnist_sweep.registry import register_champion
 from mnist_sweep.report import baseline_gain, gain_line, leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.space import searched_names
 from mnist_sweep.study import (
@@ -30,7 +31,7 @@ from mnist_sweep.study import (
     wait_for_running_trials,
     worker_salt,
 )
-from mnist_sweep.tracking import Tracker, recorded_trial_metrics
+from mnist_sweep.tracking import Tracker, global_tracking_uri, recorded_trial_metrics
 from mnist_sweep.ui import serve_dashboard, serve_mlflow_ui
 
 
@@ -137,7 +138,7 @@ def _already_scored(cfg: SweepConfig, study: optuna.Study, echo: Echo) -> int:
         )
     result = recorded_result(study)
     echo("test set already scored; nothing trained or scored again")
-    echo(result_line(result) if result else "the test set is being scored by another process", final=True)
+    echo(final_line(study, result) if result else "the test set is being scored by another process", final=True)
     return 0
 
 
@@ -184,9 +185,39 @@ def _finalize(
     )
     if not scored_now:
         echo("test set already scored; nothing scored again")
+    refused = _register(cfg, study, result, tracker=tracker, parent=parent)
     _write_report(cfg, study, result, tracker=tracker, parent=parent, echo=echo)
-    echo(result_line(result), final=True)
+    echo(final_line(study, result), final=True)
+    if refused is not None:  # the result is sealed and reported all the same; the next finalize registers it
+        raise refused
     return result
+
+
+def _register(
+    cfg: SweepConfig, study: optuna.Study, result: TestResult, *, tracker: Tracker, parent: str
+) -> RegistryError | None:
+    """The scored model as the registered model's champion (registry.py), recorded on the study; the refusal
+    where the registry refuses it."""
+    name = cfg.tracking.registered_model
+    if not name:
+        return None
+    report = (Path(cfg.tracking.reports) / cfg.study.name / "report.html").absolute()
+    where = f"`{report}`, and `report/report.html` in the study's MLflow run `{parent}`"
+    try:
+        with global_tracking_uri(tracker.uri):  # MLflow resolves the version's models:/ source through it
+            registration = register_champion(
+                tracker.client, name=name, result=result, parent_run_id=parent, report=where
+            )
+    except RegistryError as refused:
+        return refused
+    study.set_user_attr(REGISTERED_MODEL_ATTR, registration.to_dict())
+    return None
+
+
+def final_line(study: optuna.Study, result: TestResult) -> str:
+    """The test result, and the registered model, version and alias where the model is registered."""
+    registration = Registration.from_dict(study.user_attrs.get(REGISTERED_MODEL_ATTR))
+    return result_line(result) + (f"; {registration.line()}" if registration else "")
 
 
 def _write_report(
@@ -235,7 +266,7 @@ def report(cfg: SweepConfig, *, echo: Echo, warn: Echo) -> int:
             "(`mnist-sweep finalize SWEEP` scores it once)"
         )
         return EXIT_BAD_INPUT
-    echo(result_line(result), final=True)
+    echo(final_line(study, result), final=True)
     return 0
 
 
