@@ -95,7 +95,8 @@ def test_registering_again_or_racing_leaves_one_version_with_alias_and_tags(tmp_
     assert _register(logged) == "1"  # a rerun, a second finalize: the version is found, not made again
     # A finalizer racing this one made its own version a moment later: both settle on the lower one.
     with global_tracking_uri(logged.tracker.uri):
-        client.create_model_version("reg", source=logged.result.model_uri, run_id=logged.result.run_id)
+        made = client.create_model_version("reg", source=logged.result.model_uri, run_id=logged.result.run_id)
+    assert str(made.version) == "2"  # the reruns made none, not one each that they deleted again
     assert _register(logged) == "1"
     versions = client.search_model_versions("name = 'reg'")
     assert [str(v.version) for v in versions] == ["1"]
