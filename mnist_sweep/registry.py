@@ -154,11 +154,11 @@ def _quoted(text: str) -> str:
 def _taken(name: str) -> str:
     return (
         f"{KEY} = {name!r}: the Model Registry already has a model of that name that mnist-sweep did not create "
-        f"(no {REGISTERED_BY_TAG} tag); choose another name, or \"\" to register nothing"
+        f'(no {REGISTERED_BY_TAG} tag); choose another name, or "" to register nothing'
     )
 
 
 def _refusal(name: str, exc: MlflowException) -> str:
-    if exc.get_http_status_code() == 403:
+    if exc.get_http_status_code() == 403:  # type: ignore[no-untyped-call]
         return f"{KEY} = {name!r}: the MLflow server refused to register the model (403): {first_line(exc)}"
     return f"{KEY} = {name!r}: the Model Registry refused it ({first_line(exc)})"

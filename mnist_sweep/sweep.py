@@ -7,6 +7,7 @@ from pathlib import Path
 import optuna
 
 from mnist_sweep import local_workers, preflight
+from mnist_sweep.baseline import train_reference
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.console import NO_PROGRESS, Echo, TrialProgress
 from mnist_sweep.data import DataSource, Split
@@ -22,7 +23,6 @@ from mnist_sweep.space import searched_names
 from mnist_sweep.study import (
     Objective,
     count_finished,
-    enqueue_baseline,
     load_existing_study,
     make_storage,
     open_study,
@@ -68,7 +68,6 @@ def run(
         return _already_scored(cfg, existing, echo)
     tracker = make_tracker(cfg)
     study, created = open_study(cfg, storage, worker_salt=worker_salt() if as_worker else 0)
-    baseline_line = enqueue_baseline(study, cfg) if created else ""  # once per study: never on a resume
     parent = parent_run_id(study, tracker, created=created, config=cfg.to_dict())
     tracker.describe_run(parent, study_description(cfg, sweep_file=sweep_file))
     echo(device_line(gpus()))
@@ -76,8 +75,6 @@ def run(
         f"study {cfg.study.name!r}: {count_finished(study)}/{cfg.study.trials} trials finished; "
         f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {parent}"
     )
-    if baseline_line:
-        echo(baseline_line)
     tracker.set_parent_status(parent, "RUNNING")  # a rerun after an interrupt: the study is running again
     status = "KILLED"
     try:
@@ -89,6 +86,17 @@ def run(
                 parent_run_id=parent,
                 data_source=source.describe(),
                 progress=progress,
+            )
+            # Beside the trials, once per study: what the report measures the sweep against.
+            train_reference(
+                cfg=cfg,
+                study=study,
+                storage=storage,
+                split=split,
+                tracker=tracker,
+                parent_run_id=parent,
+                session=objective.session,
+                echo=echo,
             )
             run_trials(study, objective, target=cfg.study.trials, max_failures=cfg.study.max_failures, echo=echo)
             if children is not None:

@@ -226,7 +226,9 @@ def test_the_champion_predicts_through_pyfunc_as_through_keras(registered: Regis
     served = mlflow.pyfunc.load_model("models:/fcn@champion")
     probabilities = served.predict(images)
     assert probabilities.shape == (32, 10)
-    np.testing.assert_array_equal(probabilities, mlflow.keras.load_model("models:/fcn@champion").predict(images, verbose=0))
+    np.testing.assert_array_equal(
+        probabilities, mlflow.keras.load_model("models:/fcn@champion").predict(images, verbose=0)
+    )
 
 
 @pytest.fixture
@@ -251,14 +253,10 @@ def serving(registered: RegisteredSweep) -> Iterator[str]:
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_with_the_keras_models_digits(
-    registered: RegisteredSweep, serving: str
-) -> None:
+def test_mlflow_models_serve_answers_with_the_keras_models_digits(registered: RegisteredSweep, serving: str) -> None:
     images = _validation_images(16)
     body = json.dumps({"inputs": images.tolist()}).encode()
-    request = urllib.request.Request(
-        serving + "/invocations", data=body, headers={"Content-Type": "application/json"}
-    )
+    request = urllib.request.Request(serving + "/invocations", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         predictions = np.asarray(json.loads(response.read())["predictions"])
     mlflow.set_tracking_uri(registered.uri)
