@@ -210,8 +210,8 @@ class StudyConfig(_Section):
     storage: str = "sqlite:///mlruns/optuna.db"
     heartbeat_seconds: int = Field(default=60, ge=1)
     max_failures: int = Field(default=5, ge=1)
-    # The lecture's own network as the study's first trial, so the report shows what the sweep gained over it
-    # (baseline.py); skipped, with a line saying why, where its values lie outside the searched space.
+    # The lecture's own network, trained once beside the trials (never one of them), so the report shows what the
+    # sweep gained over it (baseline.py).
     baseline: bool = True
     # Processes `run` trains in on this machine: itself and N - 1 `worker`s, each pinned to its share of
     # the cores (or to a GPU); "auto" = the count measured fastest here (mnist_sweep/packing.py).

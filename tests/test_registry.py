@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -28,6 +29,7 @@ from mnist_sweep.tracking import Tracker, global_tracking_uri
 from mnist_sweep.ui import stop_process_group
 from tests.conftest import (
     DEFAULT_SWEEP,
+    REPO,
     CliRunner,
     _free_port,
     cli,
@@ -271,3 +273,48 @@ def test_the_study_records_its_registration(registered: RegisteredSweep) -> None
     study = optuna.load_study(study_name="fcn", storage=f"sqlite:///{registered.folder / 'mlruns' / 'optuna.db'}")
     assert study.user_attrs["registered_model"] == {"name": "fcn", "version": "1", "alias": "champion"}
     assert os.path.isfile(registered.folder / "reports" / "fcn" / "report.html")
+
+
+def _readme_commands() -> list[str]:
+    """The commands of the README's "Use the chosen model", in order."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Use the chosen model", 1)[1]
+    block = section.split("```\n", 2)[1]
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_each_command_of_the_readme_section_works_on_a_real_sweep(registered: RegisteredSweep) -> None:
+    export, keras_line, pyfunc_line, registry_line, serve_line, curl_line = _readme_commands()
+    name, _, uri = export.removeprefix("export ").partition("=")
+    environment = cli_environment(required_mnist(), {name: uri})
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"  # python and mlflow
+
+    def shell(command: str) -> str:
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=registered.folder, env=environment, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, f"{command}\n{done.stderr[-2000:]}"
+        return done.stdout.strip().splitlines()[-1]
+
+    digits = shell(keras_line)
+    assert re.fullmatch(r"\[\d \d\]", digits)
+    assert shell(pyfunc_line) == digits
+    version, tags = shell(registry_line).split(" ", 1)
+    assert version == "1" and "'test_accuracy_ci95_low'" in tags
+    port = str(_free_port())
+    process = subprocess.Popen(
+        ["bash", "-c", "exec " + serve_line.replace("5001", port)],
+        cwd=registered.folder,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}", process)
+        answer = json.loads(shell(curl_line.replace("5001", port)))
+    finally:
+        stop_process_group(process)
+    served = np.asarray(answer["predictions"]).argmax(axis=1)
+    assert f"[{served[0]} {served[1]}]" == digits
