@@ -6,8 +6,8 @@ study's MLflow run with the role `reference` and the tag `baseline = true`; what
 split is recorded on the study (records.LectureReference).
 
 Once per study, whichever process (`run` or `worker`) claims it first: the claim is an Optuna study named
-`<study>.lecture-reference`, created atomically as the test-set seal is (final.py). A claim whose process has
-ended on this host is taken over.
+`<study>.lecture-reference`, created atomically as the test-set seal is (final.py), and deleted once the result
+is recorded on the study. A claim whose process has ended on this host is taken over.
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ def train_reference(
         val_confusion_matrix=tuple(tuple(int(v) for v in row) for row in outcome.report.matrix.tolist()),
     )
     study.set_user_attr(LECTURE_REFERENCE_ATTR, reference.to_dict())
+    _release(storage, claim)  # recorded: the record keeps every later process from training it again
     echo(
         f"the lecture's network (reference, not a trial): {cfg.study.metric} {reference.metric(cfg.study.metric):.4f} "
         f"after {reference.epochs} epochs, {reference.fit_seconds:.1f} s; run {run_id}"
@@ -133,6 +134,6 @@ def _claim(storage: optuna.storages.BaseStorage, name: str) -> bool:
 
 
 def _release(storage: optuna.storages.BaseStorage, name: str) -> None:
-    """The reference did not finish here: the next `run` or `worker` trains it."""
+    """The claim gone: the reference is recorded, or it did not finish here and the next process trains it."""
     with contextlib.suppress(KeyError):
         optuna.delete_study(study_name=name, storage=storage)

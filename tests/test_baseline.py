@@ -127,6 +127,7 @@ def test_the_reference_trains_once_on_the_split_and_is_no_trial(
     assert sum(map(sum, reference.val_confusion_matrix)) == 200  # every validation image
     assert train() is None and len(lines) == 1  # recorded: never trained again
     assert study.trials == []  # no Optuna trial: not counted, never chosen for the test set
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["fcn"]  # the claim is gone
     assert recorded_reference(study) == reference
     run = MlflowClient(tracking_uri=tracker.uri).get_run(reference.run_id)
     assert run.data.tags["mnist_sweep.role"] == "reference" and run.data.tags["baseline"] == "true"
