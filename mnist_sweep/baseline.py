@@ -7,24 +7,24 @@ split is recorded on the study (records.LectureReference).
 
 Once per study, whichever process (`run` or `worker`) claims it first: the claim is an Optuna study named
 `<study>.lecture-reference`, created atomically as the test-set seal is (final.py), and deleted once the result
-is recorded on the study. A claim whose process has ended on this host is taken over.
+is recorded on the study. A claim whose process has provably ended (processes.ended) is taken over.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import optuna
 
+from mnist_sweep import processes
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.data import Split, sealed_test_set
+from mnist_sweep.processes import ProcessId, this_process
 from mnist_sweep.records import CLAIMED_BY_ATTR, LECTURE_REFERENCE_ATTR, LectureReference
-from mnist_sweep.tracking import Tracker, process_ended
+from mnist_sweep.tracking import Tracker
 
 if TYPE_CHECKING:
     from mnist_sweep.trial import TrialSession
@@ -122,14 +122,15 @@ def _claim(storage: optuna.storages.BaseStorage, name: str) -> bool:
     """Whether this process is the one to train the reference (atomic: a unique study name)."""
     with contextlib.suppress(KeyError):
         claimed_by = str(optuna.load_study(study_name=name, storage=storage).user_attrs.get(CLAIMED_BY_ATTR, ""))
-        if not process_ended(claimed_by):
+        claimant = ProcessId.decode(claimed_by)
+        if claimant is None or not processes.ended(claimant):
             return False
         optuna.delete_study(study_name=name, storage=storage)  # its process ended on this host without it
     try:
         claim = optuna.create_study(study_name=name, storage=storage)
     except optuna.exceptions.DuplicatedStudyError:
         return False
-    claim.set_user_attr(CLAIMED_BY_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+    claim.set_user_attr(CLAIMED_BY_ATTR, this_process().encode())
     return True
 
 

@@ -48,12 +48,18 @@ _PASSWORD_IN_DATABASE_URI = re.compile(
     r".*?@(?=[^@\s'\"]*(?:[\s'\"]|$))"
 )
 _PASSWORD_IN_WEB_URI = re.compile(_SCHEME_START + r"(?P<head>(?i:https?)://" + _USER + r")[^/@\s'\"]*@")
+# ...?password=pw&...: SQLAlchemy hands a URL's query to the driver, and libpq, psycopg and PyMySQL all take the
+# password there too (password, passwd; PGPASSWORD-style 'pass' is not a key they read). Up to '&', '#', a space
+# or a quote; a '@' after it is no end, as a password may hold one.
+_PASSWORD_IN_QUERY = re.compile(r"(?P<head>://[^\s'\"?]*\?(?:[^\s'\"#]*?&)?(?i:password|passwd)=)[^&#\s'\"]*")
 
 
 def mask_password(text: str) -> str:
-    """Every `scheme://user:password@` in `text` shown as `scheme://user:***@`: for every line and file we write."""
+    """Every `scheme://user:password@` in `text` shown as `scheme://user:***@`, and every `?password=pw` in a
+    URI's query as `?password=***`: for every line and file we write."""
     masked = _PASSWORD_IN_DATABASE_URI.sub(r"\g<head>***@", text)
-    return _PASSWORD_IN_WEB_URI.sub(r"\g<head>***@", masked)
+    masked = _PASSWORD_IN_WEB_URI.sub(r"\g<head>***@", masked)
+    return _PASSWORD_IN_QUERY.sub(r"\g<head>***", masked)
 
 
 def metric_maximizes(metric: str) -> bool:

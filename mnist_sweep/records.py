@@ -19,6 +19,7 @@ from mnist_sweep.errors import MissingParamError
 
 RUN_ID_ATTR = "mlflow_run_id"
 MODEL_URI_KEY = "model_uri"  # a trial's user attribute and its MLflow run's tag
+MODEL_SHA256_TAG = "model_sha256"  # a trial run's tag: the sha256 of its model file as logged, checked before scoring
 SEED_ATTR = "seed"
 EPOCHS_TRAINED_ATTR = "epochs_trained"
 VAL_LOSS_ATTR = "val_loss"
@@ -38,9 +39,11 @@ ENGINE_ATTR = "engine"  # "optuna" or "keras-tuner/<oracle>": a rerun must use t
 TEST_RESULT_ATTR = "test_result"
 REGISTERED_MODEL_ATTR = "registered_model"  # the chosen model's Model Registry version (Registration.to_dict)
 LECTURE_REFERENCE_ATTR = "lecture_reference"  # the lecture's network trained beside the trials (LectureReference)
-# On the seal study (`<study>.test-seal`): who claimed the test set, and when.
+# On the seal study (`<study>.test-seal`): who claimed the test set (processes.ProcessId.encode), when, and the
+# claimant's last heartbeat while it scores (final.py).
 CLAIMED_BY_ATTR = "claimed_by"
 CLAIMED_AT_ATTR = "claimed_at"
+CLAIM_HEARTBEAT_ATTR = "heartbeat_at"
 
 # --------------------------------------------------------------------------- MLflow: tags
 
@@ -288,6 +291,9 @@ class TestResult:
     scored_at: str
     scored_by: str
     environment: Mapping[str, str] | None = None  # results scored before it was recorded lack it
+    # The finished trials the chosen one was ranked among when the study was sealed; a trial that finishes
+    # later (it was asked for just before the seal) is recorded but never chosen. Older results lack it.
+    counted_trials: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data, the keys in the order test_metrics.json has always had them."""
@@ -310,6 +316,7 @@ class TestResult:
             "scored_at": self.scored_at,
             "scored_by": self.scored_by,
             **({} if self.environment is None else {"environment": dict(self.environment)}),
+            **({} if self.counted_trials is None else {"counted_trials": list(self.counted_trials)}),
         }
 
     @classmethod
@@ -324,6 +331,8 @@ class TestResult:
         fields["params"] = dict(fields["params"])
         if fields.get("environment") is not None:
             fields["environment"] = dict(fields["environment"])
+        if fields.get("counted_trials") is not None:
+            fields["counted_trials"] = tuple(fields["counted_trials"])
         return cls(**fields)
 
     def gaps(self) -> dict[str, float | None]:

@@ -24,7 +24,7 @@ from mnist_sweep.baseline import LECTURE_PARAMS, recorded_reference
 from mnist_sweep.config import METRIC_DIRECTIONS, metric_maximizes
 from mnist_sweep.environment import environment
 from mnist_sweep.errors import UsageError
-from mnist_sweep.final import rank_trials
+from mnist_sweep.final import finished_trials, rank_trials
 from mnist_sweep.metrics import most_confused
 from mnist_sweep.records import (
     EPOCHS_TRAINED_ATTR,
@@ -214,6 +214,23 @@ def _lecture_summary(study: optuna.Study, gain: BaselineGain, result: TestResult
     }
 
 
+def after_seal_line(study: optuna.Study, result: TestResult) -> str | None:
+    """How many trials finished after the test set was sealed (normally 0: finalize scores once none is live).
+
+    Such a trial was asked for just before the seal; it is recorded and on the leaderboard, but the chosen trial
+    was ranked among the `counted_trials` only. None for a result recorded before they were.
+    """
+    if result.counted_trials is None:
+        return None
+    counted = set(result.counted_trials)
+    late = [number for number in finished_trials(study) if number not in counted]
+    among = f"the chosen trial was ranked among the {len(counted)} finished when it was scored"
+    if not late:
+        return f"trials finished after the seal: 0 ({among})"
+    numbers = ", ".join(map(str, late))
+    return f"trials finished after the seal: {len(late)} (trials {numbers}; recorded, never chosen: {among})"
+
+
 def _environment(result: TestResult | None, summary: Mapping[str, Any]) -> Mapping[str, str]:
     """The machine that scored the test set; the report writer's where the result does not say."""
     if result is not None and result.environment is not None:
@@ -280,7 +297,11 @@ def render_markdown(
 ) -> str:
     """The report as Markdown: the same facts as the HTML page, without the plots."""
     title = [f"# mnist-sweep report: study `{summary['study']}`", ""]
-    test = _test_markdown(result, registration) if result is not None else _not_scored_markdown()
+    test = (
+        _test_markdown(result, registration, summary.get("after_seal"))
+        if result is not None
+        else _not_scored_markdown()
+    )
     lecture = _lecture_markdown(summary["baseline"]) if summary.get("baseline") else []
     return "\n".join([*title, *test, *lecture, *_sweep_markdown(summary), *_environment_markdown(result, summary)])
 
@@ -320,7 +341,7 @@ def registered_text(registration: Registration | None) -> str:
     )
 
 
-def _test_markdown(result: TestResult, registration: Registration | None) -> list[str]:
+def _test_markdown(result: TestResult, registration: Registration | None, after_seal: str | None) -> list[str]:
     """The test score, the chosen trial, the confusion matrix and the per-class metrics."""
     low, high = result.test_accuracy_ci95
     gap = result.gaps()
@@ -335,6 +356,7 @@ def _test_markdown(result: TestResult, registration: Registration | None) -> lis
         f"loss {_cell(gap['loss'])} (test minus validation)",
         f"- scored at {result.scored_at} by {result.scored_by}",
         f"- registered model: {registered_text(registration)}",
+        *([f"- {after_seal}"] if after_seal else []),
         "",
         "## Chosen trial",
         "",
@@ -408,7 +430,7 @@ def _note(title: str, note: str, *, key: str) -> str:
     return f'<div class="plot-note" data-plot="{key}"><strong>{html.escape(title)}</strong>: {html.escape(note)}</div>'
 
 
-def _test_section(result: TestResult, registration: Registration | None) -> str:
+def _test_section(result: TestResult, registration: Registration | None, after_seal: str | None) -> str:
     low, high = result.test_accuracy_ci95
     gap = result.gaps()
     matrix = result.test_confusion_matrix
@@ -439,9 +461,10 @@ def _test_section(result: TestResult, registration: Registration | None) -> str:
             ("confusion-normalised", True, "Test confusion matrix: share of each true digit"),
         )
     ]
+    seal = f'<p id="after-seal">{html.escape(after_seal)}</p>' if after_seal else ""
     return f"""
 <section id="test"><h2>Held-out test set, scored once</h2>
-<div class="cards">{"".join(cards)}</div>
+<div class="cards">{"".join(cards)}</div>{seal}
 <h2>Chosen trial</h2>{_html_table(_chosen_rows(result), table_id="chosen-trial")}
 <h2>Test confusion matrix</h2><p>rows: true digit, columns: predicted digit</p>
 <div class="grid">{"".join(heatmaps)}</div>
@@ -504,7 +527,7 @@ def render_html(
     study = html.escape(summary["study"])
     written = datetime.now(timezone.utc).isoformat(timespec="seconds")
     test = (
-        _test_section(result, registration)
+        _test_section(result, registration, summary.get("after_seal"))
         if result is not None
         else f'<div class="banner" id="not-scored"><strong>{NOT_SCORED}</strong> Run <code>mnist-sweep finalize '
         f"SWEEP</code> to score the chosen trial once.</div>"
@@ -566,6 +589,7 @@ def write_report(
     """
     rows = leaderboard_rows(study, run_metrics, metric=metric)
     summary = study_summary(study, rows, metric=metric, result=result)
+    summary["after_seal"] = after_seal_line(study, result) if result is not None else None
     sweep_plots = plots.sweep_plots(study, metric=metric)
     registration = Registration.from_dict(study.user_attrs.get(REGISTERED_MODEL_ATTR))
     folder.mkdir(parents=True, exist_ok=True)
