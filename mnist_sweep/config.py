@@ -373,6 +373,10 @@ class TrainConfig(_Section):
     # softmax. Faster at large batches, slower at batch 32 (bench/epoch.py, see bench/RESULTS.md); not yet
     # measured over a whole sweep, so float32 stays the default.
     precision: Literal["float32", "mixed_bfloat16"] = "float32"
+    # "compiled": under TensorFlow the training split is one device-resident tensor and each epoch one XLA loop
+    # (mnist_sweep/compiled_loop.py); under JAX or torch Keras' fit runs. Same metrics, hooks and schedule either
+    # way. "fit" until a whole sweep is measured with it over seeds (bench/search.py --seeds).
+    loop: Literal["fit", "compiled"] = "fit"
     # Per-trial TensorBoard event files (loss, accuracy, learning rate per epoch), uploaded to the trial's
     # run as `tensorboard/`. Needs the optional `tensorboard` package.
     tensorboard: bool = False

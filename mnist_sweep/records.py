@@ -118,6 +118,7 @@ class RunParams:
     plateau_min_lr: float
     steps_per_execution: int
     precision: str
+    loop: str
     data_validation: int
     data_train_limit: int
     data_seed: int
@@ -144,6 +145,7 @@ class RunParams:
             plateau_min_lr=cfg.train.plateau_min_lr,
             steps_per_execution=cfg.train.steps_per_execution,
             precision=cfg.train.precision,
+            loop=cfg.train.loop,
             data_validation=cfg.data.validation,
             data_train_limit=cfg.data.train_limit,
             data_seed=cfg.data.seed,
@@ -168,6 +170,7 @@ class RunParams:
             "plateau_min_lr": self.plateau_min_lr,
             "steps_per_execution": self.steps_per_execution,
             "precision": self.precision,
+            "loop": self.loop,
         }
 
     def encode(self) -> dict[str, str]:
@@ -195,6 +198,7 @@ class RunParams:
             plateau_min_lr=float(merged["plateau_min_lr"]),
             steps_per_execution=int(merged["steps_per_execution"]),
             precision=merged["precision"],
+            loop=merged["loop"],
             data_validation=int(merged["data_validation"]),
             data_train_limit=int(merged["data_train_limit"]),
             data_seed=int(merged["data_seed"]),
