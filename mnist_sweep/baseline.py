@@ -79,6 +79,7 @@ def train_reference(
         epochs=LECTURE_EPOCHS,
         monitor=cfg.study.metric,
         steps_per_execution=cfg.train.steps_per_execution,  # how many batches per call: speed, not the result
+        loop=cfg.train.loop,  # the same: fit or one compiled loop per epoch, same metrics
     )
     try:
         with sealed_test_set():
