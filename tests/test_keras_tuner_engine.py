@@ -267,39 +267,3 @@ def test_worker_on_a_keras_tuner_study_is_refused_and_creates_nothing(tmp_path: 
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and "study.engine = 'keras-tuner'" in lines[0]
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("engine", ["optuna", "keras-tuner"])
-def test_the_baseline_is_the_first_trial_with_either_engine(tmp_path: Path, engine: str) -> None:
-    """Optuna enqueues the lecture's values; keras-tuner's oracle draws them first (nothing enqueued in Optuna)."""
-    from mnist_sweep.baseline import LECTURE_PARAMS
-    from mnist_sweep.study import enqueue_baseline, make_storage, open_study
-
-    cfg = build_config(
-        {
-            "study": {
-                "engine": engine,
-                "sampler": "random",
-                "pruner": "none",
-                "storage": f"sqlite:///{tmp_path}/optuna.db",
-                "trials": 3,
-            },
-            "train": {"epochs": 2},
-            "search": {"activation": ["relu", "sigmoid"], "dropout": {"low": 0.0, "high": 0.4}},
-        }
-    )
-    study, created = open_study(cfg, make_storage(cfg.study))
-    try:
-        line = enqueue_baseline(study, cfg)
-        waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
-        assert len(waiting) == (1 if engine == "optuna" else 0)
-        study.optimize(synthetic_objective(cfg), n_trials=2)
-    finally:
-        if isinstance(study.sampler, OracleSampler) and study.sampler._lock is not None:
-            study.sampler._lock.close()
-
-    assert created and line.startswith("baseline: the lecture's network runs first")
-    first, second = study.trials
-    assert first.params == {name: LECTURE_PARAMS[name] for name in first.params}
-    assert first.user_attrs.get("baseline") is True
-    assert "baseline" not in second.user_attrs and second.params != first.params
