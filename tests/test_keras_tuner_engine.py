@@ -145,26 +145,6 @@ def test_a_restart_reloads_the_oracle_and_reasks_the_trial_that_was_running(
     assert len(second.oracle.trials) == 5  # the reloaded oracle knows every trial the ledger has
 
 
-def test_first_values_are_the_oracles_first_trial(tmp_path: Path, new_sampler: Any) -> None:
-    cfg = kt_config(tmp_path, "hyperband")
-    baseline = {"optimizer": "sgd", "learning_rate": 0.01}
-    first = new_sampler(cfg, first_values=[baseline], first_attrs={"baseline": True})
-    study = optuna.create_study(study_name="s", storage=cfg.study.storage, sampler=first, direction="maximize")
-    killed = study.ask()  # the baseline's process dies mid-trial
-    sample_params(killed, cfg.search)
-    first._lock.close()  # type: ignore[union-attr]
-
-    second = new_sampler(cfg, first_values=[baseline], first_attrs={"baseline": True})  # a reloaded oracle
-    study = optuna.load_study(study_name="s", storage=cfg.study.storage, sampler=second)
-    study.optimize(synthetic_objective(cfg), n_trials=2)
-
-    trials = study.trials
-    assert [{key: t.params[key] for key in baseline} == baseline for t in trials] == [True, True, False]
-    assert [t.user_attrs.get("baseline", False) for t in trials] == [True, True, False]
-    oracle_values = second.oracle.get_trial(trials[1].user_attrs[KERAS_TUNER_TRIAL_ID_ATTR]).hyperparameters.values
-    assert {key: oracle_values[key] for key in baseline} == baseline
-
-
 def test_a_study_keeps_its_engine_and_oracle(tmp_path: Path) -> None:
     made_by_optuna = optuna.create_study(storage=f"sqlite:///{tmp_path}/optuna.db", study_name="fcn")
     with pytest.raises(StudyMismatchError, match="created with engine 'optuna'.*'keras-tuner/bayesian'"):
