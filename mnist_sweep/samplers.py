@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from mnist_sweep.errors import PreflightError
@@ -33,13 +33,17 @@ class OptunaSampler:
     constant_liar: bool = False  # whether it takes the study's constant_liar (it lies for running trials)
 
 
+def _unlimited(study: StudyConfig, epochs: int) -> dict[str, Any]:
+    return {"max_trials": None}  # study.trials ends the sweep, not the oracle
+
+
 @dataclass(frozen=True)
 class KerasTunerOracle:
-    """A keras-tuner oracle: its class in `keras_tuner.oracles`, and its own arguments from the study."""
+    """A keras-tuner oracle: its class in `keras_tuner.oracles`, and its own arguments from the study and
+    train.epochs."""
 
     oracle: str
-    options: Callable[[StudyConfig, int], dict[str, Any]] = field(default=lambda study, epochs: {"max_trials": None})
-    plans_epochs: bool = False  # it decides each trial's epochs itself (no Optuna pruner beside it)
+    options: Callable[[StudyConfig, int], dict[str, Any]] = _unlimited
 
 
 def _tpe(seed: int, constant_liar: bool) -> optuna.samplers.BaseSampler:
@@ -86,7 +90,7 @@ OPTUNA_SAMPLERS: Mapping[str, OptunaSampler] = {
 KERAS_TUNER_ORACLES: Mapping[str, KerasTunerOracle] = {
     "random": KerasTunerOracle("RandomSearchOracle"),
     "bayesian": KerasTunerOracle("BayesianOptimizationOracle"),
-    "hyperband": KerasTunerOracle("HyperbandOracle", options=_hyperband, plans_epochs=True),
+    "hyperband": KerasTunerOracle("HyperbandOracle", options=_hyperband),
 }
 ENGINES: Mapping[Engine, Mapping[str, OptunaSampler | KerasTunerOracle]] = {
     "optuna": OPTUNA_SAMPLERS,
