@@ -16,6 +16,7 @@ import gzip
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,7 @@ class Case:
     timeout: float = 60
     sweep: str = VALID
     notes: str = ""
-    extra: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)  # NAME=VALUE for the environment
 
 
 def setting(name: str, *assignments: str, command: str = "run") -> Case:
@@ -96,6 +97,35 @@ def loop(name: str) -> Callable[[Path], None]:
     return make
 
 
+def idx_declaring(count: int) -> Callable[[Path], None]:
+    def make(inputs: Path) -> None:
+        copy = mnist_copy(inputs)
+        labels = copy / "train-labels-idx1-ubyte.gz"
+        content = bytearray(gzip.decompress(labels.read_bytes()))
+        content[4:8] = count.to_bytes(4, "big")
+        labels.write_bytes(gzip.compress(bytes(content), compresslevel=1))
+
+    return make
+
+
+def huge_npz(inputs: Path) -> None:
+    import zipfile
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "y_train": rng.integers(0, 10, 1600).astype(np.uint8),
+        "x_test": rng.integers(0, 255, (50, 28, 28), dtype=np.uint8),
+        "y_test": rng.integers(0, 10, 50).astype(np.uint8),
+    }
+    np.savez(inputs / "mnist.npz", **arrays)  # type: ignore[arg-type]
+    with zipfile.ZipFile(inputs / "mnist.npz", "a") as archive, archive.open("x_train.npy", "w") as member:
+        header = {"descr": "|u1", "fortran_order": False, "shape": (10**9, 28, 28)}
+        np.lib.format.write_array_header_1_0(member, header)  # type: ignore[no-untyped-call]
+        member.write(bytes(100))
+
+
 def symlinked_db(inputs: Path) -> None:
     os.symlink(inputs / "one.db", inputs / "other.db")
 
@@ -109,6 +139,7 @@ def run_case(case: Case, checkout: Path) -> tuple[str, str]:
     case.setup(inputs)
     args = [a.replace("{inputs}", str(inputs)) for a in case.args]
     env = {**os.environ, "PYTHONPATH": str(checkout.resolve()), "MNIST_SWEEP_DATA": str(MNIST)}
+    env.update(assignment.split("=", 1) for assignment in case.extra)  # type: ignore[arg-type]
 
     def limits() -> None:
         if case.limit_memory:
@@ -116,28 +147,32 @@ def run_case(case: Case, checkout: Path) -> tuple[str, str]:
 
     command = " ".join(_quote(a) for a in [sys.executable, "-m", "mnist_sweep", *args]) + " " + case.shell
     started = time.monotonic()
+    process = subprocess.Popen(
+        ["bash", "-c", command + '; echo "exit=${PIPESTATUS[0]}" >&2'],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limits,
+        errors="replace",
+        start_new_session=True,  # its own process group: a hung CLI under bash is stopped with it
+    )
     try:
-        result = subprocess.run(
-            ["bash", "-c", command + "; echo \"exit=${PIPESTATUS[0]}\" >&2"],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=case.timeout,
-            preexec_fn=limits,
-            errors="replace",
-        )
+        _, stderr = process.communicate(timeout=case.timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         shutil.rmtree(root, ignore_errors=True)
         return "NOT", f"hung (killed after {case.timeout:.0f} s)"
     seconds = time.monotonic() - started
-    lines = result.stderr.strip().splitlines()
+    lines = stderr.strip().splitlines()
     code = int(lines.pop().removeprefix("exit=")) if lines and lines[-1].startswith("exit=") else -1
     created = sorted(str(p.relative_to(work)) for p in work.rglob("*"))
     shutil.rmtree(root, ignore_errors=True)
     traceback = any("Traceback" in line for line in lines)
     handled = code == case.expect_code and not traceback and not created and len(lines) <= 1
-    if case.expect_code == 2:
+    if case.expect_code == 2 and "2>&-" not in case.shell:  # with stderr closed, the line has nowhere to go
         handled = handled and len(lines) == 1
     summary = f"exit {code}, {len(lines)} stderr lines{', traceback' if traceback else ''}"
     if created:
@@ -160,8 +195,11 @@ CASES = [
     Case("sweep-file-is-a-folder", ["validate", "{inputs}"]),
     Case("sweep-file-symlink-loop", ["validate", "{inputs}/s.a"], setup=loop("s")),
     Case("sweep-file-name-with-newline", ["validate", "{inputs}/a\nb.toml"]),
-    Case("sweep-file-huge", ["validate", "{inputs}/big.toml"],
-         setup=lambda i: (i / "big.toml").write_text(VALID + ("#" * 1000 + "\n") * 20000)),
+    Case(
+        "sweep-file-huge",
+        ["validate", "{inputs}/big.toml"],
+        setup=lambda i: (i / "big.toml").write_text(VALID + ("#" * 1000 + "\n") * 20000),
+    ),
     Case("sweep-file-deep-nesting", ["validate", SWEEP], sweep=VALID + "x = " + "[" * 3000 + "]" * 3000 + "\n"),
     setting("set-deep-nesting", "model.hidden=" + "[" * 3000 + "]" * 3000, command="validate"),
     setting("data-path-name-too-long", f'data.path="{LONG}"'),
@@ -175,36 +213,65 @@ CASES = [
     setting("reports-name-too-long", f'tracking.reports="{LONG}"'),
     setting("reports-path-too-long", f'tracking.reports="{DEEP}"'),
     Case("csv-name-too-long", ["trials", SWEEP, "--csv", f"{LONG}.csv"]),
-    Case("storage-is-a-fifo", ["run", SWEEP, "--set", 'study.storage="sqlite:///{inputs}/fifo.db"'],
-         setup=fifo("fifo.db"), timeout=30),
+    Case(
+        "storage-is-a-fifo",
+        ["run", SWEEP, "--set", 'study.storage="sqlite:///{inputs}/fifo.db"'],
+        setup=fifo("fifo.db"),
+        timeout=30,
+    ),
     setting("storage-is-dev-zero", 'study.storage="sqlite:////dev/zero"'),
-    Case("tracking-is-a-fifo", ["run", SWEEP, "--set", 'tracking.uri="sqlite:///{inputs}/fifo.db"'],
-         setup=fifo("fifo.db"), timeout=30),
+    Case(
+        "tracking-is-a-fifo",
+        ["run", SWEEP, "--set", 'tracking.uri="sqlite:///{inputs}/fifo.db"'],
+        setup=fifo("fifo.db"),
+        timeout=30,
+    ),
     Case("reports-is-a-fifo", ["run", SWEEP, "--set", 'tracking.reports="{inputs}/fifo"'], setup=fifo("fifo")),
-    Case("reports-symlink-loop", ["run", SWEEP, "--set", 'tracking.reports="{inputs}/r.a"'], setup=loop("r"),
-         timeout=90),
-    Case("storage-symlink-loop", ["run", SWEEP, "--set", 'study.storage="sqlite:///{inputs}/o.a"'],
-         setup=loop("o"), timeout=90),
+    Case(
+        "reports-symlink-loop", ["run", SWEEP, "--set", 'tracking.reports="{inputs}/r.a"'], setup=loop("r"), timeout=90
+    ),
+    Case(
+        "storage-symlink-loop",
+        ["run", SWEEP, "--set", 'study.storage="sqlite:///{inputs}/o.a"'],
+        setup=loop("o"),
+        timeout=90,
+    ),
     Case("csv-is-a-fifo", ["trials", SWEEP, "--csv", "{inputs}/fifo.csv"], setup=fifo("fifo.csv"), timeout=30),
     Case("csv-is-a-folder", ["trials", SWEEP, "--csv", "{inputs}"]),
     Case("data-path-symlink-loop", ["run", SWEEP, "--data", "{inputs}/d.a"], setup=loop("d")),
     Case("idx-file-is-a-fifo", ["run", SWEEP, "--data", "{inputs}/mnist"], setup=fifo_idx, timeout=30),
-    Case("idx-gzip-bomb", ["run", SWEEP, "--data", "{inputs}/mnist"], setup=gzip_bomb, limit_memory=True,
-         timeout=120),
-    Case("idx-sparse-huge", ["run", SWEEP, "--data", "{inputs}/mnist"], setup=sparse_huge, limit_memory=True,
-         timeout=120),
-    setting("same-sqlite-both-stores", 'study.storage="sqlite:///mlruns/one.db"',
-            'tracking.uri="sqlite:///mlruns/./one.db"'),
-    Case("same-sqlite-via-symlink", ["run", SWEEP, "--set", 'study.storage="sqlite:///{inputs}/one.db"',
-                                     "--set", 'tracking.uri="sqlite:///{inputs}/other.db"'],
-         setup=symlinked_db, timeout=90),
+    Case("idx-gzip-bomb", ["run", SWEEP, "--data", "{inputs}/mnist"], setup=gzip_bomb, limit_memory=True, timeout=120),
+    Case(
+        "idx-sparse-huge", ["run", SWEEP, "--data", "{inputs}/mnist"], setup=sparse_huge, limit_memory=True, timeout=120
+    ),
+    setting(
+        "same-sqlite-both-stores", 'study.storage="sqlite:///mlruns/one.db"', 'tracking.uri="sqlite:///mlruns/./one.db"'
+    ),
+    Case(
+        "same-sqlite-via-symlink",
+        [
+            "run",
+            SWEEP,
+            "--set",
+            'study.storage="sqlite:///{inputs}/one.db"',
+            "--set",
+            'tracking.uri="sqlite:///{inputs}/other.db"',
+        ],
+        setup=symlinked_db,
+        timeout=90,
+    ),
     setting("lr-range-nan", "search.learning_rate={low=nan, high=0.1}", command="validate"),
     setting("lr-range-inf", "search.learning_rate={low=0.001, high=inf}", command="validate"),
     setting("dropout-range-nan", "search.dropout={low=0.0, high=nan}", command="validate"),
     setting("momentum-range-nan", "search.momentum={low=0.0, high=nan}", command="validate"),
     setting("weight-decay-range-inf", "search.weight_decay={low=0.0, high=inf}", command="validate"),
-    setting("plateau-min-lr-inf", "train.lr_schedule=plateau", "train.epochs=5", "train.plateau_min_lr=inf",
-            command="validate"),
+    setting(
+        "plateau-min-lr-inf",
+        "train.lr_schedule=plateau",
+        "train.epochs=5",
+        "train.plateau_min_lr=inf",
+        command="validate",
+    ),
     setting("set-extra-toml", "study.trials=3 extra = 4", command="validate"),
     setting("set-extra-assignment-in-a-string", "tracking.reports=reports extra = 4", command="validate"),
     setting("set-extra-line", "study.trials=3\nstudy.seed = 4", command="validate"),
@@ -217,6 +284,52 @@ CASES = [
     setting("early-stopping-over-int64", "train.early_stopping_patience=100000000000000000000", command="validate"),
     setting("network-too-wide", "model.hidden=[65536, 65536, 65536]", command="validate"),
     setting("network-too-deep", "model.hidden=[" + ", ".join(["10"] * 3000) + "]", command="validate"),
+    # more in the same spirit
+    Case(
+        "storage-lock-is-a-fifo",
+        ["run", SWEEP, "--set", 'study.storage="sqlite:///{inputs}/optuna.db"'],
+        setup=fifo("optuna.db.lock"),
+        timeout=60,
+    ),
+    setting("tracking-uri-with-a-newline", 'tracking.uri="http://127.0.0.1:1/\\n"'),
+    setting("reports-with-an-escape-sequence", 'tracking.reports="\\u001b[31mred"', command="validate"),
+    Case(
+        "artifacts-symlink-loop",
+        ["run", SWEEP, "--set", 'tracking.artifacts="{inputs}/a.a"'],
+        setup=loop("a"),
+        timeout=90,
+    ),
+    Case(
+        "storage-symlink-to-nothing",
+        ["run", SWEEP, "--set", 'study.storage="sqlite:///{inputs}/o.db"'],
+        setup=lambda inputs: os.symlink(inputs / "gone" / "o.db", inputs / "o.db"),
+        timeout=90,
+    ),
+    Case("idx-declares-too-many", ["run", SWEEP, "--data", "{inputs}/mnist"], setup=idx_declaring(70000)),
+    Case("idx-declares-negative", ["run", SWEEP, "--data", "{inputs}/mnist"], setup=idx_declaring(2**32 - 1)),
+    Case(
+        "npz-declares-a-huge-array",
+        ["run", SWEEP, "--data", "{inputs}/mnist.npz"],
+        setup=huge_npz,
+        limit_memory=True,
+    ),
+    setting(
+        "same-postgres-database",
+        'study.storage="postgresql://u@127.0.0.1:1/sweep"',
+        'tracking.uri="postgresql+psycopg2://u@127.0.0.1:1/sweep"',
+        command="validate",
+    ),
+    Case("int-of-5000-digits", ["validate", SWEEP], sweep=VALID + "[model]\nhidden = [1" + "0" * 5000 + "]\n"),
+    setting("trials-past-int32", "study.trials=2147483648", command="validate"),
+    setting(
+        "plateau-factor-nan",
+        "train.lr_schedule=plateau",
+        "train.epochs=5",
+        "train.plateau_factor=nan",
+        command="validate",
+    ),
+    setting("study-name-unicode", 'study.name="fcñ"', command="validate"),
+    Case("data-variable-too-long", ["validate", SWEEP], extra=["MNIST_SWEEP_DATA=" + LONG]),
     Case("validate-stdout-closed", ["validate", SWEEP], shell=">&-", expect_code=0),
     Case("validate-broken-pipe", ["validate", SWEEP], shell="| head -1 >/dev/null", expect_code=0),
     Case("bad-input-stderr-closed", ["validate", SWEEP, "--set", "study.trials=0"], shell="2>&-"),

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -735,17 +736,21 @@ def _shown_path(path: Path) -> str:
 
 def build_config(document: Mapping[str, Any], *, origin: str = "<config>") -> SweepConfig:
     """Validate a parsed sweep document."""
-    _check_integers(document, origin=origin)
+    _check_scalars(document, origin=origin)
     try:
         return SweepConfig.model_validate(dict(document))
     except ValidationError as exc:
         raise ConfigError(mask_password(f"{origin}: {_first_error(exc)}")) from None
 
 
-def _check_integers(document: Mapping[str, Any], *, origin: str) -> None:
-    """Every integer within 64 bits: TOML (and Python) read any size, the stores and NumPy do not."""
+def _check_scalars(document: Mapping[str, Any], *, origin: str) -> None:
+    """Every integer within 64 bits: TOML (and Python) read any size, the stores and NumPy do not. No
+    control character in a string: in a path, a URI or a name it is a slip (or an escape sequence that
+    would reach the terminal through our output), never a setting."""
 
     def walk(value: Any, where: str) -> None:
+        if isinstance(value, str) and not value.isprintable() and any(unicodedata.category(c) == "Cc" for c in value):
+            raise ConfigError(f"{origin}: {where} = {mask_password(value)!r} holds a control character")
         if isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
             # str() of an int past 4300 digits raises in Python >= 3.11: say its size instead.
             shown = str(value) if value.bit_length() <= 100 else f"a {value.bit_length()}-bit number"

@@ -30,10 +30,9 @@ MISSING, FOLDER, FILE = "missing", "a folder", "a file"
 
 
 def path_problem(value: str) -> str | None:
-    """Why the path `value` can never be opened, or None: a NUL byte, or a name or a whole path (made
-    absolute, as the stores open it) longer than the kernel takes."""
-    if "\0" in value:
-        return "holds a NUL character, which no path can"
+    """Why the path `value` can never be opened, or None: a name or a whole path (made absolute, as the
+    stores open it) longer than the kernel takes. (A NUL, which no path can hold, is a control character:
+    the config refuses it in every string.)"""
     try:
         absolute = os.fsencode(Path(value).expanduser().absolute())
     except (RuntimeError, UnicodeError) as exc:  # `~` without a home folder; a name the filesystem cannot encode

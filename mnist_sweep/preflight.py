@@ -27,7 +27,15 @@ from mnist_sweep.data import (
 )
 from mnist_sweep.databases import sqlite_file
 from mnist_sweep.errors import PreflightError, first_line
-from mnist_sweep.locations import FILE, FOLDER, local_artifact_folder, nearest_existing, path_kind, path_problem
+from mnist_sweep.locations import (
+    FILE,
+    FOLDER,
+    MISSING,
+    local_artifact_folder,
+    nearest_existing,
+    path_kind,
+    path_problem,
+)
 from mnist_sweep.tensorboard_log import check_installed as check_tensorboard_installed
 
 
@@ -55,11 +63,19 @@ def check_creatable(key: str, value: str, path: Path, *, folder_wanted: bool = F
         raise PreflightError(f"{key} = {value!r}: cannot write in {folder} ({exc.strerror})") from None
 
 
+SQLITE_SIDECARS = (".lock", "-wal", "-shm", "-journal")
+
+
 def check_database(key: str, uri: str) -> None:
     """A sqlite file we can create (or an intact one), or a database server that answers."""
     path = sqlite_file(uri)
     if path is not None:
         check_creatable(key, uri, path)
+        # The files sqlite and our schema lock open beside it: a FIFO there would hang the open.
+        for suffix in SQLITE_SIDECARS:
+            sidecar = path.with_name(path.name + suffix)
+            if path_kind(sidecar) not in (MISSING, FILE):
+                raise PreflightError(f"{key} = {mask_password(uri)!r}: {sidecar} is {path_kind(sidecar)}, not a file")
         if path.is_file():
             check_sqlite_intact(key, uri, path)
         return

@@ -460,6 +460,16 @@ def npz_declaring_a_huge_array(mnist: Path, folder: Path) -> Path:
     return path
 
 
+def swapped_parts(mnist: Path, folder: Path) -> Path:
+    """The test files under the training files' names, and the other way round."""
+    copy = mnist_files(mnist, folder)
+    for kind in ("images-idx3", "labels-idx1"):
+        (copy / f"train-{kind}-ubyte.gz").rename(copy / "swap.gz")
+        (copy / f"t10k-{kind}-ubyte.gz").rename(copy / f"train-{kind}-ubyte.gz")
+        (copy / "swap.gz").rename(copy / f"t10k-{kind}-ubyte.gz")
+    return copy
+
+
 def sweep_setting(name: str, *assignments: str, expect: tuple[str, ...], **options: object) -> Bad:
     arguments = tuple(arg for assignment in assignments for arg in ("--set", assignment))
     return Bad(name, expect, overrides=arguments, **options)  # type: ignore[arg-type]
@@ -513,7 +523,7 @@ ROUND_3 = [
     ),
     setting("data-path-name-too-long", f'data.path="{LONG}"', "data.path", "aaa", "name of 300 bytes"),
     setting("data-path-too-long", f'data.path="{DEEP}"', "data.path", "ddd", "bytes long"),
-    setting("data-path-nul", 'data.path="a\\u0000b"', "data.path", "a\\x00b", "NUL"),
+    setting("data-path-nul", 'data.path="a\\u0000b"', "data.path", "a\\x00b", "control character"),
     setting("storage-name-too-long", f'study.storage="sqlite:///{LONG}.db"', "study.storage", "name of 303 bytes"),
     setting("storage-path-too-long", f'study.storage="sqlite:///{DEEP}/o.db"', "study.storage", "bytes long"),
     setting("tracking-name-too-long", f'tracking.uri="sqlite:///{LONG}.db"', "tracking.uri", "name of 303 bytes"),
@@ -632,6 +642,29 @@ ROUND_3 = [
     ),
     setting("network-too-deep", "model.hidden=[" + ", ".join(["10"] * 3000) + "]", "model.hidden", "3000 layers"),
     setting("study-name-with-a-newline", 'study.name="a\\nb"', "study.name", "'a\\nb'"),
+    setting(
+        "tracking-uri-with-a-newline",
+        'tracking.uri="http://127.0.0.1:1/\\n"',
+        "tracking.uri",
+        "'http://127.0.0.1:1/\\n'",
+        "control character",
+    ),
+    setting("reports-with-an-escape-sequence", 'tracking.reports="\\u001b[31mred"', "tracking.reports", "\\x1b[31mred"),
+    sweep_setting(
+        "storage-lock-is-a-fifo",
+        'study.storage="sqlite:///{inputs}/optuna.db"',
+        expect=("study.storage", "optuna.db.lock is a FIFO, not a file"),
+        setup=fifo("optuna.db.lock"),
+    ),
+    Bad(
+        "sweep-file-unreadable",
+        ("locked.toml", "Permission denied"),
+        command="validate",
+        sweep_file="{inputs}/locked.toml",
+        setup=lambda inputs: (inputs / "locked.toml").touch(mode=0),
+        unprivileged=True,
+    ),
+    data("data-train-and-test-swapped", swapped_parts, "train-images-idx3-ubyte.gz", "checksum mismatch"),
     setting("study-name-unicode", 'study.name="fcñ"', "study.name", "fcñ"),
     setting("empty-storage", 'study.storage=""', "study.storage", "''"),
 ]
