@@ -35,7 +35,7 @@ DEEP = "/".join(["d" * 200] * 25)  # 5,000 bytes: over PATH_MAX, every component
 class Case:
     name: str
     args: list[str]  # {inputs} is replaced by the inputs folder
-    setup: Callable[[Path], None] = lambda inputs: None
+    setup: Callable[[Path], object] = lambda inputs: None
     shell: str = ""  # a redirection appended to the command line (`>&-`, `| head -1`)
     expect_code: int = 2
     limit_memory: bool = False
@@ -139,7 +139,9 @@ def run_case(case: Case, checkout: Path) -> tuple[str, str]:
     case.setup(inputs)
     args = [a.replace("{inputs}", str(inputs)) for a in case.args]
     env = {**os.environ, "PYTHONPATH": str(checkout.resolve()), "MNIST_SWEEP_DATA": str(MNIST)}
-    env.update(assignment.split("=", 1) for assignment in case.extra)  # type: ignore[arg-type]
+    for assignment in case.extra:
+        name, _, value = assignment.partition("=")
+        env[name] = value
 
     def limits() -> None:
         if case.limit_memory:
