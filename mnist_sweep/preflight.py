@@ -172,6 +172,10 @@ def check_all(cfg: SweepConfig) -> None:
 # Bytes each weight takes while a model trains: itself, its gradient and up to two optimizer moments
 # (Adam's), all float32. Activations, the data and TensorFlow's own buffers come on top, so this is a floor.
 TRAINING_BYTES_PER_WEIGHT = 4 * 4
+# A TensorFlow process training the lecture's network peaks at about 1 GiB resident (ru_maxrss after one
+# epoch on 1,000 images, 2026-12-06, this machine's CPU build). Half of it is counted per worker, so that
+# only what surely cannot fit is refused (`--workers 1000 --force`), not a tight but workable run.
+PROCESS_BYTES = 512 << 20
 
 
 def network_weights(hidden: list[int]) -> int:
@@ -202,16 +206,17 @@ def check_fits_in_memory(cfg: SweepConfig) -> None:
     """A network whose training cannot fit in memory is refused here, not found out as failed trials."""
     weights = network_weights(cfg.model.hidden)
     workers = cfg.study.workers if isinstance(cfg.study.workers, int) else 1
-    needed = weights * TRAINING_BYTES_PER_WEIGHT * workers
+    needed = (weights * TRAINING_BYTES_PER_WEIGHT + PROCESS_BYTES) * workers
     available = available_memory()
     if available is not None and needed > available:
         hidden = cfg.model.hidden
         shown = str(hidden) if len(hidden) <= 6 else f"[{', '.join(map(str, hidden[:3]))}, ... {len(hidden)} layers]"
-        per_worker = f", for each of {workers} workers" if workers > 1 else ""
+        what = f"study.workers = {workers} with model.hidden = {shown}" if workers > 1 else f"model.hidden = {shown}"
+        per_worker = f", times {workers} workers" if workers > 1 else ""
         raise PreflightError(
-            f"model.hidden = {shown}: {weights:,} weights need at least {needed / 2**30:.1f} GiB to train "
-            f"(16 bytes each: the weight, its gradient and two optimizer moments{per_worker}), "
-            f"but {available / 2**30:.1f} GiB of memory is available; make the layers narrower"
+            f"{what}: {weights:,} weights need at least {needed / 2**30:.1f} GiB to train (16 bytes each: "
+            f"the weight, its gradient and two optimizer moments, plus 0.5 GiB for the process{per_worker}), "
+            f"but {available / 2**30:.1f} GiB of memory is available; make the layers narrower or use fewer workers"
         )
 
 

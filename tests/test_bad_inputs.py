@@ -136,7 +136,9 @@ class Bad:
     command: str = "run"
     sweep_file: str = "{inputs}/sweep.toml"
     setup: Callable[[Path], object] | None = None  # makes files in the inputs folder
-    process: bool = False  # a process of its own, under a time and memory limit
+    # A process of its own, under a time and memory limit: for every FIFO (whose open, without its guard,
+    # waits forever for a writer) and what would take this process's memory without its guard.
+    process: bool = False
 
 
 def setting(name: str, assignment: str, *expect: str) -> Bad:
@@ -455,9 +457,14 @@ def npz_declaring_a_huge_array(mnist: Path, folder: Path) -> Path:
     path = small_npz(folder, x_train=None)
     with zipfile.ZipFile(path, "a") as archive, archive.open("x_train.npy", "w", force_zip64=True) as member:
         header = {"descr": "|u1", "fortran_order": False, "shape": (10**9, 28, 28)}
-        np.lib.format.write_array_header_1_0(member, header)  # type: ignore[no-untyped-call]
+        np.lib.format.write_array_header_1_0(member, header)
         member.write(bytes(100))
     return path
+
+
+def data_symlink_loop(mnist: Path, folder: Path) -> Path:
+    symlink_loop("d")(folder)
+    return folder / "d.a"
 
 
 def swapped_parts(mnist: Path, folder: Path) -> Path:
@@ -533,12 +540,19 @@ ROUND_3 = [
     ),
     setting("reports-name-too-long", f'tracking.reports="{LONG}"', "tracking.reports", "name of 300 bytes"),
     setting("reports-path-too-long", f'tracking.reports="{DEEP}"', "tracking.reports", "bytes long"),
+    sweep_setting(  # 4,050 bytes fit; with the study's folder under them, 4,151 do not
+        "study-report-folder-too-long",
+        f'tracking.reports="/{DEEP[:4019]}/{"e" * 29}"',
+        f'study.name="{"n" * 100}"',
+        expect=("tracking.reports", "4151 bytes long"),
+    ),
     Bad("csv-name-too-long", ("--csv", "name of 304 bytes"), command="trials", overrides=("--csv", LONG + ".csv")),
     sweep_setting(
         "storage-is-a-fifo",
         'study.storage="sqlite:///{inputs}/fifo.db"',
         expect=("study.storage", "fifo.db", "a FIFO, not a file"),
         setup=fifo("fifo.db"),
+        process=True,
     ),
     setting("storage-is-a-device", 'study.storage="sqlite:////dev/zero"', "study.storage", "a device, not a file"),
     sweep_setting(
@@ -546,12 +560,14 @@ ROUND_3 = [
         'tracking.uri="sqlite:///{inputs}/fifo.db"',
         expect=("tracking.uri", "a FIFO, not a file"),
         setup=fifo("fifo.db"),
+        process=True,
     ),
     sweep_setting(
         "reports-is-a-fifo",
         'tracking.reports="{inputs}/fifo"',
         expect=("tracking.reports", "a FIFO, not a folder"),
         setup=fifo("fifo"),
+        process=True,
     ),
     sweep_setting(
         "reports-symlink-loop",
@@ -583,9 +599,15 @@ ROUND_3 = [
         command="trials",
         overrides=("--csv", "{inputs}/fifo.csv"),
         setup=fifo("fifo.csv"),
+        process=True,
     ),
-    data("data-path-symlink-loop", lambda mnist, folder: symlink_loop("d")(folder) or folder / "d.a", "a symlink loop"),
-    data("idx-file-is-a-fifo", fifo_among_idx, "train-labels-idx1-ubyte", "a FIFO, not a regular file"),
+    data("data-path-symlink-loop", data_symlink_loop, "a symlink loop"),
+    Bad(
+        "idx-file-is-a-fifo",
+        ("data.path", "train-labels-idx1-ubyte", "a FIFO, not a regular file"),
+        data=fifo_among_idx,
+        process=True,
+    ),
     data("idx-gzip-bomb", gzip_bomb, "train-labels-idx1-ubyte.gz", "60009 bytes or more, expected 60008"),
     data("idx-sparse-huge", sparse_huge_images, "train-images-idx3-ubyte", "268435456 bytes, expected 47040016"),
     data("idx-declares-too-many", idx_declaring(70000), "train-labels-idx1-ubyte.gz", "declares 70000 items"),
@@ -640,6 +662,17 @@ ROUND_3 = [
         "weights need at least",
         "GiB",
     ),
+    sweep_setting(
+        "workers-too-many-for-memory",
+        "study.workers=100000",
+        expect=("study.workers = 100000", "model.hidden = [500, 500]", "times 100000 workers", "GiB"),
+        command="validate",
+    ),
+    Bad(
+        "workers-forced-past-memory",
+        ("study.workers = 100000", "times 100000 workers"),
+        overrides=("--workers", "100000", "--force"),
+    ),
     setting("network-too-deep", "model.hidden=[" + ", ".join(["10"] * 3000) + "]", "model.hidden", "3000 layers"),
     setting("study-name-with-a-newline", 'study.name="a\\nb"', "study.name", "'a\\nb'"),
     setting(
@@ -655,6 +688,7 @@ ROUND_3 = [
         'study.storage="sqlite:///{inputs}/optuna.db"',
         expect=("study.storage", "optuna.db.lock is a FIFO, not a file"),
         setup=fifo("optuna.db.lock"),
+        process=True,
     ),
     Bad(
         "sweep-file-unreadable",
