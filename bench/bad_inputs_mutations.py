@@ -112,7 +112,7 @@ MUTATIONS = [
         "        if False:",
         [f"{BAD}[lr-range-low-nan]", f"{BAD}[dropout-range-nan]", f"{BAD}[momentum-range-nan]"],
     ),
-    ("mnist_sweep/config.py", "allow_inf_nan=False", "allow_inf_nan=True", [f"{BAD}[plateau-factor-nan]"]),
+    ("mnist_sweep/config.py", "strict=True, allow_inf_nan=False", "strict=True", [f"{BAD}[plateau-factor-nan]"]),
     (
         "mnist_sweep/config.py",
         '    if list(document) != ["value"]:',

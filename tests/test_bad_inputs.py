@@ -673,7 +673,12 @@ ROUND_3 = [
         ("study.workers = 100000", "times 100000 workers"),
         overrides=("--workers", "100000", "--force"),
     ),
-    setting("network-too-deep", "model.hidden=[" + ", ".join(["10"] * 3000) + "]", "model.hidden", "3000 layers"),
+    sweep_setting(  # validate: the same config check as run, and without its guard no 3000-layer net trains here
+        "network-too-deep",
+        "model.hidden=[" + ", ".join(["10"] * 3000) + "]",
+        expect=("model.hidden", "3000 layers"),
+        command="validate",
+    ),
     setting("study-name-with-a-newline", 'study.name="a\\nb"', "study.name", "'a\\nb'"),
     setting(
         "tracking-uri-with-a-newline",
