@@ -1,6 +1,6 @@
 """Each guard of issue 22's bad inputs removed in a copy of the checkout, and the tests that must then fail.
 
-    python bench/bad_inputs_mutations.py
+    python bench/bad_inputs_mutations.py [TEXT ...]    # only the guards whose text holds one of TEXT
 
 A guard whose tests still pass without it is reported as SURVIVED: its tests cannot fail.
 """
@@ -173,7 +173,10 @@ def main() -> int:
         for name in tracked.splitlines():
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, copy / name)
+        chosen = sys.argv[1:]
         for path, guard, replacement, tests in MUTATIONS:
+            if chosen and not any(text in guard for text in chosen):
+                continue
             target = copy / path
             original = target.read_text()
             if original.count(guard) != 1:

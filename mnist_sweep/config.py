@@ -377,8 +377,8 @@ class ModelConfig(_Section):
             raise ValueError("model.hidden needs at least one layer size, got []")
         if len(self.hidden) > MAX_HIDDEN_LAYERS:
             raise ValueError(
-                f"model.hidden has {len(self.hidden)} layers ({self.hidden[:3]}...); at most {MAX_HIDDEN_LAYERS} "
-                "train, a fully connected network without normalisation or skip connections learns nothing deeper"
+                f"model.hidden has {len(self.hidden)} layers ({self.hidden[:3]}...), at most {MAX_HIDDEN_LAYERS} are "
+                "taken: a fully connected network without normalisation or skip connections does not train deeper"
             )
         return self
 
@@ -595,7 +595,7 @@ def _check_uri(key: str, uri: str, schemes: Sequence[str]) -> None:
 
 
 def _check_path(key: str, path: str, *, shown: str | None = None) -> None:
-    """A path that can be opened at all: no NUL, no name or whole path past the kernel's limits."""
+    """A path that can be opened at all: no name, and no whole path, past the kernel's limits."""
     problem = path_problem(path)
     if problem is not None:
         raise ValueError(f"{key} = {mask_password(shown if shown is not None else path)!r} {problem}")
