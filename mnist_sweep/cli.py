@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from mnist_sweep import __version__, console, interrupt
 from mnist_sweep.config import SweepConfig, load_sweep, mask_password, toml_string
 from mnist_sweep.errors import EXIT_FAILED, EXIT_OK, CommandError
+from mnist_sweep.placement import THREADS_CPU_LIMIT
 
 EXIT_SIGINT = 130
 
@@ -108,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take over a scoring claim left by a process that died before recording a result",
     )
+    finalize.add_argument(
+        "--wait",
+        action="store_true",
+        help="while other workers still train trials of the study, wait for them (instead of refusing), then score",
+    )
     command("validate", "print the resolved configuration, or the error (exit 2)")
     command("report", "rewrite report.html, report.md and test_metrics.json from what is recorded (never scores)")
     trials = command("trials", "print the leaderboard of the study's trials (Optuna + MLflow)")
@@ -172,7 +178,9 @@ def _train_or_score(args: argparse.Namespace, cfg: SweepConfig) -> int:
         _quiet_libraries(verbose=args.verbose)
         from mnist_sweep import sweep
 
-        return sweep.finalize(cfg, source=source, echo=_echo, reclaim=args.reclaim)
+        return sweep.finalize(
+            cfg, source=source, echo=_echo, reclaim=args.reclaim, wait=args.wait, progress=_console.progress
+        )
     from mnist_sweep import local_workers
     from mnist_sweep.keras_tuner_engine import check_workers
 
@@ -180,7 +188,7 @@ def _train_or_score(args: argparse.Namespace, cfg: SweepConfig) -> int:
         check_workers(cfg, as_worker=True)
     elif isinstance(cfg.study.workers, int):
         check_workers(cfg, workers=cfg.study.workers)
-    gpu_ids = local_workers.check(cfg, force=args.force) if args.command == "run" else []
+    gpu_ids = local_workers.check(cfg, force=args.force) if args.command == "run" else None
     source, split = preflight.prepare(cfg, training=True)
     local = None
     if args.command == "run":  # resolves `auto` (a measurement), then pins this process to its share
@@ -190,7 +198,11 @@ def _train_or_score(args: argparse.Namespace, cfg: SweepConfig) -> int:
         local = local_workers.start(spec, echo=_echo)
         if isinstance(_console.progress, console.LiveProgress):  # its ETA shares the trials left among them
             _console.progress.workers = 1 + len(spec.placements) if spec else 1
-    _quiet_libraries(verbose=args.verbose)
+    from mnist_sweep.study import worker_policy
+
+    # The study's record, not this process's config, says how its workers size their threads (and sample).
+    _quiet_libraries(verbose=args.verbose, threads_policy=worker_policy(cfg).threads)
+    local_workers.check_gpus_found(cfg, as_worker=args.command == "worker" or local is not None)
     from mnist_sweep import sweep
 
     return sweep.run(
@@ -229,13 +241,14 @@ def _read_recorded(args: argparse.Namespace, cfg: SweepConfig) -> int:
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
-def _quiet_libraries(*, verbose: bool, keras: bool = True) -> None:
-    """Keras loaded for its backend (if `keras`); our lines only, the libraries' chatter off (unless --verbose)."""
+def _quiet_libraries(*, verbose: bool, keras: bool = True, threads_policy: str = THREADS_CPU_LIMIT) -> None:
+    """Keras loaded for its backend (if `keras`), its threads sized by `threads_policy`; our lines only, the
+    libraries' chatter off (unless --verbose)."""
     from mnist_sweep.environment import prepare_backend as load_keras
 
     def prepare_backend() -> None:
         if keras:
-            load_keras()
+            load_keras(threads_policy)
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

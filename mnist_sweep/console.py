@@ -19,7 +19,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, Protocol, TextIO, cast
 
 if TYPE_CHECKING:
@@ -51,6 +51,10 @@ class TrialProgress(Protocol):
 
     def trial_ended(self) -> None: ...
 
+    def waiting(
+        self, *, trials: Sequence[str], metric: str, finished: int, target: int, best: float | None
+    ) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -70,6 +74,9 @@ class NoProgress:
         pass
 
     def trial_ended(self) -> None:
+        pass
+
+    def waiting(self, *, trials: Sequence[str], metric: str, finished: int, target: int, best: float | None) -> None:
         pass
 
     def close(self) -> None:
@@ -190,6 +197,7 @@ class LiveProgress:
         self.trial_started_at = 0.0
         self.trial_seconds: list[float] = []  # of the trials this process finished, for the ETA
         self.workers = 1  # local workers training side by side (`run --workers N`): the trials left share out
+        self.waiting_for: str | None = None  # before scoring: the other workers' trials still training
 
     def study(self, *, metric: str, finished: int, target: int, best: float | None) -> None:
         self.metric, self.finished, self.target, self.best = metric, finished, target, best
@@ -198,6 +206,15 @@ class LiveProgress:
         self.number, self.epochs = number, epochs
         self.current_epoch, self.batches_done, self.steps, self.last_value = 1, 0, 0, None
         self.trial_started_at = time.monotonic()
+        self._start()
+
+    def waiting(self, *, trials: Sequence[str], metric: str, finished: int, target: int, best: float | None) -> None:
+        """Before the test set is scored: the trials other workers still train, and the study's row."""
+        self.metric, self.finished, self.target, self.best = metric, finished, target, best
+        self.waiting_for = ", ".join(trials) if trials else "no trial training; waiting to be sure none starts"
+        self._start()
+
+    def _start(self) -> None:
         if self._live is None:
             from rich.live import Live
 
@@ -226,6 +243,7 @@ class LiveProgress:
             self._live.refresh()  # the finished trial's row goes before its permanent line is printed
 
     def close(self) -> None:
+        self.waiting_for = None
         if self._live is not None:
             self._live.stop()
             self._live = None
@@ -265,6 +283,8 @@ class LiveProgress:
                 ProgressBar(total=max(self.steps, 1), completed=self.batches_done, width=30),
                 f"batch {self.batches_done}/{self.steps or '?'}  {self.metric} {value}",
             )
+        if self.waiting_for is not None:
+            grid.add_row("waiting", "for other workers", "", self.waiting_for)
         eta = self.eta_seconds()
         best = f"{self.best:.4f}" if self.best is not None else "-"
         grid.add_row(

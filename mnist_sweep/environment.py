@@ -1,13 +1,18 @@
 """The machine a sweep runs on: the Keras backend, its GPUs (or the CPU model), and package versions.
 
 Importing this module imports nothing heavy. `prepare_backend` is called once by the training commands
-before Keras is imported: it lets several workers share one GPU and keeps TensorFlow out of a process
-that trains with another backend.
+before Keras is imported: it sizes the thread pools, numbers the GPUs as nvidia-smi does, lets several
+workers share one GPU and keeps TensorFlow out of a process that trains with another backend.
+
+GPUs are found by the backend (TensorFlow's or JAX's device list, torch's CUDA count): a GPU it cannot use
+is none. nvidia-smi only adds names and memory. A process that must know before it loads its backend
+(`run --workers N` planning its workers) asks a child process: `python -m mnist_sweep.environment`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import platform
@@ -19,9 +24,12 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from mnist_sweep.placement import THREADS_CPU_LIMIT
+
 BACKEND_PACKAGES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 REPORTED_PACKAGES = ("keras", "optuna", "mlflow", "numpy", "pandas", "plotly")
 GIB = 1024**3
+PROBE_SECONDS = 300  # a first TensorFlow import on a cold disk takes a while
 
 
 @dataclass(frozen=True)
@@ -55,9 +63,10 @@ def keras_backend() -> str:
     return str(configured or "tensorflow")
 
 
-def prepare_backend() -> str:
+def prepare_backend(threads_policy: str = THREADS_CPU_LIMIT) -> str:
     """Set the process up for its Keras backend before Keras is imported; returns the backend's name.
 
+    - Its thread pools are sized by the study's thread policy (placement.size_threads).
     - GPUs are shared: JAX allocates as it needs instead of taking 75 % of the GPU at start
       (XLA_PYTHON_CLIENT_PREALLOCATE), TensorFlow grows its memory (set_memory_growth); torch
       allocates on demand already. So several workers can train on one GPU.
@@ -65,9 +74,11 @@ def prepare_backend() -> str:
       it in set_random_seed, to serialise TensorShapes when saving), which costs seconds, a GiB of
       memory and CUDA start-up noise. Hidden, this process runs exactly as on a machine without it.
     """
-    from mnist_sweep.placement import pin_this_process
+    from mnist_sweep.placement import size_threads
 
-    pin_this_process()  # a local worker of `run --workers N`: its cores, before the thread pools are sized
+    # Its cores (a local worker of `run --workers N`) and its threads, before the thread pools are sized.
+    size_threads(threads_policy)
+    set_device_order()
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # as set_memory_growth, for every GPU
     backend = keras_backend()
@@ -89,6 +100,13 @@ def _tensorflow_memory_growth() -> None:
     for gpu in tf.config.list_physical_devices("GPU"):
         with contextlib.suppress(RuntimeError):  # initialised already: its growth can no longer change
             tf.config.experimental.set_memory_growth(gpu, True)
+
+
+def set_device_order() -> None:
+    """CUDA numbers GPUs fastest first unless told otherwise; nvidia-smi, by PCI bus. Told, the numbers
+    in CUDA_VISIBLE_DEVICES, nvidia-smi's rows and the backend's devices name the same cards (here and in
+    every child, which inherits it)."""
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
 
 
 # --------------------------------------------------------------------------- the device
@@ -123,6 +141,34 @@ def gpus() -> list[Gpu]:
     else:
         return visible_nvidia_gpus()
     return _with_memory(names, visible_nvidia_gpus())
+
+
+GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/dxg", "/dev/kfd")  # CUDA, CUDA under WSL2, ROCm
+
+
+def gpu_device_nodes() -> bool:
+    """Whether this machine (container) has the device files any GPU needs: without them no backend finds
+    one, and asking it costs a backend import for nothing."""
+    return any(glob.glob(pattern) for pattern in GPU_DEVICE_NODES)
+
+
+def backend_gpus_in_child() -> list[Gpu]:
+    """The GPUs the Keras backend finds, asked of a child process: this one loads no backend before it has
+    pinned itself and sized its threads. Costs one backend import (measured in README.md, Keras backends)."""
+    from mnist_sweep.errors import CommandError
+
+    set_device_order()
+    command = [sys.executable, "-m", "mnist_sweep.environment"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=PROBE_SECONDS)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CommandError(f"the GPU probe (python -m mnist_sweep.environment) did not answer: {exc}") from None
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CommandError(f"the GPU probe (python -m mnist_sweep.environment) failed: {last}")
+    return [Gpu(str(g["name"]), g.get("memory_bytes")) for g in json.loads(lines[-1])]
 
 
 def _with_memory(names: Sequence[str], smi: Sequence[Gpu]) -> list[Gpu]:
@@ -211,3 +257,8 @@ def environment() -> dict[str, str]:
         "keras_backend": backend,
         **packages,
     }
+
+
+if __name__ == "__main__":  # the GPU probe: this process loads the backend so that its parent need not
+    prepare_backend()
+    print(json.dumps([{"name": g.name, "memory_bytes": g.memory_bytes} for g in gpus()]), flush=True)

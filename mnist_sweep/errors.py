@@ -72,6 +72,10 @@ class NoSuchStudyError(UserError):
     """A command that reads a study (finalize, report, trials, ui, dashboard) on one not in the storage."""
 
 
+class TrialsLiveError(UserError):
+    """The test set was asked to be scored while trials of the study still train (they could change the choice)."""
+
+
 class FinalizeError(UserError):
     """The test set cannot be scored now (no trial with a model, a model we did not write, a claim held)."""
 

@@ -2,7 +2,9 @@
 
 The seal is a second Optuna study named `<study>.test-seal`: creating a study is atomic in every RDB
 storage (a unique name), so of two processes that finish at the same moment exactly one scores the test
-set; the other waits for the recorded result.
+set; the other waits for the recorded result. The caller first makes sure no trial is live (live.py); the
+result names the finished trials the chosen one was ranked among, so a trial that finishes after the seal
+(asked for just before it) is recorded but never chosen.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,11 +84,24 @@ def rank_trials(trials: Sequence[FrozenTrial], *, metric: str) -> list[FrozenTri
     return sorted(trials, key=key)
 
 
+def finished_trials(study: optuna.Study) -> tuple[int, ...]:
+    """The numbers of the study's trials that have ended COMPLETE or PRUNED: those a choice is made among."""
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return tuple(sorted(t.number for t in finished))
+
+
 def choose_trial(
-    study: optuna.Study, metric: str, *, stored: Callable[[FrozenTrial], bool] = lambda trial: True
+    study: optuna.Study,
+    metric: str,
+    *,
+    stored: Callable[[FrozenTrial], bool] = lambda trial: True,
+    counted: Collection[int] | None = None,
 ) -> FrozenTrial:
-    """The best complete trial by the study metric that has a logged model, `stored` in full."""
+    """The best complete trial by the study metric that has a logged model, `stored` in full; among the
+    `counted` trial numbers only, where given (a trial that finished after them is not a candidate)."""
     for trial in rank_trials(study.get_trials(deepcopy=False), metric=metric):
+        if counted is not None and trial.number not in counted:
+            continue
         complete = trial.state == TrialState.COMPLETE and trial.value is not None
         if complete and trial.user_attrs.get(MODEL_URI_KEY) and stored(trial):
             return trial
@@ -216,7 +231,8 @@ def score_test_set(
     existing = recorded_result(study)
     if existing is not None:
         return existing, False
-    chosen = choose_trial(study, metric, stored=lambda trial: artifacts_stored(tracker, trial))
+    counted = finished_trials(study)  # what the choice is made among, recorded with the result
+    chosen = choose_trial(study, metric, stored=lambda trial: artifacts_stored(tracker, trial), counted=counted)
     # Load before claiming, so a corrupt test file or a missing model leaves the seal unclaimed.
     model = load_scored_model(chosen.user_attrs[MODEL_URI_KEY], tracking_uri=tracker.uri)
     x_test, y_test = load_test_split(source)
@@ -227,7 +243,13 @@ def score_test_set(
             return waited, False
     test_loss, report = _evaluate(model, x_test, y_test)
     result = _test_result(
-        study.study_name, chosen, metric=metric, test_loss=test_loss, report=report, images=len(y_test)
+        study.study_name,
+        chosen,
+        metric=metric,
+        test_loss=test_loss,
+        report=report,
+        images=len(y_test),
+        counted=counted,
     )
     _record(study, tracker, parent_run_id, result, report)
     return result, True
@@ -243,7 +265,14 @@ def _evaluate(model: keras.Model, x_test: Images, y_test: Labels) -> tuple[float
 
 
 def _test_result(
-    study_name: str, chosen: FrozenTrial, *, metric: str, test_loss: float, report: ClassificationReport, images: int
+    study_name: str,
+    chosen: FrozenTrial,
+    *,
+    metric: str,
+    test_loss: float,
+    report: ClassificationReport,
+    images: int,
+    counted: tuple[int, ...],
 ) -> TestResult:
     """The chosen trial's validation record beside its test numbers, with when, where and by whom."""
     low, high = wilson_interval(int(np.trace(report.matrix)), images)
@@ -266,6 +295,7 @@ def _test_result(
         scored_at=_now(),
         scored_by=_this_process(),
         environment=environment(),
+        counted_trials=counted,
     )
 
 

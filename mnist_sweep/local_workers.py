@@ -22,6 +22,7 @@ from typing import IO
 from mnist_sweep import interrupt, placement
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.console import Echo
+from mnist_sweep.errors import ConfigError
 from mnist_sweep.placement import PARENT_VAR, Placement
 
 STOP_SECONDS = 120.0  # a child closes its trial's run and exits; then it is killed
@@ -119,28 +120,54 @@ def running(children: Children | None) -> Iterator[Children | None]:
     children.stop(signal.SIGTERM)  # none left after wait(); a no-op then
 
 
-def check(cfg: SweepConfig, *, force: bool) -> list[str]:
-    """Bad worker counts and GPU requests, before anything is written; returns the GPUs to spread over."""
-    from mnist_sweep.environment import visible_nvidia_gpus
+def check(cfg: SweepConfig, *, force: bool) -> list[str] | None:
+    """Bad worker counts and GPU requests, before anything is written; returns the GPUs to spread over
+    (CUDA_VISIBLE_DEVICES entries as given), [] for none, None to leave CUDA_VISIBLE_DEVICES as it is.
 
-    gpus = cfg.study.gpus
-    if cfg.study.workers == 1 and gpus == "all":
-        return []  # today's `run`: the GPUs CUDA_VISIBLE_DEVICES gives, nvidia-smi not even asked
-    visible = [] if gpus == 0 else visible_nvidia_gpus()
-    gpu_ids = placement.chosen_gpu_ids(
-        gpus, placement.visible_gpu_ids(len(visible), os.environ.get("CUDA_VISIBLE_DEVICES"))
-    )
+    Several workers need the GPU count before this process loads its backend (it pins itself first): a
+    child process asks the backend (environment.backend_gpus_in_child), where the machine has GPU device
+    files at all. One worker asks nothing here: it
+    is given the first study.gpus GPUs, and `check_gpus_found` checks them once its backend is loaded.
+    """
+    from mnist_sweep.environment import backend_gpus_in_child, gpu_device_nodes, keras_backend, set_device_order
+
+    set_device_order()  # before any backend loads, here or in a child
     if isinstance(cfg.study.workers, int):
         placement.check_worker_count(cfg.study.workers, cpus=placement.usable_cpus(), force=force)
-    return gpu_ids
+    gpus = cfg.study.gpus
+    if gpus == 0:
+        return []
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cfg.study.workers == 1:
+        if gpus == "all":
+            return None  # today's `run`: the GPUs CUDA_VISIBLE_DEVICES gives, nothing asked
+        visible = placement.visible_gpu_ids(len(given.split(",")) if given is not None else int(gpus), given)
+        return placement.chosen_gpu_ids(gpus, visible, backend=keras_backend())
+    found = backend_gpus_in_child() if gpu_device_nodes() else []
+    visible = placement.visible_gpu_ids(len(found), given)
+    return placement.chosen_gpu_ids(gpus, visible, backend=keras_backend())
+
+
+def check_gpus_found(cfg: SweepConfig, *, as_worker: bool) -> None:
+    """Once the backend is loaded: GPUs expected (study.gpus = N) but not found end the command (exit 2),
+    rather than train on the CPU. A worker (local, compose, k8s) expects one; `run` alone, all N."""
+    from mnist_sweep.environment import gpus, keras_backend
+
+    asked = cfg.study.gpus
+    if not isinstance(asked, int) or asked == 0:
+        return
+    expected = 1 if as_worker else asked
+    found = len(gpus())
+    if found < expected:
+        raise ConfigError(placement.gpus_missing_line(asked, found, backend=keras_backend()))
 
 
 def arrange(
-    cfg: SweepConfig, *, gpu_ids: Sequence[str], child_command: Callable[..., tuple[str, ...]], echo: Echo
+    cfg: SweepConfig, *, gpu_ids: Sequence[str] | None, child_command: Callable[..., tuple[str, ...]], echo: Echo
 ) -> tuple[SweepConfig, LocalWorkers | None]:
     """The worker count (`auto` measured), this process pinned to its share, and the children to start.
 
-    One worker is today's `run`: nothing pinned, nothing started.
+    One worker is today's `run`: nothing pinned, nothing started. `gpu_ids` as `check` returns them.
     """
     cpus = placement.usable_cpus()
     workers = cfg.study.workers
@@ -150,14 +177,14 @@ def arrange(
     if workers == "auto":
         from mnist_sweep.packing import resolve_auto
 
-        workers = resolve_auto(cfg, cpus=cpus, gpu_ids=gpu_ids, echo=echo)
+        workers = resolve_auto(cfg, cpus=cpus, gpu_ids=gpu_ids or (), echo=echo)
     assert isinstance(workers, int)
     cfg = cfg.model_copy(update={"study": cfg.study.model_copy(update={"workers": workers})})
     if workers == 1:
-        if cfg.study.gpus != "all":  # the one process on the GPUs study.gpus names (none: 0)
+        if gpu_ids is not None:  # the one process on the GPUs study.gpus names (none: 0)
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
         return cfg, None
-    placements = placement.plan(workers, cpus=cpus, gpu_ids=gpu_ids)
+    placements = placement.plan(workers, cpus=cpus, gpu_ids=gpu_ids or (), cpu_only=cfg.study.gpus == 0)
     os.environ.update(placements[0].environment())
     placement.pin_this_process()
     echo(f"{workers} local workers: " + "; ".join(p.describe() for p in placements))

@@ -178,10 +178,8 @@ def probe(job: dict[str, Any]) -> dict[int, float]:
     import numpy as np
 
     from mnist_sweep.environment import prepare_backend
-    from mnist_sweep.placement import pin_this_process
 
-    pin_this_process()
-    prepare_backend()
+    prepare_backend()  # pinned to its share, its threads sized to it
     from mnist_sweep.model import compiled_model
 
     rng = np.random.default_rng(0)

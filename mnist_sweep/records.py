@@ -223,6 +223,9 @@ class TestResult:
     scored_at: str
     scored_by: str
     environment: Mapping[str, str] | None = None  # results scored before it was recorded lack it
+    # The finished trials the chosen one was ranked among when the study was sealed; a trial that finishes
+    # later (it was asked for just before the seal) is recorded but never chosen. Older results lack it.
+    counted_trials: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data, the keys in the order test_metrics.json has always had them."""
@@ -245,6 +248,7 @@ class TestResult:
             "scored_at": self.scored_at,
             "scored_by": self.scored_by,
             **({} if self.environment is None else {"environment": dict(self.environment)}),
+            **({} if self.counted_trials is None else {"counted_trials": list(self.counted_trials)}),
         }
 
     @classmethod
@@ -259,6 +263,8 @@ class TestResult:
         fields["params"] = dict(fields["params"])
         if fields.get("environment") is not None:
             fields["environment"] = dict(fields["environment"])
+        if fields.get("counted_trials") is not None:
+            fields["counted_trials"] = tuple(fields["counted_trials"])
         return cls(**fields)
 
     def gaps(self) -> dict[str, float | None]:

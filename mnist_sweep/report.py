@@ -23,7 +23,7 @@ from mnist_sweep import plots
 from mnist_sweep.config import METRIC_DIRECTIONS, metric_maximizes
 from mnist_sweep.environment import environment
 from mnist_sweep.errors import UsageError
-from mnist_sweep.final import rank_trials
+from mnist_sweep.final import finished_trials, rank_trials
 from mnist_sweep.metrics import most_confused
 from mnist_sweep.records import BASELINE_ATTR, EPOCHS_TRAINED_ATTR, RUN_ID_ATTR, TestResult
 
@@ -156,6 +156,23 @@ def study_summary(study: optuna.Study, rows: Sequence[Row], *, metric: str) -> d
     }
 
 
+def after_seal_line(study: optuna.Study, result: TestResult) -> str | None:
+    """How many trials finished after the test set was sealed (normally 0: finalize scores once none is live).
+
+    Such a trial was asked for just before the seal; it is recorded and on the leaderboard, but the chosen trial
+    was ranked among the `counted_trials` only. None for a result recorded before they were.
+    """
+    if result.counted_trials is None:
+        return None
+    counted = set(result.counted_trials)
+    late = [number for number in finished_trials(study) if number not in counted]
+    among = f"the chosen trial was ranked among the {len(counted)} finished when it was scored"
+    if not late:
+        return f"trials finished after the seal: 0 ({among})"
+    numbers = ", ".join(map(str, late))
+    return f"trials finished after the seal: {len(late)} (trials {numbers}; recorded, never chosen: {among})"
+
+
 def _environment(result: TestResult | None, summary: Mapping[str, Any]) -> Mapping[str, str]:
     """The machine that scored the test set; the report writer's where the result does not say."""
     if result is not None and result.environment is not None:
@@ -220,7 +237,7 @@ def _table(rows: Sequence[Row]) -> str:
 def render_markdown(result: TestResult | None, summary: dict[str, Any]) -> str:
     """The report as Markdown: the same facts as the HTML page, without the plots."""
     title = [f"# mnist-sweep report: study `{summary['study']}`", ""]
-    test = _test_markdown(result) if result is not None else _not_scored_markdown()
+    test = _test_markdown(result, summary.get("after_seal")) if result is not None else _not_scored_markdown()
     return "\n".join([*title, *test, *_sweep_markdown(summary), *_environment_markdown(result, summary)])
 
 
@@ -228,7 +245,7 @@ def _not_scored_markdown() -> list[str]:
     return [f"**{NOT_SCORED}** Run `mnist-sweep finalize SWEEP` to score the chosen trial once.", ""]
 
 
-def _test_markdown(result: TestResult) -> list[str]:
+def _test_markdown(result: TestResult, after_seal: str | None) -> list[str]:
     """The test score, the chosen trial, the confusion matrix and the per-class metrics."""
     low, high = result.test_accuracy_ci95
     gap = result.gaps()
@@ -244,6 +261,7 @@ def _test_markdown(result: TestResult) -> list[str]:
         f"- validation -> test gap: accuracy {_cell(gap['accuracy'])} (validation minus test), "
         f"loss {_cell(gap['loss'])} (test minus validation)",
         f"- scored at {result.scored_at} by {result.scored_by}",
+        *([f"- {after_seal}"] if after_seal else []),
         "",
         "## Chosen trial",
         "",
@@ -313,7 +331,7 @@ def _note(title: str, note: str, *, key: str) -> str:
     return f'<div class="plot-note" data-plot="{key}"><strong>{html.escape(title)}</strong>: {html.escape(note)}</div>'
 
 
-def _test_section(result: TestResult) -> str:
+def _test_section(result: TestResult, after_seal: str | None) -> str:
     low, high = result.test_accuracy_ci95
     gap = result.gaps()
     matrix = result.test_confusion_matrix
@@ -338,9 +356,10 @@ def _test_section(result: TestResult) -> str:
             ("confusion-normalised", True, "Test confusion matrix: share of each true digit"),
         )
     ]
+    seal = f'<p id="after-seal">{html.escape(after_seal)}</p>' if after_seal else ""
     return f"""
 <section id="test"><h2>Held-out test set, scored once</h2>
-<div class="cards">{"".join(cards)}</div>
+<div class="cards">{"".join(cards)}</div>{seal}
 <h2>Chosen trial</h2>{_html_table(_chosen_rows(result), table_id="chosen-trial")}
 <h2>Test confusion matrix</h2><p>rows: true digit, columns: predicted digit</p>
 <div class="grid">{"".join(heatmaps)}</div>
@@ -378,7 +397,7 @@ def render_html(result: TestResult | None, summary: dict[str, Any], sweep_plots:
     study = html.escape(summary["study"])
     written = datetime.now(timezone.utc).isoformat(timespec="seconds")
     test = (
-        _test_section(result)
+        _test_section(result, summary.get("after_seal"))
         if result is not None
         else f'<div class="banner" id="not-scored"><strong>{NOT_SCORED}</strong> Run <code>mnist-sweep finalize '
         f"SWEEP</code> to score the chosen trial once.</div>"
@@ -439,6 +458,7 @@ def write_report(
     """
     rows = leaderboard_rows(study, run_metrics, metric=metric)
     summary = study_summary(study, rows, metric=metric)
+    summary["after_seal"] = after_seal_line(study, result) if result is not None else None
     sweep_plots = plots.sweep_plots(study, metric=metric)
     folder.mkdir(parents=True, exist_ok=True)
     written = {

@@ -10,6 +10,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -29,7 +30,7 @@ from mnist_sweep.keras_tuner_engine import (
     planned_epochs,
     planned_warm_start,
 )
-from mnist_sweep.placement import WORKER_VAR
+from mnist_sweep.placement import THREADS_CPU_LIMIT, WORKER_VAR
 from mnist_sweep.records import (
     BASELINE_ATTR,
     ENGINE_ATTR,
@@ -81,13 +82,76 @@ def _stale_trial_retry(study: StudyConfig) -> optuna.storages.RetryHeartbeatStal
     return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
 
 
-def make_sampler(study: StudyConfig, *, seed_offset: int) -> optuna.samplers.BaseSampler:
+WORKER_POLICY_ATTR = "worker_policy"  # the study's user attribute: what every worker of it does
+
+
+@dataclass(frozen=True)
+class WorkerPolicy:
+    """What every worker of a study does, however it was started (`run`, `run --workers N`, `worker` by hand,
+    a compose replica, a k8s pod): recorded on the study when it is created, read by each worker from there.
+
+    - constant_liar: TPE counts another worker's running trial as a poor result, so it does not hand the
+      same point out twice. On for every TPE study, since any study can be joined by `worker` at any time;
+      with one worker it changes nothing (the only running trial is the one being sampled, which TPE
+      leaves out), so a 1-worker run samples the points it sampled before (tests/test_workers.py).
+    - threads: how each worker sizes its thread pools; "cpu_limit" = the CPUs it may use (its affinity,
+      capped by its cgroup's CPU quota: placement.size_threads).
+    """
+
+    constant_liar: bool
+    threads: str = THREADS_CPU_LIMIT
+
+    def to_attr(self) -> dict[str, Any]:
+        return {"constant_liar": self.constant_liar, "threads": self.threads}
+
+    def tags(self) -> dict[str, str]:
+        """The MLflow tags of each trial run of a worker that applies it."""
+        return {CONSTANT_LIAR_TAG: str(self.constant_liar).lower()}
+
+
+CONSTANT_LIAR_TAG = "sampler.constant_liar"
+
+
+def new_study_policy(study: StudyConfig) -> WorkerPolicy:
+    """What a study created now records (keras-tuner's oracle and the random sampler have no lies to tell)."""
+    return WorkerPolicy(constant_liar=study.engine == "optuna" and study.sampler == "tpe")
+
+
+def recorded_policy(user_attrs: Mapping[str, Any], study: StudyConfig) -> WorkerPolicy:
+    """The study's record; a study created before studies recorded one gets what a new one records (its
+    trials were sampled by one process at a time, where constant_liar changes nothing, or by `run --workers
+    N`, which turned it on)."""
+    record = user_attrs.get(WORKER_POLICY_ATTR)
+    if not isinstance(record, dict):
+        return new_study_policy(study)
+    return WorkerPolicy(
+        constant_liar=bool(record.get("constant_liar")), threads=str(record.get("threads", THREADS_CPU_LIMIT))
+    )
+
+
+def worker_policy(cfg: SweepConfig) -> WorkerPolicy:
+    """The policy this process applies, read before it loads its backend: the study's record, or what a new
+    study records where there is no study yet (this process or another creates it with that record).
+    Opens the storage without creating anything in it."""
+    if databases.nothing_recorded(cfg.study.storage):
+        return new_study_policy(cfg.study)
+    try:
+        storage = optuna.storages.RDBStorage(
+            cfg.study.storage, engine_kwargs=databases.engine_kwargs(cfg.study.storage), skip_table_creation=True
+        )
+        study = optuna.load_study(study_name=cfg.study.name, storage=storage)
+    except Exception:  # no study (KeyError) or no tables yet; a broken store is reported by open_study, in one line
+        return new_study_policy(cfg.study)
+    return recorded_policy(study.user_attrs, cfg.study)
+
+
+def make_sampler(study: StudyConfig, *, seed_offset: int, constant_liar: bool) -> optuna.samplers.BaseSampler:
     """Seeded by study.seed plus the trials already in the study, so a resumed run draws new points."""
     seed = (study.seed + seed_offset) % 2**32  # a worker's salt must not push it past NumPy's range
     if study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # Several workers at once: a running trial counts as a poor result, so TPE does not hand its point out again.
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=study.workers != 1)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=constant_liar)
 
 
 def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
@@ -122,18 +186,9 @@ def open_study(
     if existing is not None:
         check_engine(existing, cfg)
     offset = len(existing.get_trials(deepcopy=False)) if existing is not None else 0
-    sampler: optuna.samplers.BaseSampler
-    if cfg.study.engine == "keras-tuner":
-        # The baseline goes to the oracle as its first values, not to Optuna's enqueue_trial (the oracle, not
-        # Optuna, picks each trial's values here); a reloaded oracle has drawn them already and ignores them.
-        plan = baseline_values(cfg)
-        if isinstance(plan, BaselineValues):
-            sampler = OracleSampler(cfg, first_values=[plan.values], first_attrs={BASELINE_ATTR: True})
-        else:
-            sampler = OracleSampler(cfg)
-    else:
-        sampler = make_sampler(cfg.study, seed_offset=offset + worker_salt)
+    policy = new_study_policy(cfg.study)  # a study that exists already: its record decides, below
     pruner = make_pruner(cfg.study)
+    sampler = _sampler(cfg, policy, seed_offset=offset + worker_salt)
     created = False
     try:
         study = optuna.create_study(
@@ -145,12 +200,21 @@ def open_study(
             load_if_exists=False,
         )
         created = True
+        study.set_user_attr(WORKER_POLICY_ATTR, policy.to_attr())  # before any worker can sample from it
         study.set_user_attr(ENGINE_ATTR, engine_label(cfg))
         with warnings.catch_warnings():  # experimental since Optuna 3.2, and still so in 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([cfg.study.metric])  # optuna-dashboard's axes name the metric
     except optuna.exceptions.DuplicatedStudyError:
+        # Created a moment ago by another worker, or long ago: its record, not this process's config, decides.
+        attrs = optuna.load_study(study_name=cfg.study.name, storage=storage).user_attrs
+        recorded = recorded_policy(attrs, cfg.study)
+        if recorded != policy and cfg.study.engine == "optuna":  # keras-tuner's oracle ignores the policy
+            sampler = _sampler(cfg, recorded, seed_offset=offset + worker_salt)
+        policy = recorded
         study = optuna.load_study(study_name=cfg.study.name, storage=storage, sampler=sampler, pruner=pruner)
+        if WORKER_POLICY_ATTR not in attrs:  # made before studies recorded it: from now on it is written down
+            study.set_user_attr(WORKER_POLICY_ATTR, policy.to_attr())
     stored = study.direction.name.lower()
     if stored != cfg.study.goal:
         raise StudyMismatchError(
@@ -158,6 +222,17 @@ def open_study(
             f"but the sweep file says study.direction = {cfg.study.goal!r}; use a new study.name"
         )
     return study, created
+
+
+def _sampler(cfg: SweepConfig, policy: WorkerPolicy, *, seed_offset: int) -> optuna.samplers.BaseSampler:
+    if cfg.study.engine == "keras-tuner":
+        # The baseline goes to the oracle as its first values, not to Optuna's enqueue_trial (the oracle, not
+        # Optuna, picks each trial's values here); a reloaded oracle has drawn them already and ignores them.
+        plan = baseline_values(cfg)
+        if isinstance(plan, BaselineValues):
+            return OracleSampler(cfg, first_values=[plan.values], first_attrs={BASELINE_ATTR: True})
+        return OracleSampler(cfg)
+    return make_sampler(cfg.study, seed_offset=seed_offset, constant_liar=policy.constant_liar)
 
 
 def enqueue_baseline(study: optuna.Study, cfg: SweepConfig) -> str:
@@ -250,27 +325,8 @@ def _uploading(trial: FrozenTrial | None, tracker: Tracker, run_id: str) -> bool
     return tracker.upload_may_be_running(run_id, completed=trial.datetime_complete)
 
 
-def wait_for_running_trials(
-    study: optuna.Study, tracker: Tracker, parent_run_id: str, *, poll_seconds: float, echo: Callable[[str], None]
-) -> None:
-    """Until no trial is RUNNING: live workers' trials finish, dead workers' go stale and are failed."""
-    announced: list[int] = []
-
-    def all_ended() -> bool | None:
-        settle_stale(study, tracker, parent_run_id)
-        _fail_abandoned(study, older_than_seconds=ABANDONED_SECONDS)
-        running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-        if not running:
-            return True
-        if not announced:
-            echo(f"waiting for trials {running} to finish in other workers (or go stale if theirs died)")
-            announced.extend(running)
-        return None
-
-    interrupt.poll(all_ended, every=poll_seconds)
-
-
-def _fail_abandoned(study: optuna.Study, *, older_than_seconds: float) -> None:
+def fail_abandoned(study: optuna.Study, *, older_than_seconds: float = ABANDONED_SECONDS) -> None:
+    """Fail RUNNING trials that never got their MLflow run and are older than `older_than_seconds`."""
     # A process stopped between Optuna's ask and its first heartbeat leaves a trial that never goes
     # stale; it never got as far as its MLflow run, so a missing run id after a long while marks it.
     now = datetime.datetime.now()
@@ -360,8 +416,10 @@ class Objective:
         parent_run_id: str,
         data_source: str,
         progress: TrialProgress = NO_PROGRESS,
+        run_tags: Mapping[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.run_tags = dict(run_tags or {})  # every trial run's, besides the machine's (the worker policy's)
         self.progress = progress
         self.split = split
         self.tracker = tracker
@@ -389,6 +447,7 @@ class Objective:
                 trial_number=trial.number,
                 params=run_params.encode(),
                 baseline=bool(trial.user_attrs.get(BASELINE_ATTR)),
+                tags=self.run_tags,
             )
             trial.set_user_attr(RUN_ID_ATTR, run_id)
             trial.set_user_attr(SEED_ATTR, seed)
@@ -524,19 +583,28 @@ def _still_running(trial: optuna.Trial) -> bool:
 
 
 def run_trials(
-    study: optuna.Study, objective: Objective, *, target: int, max_failures: int, echo: Callable[[str], None]
+    study: optuna.Study,
+    objective: Objective,
+    *,
+    target: int,
+    max_failures: int,
+    echo: Callable[[str], None],
+    sealed: Callable[[], bool] = lambda: False,
 ) -> int:
     """Run trials until the study has `target` finished ones, from every worker; returns how many ran here.
 
     One `study.optimize`, stopped by MaxTrialsCallback once `target` trials are COMPLETE or PRUNED, and
     after each trial of this process its callbacks: the console line, the failure budget, dead workers'
-    trials failed and their runs closed, and a Ctrl-C or SIGTERM acted on. Optuna's heartbeats fail the
-    trials of killed workers, and RetryHeartbeatStaleTrialCallback (make_storage) retries their parameters.
+    trials failed and their runs closed, a Ctrl-C or SIGTERM acted on, and a study `sealed` meanwhile (its test
+    set scored) stopped. Optuna's heartbeats fail the trials of killed workers, and RetryHeartbeatStaleTrialCallback
+    (make_storage) retries their parameters.
     """
     lines = TrialLines(objective.progress, echo, metric=objective.cfg.study.metric, target=target)
     settler = StaleTrialsSettler(objective.tracker, objective.parent_run_id)
+    seal = SealWatch(sealed, echo, study_name=study.study_name)
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
         lines,
+        seal,
         FailureBudget(max_failures),
         settler,
         stop_if_interrupted,
@@ -547,7 +615,7 @@ def run_trials(
         stop_if_interrupted(study, None)
         settler(study, None)
         # Re-entered only after a trial taken over by another worker: Optuna's loop cannot go on past it.
-        while lines.show_study(study) < target:
+        while not seal.seen() and lines.show_study(study) < target:
             try:
                 study.optimize(objective, catch=(Exception,), callbacks=callbacks, gc_after_trial=False)
             except TrialTakenOver as taken:
@@ -626,6 +694,32 @@ class FailureBudget:
                 f"{self.failures} trials failed in this process (study.max_failures = {self.max_failures}); "
                 f"last error: {trial.user_attrs.get(FAIL_REASON_ATTR, 'unknown')}"
             )
+
+
+class SealWatch:
+    """Stops this process's trials once the study is sealed: a trial begun after the seal can never be chosen.
+
+    Checked before the first trial and after each, so a worker that joins or goes on after `finalize` took the
+    seal starts nothing; one that asked for its trial just before the seal (a race) trains it, and it is
+    recorded, but the test result names the trials it was chosen among (`TestResult.counted_trials`).
+    """
+
+    def __init__(self, sealed: Callable[[], bool], echo: Callable[[str], None], *, study_name: str) -> None:
+        self.sealed = sealed
+        self.echo = echo
+        self.study_name = study_name
+        self._seen = False
+
+    def seen(self) -> bool:
+        """Whether the study is sealed (said once, in one line)."""
+        if not self._seen and self.sealed():
+            self._seen = True
+            self.echo(f"study {self.study_name!r} is sealed (its test set scored): this process starts no more trials")
+        return self._seen
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.seen():
+            study.stop()
 
 
 class StaleTrialsSettler:

@@ -14,6 +14,7 @@ from mnist_sweep.databases import nothing_recorded
 from mnist_sweep.environment import device_line, gpus
 from mnist_sweep.errors import EXIT_BAD_INPUT, NoSuchStudyError, StudySealedError
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
+from mnist_sweep.live import settle_before_scoring
 from mnist_sweep.local_workers import Children
 from mnist_sweep.records import PARENT_RUN_ATTR, TestResult
 from mnist_sweep.report import baseline_gain, gain_line, leaderboard_rows, leaderboard_table, write_report
@@ -26,8 +27,8 @@ from mnist_sweep.study import (
     make_storage,
     open_study,
     parent_run_id,
+    recorded_policy,
     run_trials,
-    wait_for_running_trials,
     worker_salt,
 )
 from mnist_sweep.tracking import Tracker, recorded_trial_metrics
@@ -88,12 +89,20 @@ def run(
                 parent_run_id=parent,
                 data_source=source.describe(),
                 progress=progress,
+                run_tags=recorded_policy(study.user_attrs, cfg.study).tags(),  # the sampler this process built
             )
-            run_trials(study, objective, target=cfg.study.trials, max_failures=cfg.study.max_failures, echo=echo)
+            run_trials(
+                study,
+                objective,
+                target=cfg.study.trials,
+                max_failures=cfg.study.max_failures,
+                echo=echo,
+                sealed=lambda: seal_claimed(storage, cfg.study.name),
+            )
             if children is not None:
                 children.wait()
-        if finalize:  # score only once every trial has ended, so none is left RUNNING behind the seal
-            wait_for_running_trials(study, tracker, parent, poll_seconds=cfg.study.heartbeat_seconds, echo=echo)
+        if finalize:  # other workers' trials could still beat the best: wait for them, then score
+            _settle(cfg, study, storage, tracker, parent, wait=True, reclaim=False, echo=echo, progress=progress)
         status = "FINISHED"
     finally:
         tracker.set_parent_status(parent, status)
@@ -141,15 +150,60 @@ def _already_scored(cfg: SweepConfig, study: optuna.Study, echo: Echo) -> int:
     return 0
 
 
-def finalize(cfg: SweepConfig, *, source: DataSource, echo: Echo, reclaim: bool = False) -> int:
-    """Score the chosen trial on the test set (once) and write the report; inputs checked by `preflight.prepare`."""
+def finalize(
+    cfg: SweepConfig,
+    *,
+    source: DataSource,
+    echo: Echo,
+    reclaim: bool = False,
+    wait: bool = False,
+    progress: TrialProgress = NO_PROGRESS,
+) -> int:
+    """Score the chosen trial on the test set (once) and write the report; inputs checked by `preflight.prepare`.
+
+    Refused (exit 2, nothing sealed) while a trial of the study is live; with `wait`, once none is.
+    """
     _recorded_study(cfg)  # a study that is not there: one line, and no storage created for it
     storage = make_storage(cfg.study)
     study = _existing_study(cfg, storage)
     tracker = make_tracker(cfg)
     parent = parent_run_id(study, tracker, created=False, config=cfg.to_dict())
+    _settle(cfg, study, storage, tracker, parent, wait=wait, reclaim=reclaim, echo=echo, progress=progress)
     _finalize(cfg, study, storage, tracker, parent, source, echo=echo, reclaim=reclaim)
     return 0
+
+
+def _settle(
+    cfg: SweepConfig,
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    tracker: Tracker,
+    parent: str,
+    *,
+    wait: bool,
+    reclaim: bool,
+    echo: Echo,
+    progress: TrialProgress,
+) -> None:
+    """No trial of the study live before the test set is scored (live.py); nothing to settle where it is scored
+    already, or being scored by another process (its claim is waited for instead), unless that claim is taken over."""
+    if recorded_result(study) is not None or (seal_claimed(storage, cfg.study.name) and not reclaim):
+        return
+    settle_before_scoring(
+        study=study,
+        tracker=tracker,
+        parent_run_id=parent,
+        metric=cfg.study.metric,
+        target=cfg.study.trials,
+        wait=wait,
+        quiet_seconds=2 * cfg.study.heartbeat_seconds,  # the storage's grace period (make_storage)
+        poll_seconds=min(cfg.study.heartbeat_seconds, WAIT_POLL_SECONDS),
+        echo=echo,
+        progress=progress,
+    )
+
+
+WAIT_POLL_SECONDS = 2.0
 
 
 def _existing_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:

@@ -339,11 +339,13 @@ class Tracker:
         trial_number: int,
         params: Mapping[str, Any],
         baseline: bool = False,
+        tags: Mapping[str, str] | None = None,
     ) -> str:
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"trial-{trial_number:04d}",
             tags={
+                **(tags or {}),
                 PARENT_TAG: parent_run_id,
                 ROLE_TAG: TRIAL_ROLE,
                 STUDY_TAG: study_name,
@@ -489,6 +491,13 @@ class Tracker:
         except MlflowException:
             return False
         return run.info.status == "RUNNING" and not process_ended(run.data.tags.get(WORKER_TAG, ""))
+
+    def run_worker(self, run_id: str) -> str | None:
+        """The worker that logs the run (its `worker` tag, placement.worker_tags), if the run is there."""
+        try:
+            return self.client.get_run(run_id).data.tags.get(WORKER_TAG)
+        except MlflowException:
+            return None
 
     def running_trial_runs(self, parent_run_id: str) -> list[tuple[str, int]]:
         """(run id, trial number) of the study's trial runs that MLflow still has as RUNNING."""

@@ -1,4 +1,5 @@
-"""docker/compose.yaml read as Docker Compose reads it, and its services translated to native processes.
+"""docker/compose.yaml read as Docker Compose reads it, and its services (and docker/k8s/'s Job containers)
+translated to native processes.
 
 The translation is deliberately small, so that what runs is the compose file's own command:
 - `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?error}`, `${VAR?error}` and `$$` are interpolated
@@ -7,12 +8,18 @@ The translation is deliberately small, so that what runs is the compose file's o
   server listens on;
 - a path inside the container (a volume's target, the image's WORKDIR) becomes a folder on this machine;
 - the image's ENTRYPOINT `mnist-sweep` (or a service's `entrypoint: ["mlflow"]`) becomes `python -m ...`
-  with this checkout's code; the image's ENV lines come first, the service's environment on top.
+  with this checkout's code; the image's ENV lines come first, the service's environment on top;
+- a service's CPU limit (`deploy.resources.limits.cpus`) becomes an affinity of that many cores (rounded
+  down, at least one): a cgroup quota needs privileges a test does not have, and mnist-sweep sizes its
+  threads by the smaller of the two the same way (its reading of cgroup files is unit-tested on fake ones).
 Nothing else of a command is changed; a test adds its own arguments only in the open (`extra`).
+A Kubernetes Job's container goes the same way (`native_k8s_container`): its args after the image's
+ENTRYPOINT, its env (a Secret's key given by the test), its volume mounts, its `resources.limits.cpu`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import sys
@@ -26,6 +33,7 @@ import yaml
 from tests.conftest import REPO
 
 DOCKER = REPO / "docker"
+K8S = DOCKER / "k8s"
 COMPOSE_FILE = DOCKER / "compose.yaml"
 DOCKERFILE = DOCKER / "Dockerfile"
 ENTRYPOINTS = {"mnist-sweep": [sys.executable, "-m", "mnist_sweep"], "mlflow": [sys.executable, "-m", "mlflow"]}
@@ -86,6 +94,16 @@ def image_settings(dockerfile: Path = DOCKERFILE) -> tuple[list[str], str, dict[
     return entrypoint, workdir, env
 
 
+def image_copies(dockerfile: Path = DOCKERFILE) -> list[tuple[str, Path]]:
+    """(path in the image, folder of this checkout) for each COPY to an absolute path (the sweep files)."""
+    found = []
+    for line in dockerfile.read_text(encoding="utf-8").splitlines():
+        words = [w for w in line.split() if not w.startswith("--")]
+        if words[:1] == ["COPY"] and len(words) == 3 and words[2].startswith("/"):
+            found.append((words[2], REPO / words[1]))
+    return found
+
+
 @dataclass
 class NativeService:
     """One service's process: argv, environment and working folder on this machine."""
@@ -94,6 +112,14 @@ class NativeService:
     argv: list[str]
     env: dict[str, str]
     cwd: Path
+    cpu_limit: float | None = None  # the service's deploy.resources.limits.cpus
+
+    def cores(self, index: int, available: Sequence[int]) -> list[int]:
+        """The cores replica `index` runs on: `cpu_limit` of them (all without a limit), replicas side by side."""
+        if self.cpu_limit is None:
+            return list(available)
+        count = min(len(available), max(1, math.floor(self.cpu_limit)))
+        return [available[(index * count + i) % len(available)] for i in range(count)]
 
 
 @dataclass
@@ -171,4 +197,75 @@ def native_service(
     assert isinstance(declared, dict), f"{name}: environment as a mapping, please (KEY: value)"
     environment = {**image_env, **{key: str(value) for key, value in declared.items()}}
     env = {**base_env, **{key: translate(value) for key, value in environment.items()}}
-    return NativeService(name=name, argv=argv, env=env, cwd=folder)
+    limit = service.get("deploy", {}).get("resources", {}).get("limits", {}).get("cpus")
+    return NativeService(name=name, argv=argv, env=env, cwd=folder, cpu_limit=None if limit is None else float(limit))
+
+
+def k8s_documents() -> list[dict[str, Any]]:
+    """Every document of docker/k8s/*.yaml."""
+    documents = []
+    for path in sorted(K8S.glob("*.yaml")):
+        documents += [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
+    return documents
+
+
+def k8s_job(name: str) -> dict[str, Any]:
+    (found,) = [d for d in k8s_documents() if d["kind"] == "Job" and d["metadata"]["name"] == name]
+    return found
+
+
+def k8s_cpus(quantity: str | int | float | None) -> float | None:
+    """A Kubernetes CPU quantity ("4", "1.5", "500m") in CPUs."""
+    if quantity is None:
+        return None
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def native_k8s_container(
+    job: Mapping[str, Any],
+    translation: Translation,
+    folder: Path,
+    *,
+    base_env: Mapping[str, str],
+    secrets: Mapping[str, Mapping[str, str]],
+    claims: Mapping[str, Path],
+    extra: Sequence[str] = (),
+) -> NativeService:
+    """The one container of a Job's pod as a native process working in `folder` (the image's WORKDIR).
+
+    `secrets` holds the Secrets' keys its env refers to; `claims` the folder of each PersistentVolumeClaim.
+    """
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    image_entrypoint, workdir, image_env = image_settings()
+    folder.mkdir(parents=True, exist_ok=True)
+    volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+    mounts: list[tuple[str, Path]] = [(workdir, folder), *image_copies()]  # a pod sees what the image holds
+    for mount in container.get("volumeMounts", []):
+        volume = volumes[mount["name"]]
+        claim = volume.get("persistentVolumeClaim")
+        native = (
+            claims[claim["claimName"]]
+            if claim
+            else translation.named_volumes / f"{job['metadata']['name']}-{mount['name']}"
+        )
+        native.mkdir(parents=True, exist_ok=True)
+        mounts.append((mount["mountPath"], native))
+    mounts.sort(key=lambda pair: len(pair[0]), reverse=True)
+
+    def translate(text: str) -> str:
+        return translation.map_paths(translation.rewrite_hosts(text), mounts)
+
+    entrypoint = container.get("command", image_entrypoint)
+    argv = [*ENTRYPOINTS[entrypoint[0]], *entrypoint[1:], *(translate(str(a)) for a in container["args"]), *extra]
+    environment = dict(image_env)
+    for item in container.get("env", []):
+        if "value" in item:
+            environment[item["name"]] = str(item["value"])
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            environment[item["name"]] = secrets[ref["name"]][ref["key"]]
+    env = {**base_env, **{key: translate(value) for key, value in environment.items()}}
+    limit = k8s_cpus(container.get("resources", {}).get("limits", {}).get("cpu"))
+    return NativeService(name=container["name"], argv=argv, env=env, cwd=folder, cpu_limit=limit)

@@ -10,6 +10,7 @@ sweep left is read back through MlflowClient over HTTP and through Optuna on Pos
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pwd
 import secrets
@@ -30,7 +31,16 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.compose_native import DOCKER, NativeService, Translation, load_compose, native_service
+from mnist_sweep.placement import cpu_list, parse_cpu_list
+from tests.compose_native import (
+    DOCKER,
+    NativeService,
+    Translation,
+    k8s_job,
+    load_compose,
+    native_k8s_container,
+    native_service,
+)
 from tests.conftest import REPO, _free_port, _postgres_bin, required_mnist
 from tests.stores import assert_nothing_running, assert_runs_linked, parent_run
 
@@ -159,9 +169,10 @@ class Topology:
     def __init__(self, folder: Path, mnist: Path) -> None:
         self.folder = folder
         self.password = secrets.token_urlsafe(16)
-        # The test's docker/.env: the only values it chooses.
-        self.compose = load_compose({"POSTGRES_PASSWORD": self.password, "MNIST_DIR": str(mnist)})
+        # The test's docker/.env: the only values it chooses (one CPU per container: 2 workers + finalize here).
+        self.compose = load_compose({"POSTGRES_PASSWORD": self.password, "MNIST_DIR": str(mnist), "WORKER_CPUS": "1"})
         self.outputs: dict[str, tuple[int, str, str]] = {}
+        self.cores: dict[str, list[int]] = {}  # each sweeper's cores, from its service's CPU limit
 
     @property
     def services(self) -> dict[str, Any]:
@@ -216,9 +227,26 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Topolog
                 )
                 for name, label in (("worker", "worker-1"), ("worker", "worker-2"), ("finalize", "finalize"))
             ]
-            for s in sweepers:
+            # And one pod of the Kubernetes workers' Job, on the same servers (its Secret: the test's password).
+            sweepers.insert(
+                2,
+                native_k8s_container(
+                    k8s_job("mnist-sweep-workers"),
+                    translation,
+                    top.folder / "k8s-worker",
+                    base_env=top.base_env("k8s-worker"),
+                    secrets={"mnist-sweep": {"postgres-password": top.password}},
+                    claims={"mnist-data": mnist},
+                    extra=SHRINK,
+                ),
+            )
+            available = sorted(os.sched_getaffinity(0))
+            for index, s in enumerate(sweepers):
                 pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-                processes.append((s, subprocess.Popen(s.argv, cwd=s.cwd, env=s.env, **pipes)))  # type: ignore[call-overload]
+                cores = s.cores(index, available)  # its container's CPU limit
+                top.cores[s.cwd.name] = cores
+                limited = functools.partial(os.sched_setaffinity, 0, cores)
+                processes.append((s, subprocess.Popen(s.argv, cwd=s.cwd, env=s.env, preexec_fn=limited, **pipes)))  # type: ignore[call-overload]
             for sweeper, process in processes:
                 out, err = process.communicate(timeout=900)
                 top.outputs[sweeper.cwd.name] = (process.returncode, out, err)
@@ -322,3 +350,25 @@ def test_the_server_answers_the_host_name_workers_use_and_refuses_others(topolog
     _, _, mlflow_port = topology
     assert host_header_status(mlflow_port, "mlflow:5000") == 200  # what the workers send inside compose
     assert host_header_status(mlflow_port, "evil.example") in (400, 403)  # the middleware is on
+
+
+def test_every_worker_applies_the_studys_policy_with_threads_sized_to_its_cpu_limit(
+    topology: tuple[Topology, int, int],
+) -> None:
+    """Compose replicas (WORKER_CPUS=1), finalize and a k8s pod (cpu: 4 on this machine's cores) each sized
+    their threads to their CPU limit and sampled with the study's constant_liar, though each one's command
+    says nothing of either (and study.workers = 1)."""
+    top, _, _ = topology
+    study, _, _, runs = study_and_runs(topology)
+    assert study.user_attrs["worker_policy"] == {"constant_liar": True, "threads": "cpu_limit"}
+    assert [len(top.cores[label]) for label in ("worker-1", "worker-2", "finalize")] == [1, 1, 1]
+    assert len(top.cores["k8s-worker"]) == min(4, len(os.sched_getaffinity(0)))  # cpu: "4", on this machine
+    trial_runs = [r for r in runs if r.data.tags.get("mnist_sweep.role") == "trial"]
+    assert trial_runs
+    limits = {cpu_list(cores) for cores in top.cores.values()}
+    for run in trial_runs:
+        tags = run.data.tags
+        assert tags["sampler.constant_liar"] == "true", tags
+        assert tags["worker.cpus"] in limits, tags
+        assert tags["worker.threads"] == str(len(parse_cpu_list(tags["worker.cpus"]))), tags
+    print({r.data.tags["worker"]: (r.data.tags["worker.cpus"], r.data.tags["worker.threads"]) for r in trial_runs})

@@ -14,10 +14,18 @@ import yaml
 
 from mnist_sweep.cli import _overrides, _parser
 from mnist_sweep.config import load_sweep, tomllib
-from tests.compose_native import COMPOSE_FILE, DOCKER, DOCKERFILE, InterpolationError, image_settings, load_compose
+from tests.compose_native import (
+    COMPOSE_FILE,
+    DOCKER,
+    DOCKERFILE,
+    InterpolationError,
+    image_settings,
+    k8s_documents,
+    k8s_job,
+    load_compose,
+)
 from tests.conftest import REPO
 
-K8S = DOCKER / "k8s"
 TEST_ENV = {"POSTGRES_PASSWORD": "not-a-real-one", "MNIST_DIR": "/srv/mnist"}
 SWEEPS_IN_IMAGE = "/work/sweeps"
 
@@ -31,16 +39,8 @@ def tool(name: str) -> str:
     return found
 
 
-def k8s_documents() -> list[dict[str, Any]]:
-    documents = []
-    for path in sorted(K8S.glob("*.yaml")):
-        documents += [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
-    return documents
-
-
 def job(name: str) -> dict[str, Any]:
-    (found,) = [d for d in k8s_documents() if d["kind"] == "Job" and d["metadata"]["name"] == name]
-    return found
+    return k8s_job(name)
 
 
 def invocations() -> list[tuple[str, list[str]]]:
@@ -135,7 +135,20 @@ def test_workers_and_finalize_reserve_one_nvidia_gpu_each() -> None:
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         assert device["device_ids"] == ["3"]
     (limits,) = [c["resources"]["limits"] for c in job("mnist-sweep-workers")["spec"]["template"]["spec"]["containers"]]
-    assert limits == {"nvidia.com/gpu": 1}
+    assert limits["nvidia.com/gpu"] == 1
+
+
+def test_every_training_container_has_a_cpu_limit_to_size_its_threads_to() -> None:
+    services = load_compose({**TEST_ENV, "WORKER_CPUS": "2.5"})["services"]
+    for name in ("worker", "finalize"):
+        assert services[name]["deploy"]["resources"]["limits"]["cpus"] == "2.5", name
+    assert load_compose(TEST_ENV)["services"]["worker"]["deploy"]["resources"]["limits"]["cpus"] == "4"
+    assert re.search(r"^WORKER_CPUS=\d", (DOCKER / ".env.example").read_text(), flags=re.MULTILINE)
+    for document in k8s_documents():
+        for container in document["spec"]["template"]["spec"]["containers"]:
+            resources = container["resources"]
+            assert float(resources["limits"]["cpu"]) >= 1, document["metadata"]["name"]
+            assert resources["requests"]["cpu"] == resources["limits"]["cpu"]  # the quota it is scheduled for
 
 
 def test_the_mlflow_service_serves_artifacts_from_a_volume_on_postgres() -> None:

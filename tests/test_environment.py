@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,83 @@ def test_bench_gpu_runs_every_step_on_the_cpu_when_asked_and_records_nothing(mni
     assert row.startswith("| 2 | 2 |"), row  # both workers finished their trial, on the CPU, and say so
     assert row.endswith(f"ran on CPU: {environment.cpu_model()} |")
     assert results.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- the backend finds the GPUs
+
+
+class FakeTensorFlowGpus:
+    """What TensorFlow reports on a machine with `names` GPUs: its device list and each device's details."""
+
+    def __init__(self, names: list[str]) -> None:
+        import tensorflow as tf
+
+        gpu = tf.config.PhysicalDevice
+        self.devices = [gpu(name=f"/physical_device:GPU:{i}", device_type="GPU") for i in range(len(names))]
+        self.details = {d.name: {"device_name": name} for d, name in zip(self.devices, names, strict=True)}
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import tensorflow as tf
+
+        monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: self.devices if kind == "GPU" else [])
+        monkeypatch.setattr(tf.config.experimental, "get_device_details", lambda device: self.details[device.name])
+
+
+def tensorflow_backend() -> None:
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the test process runs another Keras backend")
+
+
+def test_the_backend_finds_the_gpus_and_nvidia_smi_adds_their_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    tensorflow_backend()
+    FakeTensorFlowGpus(["NVIDIA H200", "NVIDIA A100-SXM4-80GB"]).install(monkeypatch)
+    monkeypatch.setattr(environment, "visible_nvidia_gpus", lambda: [H200, A100])
+    assert environment.gpus() == [H200, A100]
+
+
+def test_a_gpu_the_backend_finds_counts_without_nvidia_smi_or_with_ids_it_cannot_match(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tensorflow_backend()
+    FakeTensorFlowGpus(["NVIDIA A100-SXM4-80GB MIG 1g.10gb"]).install(monkeypatch)
+    monkeypatch.setattr(environment, "visible_nvidia_gpus", lambda: [])  # absent, or a MIG id it cannot match
+    assert environment.gpus() == [Gpu("NVIDIA A100-SXM4-80GB MIG 1g.10gb")]
+    assert device_line(environment.gpus()) == "training on GPU: NVIDIA A100-SXM4-80GB MIG 1g.10gb"
+
+
+def test_gpus_nvidia_smi_lists_but_the_backend_cannot_use_are_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    tensorflow_backend()
+    FakeTensorFlowGpus([]).install(monkeypatch)  # a CPU-only wheel, a missing CUDA library
+    monkeypatch.setattr(environment, "visible_nvidia_gpus", lambda: [H200, A100])
+    assert environment.gpus() == []
+
+
+def test_mig_ids_in_cuda_visible_devices_match_no_nvidia_smi_row_and_stop_nothing_else() -> None:
+    # nvidia-smi --query-gpu lists whole GPUs: a MIG instance is no row of it, so only the backend names it.
+    assert parse_nvidia_smi(SMI, "MIG-11111111-2222-3333-4444-555555555555") == []
+
+
+DEVICE_ORDER_PROCESS = """
+import os, sys
+from mnist_sweep.environment import prepare_backend
+os.environ.pop("CUDA_DEVICE_ORDER", None)
+prepare_backend()
+print(os.environ["CUDA_DEVICE_ORDER"], os.environ["TF_NUM_INTRAOP_THREADS"], sorted(os.sched_getaffinity(0)))
+"""
+
+
+@pytest.mark.slow
+def test_the_backend_loads_with_pci_bus_order_and_threads_sized_to_the_affinity() -> None:
+    core = min(os.sched_getaffinity(0))
+    env = {**cli_environment(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        ["taskset", "-c", str(core), sys.executable, "-c", DEVICE_ORDER_PROCESS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["PCI_BUS_ID", "1", f"[{core}]"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import sys
 from collections.abc import Iterable
 from contextlib import closing
 from pathlib import Path
@@ -14,10 +15,11 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from mnist_sweep import placement
+from mnist_sweep import environment, placement
 from mnist_sweep.config import build_config
+from mnist_sweep.environment import Gpu
 from mnist_sweep.errors import ConfigError
-from mnist_sweep.local_workers import arrange, child_command
+from mnist_sweep.local_workers import Children, LocalWorkers, arrange, check, check_gpus_found, child_command
 from mnist_sweep.packing import Measured, candidate_layouts, choose, measure, resolve_auto
 from mnist_sweep.placement import (
     CPUS_TAG,
@@ -33,7 +35,7 @@ from mnist_sweep.placement import (
     visible_gpu_ids,
 )
 from mnist_sweep.study import make_sampler
-from tests.conftest import DEFAULT_SWEEP, CliRunner, CliStarter, created_files, small_sweep_args
+from tests.conftest import DEFAULT_SWEEP, REPO, CliRunner, CliStarter, created_files, small_sweep_args
 from tests.stores import all_runs, assert_nothing_running, assert_runs_linked, load_study, tracking_url, wait_for
 
 # --------------------------------------------------------------------------- the shares
@@ -53,14 +55,97 @@ def test_gpus_take_workers_round_robin_and_split_the_cores() -> None:
     assert placements[1].environment()["CUDA_VISIBLE_DEVICES"] == "3"
 
 
-def test_a_cpu_share_sizes_the_thread_pools_and_hides_gpus() -> None:
-    env = Placement(1, (3,)).environment()
-
+def test_a_share_pins_cores_and_names_its_gpu_hides_gpus_only_when_cpu_only() -> None:
+    env = Placement(1, (3,), "GPU-1111aaaa-0000-0000-0000-000000000000").environment()
     assert env["MNIST_SWEEP_CPUS"] == "3"
-    assert env["TF_NUM_INTRAOP_THREADS"] == "1"
-    assert "--xla_cpu_multi_thread_eigen=false" in env["XLA_FLAGS"]
-    assert env["CUDA_VISIBLE_DEVICES"] == ""
-    assert Placement(0, (0, 1, 2, 3)).environment()["TF_NUM_INTRAOP_THREADS"] == "4"
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-1111aaaa-0000-0000-0000-000000000000"  # as given, not an index
+    assert Placement(1, (3,), "").environment()["CUDA_VISIBLE_DEVICES"] == ""  # study.gpus = 0
+    assert "CUDA_VISIBLE_DEVICES" not in Placement(1, (3,)).environment()  # none found: left as inherited
+    cpu_only = plan(2, cpus=[0, 1], gpu_ids=[], cpu_only=True)
+    assert [p.gpu for p in cpu_only] == ["", ""]
+    assert [p.gpu for p in plan(2, cpus=[0, 1], gpu_ids=[])] == [None, None]
+
+
+def test_threads_are_the_cores_or_the_cgroup_quota_whichever_is_smaller(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert placement.cpu_budget((0, 1, 2, 3), None) == 4
+    assert placement.cpu_budget((0, 1, 2, 3), 2.0) == 2
+    assert placement.cpu_budget((0, 1, 2, 3), 1.5) == 1  # rounded down: 2 threads on 1.5 CPUs are throttled
+    assert placement.cpu_budget((0, 1), 8.0) == 2
+    assert placement.cpu_budget((0,), 0.25) == 1
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    one = placement.thread_environment(1)
+    assert (one["TF_NUM_INTRAOP_THREADS"], one["TF_NUM_INTEROP_THREADS"], one["OMP_NUM_THREADS"]) == ("1", "2", "1")
+    assert "--xla_cpu_multi_thread_eigen=false" in one["XLA_FLAGS"]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x --xla_cpu_multi_thread_eigen=false")
+    assert placement.thread_environment(4)["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"  # inherited from a 1-core parent
+
+
+def test_size_threads_applies_the_affinity_and_the_quota_before_the_backend_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    unset_for_this_test(monkeypatch, [*placement.thread_environment(1), "MNIST_SWEEP_CPUS"])
+    monkeypatch.setattr(placement, "usable_cpus", lambda: (0, 1, 2, 3, 4, 5))
+    monkeypatch.setattr(placement, "cgroup_cpu_limit", lambda: 3.0)
+
+    assert placement.size_threads("cpu_limit") == 3
+    assert os.environ["TF_NUM_INTRAOP_THREADS"] == "3" and os.environ["OMP_NUM_THREADS"] == "3"
+    assert placement.worker_tags()[placement.THREADS_TAG] == "3"
+    with pytest.raises(ConfigError, match="threads = 'fixed-8', unknown to this version"):
+        placement.size_threads("fixed-8")
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_quota_is_read_in_the_process_cgroup_and_above(tmp_path: Path) -> None:
+    root, membership = tmp_path / "sys", tmp_path / "cgroup"
+    write(root / "cgroup.controllers", "cpu memory")
+    write(membership, "0::/kubepods/pod1/worker\n")
+    write(root / "kubepods" / "cpu.max", "max 100000")
+    write(root / "kubepods" / "pod1" / "cpu.max", "300000 100000")  # the pod: 3 CPUs
+    write(root / "kubepods" / "pod1" / "worker" / "cpu.max", "max 100000")  # its container: unlimited itself
+    assert placement.cgroup_cpu_limit(root, membership) == 3.0
+    write(root / "kubepods" / "pod1" / "worker" / "cpu.max", "150000 100000")
+    assert placement.cgroup_cpu_limit(root, membership) == 1.5
+
+
+def test_cgroup_v2_in_a_container_namespace_reads_the_mount_root(tmp_path: Path) -> None:
+    root, membership = tmp_path / "sys", tmp_path / "cgroup"
+    write(root / "cgroup.controllers", "cpu")
+    write(membership, "0::/\n")  # what a container with its own cgroup namespace sees
+    write(root / "cpu.max", "200000 100000")  # compose: deploy.resources.limits.cpus = 2
+    assert placement.cgroup_cpu_limit(root, membership) == 2.0
+    write(membership, "0::/docker/abc\n")  # the host's path for it, not under the namespaced mount
+    assert placement.cgroup_cpu_limit(root, membership) == 2.0
+    write(membership, "0::/../outside\n")  # a path outside the mount: the mount is the process's cgroup
+    write(tmp_path / "outside" / "cpu.max", "50000 100000")  # not this process's: never read
+    assert placement.cgroup_cpu_limit(root, membership) == 2.0
+    write(root / "cpu.max", "max 100000")
+    assert placement.cgroup_cpu_limit(root, membership) is None
+
+
+def test_cgroup_v1_cfs_quota_and_the_hybrid_layout(tmp_path: Path) -> None:
+    root, membership = tmp_path / "sys", tmp_path / "cgroup"
+    write(membership, "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/docker/abc\n")
+    (root / "unified").mkdir(parents=True)  # v2 mounted beside v1, with no cpu controller in it
+    write(root / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us", "50000\n")
+    write(root / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
+    write(root / "cpu,cpuacct" / "cpu.cfs_quota_us", "-1\n")  # the root: no quota
+    write(root / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
+    assert placement.cgroup_cpu_limit(root, membership) == 0.5
+    write(root / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us", "-1\n")
+    assert placement.cgroup_cpu_limit(root, membership) is None
+
+
+def test_no_cgroup_files_mean_no_limit(tmp_path: Path) -> None:
+    assert placement.cgroup_cpu_limit(tmp_path / "none", tmp_path / "missing") is None
+    write(tmp_path / "cgroup", "garbage without colons\n0::/x\n")
+    write(tmp_path / "sys" / "cgroup.controllers", "")
+    write(tmp_path / "sys" / "x" / "cpu.max", "not numbers")
+    assert placement.cgroup_cpu_limit(tmp_path / "sys", tmp_path / "cgroup") is None
+    assert placement.cgroup_cpu_limit() is None or placement.cgroup_cpu_limit() > 0  # this machine's, read for real
 
 
 def test_cpu_lists_read_and_write_as_the_kernel_does() -> None:
@@ -68,13 +153,54 @@ def test_cpu_lists_read_and_write_as_the_kernel_does() -> None:
     assert parse_cpu_list("0-2,5") == (0, 1, 2, 5)
 
 
-def test_visible_gpus_follow_cuda_visible_devices() -> None:
+def test_visible_gpus_follow_cuda_visible_devices_as_given() -> None:
     assert visible_gpu_ids(2, None) == ["0", "1"]
     assert visible_gpu_ids(2, "3,GPU-ab") == ["3", "GPU-ab"]
+    assert visible_gpu_ids(1, "GPU-ab,GPU-cd") == ["GPU-ab"]  # the backend found one: CUDA stopped there
+    mig = "MIG-11111111-2222-3333-4444-555555555555,MIG-66666666-7777-8888-9999-000000000000"
+    assert visible_gpu_ids(1, mig) == mig.split(",")  # CUDA shows a process one MIG instance: each worker gets one
+    assert visible_gpu_ids(0, mig) == []
     assert chosen_gpu_ids("all", ["0", "1"]) == ["0", "1"]
     assert chosen_gpu_ids(1, ["0", "1"]) == ["0"]
-    with pytest.raises(ConfigError, match="study.gpus = 3: only 2 GPU"):
-        chosen_gpu_ids(3, ["0", "1"])
+    with pytest.raises(ConfigError, match=r"study.gpus = 3: only 2 GPU\(s\) visible to the Keras backend \(jax\)"):
+        chosen_gpu_ids(3, ["0", "1"], backend="jax")
+
+
+def test_uuids_and_mig_ids_go_to_the_workers_round_robin_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    given = "GPU-1111aaaa-0000-0000-0000-000000000000,MIG-66666666-7777-8888-9999-000000000000"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", given)
+    unset_for_this_test(monkeypatch, ["CUDA_DEVICE_ORDER", *Placement(0, (0,)).environment()])
+    monkeypatch.setattr(placement, "usable_cpus", lambda: (0, 1, 2))
+    monkeypatch.setattr(placement, "pin_this_process", lambda: None)
+    monkeypatch.setattr(environment, "backend_gpus_in_child", lambda: [Gpu("NVIDIA H100"), Gpu("NVIDIA H100 MIG")])
+    monkeypatch.setattr(environment, "gpu_device_nodes", lambda: True)
+    cfg = build_config({"study": {"workers": 3}})
+
+    gpu_ids = check(cfg, force=False)
+    cfg, spec = arrange(cfg, gpu_ids=gpu_ids, child_command=child_command_for_test, echo=no_echo)
+
+    assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # set before any backend loads, inherited by children
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == given.split(",")[0]  # `run` itself: worker 0
+    assert spec is not None and [p.gpu for p in spec.placements] == [given.split(",")[1], given.split(",")[0]]
+
+
+def test_gpus_expected_but_none_found_end_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    unset_for_this_test(monkeypatch, ["CUDA_DEVICE_ORDER"])
+    monkeypatch.setattr(environment, "backend_gpus_in_child", lambda: [])
+    monkeypatch.setattr(environment, "gpu_device_nodes", lambda: True)  # device files, but the backend finds none
+    monkeypatch.setattr(placement, "usable_cpus", lambda: (0, 1))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1111aaaa")
+    with pytest.raises(ConfigError, match=r"study.gpus = 1: only 0 GPU\(s\) visible .*'GPU-1111aaaa'"):
+        check(build_config({"study": {"workers": 2, "gpus": 1}}), force=False)
+    assert check(build_config({"study": {"workers": 2}}), force=False) == []  # "all" of none: the CPU, said so
+    assert check(build_config({"study": {"workers": 2, "gpus": 0}}), force=False) == []
+    monkeypatch.setattr(environment, "gpus", lambda: [])
+    with pytest.raises(ConfigError, match=r"study.gpus = 2: only 0 GPU\(s\) visible"):
+        check_gpus_found(build_config({"study": {"gpus": 2}}), as_worker=True)
+    monkeypatch.setattr(environment, "gpus", lambda: [Gpu("NVIDIA H100")])
+    check_gpus_found(build_config({"study": {"gpus": 2}}), as_worker=True)  # a worker's share: one GPU
+    with pytest.raises(ConfigError, match=r"study.gpus = 2: only 1 GPU\(s\) visible"):
+        check_gpus_found(build_config({"study": {"gpus": 2}}), as_worker=False)
 
 
 def test_more_workers_than_cores_needs_force() -> None:
@@ -83,18 +209,17 @@ def test_more_workers_than_cores_needs_force() -> None:
     check_worker_count(3, cpus=(0, 1), force=True)
 
 
-def test_tpe_lies_about_running_trials_only_with_several_workers() -> None:
-    one = make_sampler(build_config({}).study, seed_offset=0)
-    two = make_sampler(build_config({"study": {"workers": 2}}).study, seed_offset=0)
-
-    assert not one._constant_liar  # type: ignore[attr-defined]
-    assert two._constant_liar  # type: ignore[attr-defined]
+def test_the_sampler_lies_as_the_policy_says() -> None:
+    study = build_config({}).study
+    assert make_sampler(study, seed_offset=0, constant_liar=True)._constant_liar  # type: ignore[attr-defined]
+    assert not make_sampler(study, seed_offset=0, constant_liar=False)._constant_liar  # type: ignore[attr-defined]
 
 
 def test_one_worker_is_todays_run_and_gpus_0_still_hides_the_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    unset_for_this_test(monkeypatch, ["CUDA_VISIBLE_DEVICES", "MNIST_SWEEP_CPUS"])
+    unset_for_this_test(monkeypatch, ["CUDA_VISIBLE_DEVICES", "MNIST_SWEEP_CPUS", "CUDA_DEVICE_ORDER"])
 
-    cfg, spec = arrange(build_config({}), gpu_ids=[], child_command=child_command_for_test, echo=no_echo)
+    gpu_ids = check(build_config({}), force=False)  # asks no backend and no nvidia-smi
+    cfg, spec = arrange(build_config({}), gpu_ids=gpu_ids, child_command=child_command_for_test, echo=no_echo)
     assert spec is None and "CUDA_VISIBLE_DEVICES" not in os.environ and cfg.study.workers == 1
 
     cfg, spec = arrange(
@@ -104,7 +229,7 @@ def test_one_worker_is_todays_run_and_gpus_0_still_hides_the_gpus(monkeypatch: p
 
 
 def test_run_keeps_the_first_share_and_its_workers_get_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
-    unset_for_this_test(monkeypatch, Placement(0, (0,)).environment())
+    unset_for_this_test(monkeypatch, [*Placement(0, (0,)).environment(), "CUDA_VISIBLE_DEVICES"])
     pinned: list[str] = []
     monkeypatch.setattr(placement, "pin_this_process", lambda: pinned.append(os.environ["MNIST_SWEEP_CPUS"]))
     monkeypatch.setattr(placement, "usable_cpus", lambda: (0, 1, 2, 3))
@@ -291,3 +416,78 @@ def test_a_signal_to_run_stops_its_workers_and_fails_every_running_trial(
     failed = {t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL}
     assert {int(r.data.tags["optuna.trial_number"]) for r in killed} <= failed
     assert "test_result" not in study.user_attrs
+
+
+# --------------------------------------------------------------------------- GPUs: the backend decides
+
+
+FAKE_SMI = """#!/bin/sh
+# nvidia-smi on a machine whose backend finds no GPU (no driver for it, a CPU-only wheel): it lists two.
+echo "0, GPU-1111aaaa-0000-0000-0000-000000000000, NVIDIA H200, 143771"
+echo "1, GPU-2222bbbb-0000-0000-0000-000000000000, NVIDIA H200, 143771"
+"""
+
+
+def fake_nvidia_smi(folder: Path) -> dict[str, str]:
+    """PATH with an nvidia-smi that lists two GPUs the backend cannot use."""
+    bin_dir = folder / "fake-bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(FAKE_SMI)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize(
+    ("command", "flags"),
+    [("run", ["--workers", "2", "--force"]), ("run", []), ("worker", [])],
+    ids=["run --workers 2", "run (its own backend)", "worker (its own backend)"],
+)
+def test_gpus_expected_but_not_found_by_the_backend_exit_2_though_nvidia_smi_lists_them(
+    command: str, flags: list[str], run_cli: CliRunner, tmp_path: Path
+) -> None:
+    env = {**fake_nvidia_smi(tmp_path), "CUDA_VISIBLE_DEVICES": "GPU-1111aaaa-0000-0000-0000-000000000000"}
+    before = created_files(tmp_path)
+
+    result = run_cli(command, str(DEFAULT_SWEEP), *small_sweep_args("--set", "study.gpus=1"), *flags, env=env)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("mnist-sweep: study.gpus = 1: only 0 GPU(s) visible to the Keras backend"), line
+    assert "GPU-1111aaaa-0000-0000-0000-000000000000" in line
+    assert created_files(tmp_path) == before  # nothing written: not even the study
+    assert "trial" not in result.stdout
+
+
+def test_children_get_their_gpu_as_given_and_the_pci_bus_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    unset_for_this_test(monkeypatch, ["CUDA_DEVICE_ORDER"])
+    monkeypatch.setattr(environment, "backend_gpus_in_child", lambda: [Gpu("NVIDIA A100 MIG 1g.10gb")])
+    monkeypatch.setattr(environment, "gpu_device_nodes", lambda: True)
+    mig = "MIG-11111111-2222-3333-4444-555555555555,MIG-66666666-7777-8888-9999-000000000000"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", mig)
+    gpu_ids = check(build_config({"study": {"workers": 2}}), force=True)
+    show = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['CUDA_DEVICE_ORDER'])"
+    spec = LocalWorkers((sys.executable, "-c", show), tuple(plan(2, cpus=[0], gpu_ids=gpu_ids or ())[1:]))
+    lines: list[str] = []
+
+    children = Children(spec, echo=lambda line, final=False: lines.append(line))
+    children.wait()
+
+    assert lines == [f"[worker 1] {mig.split(',')[1]} PCI_BUS_ID"]
+
+
+@pytest.mark.slow
+def test_the_backend_probe_answers_in_a_child_and_loads_no_backend_here() -> None:
+    import subprocess
+
+    probe = (
+        "import sys; from mnist_sweep import environment as e; print(e.backend_gpus_in_child(), 'keras' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "False"]  # no GPU here; and the asking process imported no Keras
