@@ -57,6 +57,7 @@ def default_trial_epochs(split: Any, *, batch_size: int, epochs: int) -> tuple[l
         lr_schedule=train.lr_schedule,
         steps_per_execution=train.steps_per_execution,
         precision=train.precision,
+        loop=train.loop,
     )
     seconds: list[float] = []
     accuracy: list[float] = []

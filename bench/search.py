@@ -11,6 +11,17 @@ with --trials, --epochs or --set: bench/search-reduced.html, results in bench/se
     python bench/search.py --only 5 --only 6 --only 7   # 1 worker, 2 workers, --workers auto (same seed)
     python bench/search.py --trials 13 --epochs 9 --set data.train_limit=10000   # every variant, reduced
     python bench/search.py --trials 4 --epochs 2 --set data.train_limit=2000     # smoke
+
+Issue 21's benchmark: today's default, the new default (NEW_DEFAULT, or --new KEY=VALUE ...) and the peer
+(bench/peer_hyperband.py, the plain kt.Hyperband script) at each seed, interleaved, in one invocation:
+
+    python bench/search.py --seeds 42 7 1                 # ~1.5 h per seed on 2 idle cores
+    python bench/search.py --seeds 42 --trials 3 --epochs 1 --set data.train_limit=1000   # smoke
+
+Per variant and seed: wall (the whole process, start-up and the test score included), epochs, epoch-seconds
+(the seconds inside fit over every trial, pruned ones included), best val, test (scored once), and the sweep's
+cost ÷ the winner's own fit (the seconds spent in trials, over the chosen trial's own fit seconds); then the
+medians per variant against the issue's targets.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, data_dir, record, table
+from _common import REPO, data_dir, median, python_path, record, table
 
 SAVED = REPO / "bench" / "search_runs"
 KERAS_TUNER = ["--set", "study.engine='keras-tuner'", "--set", "study.pruner='none'"]
@@ -55,9 +66,104 @@ VARIANTS = {
 }
 
 
+# Issue 21: the new default, to be chosen on validation only (never on test accuracy); a placeholder until then.
+NEW_DEFAULT = ["train.loop='compiled'"]
+TODAY, NEW, PEER = "today's default", "new default", "peer (kt.Hyperband script)"
+SEED_SLUGS = {TODAY: "today", NEW: "new", PEER: "peer"}  # file names of the saved runs
+
+
+def run_peer(overrides: list[str], seed: int, workdir: Path) -> dict[str, Any]:
+    """bench/peer_hyperband.py in its own process, as a user runs it; wall from outside, as a sweep's."""
+    workdir.mkdir()
+    saved = workdir / "peer.json"
+    command = [sys.executable, str(REPO / "bench" / "peer_hyperband.py"), "--seed", str(seed), "--json", str(saved)]
+    for assignment in overrides:
+        command += ["--set", assignment]
+    env = {**os.environ, "PYTHONPATH": python_path(), "MNIST_SWEEP_DATA": data_dir()}
+    started = time.perf_counter()
+    subprocess.run(command, cwd=workdir, env=env, check=True, stdout=sys.stderr)
+    return {**json.loads(saved.read_text()), "wall": time.perf_counter() - started}
+
+
+def compare_seeds(seeds: list[int], overrides: list[str], new_default: list[str]) -> None:
+    """Today's default, the new default and the peer at each seed, interleaved so a load change hits all three."""
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    saved = SAVED / "seeds"
+    saved.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in seeds:
+            for name in (TODAY, NEW, PEER):
+                workdir = Path(folder) / f"{SEED_SLUGS[name]}-{seed}"
+                if name == PEER:
+                    result = run_peer(overrides, seed, workdir)
+                else:
+                    extra = new_default if name == NEW else []
+                    result = run_sweep([], [*overrides, f"study.seed={seed}", *extra], workdir)
+                result.update(name=name, seed=seed, backend=backend, overrides=overrides, new_default=new_default)
+                (saved / f"{workdir.name}-{backend}.json").write_text(json.dumps(result, indent=1))
+                results.append(result)
+    record(
+        f"bench/search --seeds {' '.join(map(str, seeds))} ({backend})", seeds_report(results, overrides, new_default)
+    )
+
+
+def seeds_report(results: list[dict[str, Any]], overrides: list[str], new_default: list[str]) -> str:
+    """The per-seed rows, the medians per variant, and the issue's targets checked on the medians."""
+
+    def cost(r: dict[str, Any]) -> float:
+        return float(r["trial_seconds"]) / max(float(r["winner_fit_seconds"]), 1e-9)
+
+    header = ["variant", "seed", "wall min", "epochs", "epoch-s", "best val", "test (once)", "cost ÷ winner fit"]
+    rows: list[list[object]] = [
+        [r["name"], r["seed"], r["wall"] / 60, r["epochs"], r["epoch_seconds"], r["best_val"], r["test"], cost(r)]
+        for r in results
+    ]
+    medians: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(r["name"] for r in results):
+        mine = [r for r in results if r["name"] == name]
+        medians[name] = {
+            key: median([float(r[key]) for r in mine])
+            for key in ("wall", "epochs", "epoch_seconds", "best_val", "test")
+        }
+        medians[name]["cost"] = median([cost(r) for r in mine])
+        # The fixed costs: per trial, what is not fit (sampling, build, compile outside fit, tracking); per sweep,
+        # what is not trials (start-up, data, the test score, the report).
+        medians[name]["per_trial"] = median([(r["trial_seconds"] - r["epoch_seconds"]) / r["trials"] for r in mine])
+        medians[name]["per_sweep"] = median([r["wall"] - r["trial_seconds"] for r in mine])
+    median_rows: list[list[object]] = [
+        [name, "median", m["wall"] / 60, m["epochs"], m["epoch_seconds"], m["best_val"], m["test"], m["cost"]]
+        for name, m in medians.items()
+    ]
+    body = table(header, rows) + "\n\n" + table(header, median_rows)
+    today, new, peer = medians.get(TODAY), medians.get(NEW), medians.get(PEER)
+    if today and new and peer:
+        body += (
+            f"\n\nTargets (medians): new default's wall {new['wall'] / peer['wall']:.2f}x the peer's (≤ 0.6); "
+            f"best val {100 * (new['best_val'] - today['best_val']):+.2f} points and test "
+            f"{100 * (new['test'] - today['test']):+.2f} points against today's default (≥ -0.10); "
+            f"sweep cost {new['cost']:.1f}x its winner's own fit (≤ 8)."
+        )
+    body += "\n\nFixed costs (medians): " + "; ".join(
+        f"{name}: {m['per_trial']:.2f} s per trial outside its fit, {m['per_sweep']:.1f} s per sweep outside its trials"
+        for name, m in medians.items()
+    )
+    body += f".\n\nNew default: {new_default}. Overrides: {overrides or 'none'}."
+    return body
+
+
 def run_variant(name: str, extra: list[str], overrides: list[str], folder: Path) -> dict[str, Any]:
     """One sweep through the real CLI in its own folder; returns what the study recorded."""
-    workdir = folder / slug(name)
+    result = {"name": name, **run_sweep(extra, overrides, folder / slug(name))}
+    result["threads"] = os.environ.get("TF_NUM_INTRAOP_THREADS", "default")
+    result["overrides"] = overrides
+    SAVED.mkdir(parents=True, exist_ok=True)
+    (SAVED / f"{slug(name)}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_sweep(extra: list[str], overrides: list[str], workdir: Path) -> dict[str, Any]:
+    """`mnist-sweep run` on the default sweep file in `workdir`: its wall time and what the study recorded."""
     workdir.mkdir()
     command = [sys.executable, "-m", "mnist_sweep", "run", str(REPO / "sweeps" / "fcn.toml"), *extra]
     for assignment in overrides:
@@ -65,13 +171,7 @@ def run_variant(name: str, extra: list[str], overrides: list[str], folder: Path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "MNIST_SWEEP_DATA": data_dir()}
     started = time.perf_counter()
     subprocess.run(command, cwd=workdir, env=env, check=True, stdout=sys.stderr)
-    wall = time.perf_counter() - started
-    result = {"name": name, "wall": wall, **read_study(workdir)}
-    result["threads"] = os.environ.get("TF_NUM_INTRAOP_THREADS", "default")
-    result["overrides"] = overrides
-    SAVED.mkdir(parents=True, exist_ok=True)
-    (SAVED / f"{slug(name)}.json").write_text(json.dumps(result, indent=1))
-    return result
+    return {"wall": time.perf_counter() - started, **read_study(workdir)}
 
 
 def slug(name: str) -> str:
@@ -92,7 +192,7 @@ def saved_results(skip: set[str]) -> list[dict[str, Any]]:
 def read_study(workdir: Path) -> dict[str, Any]:
     import optuna
 
-    from mnist_sweep.records import TEST_RESULT_ATTR, TestResult
+    from mnist_sweep.records import FIT_SECONDS_ATTR, TEST_RESULT_ATTR, TestResult
 
     storage = f"sqlite:///{workdir / 'mlruns' / 'optuna.db'}"
     (summary,) = [s for s in optuna.get_all_study_summaries(storage) if not s.study_name.endswith(".test-seal")]
@@ -112,7 +212,12 @@ def read_study(workdir: Path) -> dict[str, Any]:
             curve_time.append(((trial.datetime_complete - started).total_seconds(), best))
     result = TestResult.from_dict(study.user_attrs[TEST_RESULT_ATTR])
     chosen = next(t for t in study.trials if t.number == result.trial_number)
+    ended = [t for t in trials if t.datetime_start and t.datetime_complete]
     return {
+        # Complete and pruned trials record their fit seconds; a failed trial's are missing (counted in trial_seconds).
+        "epoch_seconds": sum(float(t.user_attrs.get(FIT_SECONDS_ATTR, 0.0)) for t in trials),
+        "trial_seconds": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in ended),  # type: ignore[operator]
+        "winner_fit_seconds": float(chosen.user_attrs[FIT_SECONDS_ATTR]),
         "chosen_trial": {"number": chosen.number, "params": chosen.params, "value": chosen.value},
         "states": {state: sum(t.state.name == state for t in study.trials) for state in ("COMPLETE", "PRUNED", "FAIL")},
         "epochs": epochs,
@@ -171,12 +276,17 @@ def main() -> None:
         help="run only these variants (" + ", ".join(f"{index} {name}" for index, name in enumerate(VARIANTS)) + ")",
     )
     parser.add_argument("--replot", action="store_true", help="only redraw bench/search.html from bench/search_runs/")
+    parser.add_argument("--seeds", type=int, nargs="+", help="issue 21: today's default, the new default, the peer")
+    parser.add_argument("--new", action="append", metavar="KEY=VALUE", help=f"the new default (default {NEW_DEFAULT})")
     args = parser.parse_args()
     args.overrides += [f"study.trials={args.trials}"] if args.trials else []
     args.overrides += [f"train.epochs={args.epochs}"] if args.epochs else []
     global SAVED  # a reduced budget keeps its results apart: the full benchmark's stay as measured
     SAVED = SAVED / "reduced" if args.overrides else SAVED
     plot_path = REPO / "bench" / ("search-reduced.html" if args.overrides else "search.html")
+    if args.seeds:
+        compare_seeds(args.seeds, args.overrides, args.new or NEW_DEFAULT)
+        return
     if args.replot:
         plot(saved_results(skip=set()), plot_path)
         return

@@ -66,12 +66,18 @@ _PASSWORD_IN_DATABASE_URI = re.compile(
     r".*?@(?=[^@\s'\"]*(?:[\s'\"]|$))"
 )
 _PASSWORD_IN_WEB_URI = re.compile(_SCHEME_START + r"(?P<head>(?i:https?)://" + _USER + r")[^/@\s'\"]*@")
+# ...?password=pw&...: SQLAlchemy hands a URL's query to the driver, and libpq, psycopg and PyMySQL all take the
+# password there too (password, passwd; PGPASSWORD-style 'pass' is not a key they read). Up to '&', '#', a space
+# or a quote; a '@' after it is no end, as a password may hold one.
+_PASSWORD_IN_QUERY = re.compile(r"(?P<head>://[^\s'\"?]*\?(?:[^\s'\"#]*?&)?(?i:password|passwd)=)[^&#\s'\"]*")
 
 
 def mask_password(text: str) -> str:
-    """Every `scheme://user:password@` in `text` shown as `scheme://user:***@`: for every line and file we write."""
+    """Every `scheme://user:password@` in `text` shown as `scheme://user:***@`, and every `?password=pw` in a
+    URI's query as `?password=***`: for every line and file we write."""
     masked = _PASSWORD_IN_DATABASE_URI.sub(r"\g<head>***@", text)
-    return _PASSWORD_IN_WEB_URI.sub(r"\g<head>***@", masked)
+    masked = _PASSWORD_IN_WEB_URI.sub(r"\g<head>***@", masked)
+    return _PASSWORD_IN_QUERY.sub(r"\g<head>***", masked)
 
 
 def metric_maximizes(metric: str) -> bool:
@@ -403,6 +409,10 @@ class TrainConfig(_Section):
     # softmax. Faster at large batches, slower at batch 32 (bench/epoch.py, see bench/RESULTS.md); not yet
     # measured over a whole sweep, so float32 stays the default.
     precision: Literal["float32", "mixed_bfloat16"] = "float32"
+    # "compiled": under TensorFlow the training split is one device-resident tensor and each epoch one XLA loop
+    # (mnist_sweep/compiled_loop.py); under JAX or torch Keras' fit runs. Same metrics, hooks and schedule either
+    # way. "fit" until a whole sweep is measured with it over seeds (bench/search.py --seeds).
+    loop: Literal["fit", "compiled"] = "fit"
     # Per-trial TensorBoard event files (loss, accuracy, learning rate per epoch), uploaded to the trial's
     # run as `tensorboard/`. Needs the optional `tensorboard` package.
     tensorboard: bool = False

@@ -345,7 +345,7 @@ def _download_keras_npz() -> str:
 
     folder = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "datasets"
     target = folder / "mnist.npz"
-    if target.is_file() and _sha256(target) == KERAS_MNIST_SHA256:
+    if target.is_file() and file_sha256(target) == KERAS_MNIST_SHA256:
         return str(target)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".mnist.npz.", delete=False) as partial:
@@ -357,14 +357,15 @@ def _download_keras_npz() -> str:
             Path(partial.name).unlink(missing_ok=True)
             detail = f"no data.path or ${DATA_ENV}, and the download of {KERAS_MNIST_URL} failed: {exc}"
             raise DataError(detail) from None
-    if _sha256(Path(partial.name)) != KERAS_MNIST_SHA256:
+    if file_sha256(Path(partial.name)) != KERAS_MNIST_SHA256:
         Path(partial.name).unlink(missing_ok=True)
         raise DataError(f"the download of {KERAS_MNIST_URL} does not match its sha256; try again")
     os.replace(partial.name, target)  # atomic: a concurrent worker sees the whole file or none
     return str(target)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(1 << 20):

@@ -9,10 +9,12 @@ result names the finished trials the chosen one was ranked among, so a trial tha
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
 import tempfile
-from collections.abc import Callable, Collection, Sequence
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,13 +23,15 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_sweep import interrupt
+from mnist_sweep import interrupt, processes
 from mnist_sweep.config import SEAL_SUFFIX, metric_maximizes
-from mnist_sweep.data import DataSource, Images, Labels, load_test_split
+from mnist_sweep.data import DataSource, Images, Labels, file_sha256, load_test_split
 from mnist_sweep.environment import environment
 from mnist_sweep.errors import FinalizeError, first_line
 from mnist_sweep.metrics import ClassificationReport, classification_report, confusion_matrix, wilson_interval
+from mnist_sweep.processes import ProcessId, this_process
 from mnist_sweep.records import (
+    CLAIM_HEARTBEAT_ATTR,
     CLAIMED_AT_ATTR,
     CLAIMED_BY_ATTR,
     EPOCHS_TRAINED_ATTR,
@@ -41,15 +45,16 @@ from mnist_sweep.records import (
     VAL_LOSS_ATTR,
     TestResult,
 )
-from mnist_sweep.tracking import Tracker, global_tracking_uri, process_ended
+from mnist_sweep.tracking import MODEL_FILE, Tracker, global_tracking_uri
 
 if TYPE_CHECKING:
     import keras
 
 RESULT_WAIT_SECONDS = 600.0
 POLL_SECONDS = 1.0
-# What Tracker.log_model writes: MLflow's keras flavor, Keras' own .keras zip, never a TF SavedModel.
-MODEL_FILE = Path("data") / "model.keras"
+# The claimant of the test set beats this often while it scores; a claim whose beat is older is taken over.
+CLAIM_HEARTBEAT_SECONDS = 5.0
+CLAIM_STALE_SECONDS = 60.0
 
 
 def seal_name(study_name: str) -> str:
@@ -122,10 +127,11 @@ def artifacts_stored(tracker: Tracker, trial: FrozenTrial) -> bool:
     return interrupt.poll(status, every=POLL_SECONDS) == "FINISHED"
 
 
-def load_scored_model(model_uri: str, *, tracking_uri: str) -> keras.Model:
+def load_scored_model(model_uri: str, *, tracking_uri: str, sha256: str | None = None) -> keras.Model:
     """The logged model, if it is in the one format this tool writes, loaded with Keras' safe mode.
 
-    A `.keras` file with a Lambda layer (code) is refused by safe mode; an MLmodel saying
+    With `sha256` (recorded when the model was logged), a model file changed since is refused before Keras reads
+    it. A `.keras` file with a Lambda layer (code) is refused by safe mode; an MLmodel saying
     `save_exported_model: true` would be a TensorFlow SavedModel, which has no safe mode: refused too.
     """
     import keras
@@ -148,6 +154,12 @@ def load_scored_model(model_uri: str, *, tracking_uri: str) -> keras.Model:
                 f"model {model_uri}: not a model this tool wrote (MLflow keras flavor with {MODEL_FILE}, "
                 f"save_exported_model: false); refusing to load it"
             )
+        found = file_sha256(local / MODEL_FILE)
+        if sha256 is not None and found != sha256:
+            raise FinalizeError(
+                f"model {model_uri}: {MODEL_FILE} has changed since it was logged (sha256 {found[:16]}, "
+                f"recorded {sha256[:16]}); refusing to score it, the test set is not used"
+            )
         try:
             return keras.saving.load_model(local / MODEL_FILE, compile=False, safe_mode=True)
         except Exception as exc:
@@ -157,63 +169,131 @@ def load_scored_model(model_uri: str, *, tracking_uri: str) -> keras.Model:
 def _claim(
     storage: optuna.storages.BaseStorage, study_name: str, *, reclaim: bool, echo: Callable[[str], None]
 ) -> bool:
-    if seal_claimed(storage, study_name):
-        dead = _dead_local_claimant(storage, study_name)
-        if dead is not None:
-            echo(f"the test set was claimed by {dead}, a process that no longer runs on this host; taking over")
-        if reclaim or dead is not None:
-            optuna.delete_study(study_name=seal_name(study_name), storage=storage)
+    """Take the test set for this process: True if it did; False while another process holds a live claim."""
+    holder = _claim_holder(storage, study_name)
+    if holder is not None:
+        _release_if_abandoned(storage, holder, echo, waited=0.0, reclaim=reclaim)
     try:
         seal = optuna.create_study(study_name=seal_name(study_name), storage=storage)
     except optuna.exceptions.DuplicatedStudyError:
         return False
-    seal.set_user_attr(CLAIMED_BY_ATTR, _this_process())
+    # The heartbeat first: a claim seen without one is being written (or its claimant died right then).
+    seal.set_user_attr(CLAIM_HEARTBEAT_ATTR, _now())
+    seal.set_user_attr(CLAIMED_BY_ATTR, this_process().encode())
     seal.set_user_attr(CLAIMED_AT_ATTR, _now())
     return True
 
 
-def _this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _dead_local_claimant(storage: optuna.storages.BaseStorage, study_name: str) -> str | None:
-    """The claim's `host:pid` when that is a process of this host that has ended, else None."""
+def _claim_holder(storage: optuna.storages.BaseStorage, study_name: str) -> tuple[int, dict[str, object]] | None:
+    """(the seal's study id, its attributes) while the test set is claimed, else None."""
     try:
-        claimed_by = str(
-            optuna.load_study(study_name=seal_name(study_name), storage=storage).user_attrs[CLAIMED_BY_ATTR]
-        )
-    except KeyError:  # the seal is gone, or its claimant has not written its name yet
+        study_id = storage.get_study_id_from_name(seal_name(study_name))
+        return study_id, dict(storage.get_study_user_attrs(study_id))
+    except KeyError:  # no claim, or it was deleted a moment ago
         return None
-    return claimed_by if process_ended(claimed_by) else None
+
+
+def _abandoned(attrs: dict[str, object], *, waited: float) -> str | None:
+    """Who left the claim described by `attrs` and how it shows, or None while its claimant may be scoring.
+
+    Taken over only when its claimant has provably ended (processes.ended: this host and PID namespace) or its
+    heartbeat is older than CLAIM_STALE_SECONDS; a `host:pid` that merely does not run here proves nothing.
+    """
+    claimant = ProcessId.decode(str(attrs.get(CLAIMED_BY_ATTR, "")))
+    label = claimant.label if claimant is not None else "a process that never wrote its name"
+    if claimant is not None and processes.ended(claimant):
+        return f"{label}, a process that no longer runs on this host"
+    beat = _moment(attrs.get(CLAIM_HEARTBEAT_ATTR) or attrs.get(CLAIMED_AT_ATTR))  # older claims: claimed_at
+    if beat is None:  # judged by how long this process has watched it stay so
+        return f"{label}, which never completed its claim" if waited > CLAIM_STALE_SECONDS else None
+    # Wall clocks of two hosts compared, as Optuna's trial heartbeats are: they are assumed to agree within seconds.
+    age = (datetime.now(timezone.utc) - beat).total_seconds()
+    return f"{label}, whose heartbeat stopped at {_iso(beat)}" if age > CLAIM_STALE_SECONDS else None
+
+
+def _moment(value: object) -> datetime | None:
+    """An ISO time with its zone, as _now writes it; None for anything else."""
+    try:
+        moment = datetime.fromisoformat(str(value)) if value else None
+    except ValueError:
+        return None
+    return moment if moment is not None and moment.tzinfo is not None else None
+
+
+def _release_if_abandoned(
+    storage: optuna.storages.BaseStorage,
+    holder: tuple[int, dict[str, object]],
+    echo: Callable[[str], None],
+    *,
+    waited: float,
+    reclaim: bool = False,
+) -> bool:
+    """Delete the claim `holder` if it is abandoned (or `reclaim`); True if it is gone."""
+    study_id, attrs = holder
+    why = None if reclaim else _abandoned(attrs, waited=waited)
+    if not reclaim and why is None:
+        return False
+    if why is not None:
+        echo(f"the test set was claimed by {why}; taking over")
+    # By its id: only the claim judged here, never one another process has made since (ids are not reused).
+    with contextlib.suppress(KeyError):
+        storage.delete_study(study_id)
+    return True
+
+
+@contextlib.contextmanager
+def _claim_heartbeat(storage: optuna.storages.BaseStorage, study_name: str) -> Iterator[None]:
+    """While within, the claimant's heartbeat on the seal every CLAIM_HEARTBEAT_SECONDS: a live claim."""
+    holder = _claim_holder(storage, study_name)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while holder is not None and not stop.wait(CLAIM_HEARTBEAT_SECONDS):
+            with contextlib.suppress(Exception):  # a store that is busy now: the next beat is in time
+                storage.set_study_user_attr(holder[0], CLAIM_HEARTBEAT_ATTR, _now())
+
+    thread = threading.Thread(target=beat, name="mnist-sweep-claim-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return _iso(datetime.now(timezone.utc))
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds")
 
 
 def _wait_for_result(
     study: optuna.Study, storage: optuna.storages.BaseStorage, echo: Callable[[str], None]
 ) -> TestResult | None:
-    """The result the claimant records; None if it died (on this host) first, so the claim can be taken over."""
+    """The result the claimant records; None once its claim was abandoned and is released, to be taken over."""
     echo("another process is scoring the test set; waiting for its result")
-    waited = interrupt.poll(lambda: _result_or_dead(study, storage), every=POLL_SECONDS, timeout=RESULT_WAIT_SECONDS)
+    started = time.monotonic()
+
+    def result_or_released() -> tuple[TestResult | None] | None:
+        result = recorded_result(optuna.load_study(study_name=study.study_name, storage=storage))
+        if result is not None:
+            return (result,)
+        holder = _claim_holder(storage, study.study_name)
+        if holder is None or _release_if_abandoned(storage, holder, echo, waited=time.monotonic() - started):
+            return (None,)
+        return None
+
+    waited = interrupt.poll(result_or_released, every=POLL_SECONDS, timeout=RESULT_WAIT_SECONDS)
     if waited is not None:
         return waited[0]
-    seal = optuna.load_study(study_name=seal_name(study.study_name), storage=storage)
+    attrs = optuna.load_study(study_name=seal_name(study.study_name), storage=storage).user_attrs
+    claimant = ProcessId.decode(str(attrs.get(CLAIMED_BY_ATTR, "")))
     raise FinalizeError(
-        f"the test set was claimed by {seal.user_attrs.get(CLAIMED_BY_ATTR)} at {seal.user_attrs.get(CLAIMED_AT_ATTR)} "
+        f"the test set was claimed by {claimant.label if claimant else None} at {attrs.get(CLAIMED_AT_ATTR)} "
         "but no result was recorded; if that process died, run `mnist-sweep finalize SWEEP --reclaim`"
     )
-
-
-def _result_or_dead(study: optuna.Study, storage: optuna.storages.BaseStorage) -> tuple[TestResult | None] | None:
-    """(the result,) once recorded; (None,) if the claimant died on this host first; None while it may come."""
-    result = recorded_result(optuna.load_study(study_name=study.study_name, storage=storage))
-    if result is not None:
-        return (result,)
-    if _dead_local_claimant(storage, study.study_name) is not None:
-        return (None,)
-    return None
 
 
 def score_test_set(
@@ -234,24 +314,28 @@ def score_test_set(
     counted = finished_trials(study)  # what the choice is made among, recorded with the result
     chosen = choose_trial(study, metric, stored=lambda trial: artifacts_stored(tracker, trial), counted=counted)
     # Load before claiming, so a corrupt test file or a missing model leaves the seal unclaimed.
-    model = load_scored_model(chosen.user_attrs[MODEL_URI_KEY], tracking_uri=tracker.uri)
+    sha256 = tracker.model_sha256(str(chosen.user_attrs.get(RUN_ID_ATTR, "")))
+    if sha256 is None:
+        echo(f"trial {chosen.number}'s run records no checksum of its model (logged before they were): not checked")
+    model = load_scored_model(chosen.user_attrs[MODEL_URI_KEY], tracking_uri=tracker.uri, sha256=sha256)
     x_test, y_test = load_test_split(source)
     while not _claim(storage, study.study_name, reclaim=reclaim, echo=echo):
         reclaim = False  # only ever the claim found at the start: never one made since by a live process
         waited = _wait_for_result(study, storage, echo)
         if waited is not None:
             return waited, False
-    test_loss, report = _evaluate(model, x_test, y_test)
-    result = _test_result(
-        study.study_name,
-        chosen,
-        metric=metric,
-        test_loss=test_loss,
-        report=report,
-        images=len(y_test),
-        counted=counted,
-    )
-    _record(study, tracker, parent_run_id, result, report)
+    with _claim_heartbeat(storage, study.study_name):
+        test_loss, report = _evaluate(model, x_test, y_test)
+        result = _test_result(
+            study.study_name,
+            chosen,
+            metric=metric,
+            test_loss=test_loss,
+            report=report,
+            images=len(y_test),
+            counted=counted,
+        )
+        _record(study, tracker, parent_run_id, result, report)
     return result, True
 
 
@@ -293,7 +377,7 @@ def _test_result(
         test_confusion_matrix=tuple(tuple(row) for row in report.matrix.tolist()),
         test_per_class=tuple(report.per_class_rows()),
         scored_at=_now(),
-        scored_by=_this_process(),
+        scored_by=this_process().label,
         environment=environment(),
         counted_trials=counted,
     )

@@ -40,6 +40,7 @@ from mnist_sweep.records import (
     MODEL_URI_KEY,
 )
 from mnist_sweep.space import searched_names, to_keras_tuner
+from mnist_sweep.workarounds import first_values_oracle, set_oracle_project_dir, set_trial_user_attr
 
 if TYPE_CHECKING:
     import keras_tuner
@@ -147,32 +148,16 @@ def make_oracle(cfg: SweepConfig, *, first_values: list[dict[str, Any]] | None =
     oracles = keras_tuner.oracles
     if cfg.study.sampler == "hyperband":
         # hyperband_iterations=None: brackets go on until study.trials are done.
-        oracle = _first_values_oracle(oracles.HyperbandOracle)(
+        oracle = first_values_oracle(oracles.HyperbandOracle)(
             max_epochs=cfg.train.epochs, factor=cfg.study.hyperband_factor, hyperband_iterations=None, **common
         )
     elif cfg.study.sampler == "bayesian":
-        oracle = _first_values_oracle(oracles.BayesianOptimizationOracle)(max_trials=None, **common)
+        oracle = first_values_oracle(oracles.BayesianOptimizationOracle)(max_trials=None, **common)
     else:
-        oracle = _first_values_oracle(oracles.RandomSearchOracle)(max_trials=None, **common)
+        oracle = first_values_oracle(oracles.RandomSearchOracle)(max_trials=None, **common)
     oracle.first_values = list(first_values or [])
     oracle.verbose = 0  # its own trial tables on stdout: our trial lines say it
     return oracle
-
-
-def _first_values_oracle(base: type) -> type:
-    """`base` whose random draws start with `first_values`: every oracle draws its unguided trials there."""
-
-    class FirstValuesOracle(base):  # type: ignore[misc, valid-type]
-        first_values: list[dict[str, Any]]
-
-        def _random_values(self) -> dict[str, Any] | None:
-            drawn: dict[str, Any] | None = super()._random_values()
-            if self.first_values:  # keys the first values leave out are drawn
-                return {**(drawn or {}), **self.first_values.pop(0)}
-            return drawn
-
-    FirstValuesOracle.__name__ = base.__name__
-    return FirstValuesOracle
 
 
 class OracleSampler(optuna.samplers.BaseSampler):
@@ -195,7 +180,7 @@ class OracleSampler(optuna.samplers.BaseSampler):
         self._lock = _lock(self.directory / LOCK_FILE, study=cfg.study.name)
         self.oracle = make_oracle(cfg)
         # keras-tuner's tuners set this; its save() and reload() use the folder (name, project).
-        self.oracle._set_project_dir(str(self.directory.parent), self.directory.name)
+        set_oracle_project_dir(self.oracle, str(self.directory.parent), self.directory.name)
         if (self.directory / ORACLE_STATE).is_file():
             self.oracle.reload()
             _check_reloaded(self.oracle, cfg)
@@ -223,7 +208,7 @@ class OracleSampler(optuna.samplers.BaseSampler):
         if len(self.oracle.first_values) < first_values_left or self._asked_before_with_first_attrs(study, attrs):
             attrs.update(self.first_attrs)
         for key, value in attrs.items():  # as Optuna's own samplers record their state on a trial
-            study._storage.set_trial_user_attr(trial._trial_id, key, value)
+            set_trial_user_attr(study, trial, key, value)
 
     def _asked_before_with_first_attrs(self, study: optuna.Study, attrs: Mapping[str, Any]) -> bool:
         """Whether an earlier trial ran this oracle trial as one of the first values (a restart asks it again)."""

@@ -14,12 +14,12 @@ import ctypes
 import math
 import os
 import signal
-import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_sweep.errors import ConfigError
+from mnist_sweep.processes import this_process
 
 # Set by `run` in each local worker's environment (and in its own): read by `pin_this_process`.
 WORKER_VAR = "MNIST_SWEEP_WORKER"
@@ -29,6 +29,7 @@ PARENT_VAR = "MNIST_SWEEP_PARENT_PID"
 # and how many threads its thread pools were given.
 WORKER_TAG, WORKER_INDEX_TAG, CPUS_TAG, GPU_TAG = "worker", "worker.index", "worker.cpus", "worker.gpu"
 THREADS_TAG = "worker.threads"
+WORKER_PROCESS_TAG = "worker.process"  # processes.ProcessId.encode(): read back to judge whether it has ended
 PR_SET_PDEATHSIG = 1
 # The one thread policy a study records today (study.WorkerPolicy): as many threads as CPUs the process may use.
 THREADS_CPU_LIMIT = "cpu_limit"
@@ -286,9 +287,11 @@ def _end_with_parent(parent: int) -> None:
 
 
 def worker_tags() -> dict[str, str]:
-    """Which worker this process is, for every trial run it logs: host:pid, its index, cores and GPU."""
+    """Which worker this process is, for every trial run it logs: host:pid/token, its index, cores and GPU."""
+    process = this_process()
     tags = {
-        WORKER_TAG: f"{socket.gethostname()}:{os.getpid()}",
+        WORKER_TAG: process.label,
+        WORKER_PROCESS_TAG: process.encode(),
         WORKER_INDEX_TAG: os.environ.get(WORKER_VAR, "0"),
         CPUS_TAG: cpu_list(usable_cpus()),
     }

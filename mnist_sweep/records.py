@@ -19,6 +19,7 @@ from mnist_sweep.errors import MissingParamError
 
 RUN_ID_ATTR = "mlflow_run_id"
 MODEL_URI_KEY = "model_uri"  # a trial's user attribute and its MLflow run's tag
+MODEL_SHA256_TAG = "model_sha256"  # a trial run's tag: the sha256 of its model file as logged, checked before scoring
 SEED_ATTR = "seed"
 EPOCHS_TRAINED_ATTR = "epochs_trained"
 VAL_LOSS_ATTR = "val_loss"
@@ -36,9 +37,11 @@ KERAS_TUNER_EPOCHS_ATTR = "keras_tuner_epochs"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 ENGINE_ATTR = "engine"  # "optuna" or "keras-tuner/<oracle>": a rerun must use the same
 TEST_RESULT_ATTR = "test_result"
-# On the seal study (`<study>.test-seal`): who claimed the test set, and when.
+# On the seal study (`<study>.test-seal`): who claimed the test set (processes.ProcessId.encode), when, and the
+# claimant's last heartbeat while it scores (final.py).
 CLAIMED_BY_ATTR = "claimed_by"
 CLAIMED_AT_ATTR = "claimed_at"
+CLAIM_HEARTBEAT_ATTR = "heartbeat_at"
 
 # --------------------------------------------------------------------------- MLflow: tags
 
@@ -108,6 +111,7 @@ class RunParams:
     plateau_min_lr: float
     steps_per_execution: int
     precision: str
+    loop: str
     data_validation: int
     data_train_limit: int
     data_seed: int
@@ -134,6 +138,7 @@ class RunParams:
             plateau_min_lr=cfg.train.plateau_min_lr,
             steps_per_execution=cfg.train.steps_per_execution,
             precision=cfg.train.precision,
+            loop=cfg.train.loop,
             data_validation=cfg.data.validation,
             data_train_limit=cfg.data.train_limit,
             data_seed=cfg.data.seed,
@@ -158,6 +163,7 @@ class RunParams:
             "plateau_min_lr": self.plateau_min_lr,
             "steps_per_execution": self.steps_per_execution,
             "precision": self.precision,
+            "loop": self.loop,
         }
 
     def encode(self) -> dict[str, str]:
@@ -185,6 +191,7 @@ class RunParams:
             plateau_min_lr=float(merged["plateau_min_lr"]),
             steps_per_execution=int(merged["steps_per_execution"]),
             precision=merged["precision"],
+            loop=merged["loop"],
             data_validation=int(merged["data_validation"]),
             data_train_limit=int(merged["data_train_limit"]),
             data_seed=int(merged["data_seed"]),

@@ -475,7 +475,9 @@ class Objective:
     ) -> float:
         logging_hook = TimedHook(lambda epoch, values: self.tracker.log_epoch(run_id, epoch, values))
         pruning_hook = PruningHook(trial, self.cfg.study.metric, epochs)
-        from mnist_sweep.trial import run_trial
+        from mnist_sweep.trial import FitClock, run_trial
+
+        clock = FitClock()  # a pruned trial's fit seconds count in the sweep's cost (bench/search.py)
 
         self.progress.trial_started(number=trial.number, epochs=epochs)
         try:
@@ -491,9 +493,12 @@ class Objective:
                     batch_hooks=[self.progress.batch, self.tracker.uploads.raise_if_failed],
                     session=self.session,
                     warm_start=warm_start,
+                    clock=clock,
                 )
             model_id, value = self._log_outcome(trial, run_id, outcome, logging_hook)
         except optuna.TrialPruned as exc:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # taken over: _end says so
+                trial.set_user_attr(FIT_SECONDS_ATTR, round(clock.seconds, 3))
             self._end(
                 trial, run_id, state="PRUNED", message=str(exc), pruned_epoch=pruning_hook.last_epoch, events=events
             )

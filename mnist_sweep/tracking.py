@@ -8,9 +8,7 @@ import datetime
 import functools
 import io
 import json
-import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,19 +21,21 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnist_sweep import databases, environment
-from mnist_sweep.data import IMAGE_SIDE, NUM_CLASSES
+from mnist_sweep import databases, environment, processes
+from mnist_sweep.data import IMAGE_SIDE, NUM_CLASSES, file_sha256
 from mnist_sweep.errors import TrackingError, first_line
 from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
 from mnist_sweep.locations import artifact_location, local_artifact_folder
 from mnist_sweep.metrics import ClassificationReport
-from mnist_sweep.placement import WORKER_TAG, worker_tags
+from mnist_sweep.placement import WORKER_PROCESS_TAG, WORKER_TAG, worker_tags
+from mnist_sweep.processes import ProcessId
 from mnist_sweep.records import (
     BACKEND_TAG,
     BASELINE_TAG,
     DESCRIPTION_TAG,
     DEVICE_TAG,
     EXPERIMENT_KIND_TAG,
+    MODEL_SHA256_TAG,
     MODEL_TRAINING,
     MODEL_URI_KEY,
     PARENT_TAG,
@@ -50,7 +50,7 @@ from mnist_sweep.records import (
     TRIAL_ROLE,
     final_metric,
 )
-from mnist_sweep.workarounds import saved_as_uncompiled
+from mnist_sweep.workarounds import create_mlflow_tables, saved_as_uncompiled
 
 if TYPE_CHECKING:
     import keras
@@ -58,6 +58,24 @@ if TYPE_CHECKING:
     from mnist_sweep.trial import TrialOutcome
 
 MAX_RUNNING_RUNS = 1000
+# What _save_model writes: MLflow's keras flavor, Keras' own .keras zip, never a TF SavedModel.
+MODEL_FILE = Path("data") / "model.keras"
+
+
+class _ChecksummedKeras:
+    """mlflow.keras as the flavor Model.log saves with, noting the sha256 of the model file it wrote, before the
+    upload: finalize checks the file it downloads against it (final.load_scored_model)."""
+
+    __name__ = "mlflow.keras"
+
+    def __init__(self) -> None:
+        self.sha256 = ""
+
+    def save_model(self, path: str, **kwargs: Any) -> None:
+        import mlflow.keras
+
+        mlflow.keras.save_model(path=path, **kwargs)
+        self.sha256 = file_sha256(Path(path) / MODEL_FILE)
 
 
 def _model_pip_requirements() -> list[str]:
@@ -135,33 +153,7 @@ def read_run(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
     return dict(run.data.params), dict(run.data.metrics)
 
 
-def _create_mlflow_tables(uri: str) -> None:
-    """MLflow's tables, made and migrated as MlflowClient would on first use."""
-    import sqlalchemy
-    from mlflow.store.db.utils import _initialize_tables
-
-    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
-    try:
-        _initialize_tables(engine)  # type: ignore[no-untyped-call]
-    finally:
-        engine.dispose()
-
-
 UPLOAD_GRACE_SECONDS = 120.0
-
-
-def process_ended(name: str) -> bool:
-    """Whether `name` (host:pid) is a process of this host that has ended; other hosts' are not known."""
-    host, _, pid = name.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
 
 
 class BackgroundUploads:
@@ -171,7 +163,7 @@ class BackgroundUploads:
     training thread. Here they overlap the next fit. What a crash leaves stays consistent because a trial's
     run ends FINISHED only as the last step of its upload: a process killed mid-upload leaves its run
     RUNNING, the next `run` closes it as KILLED (once UPLOAD_GRACE_SECONDS have passed since its Optuna
-    trial completed, at once if its process on this host has ended), and finalize never scores a
+    trial completed, at once if its process has provably ended: processes.ended), and finalize never scores a
     trial whose run is not FINISHED. Ctrl-C, SIGTERM, an error and the end of the loop all wait for the
     uploads first (study.run_trials). An upload that fails ends its run FAILED and is raised on the
     training thread within a few steps of the next trial and after it, as the same error a synchronous upload
@@ -252,7 +244,7 @@ class Tracker:
             return
         _make_local_folders(uri, artifacts)
         with databases.schema_lock(uri):  # opening the store creates or migrates its tables
-            databases.create_whole(uri, _create_mlflow_tables)
+            databases.create_whole(uri, create_mlflow_tables)
             self.client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._experiment(experiment, artifact_location(uri, artifacts))
         self._mark_model_training()
@@ -388,7 +380,7 @@ class Tracker:
         started = time.perf_counter()
         # The model first: MLflow links a run's step-0 metrics to a model logged after them by reading
         # each metric's history back (70 queries, 0.1 s). Logged after it, they carry its id directly.
-        self._save_model(run_id, outcome.model, model_id)
+        sha256 = self._save_model(run_id, outcome.model, model_id)
         self.log_report_artifacts(run_id, outcome.report, prefix="val", title="validation")
         final = {
             final_metric("val_loss"): outcome.val_loss,
@@ -404,7 +396,7 @@ class Tracker:
         self.client.log_batch(
             run_id,
             metrics=[Metric(k, v, now, 0, model_id=model_id) for k, v in final.items()],
-            tags=[RunTag(MODEL_URI_KEY, f"models:/{model_id}")],
+            tags=[RunTag(MODEL_URI_KEY, f"models:/{model_id}"), RunTag(MODEL_SHA256_TAG, sha256)],
         )
         self.end_trial_run(run_id, state="COMPLETE")  # last: FINISHED means every artifact is there
 
@@ -433,24 +425,25 @@ class Tracker:
                 (Path(folder) / name).write_bytes(payload)
             self.client.log_artifacts(run_id, folder)
 
-    def _save_model(self, run_id: str, model: keras.Model, model_id: str) -> None:
-        """Save the trained model into its reserved logged model (reserve_model)."""
-        import mlflow.keras
+    def _save_model(self, run_id: str, model: keras.Model, model_id: str) -> str:
+        """Save the trained model into its reserved logged model (reserve_model); returns its file's sha256."""
         from mlflow.models import Model
 
         name = self.client.get_logged_model(model_id).name
+        flavor = _ChecksummedKeras()
         # Model.log takes the run id, so the run is not resumed as the active run around it (0.03 s).
         with saved_as_uncompiled(model, keep_optimizer=self.model_optimizer_state), global_tracking_uri(self.uri):
             Model.log(
                 artifact_path=None,
                 name=name,
-                flavor=mlflow.keras,
+                flavor=flavor,
                 run_id=run_id,
                 model_id=model_id,
                 model=model,
                 pip_requirements=self._requirements,
                 signature=_model_signature(),
             )
+        return flavor.sha256
 
     def end_trial_run(
         self,
@@ -475,6 +468,13 @@ class Tracker:
     def log_traceback(self, run_id: str, text: str) -> None:
         self.client.log_text(run_id, text, "error_traceback.txt")
 
+    def model_sha256(self, run_id: str) -> str | None:
+        """The sha256 of the run's model file as it was logged; None for a run logged before checksums."""
+        try:
+            return self.client.get_run(run_id).data.tags.get(MODEL_SHA256_TAG) or None
+        except MlflowException:
+            return None
+
     def run_status(self, run_id: str) -> str | None:
         try:
             return str(self.client.get_run(run_id).info.status)
@@ -483,14 +483,17 @@ class Tracker:
 
     def upload_may_be_running(self, run_id: str, *, completed: datetime.datetime | None) -> bool:
         """Whether a RUNNING run of a COMPLETE trial (completed then) may still be getting its artifacts
-        (BackgroundUploads): its process has not ended and UPLOAD_GRACE_SECONDS have not passed."""
+        (BackgroundUploads): its process has not provably ended (processes.ended) and UPLOAD_GRACE_SECONDS have
+        not passed since the trial completed: the grace is the heartbeat of a process whose end cannot be seen."""
         if completed is None or (datetime.datetime.now() - completed).total_seconds() >= UPLOAD_GRACE_SECONDS:
             return False
         try:
             run = self.client.get_run(run_id)
         except MlflowException:
             return False
-        return run.info.status == "RUNNING" and not process_ended(run.data.tags.get(WORKER_TAG, ""))
+        tags = run.data.tags
+        worker = ProcessId.decode(tags.get(WORKER_PROCESS_TAG) or tags.get(WORKER_TAG, ""))
+        return run.info.status == "RUNNING" and not (worker is not None and processes.ended(worker))
 
     def run_worker(self, run_id: str) -> str | None:
         """The worker that logs the run (its `worker` tag, placement.worker_tags), if the run is there."""

@@ -52,6 +52,7 @@ class TrainSettings:
     plateau_min_lr: float = 1e-6
     steps_per_execution: int = 1
     precision: str = "float32"  # a Keras dtype policy: "float32" or "mixed_bfloat16"
+    loop: str = "fit"  # "fit", or "compiled": each epoch one XLA loop under TensorFlow (compiled_loop.py)
 
     @property
     def monitor_maximizes(self) -> bool:
@@ -64,6 +65,15 @@ class WarmStart:
 
     weights: list[np.ndarray]
     initial_epoch: int
+
+
+@dataclass
+class FitClock:
+    """The seconds spent in fit up to the last epoch's end, and the epochs trained: for a caller whose epoch hook
+    stopped the fit (a pruned trial returns no TrialOutcome, and its cost still counts in the sweep's)."""
+
+    seconds: float = 0.0
+    epochs: int = 0
 
 
 @dataclass
@@ -92,11 +102,18 @@ class _EpochCallback(keras.callbacks.Callback):  # type: ignore[misc]
     # Keras calls the batch hook once per N batches.
     async_safe = True
 
-    def __init__(self, hooks: Sequence[EpochHook], batch_hooks: Sequence[BatchHook] = ()) -> None:
+    def __init__(
+        self, hooks: Sequence[EpochHook], batch_hooks: Sequence[BatchHook] = (), clock: FitClock | None = None
+    ) -> None:
         super().__init__()
         self.hooks = hooks
         self.batch_hooks = batch_hooks
+        self.clock = clock or FitClock()
         self.epoch = 0
+        self.started = 0.0
+
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        self.started = time.perf_counter()
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self.epoch = epoch + 1
@@ -112,6 +129,8 @@ class _EpochCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 hook(self.epoch, done, steps)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self.clock.seconds = time.perf_counter() - self.started  # before the hooks: a pruning hook ends the fit
+        self.clock.epochs += 1
         values = {k: float(v) for k, v in (logs or {}).items() if k in EPOCH_METRICS}
         values[LEARNING_RATE] = current_learning_rate(self.model)
         for key in ("loss", "val_loss"):
@@ -205,11 +224,13 @@ def run_trial(
     batch_hooks: Sequence[BatchHook] = (),
     session: TrialSession | None = None,
     warm_start: WarmStart | None = None,
+    clock: FitClock | None = None,
 ) -> TrialOutcome:
     """Fit one model with `params` on `split` and measure it on the validation images.
 
     `session` is the process's when it runs several trials (a sweep); without one the trial runs alone.
     `warm_start`: train epochs initial_epoch + 1 .. settings.epochs from those weights (keras-tuner's hyperband).
+    `clock`: kept up to date after every epoch, for a caller whose hook may stop the fit.
     """
     if session is not None:
         session.fresh(seed)
@@ -227,20 +248,38 @@ def run_trial(
             metrics=("accuracy", ConfusionCounts()),
         )
     initial_epoch = _go_on_from(warm_start, model, steps_per_epoch) if warm_start else 0
-    callbacks = _callbacks(settings, epoch_hooks, batch_hooks)
+    callbacks = _callbacks(settings, epoch_hooks, batch_hooks, clock)
     started = time.perf_counter()
-    history = model.fit(
-        split.x_train,
-        split.y_train,
-        batch_size=batch_size,
-        epochs=settings.epochs,
-        initial_epoch=initial_epoch,
-        validation_data=(split.x_val, split.y_val),
-        callbacks=callbacks,
-        verbose=0,
-    ).history
+    if compiled_loop_runs(settings.loop):
+        from mnist_sweep.compiled_loop import fit_compiled  # imports TensorFlow itself
+
+        history = fit_compiled(
+            model,
+            split,
+            batch_size=batch_size,
+            epochs=settings.epochs,
+            initial_epoch=initial_epoch,
+            callbacks=callbacks,
+            seed=seed,
+        )
+    else:
+        history = model.fit(
+            split.x_train,
+            split.y_train,
+            batch_size=batch_size,
+            epochs=settings.epochs,
+            initial_epoch=initial_epoch,
+            validation_data=(split.x_val, split.y_val),
+            callbacks=callbacks,
+            verbose=0,
+        ).history
     fit_seconds = time.perf_counter() - started
     return _evaluate(model, history, fit_seconds, settings, initial_epoch=initial_epoch)
+
+
+def compiled_loop_runs(loop: str) -> bool:
+    """Whether train.loop = "compiled" applies: under TensorFlow; JAX and torch train with Keras' fit."""
+    return loop == "compiled" and keras.backend.backend() == "tensorflow"
 
 
 def _go_on_from(warm_start: WarmStart, model: keras.Model, steps_per_epoch: int) -> int:
@@ -252,13 +291,16 @@ def _go_on_from(warm_start: WarmStart, model: keras.Model, steps_per_epoch: int)
 
 
 def _callbacks(
-    settings: TrainSettings, epoch_hooks: Sequence[EpochHook], batch_hooks: Sequence[BatchHook]
+    settings: TrainSettings,
+    epoch_hooks: Sequence[EpochHook],
+    batch_hooks: Sequence[BatchHook],
+    clock: FitClock | None = None,
 ) -> list[keras.callbacks.Callback]:
     """The hooks, the plateau schedule and early stopping (both on the study metric) where configured.
 
     The hooks come first: they see the rate the epoch trained with, before a plateau lowers it.
     """
-    callbacks: list[keras.callbacks.Callback] = [_EpochCallback(epoch_hooks, batch_hooks)]
+    callbacks: list[keras.callbacks.Callback] = [_EpochCallback(epoch_hooks, batch_hooks, clock)]
     mode = "max" if settings.monitor_maximizes else "min"
     if settings.lr_schedule == "plateau":
         callbacks.append(

@@ -1,8 +1,10 @@
-"""Workarounds that reach into third-party internals, all in this one module.
+"""Workarounds that reach into third-party internals: every private name of another package, in this one module.
 
-Each was written for the versions in WRITTEN_FOR; tests/test_workarounds.py fails when the installed
-versions differ or an internal has moved, so an upgrade is checked here, not discovered as a slow leak.
-Each warns (WorkaroundSkipped) when it cannot apply, and the sweep goes on without it.
+Each was written for the versions in WRITTEN_FOR, which pyproject.toml pins to the same major.minor;
+tests/test_workarounds.py fails when the installed versions differ, the pins drift apart, or an internal
+has moved, so an upgrade is checked here, not discovered as a slow leak. The leak and the optimizer's
+state warn (WorkaroundSkipped) when they cannot apply, and the sweep goes on without them; the others
+have no way around them and raise.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import keras
+    import optuna
+    from optuna.trial import FrozenTrial
 
-WRITTEN_FOR = {"tensorflow": "2.21", "keras": "3.15"}  # major.minor
+# major.minor, each pinned so in pyproject.toml: tensorflow's gradient registry, keras' compiled/optimizer flip,
+# mlflow's table creation, keras-tuner's oracle internals, optuna's storage and trial id.
+WRITTEN_FOR = {"tensorflow": "2.21", "keras": "3.15", "mlflow": "3.17", "keras-tuner": "1.4", "optuna": "5.1"}
 
 
 class WorkaroundSkipped(UserWarning):
@@ -100,6 +106,56 @@ def saved_as_uncompiled(model: keras.Model, *, keep_optimizer: bool) -> Iterator
         yield
     finally:
         model.optimizer, model.compiled = optimizer, True
+
+
+# --------------------------------------------------------------------------- MLflow: its tables
+
+
+def create_mlflow_tables(uri: str) -> None:
+    """MLflow's tables, made and migrated as MlflowClient would on first use (mlflow.store.db.utils, private):
+    called under databases.schema_lock, so workers that start together do not race to create them."""
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        _initialize_tables(engine)  # type: ignore[no-untyped-call]
+    finally:
+        engine.dispose()
+
+
+# --------------------------------------------------------------------------- keras-tuner: its oracles
+
+
+def first_values_oracle(base: type) -> type:
+    """`base` (a keras-tuner oracle class) whose random draws start with its `first_values`: every oracle draws
+    its unguided trials through the private `_random_values`, so the first values (a baseline) go there."""
+
+    class FirstValuesOracle(base):  # type: ignore[misc, valid-type]
+        first_values: list[dict[str, Any]]
+
+        def _random_values(self) -> dict[str, Any] | None:
+            drawn: dict[str, Any] | None = super()._random_values()
+            if self.first_values:  # keys the first values leave out are drawn
+                return {**(drawn or {}), **self.first_values.pop(0)}
+            return drawn
+
+    FirstValuesOracle.__name__ = base.__name__
+    return FirstValuesOracle
+
+
+def set_oracle_project_dir(oracle: Any, folder: str, name: str) -> None:
+    """Where the oracle saves and reloads its state: keras-tuner's tuners set it, through a private method."""
+    oracle._set_project_dir(folder, name)
+
+
+# --------------------------------------------------------------------------- Optuna: a sampler's trial attributes
+
+
+def set_trial_user_attr(study: optuna.Study, trial: FrozenTrial, key: str, value: Any) -> None:
+    """A user attribute on a trial a sampler is given as frozen (before_trial), as Optuna's own samplers record
+    their state: through the study's private storage and the trial's private id."""
+    study._storage.set_trial_user_attr(trial._trial_id, key, value)
 
 
 def _skipped(what: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import pytest
+from tests.conftest import missing_dependency, required_module
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; never `playwright install`
 CHROMIUM_ARGS = [
@@ -40,8 +40,8 @@ def chromium_page(*, allow: str = "") -> Iterator[tuple[Any, list[str]]]:
     Requests outside `allow` are refused: a page that needs the internet fails the test instead of hanging.
     """
     if not CHROMIUM.exists():
-        pytest.skip(f"headless Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+        missing_dependency(f"headless Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    sync_api = required_module("playwright.sync_api", "the playwright package is not installed (make install-dev)")
     problems: list[str] = []
 
     def refuse(route: Any) -> None:

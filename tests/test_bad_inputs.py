@@ -191,6 +191,7 @@ CASES = [
     setting("unknown-activation", 'search.activation=["relu", "relu6"]', "search.activation", "relu6"),
     setting("unknown-sampler", 'study.sampler="grid"'),
     setting("unknown-pruner", 'study.pruner="hyperband"'),
+    setting("unknown-train-loop", 'train.loop="xla"'),
     # study.engine: each engine's keys, and a space keras-tuner's HyperParameters cannot hold
     setting("unknown-engine", 'study.engine="kerastuner"'),
     setting("keras-tuner-oracle-with-optuna", 'study.sampler="hyperband"', "study.sampler", "hyperband", "optuna"),

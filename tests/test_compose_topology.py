@@ -41,7 +41,7 @@ from tests.compose_native import (
     native_k8s_container,
     native_service,
 )
-from tests.conftest import REPO, _free_port, _postgres_bin, required_mnist
+from tests.conftest import REPO, _free_port, _postgres_bin, missing_dependency, required_mnist
 from tests.stores import assert_nothing_running, assert_runs_linked, parent_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -61,7 +61,7 @@ def postgres_as_the_image_starts_it(service: Mapping[str, Any]) -> Iterator[tupl
     and the binaries' folder."""
     bin_dir = _postgres_bin()
     if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); .ci/run installs it")
+        missing_dependency("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); .ci/run installs it")
     env = service["environment"]
     user, password, database = env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]
     as_user: list[str] = []
@@ -70,7 +70,7 @@ def postgres_as_the_image_starts_it(service: Mapping[str, Any]) -> Iterator[tupl
         try:
             owner = pwd.getpwnam("postgres")
         except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+            missing_dependency("running as root and there is no 'postgres' user to run the server as")
         as_user = ["runuser", "-u", "postgres", "--"]
     folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-compose-pg-"))  # pytest's tmp is closed to 'postgres'
     password_file = folder / "password"

@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from tests.browser import DASHBOARD_MISSING, free_port
-from tests.conftest import CLI, DEFAULT_SWEEP, REPO, cli_environment
+from tests.conftest import CLI, DEFAULT_SWEEP, REPO, cli_environment, required_module
 
 pytestmark = pytest.mark.slow  # each test starts the real CLI (TensorFlow and MLflow imports)
 
@@ -44,7 +44,7 @@ def test_dashboard_without_the_extra_exits_2_naming_it(tmp_path: Path, mnist_dir
 
 
 def test_dashboard_on_a_port_in_use_exits_2_naming_it(tmp_path: Path, mnist_dir: Path) -> None:
-    pytest.importorskip("optuna_dashboard", reason=DASHBOARD_MISSING)
+    required_module("optuna_dashboard", DASHBOARD_MISSING)
     make_study(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -9,17 +9,18 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 from collections.abc import Iterator
 from contextlib import closing
+from datetime import datetime, timezone
 from pathlib import Path
 
 import optuna
 import pytest
 
-from tests.conftest import CliRunner, CliStarter, cli, mnist_location, small_sweep_args, write_sweep
+from mnist_sweep.processes import ProcessId, this_process
+from tests.conftest import CliRunner, CliStarter, cli, required_mnist, small_sweep_args, write_sweep
 from tests.stores import storage_url, tracking_url
 
 
@@ -169,9 +170,7 @@ def test_finalize_on_a_missing_study_creates_nothing(run_cli: CliRunner, tmp_pat
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(working folder, sweep file) of a study with two trained trials and an unscored test set."""
-    data = mnist_location()
-    if data is None:
-        pytest.skip("no MNIST files")
+    data = required_mnist()
     folder = tmp_path_factory.mktemp("trained")
     sweep = write_sweep(folder, "")
     work = folder / "work"
@@ -199,7 +198,7 @@ def seal_exists(work: Path) -> bool:
 
 @pytest.fixture
 def restored(trained: tuple[Path, Path]) -> Iterator[tuple[Path, Path]]:
-    """The trained study; the chosen model's files are put back afterwards."""
+    """The trained study; the chosen model's files, and its recorded checksum, are put back afterwards."""
     model, mlmodel = chosen_model_file(trained[0])
     saved = {model: model.read_bytes(), mlmodel: mlmodel.read_bytes()}
     try:
@@ -207,6 +206,7 @@ def restored(trained: tuple[Path, Path]) -> Iterator[tuple[Path, Path]]:
     finally:
         for path, content in saved.items():
             path.write_bytes(content)
+        record_checksum(trained[0], model)
 
 
 def lambda_model_file(path: Path) -> None:
@@ -217,10 +217,40 @@ def lambda_model_file(path: Path) -> None:
     keras.Model(inputs, outputs).save(path)
 
 
+def record_checksum(work: Path, model: Path) -> None:
+    """The chosen run's recorded sha256 made to match `model`: as if whoever changed the file rewrote it too."""
+    from mlflow.tracking import MlflowClient
+
+    from mnist_sweep.data import file_sha256
+
+    run_id = optuna.load_study(study_name="fcn", storage=storage_url(work)).best_trial.user_attrs["mlflow_run_id"]
+    MlflowClient(tracking_uri=tracking_url(work)).set_tag(run_id, "model_sha256", file_sha256(model))
+
+
+def test_finalize_refuses_a_model_file_changed_since_it_was_logged(
+    restored: tuple[Path, Path], run_cli: CliRunner
+) -> None:
+    """Other weights in a well-formed .keras file, which Keras' safe mode loads: only the checksum can tell."""
+    import keras
+
+    work, sweep = restored
+    model, _ = chosen_model_file(work)
+    loaded = keras.saving.load_model(model, compile=False)
+    loaded.set_weights([w * 0.5 for w in loaded.get_weights()])
+    loaded.save(model)
+
+    line = one_line(run_cli("finalize", str(sweep), cwd=work), 2)
+
+    assert "has changed since it was logged" in line and "model.keras" in line and "sha256" in line
+    assert not seal_exists(work)  # the test set was not claimed: restored, the model can still be scored
+    assert "test_result" not in optuna.load_study(study_name="fcn", storage=storage_url(work)).user_attrs
+
+
 def test_finalize_refuses_a_model_holding_code_in_one_line(restored: tuple[Path, Path], run_cli: CliRunner) -> None:
     work, sweep = restored
     model, _ = chosen_model_file(work)
     lambda_model_file(model)
+    record_checksum(work, model)  # past the checksum, Keras' safe mode still refuses the code
 
     line = one_line(run_cli("finalize", str(sweep), cwd=work), 2)
 
@@ -239,15 +269,20 @@ def test_finalize_refuses_an_exported_savedmodel_in_one_line(restored: tuple[Pat
     assert not seal_exists(work)
 
 
-def claim_seal(work: Path, claimed_by: str) -> None:
+def claim_seal(work: Path, claimed_by: ProcessId, heartbeat: str) -> None:
     seal = optuna.create_study(study_name="fcn.test-seal", storage=storage_url(work))
-    seal.set_user_attr("claimed_by", claimed_by)
+    seal.set_user_attr("heartbeat_at", heartbeat)
+    seal.set_user_attr("claimed_by", claimed_by.encode())
     seal.set_user_attr("claimed_at", "2026-01-01T00:00:00+00:00")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def test_every_wait_for_the_test_result_answers_sigterm(trained: tuple[Path, Path], start_cli: CliStarter) -> None:
     work, sweep = trained
-    claim_seal(work, f"{socket.gethostname()}:{os.getpid()}")  # a live process: finalize waits for it
+    claim_seal(work, this_process(), now())  # a live process with a fresh heartbeat: finalize waits for it
     try:
         process = start_cli("finalize", str(sweep), cwd=work)
         assert process.stdout is not None
@@ -268,15 +303,17 @@ def test_a_dead_claim_on_this_host_is_taken_over_at_once(trained: tuple[Path, Pa
     work, sweep = trained
     dead = subprocess.Popen(["true"])
     dead.wait()
-    claim_seal(work, f"{socket.gethostname()}:{dead.pid}")
+    me = this_process()
+    claimant = ProcessId(me.host, dead.pid, "deadbeef0000", me.boot, me.namespace, "12345")
+    claim_seal(work, claimant, now())  # its heartbeat is fresh, but its end is proven: this PID namespace
 
     result = run_cli("finalize", str(sweep), cwd=work, timeout=180)
 
     assert result.returncode == 0, result.stderr
-    assert f"claimed by {socket.gethostname()}:{dead.pid}, a process that no longer runs" in result.stdout
+    assert f"claimed by {claimant.label}, a process that no longer runs" in result.stdout
     assert "test accuracy" in result.stdout
     study = optuna.load_study(study_name="fcn", storage=storage_url(work))
-    assert study.user_attrs["test_result"]["scored_by"] != f"{socket.gethostname()}:{dead.pid}"
+    assert study.user_attrs["test_result"]["scored_by"] != claimant.label
 
 
 def test_a_late_sigint_in_finalize_still_exits_130(trained: tuple[Path, Path], start_cli: CliStarter) -> None:

@@ -45,6 +45,7 @@ def test_a_trial_run_logs_these_params_as_strings() -> None:
         "plateau_min_lr": "1e-06",
         "steps_per_execution": "16",
         "precision": "float32",
+        "loop": "fit",
         "data_validation": "5000",
         "data_train_limit": "0",
         "data_seed": "0",

@@ -3,39 +3,51 @@ study takes no more trials."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
 
-from mnist_sweep import data, preflight, study, sweep
+from mnist_sweep import data, preflight, replay, sweep, trial
 from mnist_sweep.config import load_sweep
-from tests.conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args, unreadable_test_images
-from tests.stores import all_runs, load_study, parent_run, storage_url
+from tests.conftest import DEFAULT_SWEEP, CliRunner, cli, small_sweep_args, unreadable_test_images
+from tests.stores import all_runs, load_study, parent_run, storage_url, tracking_url
 
 pytestmark = pytest.mark.slow
+
+
+def reaching_for_the_test_split(real: Callable[..., Any], source: data.DataSource, events: list[str]) -> Any:
+    """`run_trial` that first reaches for the test images, as a careless trial would: the seal the caller put
+    around it (and only that: this wrapper opens none) must refuse."""
+
+    def run_trial(**kwargs: Any) -> Any:
+        events.append("trial")
+        try:
+            data.load_test_split(source)
+        except data.SealedTestSetError:
+            events.append("refused")
+        return real(**kwargs)
+
+    return run_trial
 
 
 def test_trials_never_read_the_test_split(tmp_path: Path, mnist_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     events: list[str] = []
     data.CACHE.clear()  # an earlier test may have read these files: this one counts the reads
-    real_read_part, real_call = data.read_part, study.Objective.__call__
+    real_read_part = data.read_part
 
     def read_part(source: data.DataSource, part: str) -> Any:
         events.append(f"read {part}")
         return real_read_part(source, part)
 
-    def objective_call(self: study.Objective, trial: Any) -> float:
-        events.append("trial")
-        # a trial that reaches for the test images is refused
-        with pytest.raises(data.SealedTestSetError), data.sealed_test_set():
-            data.load_test_split(data.resolve_source(str(mnist_dir)))
-        return real_call(self, trial)
-
     monkeypatch.setattr(data, "read_part", read_part)
-    monkeypatch.setattr(study.Objective, "__call__", objective_call)
+    # study.py imports run_trial from mnist_sweep.trial when a trial starts: this wrapper is what it gets.
+    monkeypatch.setattr(
+        trial, "run_trial", reaching_for_the_test_split(trial.run_trial, data.resolve_source(str(mnist_dir)), events)
+    )
     cfg = load_sweep(
         DEFAULT_SWEEP,
         [
@@ -49,10 +61,34 @@ def test_trials_never_read_the_test_split(tmp_path: Path, mnist_dir: Path, monke
     source, split = preflight.prepare(cfg, training=True)
     assert sweep.run(cfg, source=source, split=split, echo=lambda line, final=False: None, finalize=True) == 0
     first, last = events.index("trial"), len(events) - 1 - events[::-1].index("trial")
-    assert events[first : last + 1] == ["trial", "trial"], "nothing is read while trials run"
-    assert events[last + 1 :] == ["read test"], "the test split is read once after the trials, to score it"
+    assert events[first : last + 2] == ["trial", "refused", "trial", "refused"], "each trial was refused the test set"
+    assert events[last + 2 :] == ["read test"], "the test split is read once after the trials, to score it"
     # Before the trials: the training images decoded once, and the test files' form checked (read, dropped).
     assert events[:first].count("read train") == 1 and set(events[:first]) <= {"read train", "read test"}
+
+
+def test_replay_never_reads_the_test_split(tmp_path: Path, mnist_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An absolute tracking URI: MLflow keeps one store per URI in a process, and a relative one names another
+    # test's file once an earlier test has used it.
+    keys = [f'data.path="{mnist_dir}"', f'tracking.uri="{tracking_url(tmp_path)}"']
+    shrink = [
+        *(f for key in keys for f in ("--set", key)),
+        *small_sweep_args(trials=1, train_limit=500, validation=200),
+    ]
+    worker = cli("worker", str(DEFAULT_SWEEP), *shrink, cwd=tmp_path, data=mnist_dir)
+    assert worker.returncode == 0, worker.stderr
+    (run,) = [r for r in all_runs(tmp_path) if r.data.tags.get("mnist_sweep.role") == "trial"]
+    monkeypatch.chdir(tmp_path)
+    events: list[str] = []
+    monkeypatch.setattr(
+        replay, "run_trial", reaching_for_the_test_split(replay.run_trial, data.resolve_source(str(mnist_dir)), events)
+    )
+    said: list[str] = []
+
+    assert replay.replay(load_sweep(DEFAULT_SWEEP, keys), run.info.run_id, echo=said.append) == 0
+
+    assert events == ["trial", "refused"], "replay's trial was refused the test set"
+    assert len(said) == 2 and all("difference" in line for line in said), said
 
 
 def test_only_finalize_reads_the_test_set_and_a_scored_study_takes_no_more_trials(

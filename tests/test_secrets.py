@@ -23,6 +23,11 @@ from tests.stores import tracking_url
         ("postgresql://sweep@db/optuna", "postgresql://sweep@db/optuna"),
         ("http://127.0.0.1:5000/path@x", "http://127.0.0.1:5000/path@x"),
         ("sqlite:///mlruns/optuna.db", "sqlite:///mlruns/optuna.db"),
+        # The password in the query, which SQLAlchemy passes to the driver (libpq, psycopg, PyMySQL read it).
+        ("postgresql://sweep@db/optuna?password=s3cret", "postgresql://sweep@db/optuna?password=***"),
+        ("postgresql://db/o?sslmode=require&PASSWORD=s%40c&x=1", "postgresql://db/o?sslmode=require&PASSWORD=***&x=1"),
+        ("mysql+pymysql://root@h/m?passwd=q#top", "mysql+pymysql://root@h/m?passwd=***#top"),
+        ("postgresql://db/o?application_name=sweep", "postgresql://db/o?application_name=sweep"),
     ],
 )
 def test_mask_password_hides_only_the_password(uri: str, shown: str) -> None:
@@ -41,11 +46,23 @@ def test_resolved_config_masks_passwords_in_what_is_shown_and_logged() -> None:
     assert "s3cret" not in cfg.to_toml()
 
 
-def test_validate_prints_the_storage_password_masked(run_cli: CliRunner, tmp_path: Path) -> None:
-    sweep = write_sweep(tmp_path, '[study]\nstorage = "postgresql://sweep:s3cret@db.example/optuna"\n')
+@pytest.mark.parametrize(
+    ("secret", "shown"),
+    [
+        ("sweep:s3cret@db.example/{db}", "sweep:***@db.example/{db}"),
+        ("db.example/{db}?password=s3cret", "db.example/{db}?password=***"),
+    ],
+    ids=["userinfo", "query"],
+)
+def test_validate_prints_both_store_passwords_masked(
+    run_cli: CliRunner, tmp_path: Path, secret: str, shown: str
+) -> None:
+    storage, tracking = (f"postgresql://{secret.format(db=db)}" for db in ("optuna", "mlflow"))
+    sweep = write_sweep(tmp_path, f'[study]\nstorage = "{storage}"\n[tracking]\nuri = "{tracking}"\n')
     result = run_cli("validate", str(sweep))
     assert result.returncode == 0, result.stderr
-    assert 'storage = "postgresql://sweep:***@db.example/optuna"' in result.stdout
+    assert f'storage = "postgresql://{shown.format(db="optuna")}"' in result.stdout
+    assert f'uri = "postgresql://{shown.format(db="mlflow")}"' in result.stdout
     assert "s3cret" not in result.stdout + result.stderr
 
 
@@ -81,12 +98,23 @@ def _every_file(folder: Path) -> list[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("form", ["userinfo", "query"])
 def test_password_appears_in_nothing_the_tool_writes_or_prints(
-    postgres_password_server: str, run_cli: CliRunner, tmp_path: Path
+    postgres_password_server: str, run_cli: CliRunner, tmp_path: Path, form: str
 ) -> None:
-    """A tiny sweep on a PostgreSQL that asks for a password: every file, run record and line searched for it."""
-    url = _database(postgres_password_server, "secret_sweep", POSTGRES_PASSWORD)
-    sweep = write_sweep(tmp_path, f'[study]\nstorage = "{url}"\n', name="secret.toml")
+    """A tiny sweep on a PostgreSQL that asks for a password: every file, run record and line searched for it.
+
+    `query`: the password as `?password=` in both the Optuna storage's and the MLflow tracking URI's query.
+    """
+    url = _database(postgres_password_server, f"secret_{form}", POSTGRES_PASSWORD)
+    tracking = tracking_url(tmp_path / "work")
+    text = f'[study]\nstorage = "{url}"\n'
+    if form == "query":
+        url = url.replace(f":{POSTGRES_PASSWORD}@", "@") + f"?password={POSTGRES_PASSWORD}"
+        tracking = _database(postgres_password_server, "secret_tracking", POSTGRES_PASSWORD)
+        tracking = tracking.replace(f":{POSTGRES_PASSWORD}@", "@") + f"?password={POSTGRES_PASSWORD}"
+        text = f'[study]\nstorage = "{url}"\n[tracking]\nuri = "{tracking}"\n'
+    sweep = write_sweep(tmp_path, text, name="secret.toml")
     work = tmp_path / "work"
     work.mkdir()
     printed = []
@@ -101,15 +129,15 @@ def test_password_appears_in_nothing_the_tool_writes_or_prints(
         assert result.returncode == 0, result.stderr
         printed.append(result.stdout + result.stderr)
 
-    assert "sweep:***@" in printed[1]  # validate shows the masked URI
+    assert ("sweep:***@" if form == "userinfo" else "?password=***") in printed[1]  # validate shows it masked
     for output in printed:
         assert POSTGRES_PASSWORD not in output
     written = _every_file(work)
     assert any(p.name == "sweep.json" for p in written) and any(p.name == "test_metrics.json" for p in written)
-    assert any(p.name == "mlflow.db" for p in written) and any(p.name == "model.keras" for p in written)
-    for path in written:  # databases, models and zips included: bytes, not text
+    assert any(p.name == "model.keras" for p in written) and any(p.suffix == ".html" for p in written)
+    for path in written:  # databases, models, zips and the report included: bytes, not text
         assert POSTGRES_PASSWORD.encode() not in path.read_bytes(), path
-    client = MlflowClient(tracking_uri=tracking_url(work))
+    client = MlflowClient(tracking_uri=tracking)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 3  # the parent and two trials
     for run in runs:

@@ -52,11 +52,15 @@ class FinishedSweep:
         return cli(*args, cwd=self.workdir, data=self.data)
 
 
-@pytest.fixture(scope="module", params=list(ENGINE_ARGS))
+# The same checks with train.loop = "compiled" (an epoch as one XLA loop): everything is tracked as with fit.
+SWEEP_ARGS = {**ENGINE_ARGS, "compiled-loop": ("--set", 'train.loop="compiled"')}
+
+
+@pytest.fixture(scope="module", params=list(SWEEP_ARGS))
 def sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedSweep]:
     data = required_mnist()
     workdir = tmp_path_factory.mktemp("sweep")
-    first = cli("run", str(DEFAULT_SWEEP), *small_sweep_args(*ENGINE_ARGS[request.param]), cwd=workdir, data=data)
+    first = cli("run", str(DEFAULT_SWEEP), *small_sweep_args(*SWEEP_ARGS[request.param]), cwd=workdir, data=data)
     assert first.returncode == 0, first.stderr
     yield FinishedSweep(workdir, data, first)
 

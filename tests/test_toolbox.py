@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep.baseline import LECTURE_PARAMS
-from tests.conftest import REPO, cli, mnist_location, required_mnist, write_sweep
+from tests.conftest import REPO, cli, required_mnist, write_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -229,9 +229,7 @@ def test_every_schedule_logs_its_learning_rate_per_epoch_to_mlflow(
 
 def test_tensorboard_not_installed_is_one_line_exit_2_and_creates_nothing(tmp_path: Path) -> None:
     """A `tensorboard` that cannot be imported (first on the path): the key, the fix, nothing written."""
-    data = mnist_location()
-    if data is None:
-        pytest.skip("no MNIST files")
+    data = required_mnist()
     shadow = tmp_path / "shadow" / "tensorboard"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'tensorboard'\")\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CliRunner, _free_port, small_sweep_args, write_sweep
+from tests.conftest import CliRunner, _free_port, required_module, small_sweep_args, write_sweep
 from tests.servers import mlflow_server
 
 ADMIN_PASSWORD = "Admin-pw-5c1d-not-in-any-output"
@@ -23,7 +23,7 @@ ADMIN_PASSWORD = "Admin-pw-5c1d-not-in-any-output"
 @pytest.fixture(scope="module")
 def basic_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`mlflow server --app-name basic-auth` on 127.0.0.1 with one admin user; yields its URL."""
-    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF (the dev extra installs it)")
+    required_module("flask_wtf", "MLflow's basic-auth app needs Flask-WTF (the dev extra installs it)")
     folder = tmp_path_factory.mktemp("mlflow-auth")
     env = {"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret-key", "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD}
     options = ["--app-name", "basic-auth", "--default-artifact-root", str(folder / "artifacts")]

@@ -192,3 +192,13 @@ def test_a_read_only_tracker_makes_nothing(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/not-yet/mlflow.db"
     assert Tracker.existing(uri=uri, experiment="fcn") is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pruned_trial_records_the_seconds_it_trained(tmp_path: Path, split: Split) -> None:
+    """The sweep's cost counts pruned trials too (bench/search.py): their fit seconds, up to the pruning epoch."""
+    sweep = Sweep(sweep_config(tmp_path, "study.trials=1", "train.epochs=3"), split)
+    sweep.study.pruner = optuna.pruners.ThresholdPruner(upper=0.0)  # any accuracy above 0 is pruned at epoch 1
+    sweep.run()
+    (trial,) = sweep.study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.last_step == 1
+    assert trial.user_attrs["fit_seconds"] > 0

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.browser import DASHBOARD_MISSING, Served, chromium_page, free_port, nothing_listens, serving
-from tests.conftest import CLI, DEFAULT_SWEEP, cli, cli_environment, required_mnist, small_sweep_args
+from tests.conftest import CLI, DEFAULT_SWEEP, cli, cli_environment, required_mnist, required_module, small_sweep_args
 
 pytestmark = pytest.mark.slow  # each test starts the real CLI (TensorFlow and MLflow imports)
 
@@ -224,7 +224,7 @@ def test_the_report_draws_every_plot_in_the_study_runs_artifact_view(study: Stud
 
 
 def test_the_dashboard_shows_the_study_and_each_trial(finished: Finished, tmp_path: Path) -> None:
-    pytest.importorskip("optuna_dashboard", reason=DASHBOARD_MISSING)
+    required_module("optuna_dashboard", DASHBOARD_MISSING)
     trials = optuna.load_study(study_name="fcn", storage=f"sqlite:///{finished.folder}/mlruns/optuna.db")
     port = free_port()
     origin = f"http://127.0.0.1:{port}"

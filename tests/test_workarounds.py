@@ -13,11 +13,15 @@ from typing import Any
 
 import keras
 import numpy as np
+import optuna
 import pytest
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 
 from mnist_sweep import workarounds
 from mnist_sweep.trial import TrialSession
 from mnist_sweep.workarounds import WRITTEN_FOR, TracedGradients, WorkaroundSkipped, saved_as_uncompiled
+from tests.conftest import REPO
 
 tensorflow_backend = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="TensorFlow's gradient registry exists on its backend only"
@@ -49,6 +53,47 @@ def test_installed_versions_are_the_ones_the_workarounds_were_written_for(packag
         f"{package} {installed} is installed; mnist_sweep/workarounds.py was written for {WRITTEN_FOR[package]}: "
         "check that each workaround still applies (this file's tests), then update WRITTEN_FOR"
     )
+
+
+def pyproject_requirements() -> dict[str, SpecifierSet]:
+    from packaging.requirements import Requirement
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    document = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    requirements = [Requirement(line) for line in document["project"]["dependencies"]]
+    return {canonicalize_name(r.name): r.specifier for r in requirements}
+
+
+@pytest.mark.parametrize("package", sorted(WRITTEN_FOR))
+def test_pyproject_pins_each_package_to_the_version_its_workarounds_were_written_for(package: str) -> None:
+    """Every release pyproject.toml allows is one the workarounds were written for: X.Y.*, nothing either side."""
+    specifier = pyproject_requirements()[canonicalize_name(package)]
+    major, minor = (int(part) for part in WRITTEN_FOR[package].split("."))
+    allowed = [f"{major}.{minor}.0", f"{major}.{minor}.99"]
+    refused = [f"{major}.{minor + 1}.0", f"{major + 1}.0.0", *([f"{major}.{minor - 1}.99"] if minor else [])]
+    assert all(specifier.contains(v) for v in allowed), f"pyproject.toml: {package}{specifier} refuses {allowed}"
+    assert not any(specifier.contains(v) for v in refused), (
+        f"pyproject.toml: {package}{specifier} allows releases other than {WRITTEN_FOR[package]}.*, which "
+        "mnist_sweep/workarounds.py was not written for: pin it, or check the workarounds and widen both"
+    )
+
+
+def test_every_private_name_of_another_package_is_where_a_workaround_reaches_for_it() -> None:
+    import keras_tuner
+    import mlflow.store.db.utils
+
+    study = optuna.create_study()
+    trial = study.ask()
+    frozen = study.get_trials(deepcopy=False)[0]
+    assert callable(mlflow.store.db.utils._initialize_tables)
+    for oracle in (keras_tuner.oracles.RandomSearchOracle, keras_tuner.oracles.BayesianOptimizationOracle):
+        assert callable(oracle._random_values) and callable(oracle._set_project_dir)
+    workarounds.set_trial_user_attr(study, frozen, "k", 1)
+    assert study.trials[trial.number].user_attrs == {"k": 1}
 
 
 @tensorflow_backend
