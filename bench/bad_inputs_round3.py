@@ -7,7 +7,8 @@ Each case runs the real CLI (PYTHONPATH = the checkout) in a fresh folder and is
 with exit 2 (or the documented code), one line on stderr, no traceback, and nothing created in the working
 folder. Dangerous cases (a gzip bomb, a sparse huge file, /dev/zero) run under a 3 GiB address-space limit,
 so a checkout that reads them whole fails with MemoryError instead of taking the machine's memory.
-tests/test_bad_inputs.py holds the same cases as tests; this script only prints the table.
+tests/test_bad_inputs.py holds the same cases as tests (each guard removed, and the tests that then fail:
+`python -m tests.mutations --only "bad input"`); this script only prints the table.
 """
 
 from __future__ import annotations
