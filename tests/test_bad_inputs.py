@@ -645,7 +645,10 @@ ROUND_3 = [
     setting("set-with-a-second-assignment", "tracking.reports=out extra = 4", "--set tracking.reports", "extra = 4"),
     setting("set-with-an-unclosed-string", 'study.name="abc', "--set study.name", "abc"),
     setting("heartbeat-past-a-day", "study.heartbeat_seconds=100000000000000", "study.heartbeat_seconds", "86400"),
-    setting("trials-past-int32", "study.trials=2147483648", "study.trials", "2147483648"),
+    # validate: the same config check as run; without its guard, run would start two billion trials here
+    sweep_setting(
+        "trials-past-int32", "study.trials=2147483648", expect=("study.trials", "2147483648"), command="validate"
+    ),
     setting("seed-past-int64", "data.seed=100000000000000000000", "data.seed", "100000000000000000000", "64-bit"),
     setting(
         "range-bound-past-int64",
@@ -656,23 +659,17 @@ ROUND_3 = [
     setting(
         "batch-size-past-mnist", "search.batch_size=[32, 1099511627776]", "search.batch_size", "1099511627776", "60000"
     ),
-    setting(
+    sweep_setting(
         "network-too-wide-for-memory",
         "model.hidden=[65536, 65536, 65536, 65536, 65536, 65536, 65536, 65536]",
-        "model.hidden",
-        "weights need at least",
-        "GiB",
+        expect=("model.hidden", "weights need at least", "GiB"),
+        command="validate",  # validate estimates as run does; without the guard, run would try to train it here
     ),
     sweep_setting(
         "workers-too-many-for-memory",
         "study.workers=100000",
         expect=("study.workers = 100000", "model.hidden = [500, 500]", "times 100000 workers", "GiB"),
         command="validate",
-    ),
-    Bad(
-        "workers-forced-past-memory",
-        ("study.workers = 100000", "times 100000 workers"),
-        overrides=("--workers", "100000", "--force"),
     ),
     sweep_setting(  # validate: the same config check as run, and without its guard no 3000-layer net trains here
         "network-too-deep",
