@@ -1,21 +1,41 @@
-"""The lecture's own network as a study's first trial: its values, and whether the searched space holds them.
+"""The lecture's own network, trained once per study beside the trials: what the report measures the sweep against.
 
-Engine-neutral: the Optuna study enqueues `BaselineValues.values` (study.py); a keras-tuner oracle takes the
-same values as its first. Imports neither Optuna nor Keras nor MLflow.
+It is no trial of the study: not counted in `study.trials`, never chosen for the test set, and the searched space
+is left as it is (the lecture's sigmoid and dropout 0 lie outside the default space). Its run is a child of the
+study's MLflow run with the role `reference` and the tag `baseline = true`; what it reached on the validation
+split is recorded on the study (records.LectureReference).
+
+Once per study, whichever process (`run` or `worker`) claims it first: the claim is an Optuna study named
+`<study>.lecture-reference`, created atomically as the test-set seal is (final.py), and deleted once the result
+is recorded on the study. A claim whose process has provably ended (processes.ended) is taken over.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import contextlib
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from mnist_sweep.config import Choice, ParamSpec, Range, SweepConfig
+import optuna
+
+from mnist_sweep import processes
+from mnist_sweep.config import SweepConfig
+from mnist_sweep.data import Split, sealed_test_set
+from mnist_sweep.processes import ProcessId, this_process
+from mnist_sweep.records import CLAIMED_BY_ATTR, LECTURE_REFERENCE_ATTR, LectureReference
+from mnist_sweep.tracking import Tracker
+
+if TYPE_CHECKING:
+    from mnist_sweep.trial import TrialSession
 
 # The lecture (seed/lecture.txt), "MNIST: All in all" (lines 761-779): 784 -> Dense(500, sigmoid) ->
 # Dense(500, sigmoid) -> Dense(10, softmax) (also lines 424-432), compiled with optimizer='adam' (Keras' default
-# rate 1e-3, line 772). That slide's fit passes no batch size (Keras would take 32); the lecture's own batch
-# size is its data-preparation slide's `batch size = 128` (line 568). No dropout, weight decay or momentum.
+# rate 1e-3, line 772), fit for 5 epochs (line 778). That slide's fit passes no batch size (Keras would take 32);
+# the lecture's own batch size is its data-preparation slide's `batch size = 128` (line 568). No dropout, weight
+# decay, momentum or learning-rate schedule.
 LECTURE_HIDDEN = (500, 500)
+LECTURE_EPOCHS = 5
 LECTURE_PARAMS: dict[str, str | int | float] = {
     "optimizer": "adam",
     "learning_rate": 1e-3,
@@ -25,55 +45,97 @@ LECTURE_PARAMS: dict[str, str | int | float] = {
     "weight_decay": 0.0,
     "momentum": 0.0,
 }
+CLAIM_SUFFIX = ".lecture-reference"
 
 
-@dataclass(frozen=True)
-class BaselineValues:
-    """The lecture's values inside the searched space: what an engine enqueues as the first trial."""
-
-    values: dict[str, Any]  # the searched keys only, each in its space's own type ("searched" = not fixed)
+def recorded_reference(study: optuna.Study) -> LectureReference | None:
+    return LectureReference.from_dict(study.user_attrs.get(LECTURE_REFERENCE_ATTR))
 
 
-@dataclass(frozen=True)
-class BaselineSkipped:
-    """The lecture's values lie outside the searched space; `line` says which, for the user."""
-
-    line: str
-
-
-def baseline_values(cfg: SweepConfig) -> BaselineValues | BaselineSkipped | None:
-    """The baseline trial's values, why it is skipped, or None where study.baseline is false.
-
-    The space is never widened: a lecture value it lacks skips the baseline, and the line names every such key.
-    """
-    if not cfg.study.baseline:
+def train_reference(
+    *,
+    cfg: SweepConfig,
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    split: Split,
+    tracker: Tracker,
+    parent_run_id: str,
+    session: TrialSession,
+    echo: Callable[[str], None],
+) -> LectureReference | None:
+    """The lecture's network trained on the study's split, once per study; None where study.baseline is off,
+    another process has it, or it failed (said in one line: the sweep goes on without it)."""
+    if not cfg.study.baseline or recorded_reference(study) is not None:
         return None
-    outside = []
-    if tuple(cfg.model.hidden) != LECTURE_HIDDEN:
-        outside.append(f"model.hidden is {list(cfg.model.hidden)}, not {list(LECTURE_HIDDEN)}")
-    values: dict[str, Any] = {}
-    for name, spec in cfg.search.specs().items():
-        found = _within(spec, LECTURE_PARAMS[name])
-        if found is None:
-            outside.append(f"search.{name} lacks {LECTURE_PARAMS[name]!r}")
-        elif not spec.is_fixed:
-            values[name] = found
-    if outside:
-        return BaselineSkipped(
-            f"baseline skipped: the lecture's values are outside the space ({', '.join(outside)}); "
-            "it is not widened: add them to run the baseline, or set study.baseline = false"
-        )
-    return BaselineValues(values)
+    claim = study.study_name + CLAIM_SUFFIX
+    if not _claim(storage, claim):
+        return None
+    from mnist_sweep.trial import TrainSettings, run_trial
+
+    params = {**LECTURE_PARAMS, "hidden": "-".join(map(str, LECTURE_HIDDEN)), "epochs": LECTURE_EPOCHS}
+    run_id = tracker.start_reference_run(parent_run_id=parent_run_id, study_name=study.study_name, params=params)
+    settings = TrainSettings(
+        hidden=LECTURE_HIDDEN,
+        epochs=LECTURE_EPOCHS,
+        monitor=cfg.study.metric,
+        steps_per_execution=cfg.train.steps_per_execution,  # how many batches per call: speed, not the result
+        loop=cfg.train.loop,  # the same: fit or one compiled loop per epoch, same metrics
+    )
+    try:
+        with sealed_test_set():
+            outcome = run_trial(
+                params=LECTURE_PARAMS,
+                split=split,
+                settings=settings,
+                seed=cfg.study.seed,
+                epoch_hooks=[lambda epoch, values: tracker.log_epoch(run_id, epoch, values)],
+                session=session,
+            )
+    except KeyboardInterrupt:
+        tracker.end_trial_run(run_id, state="KILLED", message="interrupted")
+        _release(storage, claim)
+        raise
+    except Exception as exc:
+        tracker.log_traceback(run_id, traceback.format_exc())
+        tracker.end_trial_run(run_id, state="FAIL", message=f"{type(exc).__name__}: {exc}")
+        _release(storage, claim)
+        echo(f"the lecture's network (reference run {run_id}) failed: {exc}; the sweep goes on without it")
+        return None
+    tracker.finish_reference_run(run_id, outcome)
+    reference = LectureReference(
+        run_id=run_id,
+        epochs=outcome.epochs_trained,
+        fit_seconds=round(outcome.fit_seconds, 1),
+        val_loss=outcome.val_loss,
+        val_accuracy=outcome.val_accuracy,
+        val_confusion_matrix=tuple(tuple(int(v) for v in row) for row in outcome.report.matrix.tolist()),
+    )
+    study.set_user_attr(LECTURE_REFERENCE_ATTR, reference.to_dict())
+    _release(storage, claim)  # recorded: the record keeps every later process from training it again
+    echo(
+        f"the lecture's network (reference, not a trial): {cfg.study.metric} {reference.metric(cfg.study.metric):.4f} "
+        f"after {reference.epochs} epochs, {reference.fit_seconds:.1f} s; run {run_id}"
+    )
+    return reference
 
 
-def _within(spec: ParamSpec, value: str | int | float) -> Any:
-    """`value` as the space holds it (a choice's own value, a range's type), or None where it lies outside."""
-    if isinstance(spec, Range):
-        if isinstance(value, str) or not spec.low <= value <= spec.high:
-            return None
-        return int(value) if spec.integer else float(value)
-    assert isinstance(spec, Choice)
-    for choice in spec.values:  # "0" is no 0, and 0 is 0.0
-        if choice == value and isinstance(choice, str) == isinstance(value, str):
-            return choice
-    return None
+def _claim(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    """Whether this process is the one to train the reference (atomic: a unique study name)."""
+    with contextlib.suppress(KeyError):
+        claimed_by = str(optuna.load_study(study_name=name, storage=storage).user_attrs.get(CLAIMED_BY_ATTR, ""))
+        claimant = ProcessId.decode(claimed_by)
+        if claimant is None or not processes.ended(claimant):
+            return False
+        optuna.delete_study(study_name=name, storage=storage)  # its process ended on this host without it
+    try:
+        claim = optuna.create_study(study_name=name, storage=storage)
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+    claim.set_user_attr(CLAIMED_BY_ATTR, this_process().encode())
+    return True
+
+
+def _release(storage: optuna.storages.BaseStorage, name: str) -> None:
+    """The claim gone: the reference is recorded, or it did not finish here and the next process trains it."""
+    with contextlib.suppress(KeyError):
+        optuna.delete_study(study_name=name, storage=storage)

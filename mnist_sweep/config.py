@@ -244,8 +244,8 @@ class StudyConfig(_Section):
     storage: str = "sqlite:///mlruns/optuna.db"
     heartbeat_seconds: int = Field(default=60, ge=1, le=MAX_HEARTBEAT_SECONDS)
     max_failures: int = Field(default=5, ge=1)
-    # The lecture's own network as the study's first trial, so the report shows what the sweep gained over it
-    # (baseline.py); skipped, with a line saying why, where its values lie outside the searched space.
+    # The lecture's own network, trained once beside the trials (never one of them), so the report shows what the
+    # sweep gained over it (baseline.py).
     baseline: bool = True
     # Processes `run` trains in on this machine: itself and N - 1 `worker`s, each pinned to its share of
     # the cores (or to a GPU); "auto" = the count measured fastest here (mnist_sweep/packing.py).
@@ -492,6 +492,9 @@ class TrackingConfig(_Section):
     # and no gain was measured (bench/overhead, idle machine, 2026-11-28 20:12: trial/raw 1.039 in the
     # background against 1.025 stored at once, within the spread of its blocks).
     background_uploads: bool = False
+    # The Model Registry's name for the chosen, once-scored model (alias "champion"); left out: the study's name;
+    # "": register nothing (registry.py).
+    registered_model: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TrackingConfig:
@@ -524,6 +527,8 @@ class SweepConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
+        if self.tracking.registered_model is None:
+            object.__setattr__(self.tracking, "registered_model", self.study.name)
         spec = self.search.learning_rate
         lowest = spec.low if isinstance(spec, Range) else min(float(v) for v in spec.values)
         if self.train.lr_schedule == "plateau" and self.train.plateau_min_lr >= lowest:

@@ -80,6 +80,12 @@ class FinalizeError(UserError):
     """The test set cannot be scored now (no trial with a model, a model we did not write, a claim held)."""
 
 
+class RegistryError(UserError):
+    """tracking.registered_model cannot be used: a name MLflow refuses, another project's model, a refusal (403).
+
+    Found before any trial where it can be; after scoring, the test result stays sealed and recorded."""
+
+
 class ServeError(UserError):
     """The MLflow UI or optuna-dashboard cannot be served (port taken, server gone, package missing)."""
 

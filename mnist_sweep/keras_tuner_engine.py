@@ -40,7 +40,7 @@ from mnist_sweep.records import (
     MODEL_URI_KEY,
 )
 from mnist_sweep.space import searched_names, to_keras_tuner
-from mnist_sweep.workarounds import first_values_oracle, set_oracle_project_dir, set_trial_user_attr
+from mnist_sweep.workarounds import set_oracle_project_dir, set_trial_user_attr
 
 if TYPE_CHECKING:
     import keras_tuner
@@ -127,12 +127,8 @@ def distribution(spec: ParamSpec) -> BaseDistribution:
     return CategoricalDistribution(list(spec.values))
 
 
-def make_oracle(cfg: SweepConfig, *, first_values: list[dict[str, Any]] | None = None) -> keras_tuner.Oracle:
-    """The oracle `study.sampler` names, on the searched keys of [search], seeded from study.seed.
-
-    `first_values`: hyperparameters the oracle gives before its own draws (a baseline trial; keys left out
-    are drawn); hyperband runs them in its first bracket like any of its random draws.
-    """
+def make_oracle(cfg: SweepConfig) -> keras_tuner.Oracle:
+    """The oracle `study.sampler` names, on the searched keys of [search], seeded from study.seed."""
     import keras_tuner
 
     direction = "max" if cfg.study.goal == "maximize" else "min"
@@ -148,32 +144,21 @@ def make_oracle(cfg: SweepConfig, *, first_values: list[dict[str, Any]] | None =
     oracles = keras_tuner.oracles
     if cfg.study.sampler == "hyperband":
         # hyperband_iterations=None: brackets go on until study.trials are done.
-        oracle = first_values_oracle(oracles.HyperbandOracle)(
+        oracle = oracles.HyperbandOracle(
             max_epochs=cfg.train.epochs, factor=cfg.study.hyperband_factor, hyperband_iterations=None, **common
         )
     elif cfg.study.sampler == "bayesian":
-        oracle = first_values_oracle(oracles.BayesianOptimizationOracle)(max_trials=None, **common)
+        oracle = oracles.BayesianOptimizationOracle(max_trials=None, **common)
     else:
-        oracle = first_values_oracle(oracles.RandomSearchOracle)(max_trials=None, **common)
-    oracle.first_values = list(first_values or [])
+        oracle = oracles.RandomSearchOracle(max_trials=None, **common)
     oracle.verbose = 0  # its own trial tables on stdout: our trial lines say it
     return oracle
 
 
 class OracleSampler(optuna.samplers.BaseSampler):
-    """Optuna's trials, their values chosen by a keras-tuner oracle (see the module's docstring).
+    """Optuna's trials, their values chosen by a keras-tuner oracle (see the module's docstring)."""
 
-    `first_values`: the oracle's first values (a baseline trial), used only by a new oracle; `first_attrs`:
-    user attributes for the Optuna trials that run them (also when a restart asks one again).
-    """
-
-    def __init__(
-        self,
-        cfg: SweepConfig,
-        *,
-        first_values: list[dict[str, Any]] | None = None,
-        first_attrs: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, cfg: SweepConfig) -> None:
         self.metric = cfg.study.metric
         self.directory = oracle_dir(cfg)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -184,10 +169,7 @@ class OracleSampler(optuna.samplers.BaseSampler):
         if (self.directory / ORACLE_STATE).is_file():
             self.oracle.reload()
             _check_reloaded(self.oracle, cfg)
-        else:
-            self.oracle.first_values = list(first_values or [])
         self.search_space = {name: distribution(cfg.search.specs()[name]) for name in searched_names(cfg.search)}
-        self.first_attrs = dict(first_attrs or {})
         self.asked: dict[int, keras_tuner.engine.trial.Trial] = {}  # Optuna trial number -> oracle trial
         self.stopped = ""  # why the oracle gave no trial, when it did not
 
@@ -195,7 +177,6 @@ class OracleSampler(optuna.samplers.BaseSampler):
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Ask the oracle for this trial (never raises here: Optuna has already stored the trial)."""
-        first_values_left = len(self.oracle.first_values)
         oracle_trial = self.oracle.create_trial(TUNER_ID)
         if oracle_trial.status != "RUNNING":
             self.stopped = f"keras-tuner's oracle gave no trial ({oracle_trial.status}): its search space is exhausted"
@@ -205,21 +186,8 @@ class OracleSampler(optuna.samplers.BaseSampler):
         values = oracle_trial.hyperparameters.values
         attrs = {KERAS_TUNER_TRIAL_ID_ATTR: oracle_trial.trial_id}
         attrs.update({attr: values[key] for key, attr in HYPERBAND_VALUES.items() if key in values})
-        if len(self.oracle.first_values) < first_values_left or self._asked_before_with_first_attrs(study, attrs):
-            attrs.update(self.first_attrs)
         for key, value in attrs.items():  # as Optuna's own samplers record their state on a trial
             set_trial_user_attr(study, trial, key, value)
-
-    def _asked_before_with_first_attrs(self, study: optuna.Study, attrs: Mapping[str, Any]) -> bool:
-        """Whether an earlier trial ran this oracle trial as one of the first values (a restart asks it again)."""
-        if not self.first_attrs:
-            return False
-        oracle_id = attrs[KERAS_TUNER_TRIAL_ID_ATTR]
-        return any(
-            t.user_attrs.get(KERAS_TUNER_TRIAL_ID_ATTR) == oracle_id
-            and self.first_attrs.items() <= t.user_attrs.items()
-            for t in study.get_trials(deepcopy=False)
-        )
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return dict(self.search_space)

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
 from mnist_sweep.config import SweepConfig, mask_password
 from mnist_sweep.data import (
@@ -25,7 +25,7 @@ from mnist_sweep.data import (
     load_split,
     resolve_source,
 )
-from mnist_sweep.databases import sqlite_file
+from mnist_sweep.databases import nothing_recorded, sqlite_file
 from mnist_sweep.errors import PreflightError, first_line
 from mnist_sweep.locations import (
     FILE,
@@ -37,6 +37,9 @@ from mnist_sweep.locations import (
     path_problem,
 )
 from mnist_sweep.tensorboard_log import check_installed as check_tensorboard_installed
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 
 def check_creatable(key: str, value: str, path: Path, *, folder_wanted: bool = False) -> None:
@@ -241,7 +244,22 @@ def prepare(cfg: SweepConfig, *, training: bool) -> tuple[DataSource, Split | No
         split = load_split(source, validation=cfg.data.validation, train_limit=cfg.data.train_limit, seed=cfg.data.seed)
     check_test_split_present(source)
     check_all(cfg)
+    check_registered_model(cfg)
     return source, split
+
+
+def check_registered_model(cfg: SweepConfig) -> None:
+    """tracking.registered_model: a name MLflow takes, not another project's model (where the store exists)."""
+    from mnist_sweep.registry import check_up_front
+
+    uri = cfg.tracking.uri
+
+    def client() -> MlflowClient:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=uri)
+
+    check_up_front(client if not nothing_recorded(uri) else None, cfg.tracking.registered_model or "")
 
 
 DISK_FULL_SIGNS = ("No space left on device", "database or disk is full", "Disk quota exceeded")

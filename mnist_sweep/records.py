@@ -27,7 +27,7 @@ VAL_ACCURACY_ATTR = "val_accuracy"
 FIT_SECONDS_ATTR = "fit_seconds"
 TRACKING_SECONDS_ATTR = "tracking_seconds"
 FAIL_REASON_ATTR = "fail_reason"
-BASELINE_ATTR = "baseline"  # True on the trial that trains the lecture's own network (baseline.py)
+VAL_CONFUSION_ATTR = "val_confusion_matrix"  # a complete trial's validation confusion matrix (rows true)
 # study.engine = "keras-tuner": the oracle's trial id, and (hyperband) the epochs the oracle gave the trial
 KERAS_TUNER_TRIAL_ID_ATTR = "keras_tuner_trial_id"
 KERAS_TUNER_EPOCHS_ATTR = "keras_tuner_epochs"
@@ -37,6 +37,8 @@ KERAS_TUNER_EPOCHS_ATTR = "keras_tuner_epochs"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 ENGINE_ATTR = "engine"  # "optuna" or "keras-tuner/<oracle>": a rerun must use the same
 TEST_RESULT_ATTR = "test_result"
+REGISTERED_MODEL_ATTR = "registered_model"  # the chosen model's Model Registry version (Registration.to_dict)
+LECTURE_REFERENCE_ATTR = "lecture_reference"  # the lecture's network trained beside the trials (LectureReference)
 # On the seal study (`<study>.test-seal`): who claimed the test set (processes.ProcessId.encode), when, and the
 # claimant's last heartbeat while it scores (final.py).
 CLAIMED_BY_ATTR = "claimed_by"
@@ -61,7 +63,12 @@ TEST_SCORED_RUN_ID_TAG = "test_scored_run_id"
 # the runs table, the place to compare trials.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
-BASELINE_TAG = "baseline"  # "true" on the baseline trial's run: filter the UI by tags.baseline = 'true'
+BASELINE_TAG = "baseline"  # "true" on the lecture reference's run: filter the UI by tags.baseline = 'true'
+REFERENCE_ROLE = "reference"  # ROLE_TAG of the lecture's network's run: beside the trials, never one of them
+# On a registered model: made by this tool, so later studies may add versions to it; a name without it is
+# another project's model, and is left alone.
+REGISTERED_BY_TAG, REGISTERED_BY = "mnist_sweep.registered_by", "mnist-sweep"
+PARENT_RUN_ID_TAG = "parent_run_id"  # on a registered model version: the study's MLflow parent run
 BACKEND_TAG = "keras_backend"
 DEVICE_TAG = "device"  # "GPU: <name, memory>" or "CPU: <model>"
 
@@ -201,6 +208,64 @@ class RunParams:
             hyperparameters={key: _typed(params[key]) for key in SearchConfig.model_fields},
             seed=int(merged["seed"]),
         )
+
+
+# --------------------------------------------------------------------------- the lecture's network, for reference
+
+
+@dataclass(frozen=True)
+class LectureReference:
+    """The lecture's network trained once beside a study's trials (baseline.py): what the report compares with."""
+
+    run_id: str
+    epochs: int
+    fit_seconds: float
+    val_loss: float
+    val_accuracy: float
+    val_confusion_matrix: tuple[tuple[int, ...], ...]
+
+    def metric(self, name: str) -> float:
+        return {"val_loss": self.val_loss, "val_accuracy": self.val_accuracy}[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "val_confusion_matrix": [list(r) for r in self.val_confusion_matrix]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> LectureReference | None:
+        if not data:
+            return None
+        fields = {f.name: data[f.name] for f in dataclasses.fields(cls)}
+        fields["val_confusion_matrix"] = tuple(tuple(int(v) for v in row) for row in data["val_confusion_matrix"])
+        return cls(**fields)
+
+
+# --------------------------------------------------------------------------- the Model Registry
+
+CHAMPION = "champion"  # the alias of the version a study chose and scored: models:/<name>@champion
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The chosen trial's model as a version of a registered model, with its alias."""
+
+    name: str
+    version: str
+    alias: str = CHAMPION
+
+    @property
+    def uri(self) -> str:
+        """What serving and scoring load it by: models:/<name>@<alias>."""
+        return f"models:/{self.name}@{self.alias}"
+
+    def line(self) -> str:
+        return f"registered model {self.name!r} version {self.version}, alias {self.alias} ({self.uri})"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "alias": self.alias}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Registration | None:
+        return None if not data else cls(name=str(data["name"]), version=str(data["version"]), alias=str(data["alias"]))
 
 
 # --------------------------------------------------------------------------- the test result

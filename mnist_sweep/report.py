@@ -20,12 +20,23 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from mnist_sweep import plots
+from mnist_sweep.baseline import LECTURE_PARAMS, recorded_reference
 from mnist_sweep.config import METRIC_DIRECTIONS, metric_maximizes
 from mnist_sweep.environment import environment
 from mnist_sweep.errors import UsageError
 from mnist_sweep.final import finished_trials, rank_trials
 from mnist_sweep.metrics import most_confused
-from mnist_sweep.records import BASELINE_ATTR, EPOCHS_TRAINED_ATTR, RUN_ID_ATTR, TestResult
+from mnist_sweep.records import (
+    EPOCHS_TRAINED_ATTR,
+    REGISTERED_MODEL_ATTR,
+    RUN_ID_ATTR,
+    VAL_ACCURACY_ATTR,
+    VAL_CONFUSION_ATTR,
+    VAL_LOSS_ATTR,
+    LectureReference,
+    Registration,
+    TestResult,
+)
 
 TOP_TRIALS = 10
 CONFUSED_PAIRS = 5
@@ -77,65 +88,100 @@ def leaderboard_table(rows: Sequence[Row], *, sort: str) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class BaselineGain:
-    """The baseline trial (the lecture's network) against the best trial of the sweep, on validation."""
+    """The lecture's network (its reference run) against the best trial of the sweep, on validation."""
 
     metric: str
-    baseline_trial: int
-    baseline_state: str
-    baseline_value: float | None  # None unless the baseline trial is complete
+    reference: LectureReference
     best_trial: int | None
     best_value: float | None
 
     @property
+    def baseline_value(self) -> float:
+        return self.reference.metric(self.metric)
+
+    @property
     def gain(self) -> float | None:
-        """How much better the best trial is, in the metric's direction (>= 0); None without both values."""
-        if self.baseline_value is None or self.best_value is None:
+        """How much better the best trial is, in the metric's direction (negative: worse); None without one."""
+        if self.best_value is None:
             return None
         difference = self.best_value - self.baseline_value
         return difference if metric_maximizes(self.metric) else -difference
 
 
 def baseline_gain(study: optuna.Study, *, metric: str) -> BaselineGain | None:
-    """The baseline against the best complete trial (rank_trials, the ranking that chooses the tested trial);
-    None where the study has no baseline trial."""
-    trials = study.get_trials(deepcopy=False)
-    # A baseline whose worker died is retried with its attributes (RetryHeartbeatStaleTrialCallback): the
-    # complete one counts, else the latest.
-    marked = [t for t in trials if t.user_attrs.get(BASELINE_ATTR)]
-    if not marked:
+    """The lecture's network against the best complete trial (rank_trials, the ranking that chooses the tested
+    trial); None where the study has no reference run (study.baseline = false, or not trained yet)."""
+    reference = recorded_reference(study)
+    if reference is None:
         return None
-    baseline = next((t for t in marked if t.state == TrialState.COMPLETE), marked[-1])
-    ranked = rank_trials(trials, metric=metric)
+    ranked = rank_trials(study.get_trials(deepcopy=False), metric=metric)
     best = ranked[0] if ranked and ranked[0].state == TrialState.COMPLETE else None
-    complete = baseline.state == TrialState.COMPLETE
     return BaselineGain(
         metric=metric,
-        baseline_trial=baseline.number,
-        baseline_state=baseline.state.name,
-        baseline_value=baseline.value if complete else None,
+        reference=reference,
         best_trial=best.number if best is not None else None,
         best_value=best.value if best is not None else None,
     )
 
 
 def gain_line(gain: BaselineGain) -> str:
-    """One line: e.g. `baseline (trial 0, the lecture's network) val_accuracy 0.9712 -> best 0.9864 (trial 16),
-    +1.52 points`."""
-    head = f"baseline (trial {gain.baseline_trial}, the lecture's network)"
-    if gain.baseline_value is None or gain.gain is None:
-        return f"{head} is {gain.baseline_state.lower()}: no gain over it to show on validation yet"
+    """One line: e.g. `the lecture's network (reference run, 5 epochs, 24.1 s) val_accuracy 0.9712 -> best 0.9864
+    (trial 16), +1.52 points`."""
+    reference = gain.reference
+    head = f"the lecture's network (reference run, {reference.epochs} epochs, {reference.fit_seconds:.1f} s)"
     value = f"{gain.metric} {gain.baseline_value:.4f}"
-    if gain.best_trial == gain.baseline_trial:
-        return f"{head} {value} is the best trial: the sweep gained nothing over it on validation"
-    assert gain.best_value is not None
+    if gain.gain is None or gain.best_value is None:
+        return f"{head} {value}; no complete trial to compare it with yet"
     if gain.metric == "val_accuracy":
-        change = f"+{100 * gain.gain:.2f} points"
+        change = f"{100 * gain.gain:+.2f} points"
     else:
         change = f"{gain.best_value - gain.baseline_value:+.4f} (lower is better)"
     return f"{head} {value} -> best {gain.best_value:.4f} (trial {gain.best_trial}), {change}"
 
 
-def study_summary(study: optuna.Study, rows: Sequence[Row], *, metric: str) -> dict[str, Any]:
+def lecture_rows(study: optuna.Study, gain: BaselineGain, result: TestResult | None) -> list[Row]:
+    """The lecture's network beside the chosen trial (the best one before the test set is scored), on validation."""
+    number = result.trial_number if result is not None else gain.best_trial
+    chosen = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    reference = gain.reference
+    rows: list[Row] = [
+        {
+            "": "the lecture's network",
+            "run": reference.run_id,
+            "epochs": reference.epochs,
+            "val_accuracy": reference.val_accuracy,
+            "val_loss": reference.val_loss,
+            "params": {**LECTURE_PARAMS, "hidden": "500-500"},
+        }
+    ]
+    if chosen is not None:
+        rows.append(
+            {
+                "": f"trial {chosen.number} ({'chosen' if result is not None else 'best so far'})",
+                "run": chosen.user_attrs.get(RUN_ID_ATTR),
+                "epochs": chosen.user_attrs.get(EPOCHS_TRAINED_ATTR),
+                "val_accuracy": chosen.user_attrs.get(VAL_ACCURACY_ATTR),
+                "val_loss": chosen.user_attrs.get(VAL_LOSS_ATTR),
+                "params": dict(chosen.params),
+            }
+        )
+    return rows
+
+
+def lecture_matrices(study: optuna.Study, gain: BaselineGain, rows: Sequence[Row]) -> list[tuple[str, Any]]:
+    """(title, validation confusion matrix) of the lecture's network and of the chosen trial where recorded."""
+    matrices: list[tuple[str, Any]] = [("the lecture's network", gain.reference.val_confusion_matrix)]
+    trials = {t.user_attrs.get(RUN_ID_ATTR): t for t in study.get_trials(deepcopy=False)}
+    for row in rows[1:]:
+        matrix = trials[row["run"]].user_attrs.get(VAL_CONFUSION_ATTR) if row["run"] in trials else None
+        if matrix is not None:
+            matrices.append((str(row[""]), matrix))
+    return matrices
+
+
+def study_summary(
+    study: optuna.Study, rows: Sequence[Row], *, metric: str, result: TestResult | None = None
+) -> dict[str, Any]:
     """Plain data about the sweep: state counts, durations, the top trials (of `rows`), the gain over the
     baseline trial (None without one) and the environment."""
     trials = study.get_trials(deepcopy=False)
@@ -151,8 +197,20 @@ def study_summary(study: optuna.Study, rows: Sequence[Row], *, metric: str) -> d
         "top_trials": [
             {k: v for k, v in row.items() if k != "state"} for row in rows if row["state"] == TrialState.COMPLETE.name
         ][:TOP_TRIALS],
-        "baseline": None if gain is None else {**asdict(gain), "gain": gain.gain, "line": gain_line(gain)},
+        "baseline": None if gain is None else _lecture_summary(study, gain, result),
         "environment": environment(),
+    }
+
+
+def _lecture_summary(study: optuna.Study, gain: BaselineGain, result: TestResult | None) -> dict[str, Any]:
+    rows = lecture_rows(study, gain, result)
+    return {
+        **asdict(gain),
+        "baseline_value": gain.baseline_value,
+        "gain": gain.gain,
+        "line": gain_line(gain),
+        "rows": rows,
+        "matrices": [{"title": title, "matrix": matrix} for title, matrix in lecture_matrices(study, gain, rows)],
     }
 
 
@@ -234,24 +292,60 @@ def _table(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(result: TestResult | None, summary: dict[str, Any]) -> str:
+def render_markdown(
+    result: TestResult | None, summary: dict[str, Any], registration: Registration | None = None
+) -> str:
     """The report as Markdown: the same facts as the HTML page, without the plots."""
     title = [f"# mnist-sweep report: study `{summary['study']}`", ""]
-    test = _test_markdown(result, summary.get("after_seal")) if result is not None else _not_scored_markdown()
-    return "\n".join([*title, *test, *_sweep_markdown(summary), *_environment_markdown(result, summary)])
+    test = (
+        _test_markdown(result, registration, summary.get("after_seal"))
+        if result is not None
+        else _not_scored_markdown()
+    )
+    lecture = _lecture_markdown(summary["baseline"]) if summary.get("baseline") else []
+    return "\n".join([*title, *test, *lecture, *_sweep_markdown(summary), *_environment_markdown(result, summary)])
+
+
+LECTURE_TITLE = "The lecture's network beside the chosen trial (validation)"
+LECTURE_NOTE = (
+    "The lecture's own network (784-500-500-10, sigmoid, Adam at 1e-3, batches of 128, 5 epochs) trained once on "
+    "the same split, beside the trials: not a trial, never scored on the test set."
+)
+
+
+def _matrix_rows(matrix: Sequence[Sequence[int]]) -> list[Row]:
+    return [{"true": k, **{str(j): v for j, v in enumerate(row)}} for k, row in enumerate(matrix)]
+
+
+def _lecture_markdown(lecture: Mapping[str, Any]) -> list[str]:
+    out = [f"## {LECTURE_TITLE}", "", LECTURE_NOTE, "", f"- {lecture['line']}", "", _table(lecture["rows"])]
+    for shown in lecture["matrices"]:
+        out += [f"### Validation confusion matrix: {shown['title']}", "", _table(_matrix_rows(shown["matrix"]))]
+    return out
 
 
 def _not_scored_markdown() -> list[str]:
     return [f"**{NOT_SCORED}** Run `mnist-sweep finalize SWEEP` to score the chosen trial once.", ""]
 
 
-def _test_markdown(result: TestResult, after_seal: str | None) -> list[str]:
+def registered_text(registration: Registration | None) -> str:
+    """Where the chosen model is in the Model Registry, for both pages."""
+    if registration is None:
+        return (
+            'not registered (tracking.registered_model is "", or the registry refused it: '
+            "`mnist-sweep finalize SWEEP` registers it once)"
+        )
+    return (
+        f"{registration.name!r} version {registration.version}, alias {registration.alias}: "
+        f"load it with mlflow.pyfunc.load_model({registration.uri!r})"
+    )
+
+
+def _test_markdown(result: TestResult, registration: Registration | None, after_seal: str | None) -> list[str]:
     """The test score, the chosen trial, the confusion matrix and the per-class metrics."""
     low, high = result.test_accuracy_ci95
     gap = result.gaps()
-    matrix_rows = [
-        {"true": k, **{str(j): v for j, v in enumerate(row)}} for k, row in enumerate(result.test_confusion_matrix)
-    ]
+    matrix_rows = _matrix_rows(result.test_confusion_matrix)
     return [
         "## Held-out test set (scored once)",
         "",
@@ -261,6 +355,7 @@ def _test_markdown(result: TestResult, after_seal: str | None) -> list[str]:
         f"- validation -> test gap: accuracy {_cell(gap['accuracy'])} (validation minus test), "
         f"loss {_cell(gap['loss'])} (test minus validation)",
         f"- scored at {result.scored_at} by {result.scored_by}",
+        f"- registered model: {registered_text(registration)}",
         *([f"- {after_seal}"] if after_seal else []),
         "",
         "## Chosen trial",
@@ -284,7 +379,11 @@ def _sweep_markdown(summary: Mapping[str, Any]) -> list[str]:
         "",
         f"- trials: {_state_line(summary)}",
         f"- time in trials: {summary['total_trial_seconds']} s (mean {summary['mean_trial_seconds']} s per trial)",
-        *([f"- {summary['baseline']['line']}"] if summary.get("baseline") else []),
+        *(
+            [f"- {summary['baseline']['line']}"]
+            if summary.get("baseline")
+            else ["- the lecture's network: not trained"]
+        ),
         "- plots: report.html (one page, opens offline)",
         "",
         "### Top trials",
@@ -331,7 +430,7 @@ def _note(title: str, note: str, *, key: str) -> str:
     return f'<div class="plot-note" data-plot="{key}"><strong>{html.escape(title)}</strong>: {html.escape(note)}</div>'
 
 
-def _test_section(result: TestResult, after_seal: str | None) -> str:
+def _test_section(result: TestResult, registration: Registration | None, after_seal: str | None) -> str:
     low, high = result.test_accuracy_ci95
     gap = result.gaps()
     matrix = result.test_confusion_matrix
@@ -345,6 +444,12 @@ def _test_section(result: TestResult, after_seal: str | None) -> str:
             f"accuracy, validation minus test; loss {_cell(gap['loss'])}",
         ),
         _card("test images", str(result.test_images), f"scored {result.scored_at}"),
+        _card(
+            "registered model",
+            f"{registration.name} v{registration.version}" if registration else "not registered",
+            f"alias {registration.alias}: {registration.uri}" if registration else registered_text(None),
+            value_id="registered-model",
+        ),
     ]
     heatmaps = [
         _plot(
@@ -365,6 +470,26 @@ def _test_section(result: TestResult, after_seal: str | None) -> str:
 <div class="grid">{"".join(heatmaps)}</div>
 <h3>Most confused digits</h3>{_html_table(_confused_rows(result), table_id="confused-pairs")}
 <h3>Per-class test metrics</h3>{_html_table(result.test_per_class, table_id="per-class")}
+</section>"""
+
+
+def _lecture_section(lecture: Mapping[str, Any]) -> str:
+    heatmaps = [
+        _plot(
+            plots.figure_div(
+                plots.confusion_heatmap(shown["matrix"], normalised=False, title=f"Validation: {shown['title']}"),
+                div_id=f"lecture-confusion-{index}",
+            ),
+            key=f"lecture-confusion-{index}",
+        )
+        for index, shown in enumerate(lecture["matrices"])
+    ]
+    return f"""
+<section id="lecture"><h2>{html.escape(LECTURE_TITLE)}</h2>
+<p class="note">{html.escape(LECTURE_NOTE)}</p>
+<p id="lecture-gain">{html.escape(lecture["line"])}</p>
+{_html_table(lecture["rows"], table_id="lecture-table")}
+<div class="grid">{"".join(heatmaps)}</div>
 </section>"""
 
 
@@ -392,12 +517,17 @@ def _sweep_section(summary: Mapping[str, Any], sweep_plots: Sequence[plots.Sweep
 </section>"""
 
 
-def render_html(result: TestResult | None, summary: dict[str, Any], sweep_plots: Sequence[plots.SweepPlot]) -> str:
+def render_html(
+    result: TestResult | None,
+    summary: dict[str, Any],
+    sweep_plots: Sequence[plots.SweepPlot],
+    registration: Registration | None = None,
+) -> str:
     """The report as one self-contained page: plotly.js embedded once (packed), nothing fetched."""
     study = html.escape(summary["study"])
     written = datetime.now(timezone.utc).isoformat(timespec="seconds")
     test = (
-        _test_section(result, summary.get("after_seal"))
+        _test_section(result, registration, summary.get("after_seal"))
         if result is not None
         else f'<div class="banner" id="not-scored"><strong>{NOT_SCORED}</strong> Run <code>mnist-sweep finalize '
         f"SWEEP</code> to score the chosen trial once.</div>"
@@ -410,6 +540,7 @@ def render_html(result: TestResult | None, summary: dict[str, Any], sweep_plots:
 <h1>mnist-sweep report: study <code>{study}</code></h1>
 <p class="note">written {written}; direction: {html.escape(summary["direction"])}</p>
 {test}
+{_lecture_section(summary["baseline"]) if summary.get("baseline") else ""}
 {_sweep_section(summary, sweep_plots)}
 <section id="environment"><h2>Environment</h2>{_html_table(env_rows, table_id="environment-table")}</section>
 {plots.plotly_loader()}
@@ -457,15 +588,22 @@ def write_report(
     per plot had to embed its own copy to open offline and in MLflow's sandboxed artifact view (~28 MB a study).
     """
     rows = leaderboard_rows(study, run_metrics, metric=metric)
-    summary = study_summary(study, rows, metric=metric)
+    summary = study_summary(study, rows, metric=metric, result=result)
     summary["after_seal"] = after_seal_line(study, result) if result is not None else None
     sweep_plots = plots.sweep_plots(study, metric=metric)
+    registration = Registration.from_dict(study.user_attrs.get(REGISTERED_MODEL_ATTR))
     folder.mkdir(parents=True, exist_ok=True)
+    registered = {"registered_model": registration.to_dict() if registration else None}
     written = {
-        "report.html": render_html(result, summary, sweep_plots),
-        "report.md": render_markdown(result, summary),
+        "report.html": render_html(result, summary, sweep_plots, registration),
+        "report.md": render_markdown(result, summary, registration),
         "test_metrics.json": json.dumps(
-            {"test_set_scored": result is not None, **(result.to_dict() if result else {}), "sweep": summary},
+            {
+                "test_set_scored": result is not None,
+                **(result.to_dict() if result else {}),
+                **registered,
+                "sweep": summary,
+            },
             indent=2,
             default=str,
         ),

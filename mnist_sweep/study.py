@@ -17,7 +17,6 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep import databases, interrupt
-from mnist_sweep.baseline import BaselineSkipped, BaselineValues, baseline_values
 from mnist_sweep.config import StudyConfig, SweepConfig
 from mnist_sweep.console import NO_PROGRESS, TrialProgress
 from mnist_sweep.data import Split, sealed_test_set
@@ -32,7 +31,6 @@ from mnist_sweep.keras_tuner_engine import (
 )
 from mnist_sweep.placement import THREADS_CPU_LIMIT, WORKER_VAR
 from mnist_sweep.records import (
-    BASELINE_ATTR,
     ENGINE_ATTR,
     EPOCHS_TRAINED_ATTR,
     FAIL_REASON_ATTR,
@@ -43,6 +41,7 @@ from mnist_sweep.records import (
     SEED_ATTR,
     TRACKING_SECONDS_ATTR,
     VAL_ACCURACY_ATTR,
+    VAL_CONFUSION_ATTR,
     VAL_LOSS_ATTR,
     RunParams,
 )
@@ -226,29 +225,8 @@ def open_study(
 
 def _sampler(cfg: SweepConfig, policy: WorkerPolicy, *, seed_offset: int) -> optuna.samplers.BaseSampler:
     if cfg.study.engine == "keras-tuner":
-        # The baseline goes to the oracle as its first values, not to Optuna's enqueue_trial (the oracle, not
-        # Optuna, picks each trial's values here); a reloaded oracle has drawn them already and ignores them.
-        plan = baseline_values(cfg)
-        if isinstance(plan, BaselineValues):
-            return OracleSampler(cfg, first_values=[plan.values], first_attrs={BASELINE_ATTR: True})
         return OracleSampler(cfg)
     return make_sampler(cfg.study, seed_offset=seed_offset, constant_liar=policy.constant_liar)
-
-
-def enqueue_baseline(study: optuna.Study, cfg: SweepConfig) -> str:
-    """The lecture's network as the next trial, marked as the baseline; call once, where the study was created.
-
-    Returns the line to show: the trial enqueued, or why the baseline is skipped ("" where study.baseline is off).
-    """
-    plan = baseline_values(cfg)
-    if isinstance(plan, BaselineSkipped):
-        return plan.line
-    if not isinstance(plan, BaselineValues):
-        return ""
-    if cfg.study.engine == "optuna":  # keras-tuner's oracle draws it first (open_study)
-        study.enqueue_trial(plan.values, user_attrs={BASELINE_ATTR: True})
-    shown = ", ".join(f"{name} = {value!r}" for name, value in plan.values.items())
-    return f"baseline: the lecture's network runs first ({shown or 'every key fixed'})"
 
 
 def count_finished(study: optuna.Study) -> int:
@@ -446,7 +424,6 @@ class Objective:
                 study_name=trial.study.study_name,
                 trial_number=trial.number,
                 params=run_params.encode(),
-                baseline=bool(trial.user_attrs.get(BASELINE_ATTR)),
                 tags=self.run_tags,
             )
             trial.set_user_attr(RUN_ID_ATTR, run_id)
@@ -543,6 +520,9 @@ class Objective:
         trial.set_user_attr(EPOCHS_TRAINED_ATTR, outcome.epochs_trained)
         trial.set_user_attr(VAL_LOSS_ATTR, outcome.val_loss)
         trial.set_user_attr(VAL_ACCURACY_ATTR, outcome.val_accuracy)
+        trial.set_user_attr(
+            VAL_CONFUSION_ATTR, outcome.report.matrix.tolist()
+        )  # the report shows it beside the lecture's
         trial.set_user_attr(FIT_SECONDS_ATTR, round(outcome.fit_seconds, 3))
         logging_hook.seconds += time.perf_counter() - started
         trial.set_user_attr(TRACKING_SECONDS_ATTR, round(logging_hook.seconds, 3))

@@ -7,22 +7,23 @@ from pathlib import Path
 import optuna
 
 from mnist_sweep import local_workers, preflight
+from mnist_sweep.baseline import train_reference
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.console import NO_PROGRESS, Echo, TrialProgress
 from mnist_sweep.data import DataSource, Split
 from mnist_sweep.databases import nothing_recorded
 from mnist_sweep.environment import device_line, gpus
-from mnist_sweep.errors import EXIT_BAD_INPUT, NoSuchStudyError, StudySealedError
+from mnist_sweep.errors import EXIT_BAD_INPUT, NoSuchStudyError, RegistryError, StudySealedError
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
 from mnist_sweep.live import settle_before_scoring
 from mnist_sweep.local_workers import Children
-from mnist_sweep.records import PARENT_RUN_ATTR, TestResult
+from mnist_sweep.records import PARENT_RUN_ATTR, REGISTERED_MODEL_ATTR, Registration, TestResult
+from mnist_sweep.registry import register_champion
 from mnist_sweep.report import baseline_gain, gain_line, leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.space import searched_names
 from mnist_sweep.study import (
     Objective,
     count_finished,
-    enqueue_baseline,
     load_existing_study,
     make_storage,
     open_study,
@@ -31,7 +32,7 @@ from mnist_sweep.study import (
     run_trials,
     worker_salt,
 )
-from mnist_sweep.tracking import Tracker, recorded_trial_metrics
+from mnist_sweep.tracking import Tracker, global_tracking_uri, recorded_trial_metrics
 from mnist_sweep.ui import serve_dashboard, serve_mlflow_ui
 
 
@@ -68,7 +69,6 @@ def run(
         return _already_scored(cfg, existing, echo)
     tracker = make_tracker(cfg)
     study, created = open_study(cfg, storage, worker_salt=worker_salt() if as_worker else 0)
-    baseline_line = enqueue_baseline(study, cfg) if created else ""  # once per study: never on a resume
     parent = parent_run_id(study, tracker, created=created, config=cfg.to_dict())
     tracker.describe_run(parent, study_description(cfg, sweep_file=sweep_file))
     echo(device_line(gpus()))
@@ -76,8 +76,6 @@ def run(
         f"study {cfg.study.name!r}: {count_finished(study)}/{cfg.study.trials} trials finished; "
         f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {parent}"
     )
-    if baseline_line:
-        echo(baseline_line)
     tracker.set_parent_status(parent, "RUNNING")  # a rerun after an interrupt: the study is running again
     status = "KILLED"
     try:
@@ -90,6 +88,17 @@ def run(
                 data_source=source.describe(),
                 progress=progress,
                 run_tags=recorded_policy(study.user_attrs, cfg.study).tags(),  # the sampler this process built
+            )
+            # Beside the trials, once per study: what the report measures the sweep against.
+            train_reference(
+                cfg=cfg,
+                study=study,
+                storage=storage,
+                split=split,
+                tracker=tracker,
+                parent_run_id=parent,
+                session=objective.session,
+                echo=echo,
             )
             run_trials(
                 study,
@@ -146,7 +155,7 @@ def _already_scored(cfg: SweepConfig, study: optuna.Study, echo: Echo) -> int:
         )
     result = recorded_result(study)
     echo("test set already scored; nothing trained or scored again")
-    echo(result_line(result) if result else "the test set is being scored by another process", final=True)
+    echo(final_line(study, result) if result else "the test set is being scored by another process", final=True)
     return 0
 
 
@@ -238,9 +247,39 @@ def _finalize(
     )
     if not scored_now:
         echo("test set already scored; nothing scored again")
+    refused = _register(cfg, study, result, tracker=tracker, parent=parent)
     _write_report(cfg, study, result, tracker=tracker, parent=parent, echo=echo)
-    echo(result_line(result), final=True)
+    echo(final_line(study, result), final=True)
+    if refused is not None:  # the result is sealed and reported all the same; the next finalize registers it
+        raise refused
     return result
+
+
+def _register(
+    cfg: SweepConfig, study: optuna.Study, result: TestResult, *, tracker: Tracker, parent: str
+) -> RegistryError | None:
+    """The scored model as the registered model's champion (registry.py), recorded on the study; the refusal
+    where the registry refuses it."""
+    name = cfg.tracking.registered_model
+    if not name:
+        return None
+    report = (Path(cfg.tracking.reports) / cfg.study.name / "report.html").absolute()
+    where = f"`{report}`, and `report/report.html` in the study's MLflow run `{parent}`"
+    try:
+        with global_tracking_uri(tracker.uri):  # MLflow resolves the version's models:/ source through it
+            registration = register_champion(
+                tracker.client, name=name, result=result, parent_run_id=parent, report=where
+            )
+    except RegistryError as refused:
+        return refused
+    study.set_user_attr(REGISTERED_MODEL_ATTR, registration.to_dict())
+    return None
+
+
+def final_line(study: optuna.Study, result: TestResult) -> str:
+    """The test result, and the registered model, version and alias where the model is registered."""
+    registration = Registration.from_dict(study.user_attrs.get(REGISTERED_MODEL_ATTR))
+    return result_line(result) + (f"; {registration.line()}" if registration else "")
 
 
 def _write_report(
@@ -289,7 +328,7 @@ def report(cfg: SweepConfig, *, echo: Echo, warn: Echo) -> int:
             "(`mnist-sweep finalize SWEEP` scores it once)"
         )
         return EXIT_BAD_INPUT
-    echo(result_line(result), final=True)
+    echo(final_line(study, result), final=True)
     return 0
 
 

@@ -40,6 +40,7 @@ from mnist_sweep.records import (
     MODEL_URI_KEY,
     PARENT_TAG,
     PRUNED_AT_EPOCH_TAG,
+    REFERENCE_ROLE,
     ROLE_TAG,
     STATE_REASON_TAG,
     STATE_TAG,
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     from mnist_sweep.trial import TrialOutcome
 
 MAX_RUNNING_RUNS = 1000
+REFERENCE_RUN_NAME = "lecture-network"
 # What _save_model writes: MLflow's keras flavor, Keras' own .keras zip, never a TF SavedModel.
 MODEL_FILE = Path("data") / "model.keras"
 
@@ -97,11 +99,16 @@ def _model_pip_requirements() -> list[str]:
 
 
 def _model_signature() -> Any:
+    """float32 images (N, 28, 28) in, (N, 10) probabilities out.
+
+    The input is unnamed: a named tensor makes pyfunc (and so `mlflow models serve`) hand the model a dict
+    {name: images}, which a Sequential model refuses.
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIDE, IMAGE_SIDE), "image")]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIDE, IMAGE_SIDE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES), "probabilities")]),
     )
 
@@ -330,26 +337,42 @@ class Tracker:
         study_name: str,
         trial_number: int,
         params: Mapping[str, Any],
-        baseline: bool = False,
         tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """`tags`: the worker policy's, besides the trial's own and the machine's."""
+        own = {ROLE_TAG: TRIAL_ROLE, TRIAL_NUMBER_TAG: str(trial_number), STATE_TAG: "RUNNING"}
+        return self._start_child_run(
+            parent_run_id, study_name, f"trial-{trial_number:04d}", {**(tags or {}), **own}, params
+        )
+
+    def start_reference_run(self, *, parent_run_id: str, study_name: str, params: Mapping[str, Any]) -> str:
+        """The lecture's network's run: a child of the study's run like the trials, but not one of them (its role)."""
+        tags = {ROLE_TAG: REFERENCE_ROLE, BASELINE_TAG: "true", STATE_TAG: "RUNNING"}
+        return self._start_child_run(parent_run_id, study_name, REFERENCE_RUN_NAME, tags, params)
+
+    def _start_child_run(
+        self, parent_run_id: str, study_name: str, name: str, tags: Mapping[str, str], params: Mapping[str, Any]
     ) -> str:
         run = self.client.create_run(
             self.experiment_id,
-            run_name=f"trial-{trial_number:04d}",
-            tags={
-                **(tags or {}),
-                PARENT_TAG: parent_run_id,
-                ROLE_TAG: TRIAL_ROLE,
-                STUDY_TAG: study_name,
-                TRIAL_NUMBER_TAG: str(trial_number),
-                STATE_TAG: "RUNNING",
-                **({BASELINE_TAG: "true"} if baseline else {}),
-                **self._machine_tags,
-            },
+            run_name=name,
+            tags={**tags, PARENT_TAG: parent_run_id, STUDY_TAG: study_name, **self._machine_tags},
         )
         run_id = str(run.info.run_id)
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run_id
+
+    def finish_reference_run(self, run_id: str, outcome: TrialOutcome) -> None:
+        """Its validation confusion matrix and final metrics; no model: it is never scored or served."""
+        self.log_report_artifacts(run_id, outcome.report, prefix="val", title="validation")
+        final = {
+            final_metric("val_loss"): outcome.val_loss,
+            final_metric("val_accuracy"): outcome.val_accuracy,
+            "epochs_trained": float(outcome.epochs_trained),
+            "fit_seconds": outcome.fit_seconds,
+            **outcome.report.as_flat_metrics("val"),
+        }
+        self.end_trial_run(run_id, state="COMPLETE", metrics=final)
 
     def log_epoch(self, run_id: str, epoch: int, values: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)

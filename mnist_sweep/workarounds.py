@@ -127,23 +127,6 @@ def create_mlflow_tables(uri: str) -> None:
 # --------------------------------------------------------------------------- keras-tuner: its oracles
 
 
-def first_values_oracle(base: type) -> type:
-    """`base` (a keras-tuner oracle class) whose random draws start with its `first_values`: every oracle draws
-    its unguided trials through the private `_random_values`, so the first values (a baseline) go there."""
-
-    class FirstValuesOracle(base):  # type: ignore[misc, valid-type]
-        first_values: list[dict[str, Any]]
-
-        def _random_values(self) -> dict[str, Any] | None:
-            drawn: dict[str, Any] | None = super()._random_values()
-            if self.first_values:  # keys the first values leave out are drawn
-                return {**(drawn or {}), **self.first_values.pop(0)}
-            return drawn
-
-    FirstValuesOracle.__name__ = base.__name__
-    return FirstValuesOracle
-
-
 def set_oracle_project_dir(oracle: Any, folder: str, name: str) -> None:
     """Where the oracle saves and reloads its state: keras-tuner's tuners set it, through a private method."""
     oracle._set_project_dir(folder, name)

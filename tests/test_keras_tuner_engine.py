@@ -145,26 +145,6 @@ def test_a_restart_reloads_the_oracle_and_reasks_the_trial_that_was_running(
     assert len(second.oracle.trials) == 5  # the reloaded oracle knows every trial the ledger has
 
 
-def test_first_values_are_the_oracles_first_trial(tmp_path: Path, new_sampler: Any) -> None:
-    cfg = kt_config(tmp_path, "hyperband")
-    baseline = {"optimizer": "sgd", "learning_rate": 0.01}
-    first = new_sampler(cfg, first_values=[baseline], first_attrs={"baseline": True})
-    study = optuna.create_study(study_name="s", storage=cfg.study.storage, sampler=first, direction="maximize")
-    killed = study.ask()  # the baseline's process dies mid-trial
-    sample_params(killed, cfg.search)
-    first._lock.close()  # type: ignore[union-attr]
-
-    second = new_sampler(cfg, first_values=[baseline], first_attrs={"baseline": True})  # a reloaded oracle
-    study = optuna.load_study(study_name="s", storage=cfg.study.storage, sampler=second)
-    study.optimize(synthetic_objective(cfg), n_trials=2)
-
-    trials = study.trials
-    assert [{key: t.params[key] for key in baseline} == baseline for t in trials] == [True, True, False]
-    assert [t.user_attrs.get("baseline", False) for t in trials] == [True, True, False]
-    oracle_values = second.oracle.get_trial(trials[1].user_attrs[KERAS_TUNER_TRIAL_ID_ATTR]).hyperparameters.values
-    assert {key: oracle_values[key] for key in baseline} == baseline
-
-
 def test_a_study_keeps_its_engine_and_oracle(tmp_path: Path) -> None:
     made_by_optuna = optuna.create_study(storage=f"sqlite:///{tmp_path}/optuna.db", study_name="fcn")
     with pytest.raises(StudyMismatchError, match="created with engine 'optuna'.*'keras-tuner/bayesian'"):
@@ -267,39 +247,3 @@ def test_worker_on_a_keras_tuner_study_is_refused_and_creates_nothing(tmp_path: 
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and "study.engine = 'keras-tuner'" in lines[0]
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("engine", ["optuna", "keras-tuner"])
-def test_the_baseline_is_the_first_trial_with_either_engine(tmp_path: Path, engine: str) -> None:
-    """Optuna enqueues the lecture's values; keras-tuner's oracle draws them first (nothing enqueued in Optuna)."""
-    from mnist_sweep.baseline import LECTURE_PARAMS
-    from mnist_sweep.study import enqueue_baseline, make_storage, open_study
-
-    cfg = build_config(
-        {
-            "study": {
-                "engine": engine,
-                "sampler": "random",
-                "pruner": "none",
-                "storage": f"sqlite:///{tmp_path}/optuna.db",
-                "trials": 3,
-            },
-            "train": {"epochs": 2},
-            "search": {"activation": ["relu", "sigmoid"], "dropout": {"low": 0.0, "high": 0.4}},
-        }
-    )
-    study, created = open_study(cfg, make_storage(cfg.study))
-    try:
-        line = enqueue_baseline(study, cfg)
-        waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
-        assert len(waiting) == (1 if engine == "optuna" else 0)
-        study.optimize(synthetic_objective(cfg), n_trials=2)
-    finally:
-        if isinstance(study.sampler, OracleSampler) and study.sampler._lock is not None:
-            study.sampler._lock.close()
-
-    assert created and line.startswith("baseline: the lecture's network runs first")
-    first, second = study.trials
-    assert first.params == {name: LECTURE_PARAMS[name] for name in first.params}
-    assert first.user_attrs.get("baseline") is True
-    assert "baseline" not in second.user_attrs and second.params != first.params

@@ -31,6 +31,7 @@ SWEEP = str(DEFAULT_SWEEP)
 TINY = small_sweep_args(trials=3, train_limit=1000, validation=500)
 TRIAL_RUNS = "tags.`mnist_sweep.role` = 'trial'"
 HEATMAPS = ("confusion-counts", "confusion-normalised")
+LECTURE_HEATMAPS = ("lecture-confusion-0", "lecture-confusion-1")  # the lecture's network's and the chosen trial's
 # Each plot container, and whether plotly drew into it (an SVG or a WebGL canvas).
 PLOT_STATE = """() => Object.fromEntries([...document.querySelectorAll('figure.plot')].map(
     f => [f.dataset.plot, f.querySelector('svg.main-svg, canvas') !== null]))"""
@@ -101,7 +102,7 @@ def test_report_opens_offline_in_chromium_and_every_plot_draws(sweep: Sweep) -> 
         notes = page.locator(".plot-note").count()
     assert problems == []
     assert shown_accuracy == f"{sweep.result()['test_accuracy']:.4f}"
-    assert drawn == dict.fromkeys([*HEATMAPS, *SWEEP_PLOT_TITLES], True)
+    assert drawn == dict.fromkeys([*HEATMAPS, *LECTURE_HEATMAPS, *SWEEP_PLOT_TITLES], True)
     assert notes == 0  # three complete trials with varied hyperparameters: every sweep plot says something
 
 
@@ -259,5 +260,6 @@ def test_report_before_the_test_set_is_scored_is_marked_and_exits_2(run_cli: Cli
         notes = page.locator(".plot-note").all_inner_texts()
     assert problems == []
     assert NOT_SCORED in banner
-    assert drawn == {"intermediate_values": True}  # one trial: the others are notes, not crashes
+    # one trial: the other sweep plots are notes, not crashes; the lecture's network beside the best trial
+    assert drawn == {"intermediate_values": True, **dict.fromkeys(LECTURE_HEATMAPS, True)}
     assert len(notes) == 4 and all("not enough trials: 1 complete, 2 needed" in note for note in notes)

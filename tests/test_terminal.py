@@ -209,7 +209,7 @@ def test_terminal_shows_live_progress_then_the_trial_lines(tmp_path: Path, data:
         "--set",
         "train.steps_per_execution=1",
         "--set",
-        "study.baseline=false",  # no skip line: the screen holds the progress lines alone
+        "study.baseline=false",  # no reference run: the screen holds the trials' progress lines alone
         cwd=tmp_path,
         data=data,
     )
@@ -288,7 +288,7 @@ def test_run_into_a_closed_pipe_finishes_every_trial_and_scores_the_test_set(run
     done = run_into_head
     assert done.first_lines[0].startswith("no GPU found, training on CPU")
     assert done.first_lines[1].startswith("study 'fcn': 0/3 trials finished")
-    assert done.first_lines[2].startswith("baseline skipped: ")  # sweeps/fcn.toml leaves out sigmoid and dropout 0
+    assert done.first_lines[2].startswith("the lecture's network (reference, not a trial): ")
     assert done.first_lines[3].startswith("trial    0  ")
     assert "\x1b" not in "".join(done.first_lines), "no cursor movement in a pipe"
     assert done.returncode == 0 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

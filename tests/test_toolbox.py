@@ -1,4 +1,4 @@
-"""The lecture's training toolbox, end to end: the lecture's network as the baseline trial, the plateau schedule
+"""The lecture's training toolbox, end to end: the lecture's network trained beside the trials, the plateau schedule
 with its learning rate per epoch, and TensorBoard event files uploaded to each trial's run.
 
 One tiny real study (two workers' runs, then finalize), read back from Optuna, MLflow and the report."""
@@ -87,53 +87,54 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
     return Study(folder, sweep, first, resumed, finalized, trials)
 
 
-def test_the_first_trial_is_the_lecture_network_with_exactly_its_values(study: Study) -> None:
+def test_the_lecture_network_is_trained_once_beside_the_trials_never_as_one(study: Study) -> None:
     trials = study.optuna().get_trials()
-    first = trials[0]
-    assert first.params == {name: LECTURE_PARAMS[name] for name in SEARCHED}
-    assert first.params == {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 128, "activation": "sigmoid"}
-    assert first.user_attrs["baseline"] is True
-    assert [t.number for t in trials if t.user_attrs.get("baseline")] == [0]
-    run = study.run_of(first)
-    assert run.data.tags["baseline"] == "true"
-    assert {name: run.data.params[name] for name in (*SEARCHED, "dropout", "hidden")} == {
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3  # study.trials counts the trials alone
+    reference = study.optuna().user_attrs["lecture_reference"]
+    run = study.mlflow().get_run(reference["run_id"])
+    assert run.data.tags["baseline"] == "true" and run.data.tags["mnist_sweep.role"] == "reference"
+    assert run.data.tags["mlflow.parentRunId"] == study.optuna().user_attrs["mlflow_parent_run_id"]
+    assert run.info.status == "FINISHED" and reference["epochs"] == 5
+    assert {name: run.data.params[name] for name in (*SEARCHED, "dropout", "hidden", "epochs")} == {
         "optimizer": "adam",
         "learning_rate": "0.001",
         "batch_size": "128",
         "activation": "sigmoid",
         "dropout": "0.0",
         "hidden": "500-500",
+        "epochs": "5",
     }
-    assert all("baseline" not in study.run_of(t).data.tags for t in trials[1:])
-    assert "baseline: the lecture's network runs first" in study.first.stdout
+    assert run.data.metrics["final_val_accuracy"] == pytest.approx(reference["val_accuracy"])
+    assert sum(map(sum, reference["val_confusion_matrix"])) == 500  # the whole validation split
+    assert all("baseline" not in study.run_of(t).data.tags for t in trials)
+    assert "the lecture's network (reference, not a trial)" in study.first.stdout
+    assert "lecture" not in study.resumed.stdout.replace("study 'lecture'", "")  # once per study: not on a resume
+    assert LECTURE_PARAMS["activation"] == "sigmoid"
 
 
-def test_a_resume_does_not_enqueue_the_baseline_again(study: Study) -> None:
+def test_report_and_leaderboard_show_the_gain_over_the_lecture_network_on_validation(study: Study) -> None:
     trials = study.optuna().get_trials()
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
-    assert sum(bool(t.user_attrs.get("baseline")) for t in trials) == 1
-    assert "baseline" not in study.resumed.stdout
-
-
-def test_report_and_leaderboard_show_the_gain_over_the_baseline_on_validation(study: Study) -> None:
-    trials = study.optuna().get_trials()
-    baseline = trials[0].value
+    reference = study.optuna().user_attrs["lecture_reference"]
+    baseline = reference["val_accuracy"]
     best = max(trials, key=lambda t: (t.value, -t.number))
-    assert baseline is not None and best.value is not None
-    if best.number == 0:
-        expected = f"val_accuracy {baseline:.4f} is the best trial: the sweep gained nothing over it"
-    else:
-        points = 100 * (best.value - baseline)
-        expected = f"val_accuracy {baseline:.4f} -> best {best.value:.4f} (trial {best.number}), {points:+.2f} points"
-    line = f"baseline (trial 0, the lecture's network) {expected}"
+    assert best.value is not None
+    points = 100 * (best.value - baseline)
+    line = (
+        f"the lecture's network (reference run, 5 epochs, {reference['fit_seconds']:.1f} s) val_accuracy "
+        f"{baseline:.4f} -> best {best.value:.4f} (trial {best.number}), {points:+.2f} points"
+    )
     assert line in study.trials.stdout and line in study.finalized.stdout
     reports = study.folder / "reports" / "lecture"
-    assert line in (reports / "report.md").read_text(encoding="utf-8")
-    assert line.replace("'", "&#x27;").replace(">", "&gt;") in (reports / "report.html").read_text(encoding="utf-8")
+    markdown = (reports / "report.md").read_text(encoding="utf-8")
+    assert line in markdown and "### Validation confusion matrix: the lecture's network" in markdown
+    assert f"### Validation confusion matrix: trial {best.number} (chosen)" in markdown
+    page = (reports / "report.html").read_text(encoding="utf-8")
+    assert line.replace("'", "&#x27;").replace(">", "&gt;") in page
+    assert 'data-plot="lecture-confusion-0"' in page and 'data-plot="lecture-confusion-1"' in page
     recorded = json.loads((reports / "test_metrics.json").read_text(encoding="utf-8"))
     assert recorded["sweep"]["baseline"]["baseline_value"] == pytest.approx(baseline)
     assert recorded["sweep"]["baseline"]["gain"] == pytest.approx(best.value - baseline)
-    # The test set scores the validation winner: the baseline only where it wins.
+    # The test set scores the validation winner, which the lecture's network never is: it is no trial.
     assert recorded["trial_number"] == best.number
 
 

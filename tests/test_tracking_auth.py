@@ -80,7 +80,7 @@ def test_a_sweep_runs_against_a_basic_auth_server_with_credentials_from_the_envi
         client = MlflowClient(tracking_uri=basic_auth_server)
         experiment = client.get_experiment_by_name("auth")
         assert experiment is not None
-        assert len(client.search_runs([experiment.experiment_id])) == 2  # the parent and the trial
+        assert len(client.search_runs([experiment.experiment_id])) == 3  # the parent, the trial, the lecture's network
     finally:
         for key in env:
             os.environ.pop(key, None)
@@ -120,3 +120,49 @@ def test_tracking_server_that_is_down_is_one_line(run_cli: CliRunner, tmp_path: 
     down = f"http://127.0.0.1:{_free_port()}"
     line, _ = _run_bad(run_cli, tmp_path, down, {})
     assert "tracking.uri" in line and down in line and "no MLflow server answers" in line
+
+
+def _as_admin(url: str, path: str, body: dict[str, object]) -> None:
+    """A request to the basic-auth server as its admin (MLflow's own REST API)."""
+    import base64
+    import json
+    import urllib.request
+
+    token = base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
+    request = urllib.request.Request(
+        url + path,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30):
+        pass
+
+
+@pytest.mark.slow
+def test_a_registry_refusing_after_scoring_is_one_line_and_the_result_stays_sealed(
+    basic_auth_server: str, run_cli: CliRunner, tmp_path: Path
+) -> None:
+    """bob may read the admin's registered model (the server's default READ), not add a version to it (403)."""
+    import json
+
+    import optuna
+
+    _as_admin(basic_auth_server, "/api/2.0/mlflow/users/create", {"username": "bob", "password": "Bob-pw-5e6f7a"})
+    tag = [{"key": "mnist_sweep.registered_by", "value": "mnist-sweep"}]  # an earlier study's, by the admin
+    _as_admin(basic_auth_server, "/api/2.0/mlflow/registered-models/create", {"name": "shared", "tags": tag})
+    env = {"MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "Bob-pw-5e6f7a"}
+    sweep = write_sweep(tmp_path, f'[tracking]\nuri = "{basic_auth_server}"\nregistered_model = "shared"\n')
+    done = run_cli("run", str(sweep), *small_sweep_args(trials=1), "--set", 'study.name="bob"', env=env)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert (
+        line.startswith("mnist-sweep: tracking.registered_model = 'shared': the MLflow server refused")
+        and "403" in line
+    )
+    assert done.stdout.strip().splitlines()[-1].startswith("test accuracy ")  # scored, and said so first
+    study = optuna.load_study(study_name="bob", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert study.user_attrs["test_result"]["test_images"] == 10000 and "registered_model" not in study.user_attrs
+    written = json.loads((tmp_path / "reports" / "bob" / "test_metrics.json").read_text())
+    assert written["test_set_scored"] is True and written["registered_model"] is None
+    again = run_cli("finalize", str(sweep), *small_sweep_args(trials=1), "--set", 'study.name="bob"', env=env)
+    assert again.returncode == 2 and "nothing scored again" in again.stdout  # sealed: the refusal is all that is new

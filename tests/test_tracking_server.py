@@ -116,8 +116,27 @@ def test_an_explicit_artifact_uri_is_used_as_given(server: Server, tmp_path: Pat
     experiment = client.get_experiment_by_name("given")
     assert experiment is not None and experiment.artifact_location == "mlflow-artifacts:/sweeps"
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 2  # the study's parent and its one trial
+    assert len(runs) == 3  # the study's parent, its one trial and the lecture's network
     for run in runs:
         assert run.info.artifact_uri.startswith("mlflow-artifacts:/sweeps/")
     assert any((server.served / "sweeps").rglob("MLmodel"))
     assert not any("mlflow-artifacts" in p.name for p in tmp_path.rglob("*")), "taken for a local folder"
+
+
+def test_the_chosen_model_is_registered_through_the_server_once(served_sweep: ServedSweep) -> None:
+    import mlflow
+    import numpy as np
+
+    client = served_sweep.client
+    (version,) = client.search_model_versions("name = 'fcn'")
+    assert str(client.get_model_version_by_alias("fcn", "champion").version) == str(version.version) == "1"
+    experiment = client.get_experiment_by_name("fcn")
+    assert experiment is not None
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`mnist_sweep.role` = 'study'")
+    assert version.run_id == parent.data.tags["test_scored_run_id"]
+    assert version.tags["parent_run_id"] == parent.info.run_id
+    assert served_sweep.outputs[1].strip().splitlines()[-1].endswith("alias champion (models:/fcn@champion)")
+    mlflow.set_tracking_uri(served_sweep.server.url)  # pyfunc loads it through the server
+    images = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
+    served = mlflow.pyfunc.load_model("models:/fcn@champion").predict(images)
+    np.testing.assert_array_equal(served, mlflow.keras.load_model("models:/fcn@champion").predict(images, verbose=0))

@@ -45,6 +45,8 @@ class Study:
         self.trials = sorted(
             (r for r in runs if r.data.tags.get("mnist_sweep.role") == "trial"), key=lambda r: r.info.run_name
         )
+        # The lecture's network, trained before the trials beside them: the oldest child of the study's run.
+        (self.reference,) = [r for r in runs if r.data.tags.get("mnist_sweep.role") == "reference"]
 
     @property
     def origin(self) -> str:
@@ -148,8 +150,9 @@ def test_expanding_the_study_run_shows_every_trial(study: Study, browser: Any) -
     open_runs_table(browser, study.served.url)
     expand_study(browser, study)
     rows = shown_rows(browser)
-    assert [run_id for run_id, _ in rows[1:]] == [r.info.run_id for r in reversed(study.trials)]  # newest first
-    assert all(run.info.run_name in text for run, (_, text) in zip(reversed(study.trials), rows[1:], strict=True))
+    children = [*reversed(study.trials), study.reference]  # newest first
+    assert [run_id for run_id, _ in rows[1:]] == [r.info.run_id for r in children]
+    assert all(run.info.run_name in text for run, (_, text) in zip(children, rows[1:], strict=True))
 
 
 def test_a_trials_val_metric_and_searched_param_are_columns_to_add(study: Study, browser: Any) -> None:
@@ -205,6 +208,20 @@ def test_the_models_tab_lists_every_complete_trials_model(study: Study, browser:
     assert source_runs == names  # and linked to its run
     assert sorted(m.source_run_id for m in models) == sorted(run.info.run_id for run in study.trials)
     assert all(run.data.tags["trial_state"] == "COMPLETE" for run in study.trials)
+
+
+def test_the_registered_models_page_shows_the_champion_version(study: Study, browser: Any, tmp_path: Path) -> None:
+    (version,) = study.client.search_model_versions("name = 'fcn'")
+    browser.goto(f"{study.origin}/#/models/fcn")
+    browser.get_by_role("link", name=f"Version {version.version}", exact=True).wait_for(timeout=90_000)
+    # The aliases column fills in after the versions table.
+    browser.wait_for_function(r"() => /@\s*champion/.test(document.body.innerText)", timeout=90_000)
+    page = browser.locator("body").inner_text()
+    browser.screenshot(path=tmp_path / "registered-model.png", full_page=True)
+    assert re.search(r"@\s*champion", page)  # the alias beside its version
+    assert "mnist_sweep.registered_by" in page and "test_accuracy" in page
+    versions = browser.get_by_role("link", name=re.compile(r"^Version \d+$")).all()
+    assert [link.inner_text() for link in versions] == [f"Version {version.version}"]  # one version, however run
 
 
 def test_the_report_draws_every_plot_in_the_study_runs_artifact_view(study: Study, browser: Any) -> None:
