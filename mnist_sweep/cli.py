@@ -39,6 +39,8 @@ where results go (paths set in the sweep file; these are the defaults):
 On a terminal, `run` and `worker` show live progress; piped or redirected they print one line per trial.
 Every command takes --quiet (only the final result) and --verbose (the libraries' logs too).
 Exit codes: 0 done, 1 too many failed trials, 2 bad input (nothing written), 130 Ctrl-C, 143 SIGTERM.
+Output no one reads (stdout closed, or a reader that quit, as in `| head -1`) is dropped without an
+error: the exit code is the command's own.
 `mnist-sweep COMMAND --help` shows a command's options."""
 
 # Modules whose FutureWarnings are chatter for a user of this tool (a warning's module is where it is raised).
@@ -142,8 +144,10 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def _validate(cfg: SweepConfig) -> int:
     from mnist_sweep.data import resolve_source
+    from mnist_sweep.preflight import check_fits_in_memory
 
     source = resolve_source(cfg.data.path)
+    check_fits_in_memory(cfg)
     sys.stdout.write(cfg.to_toml())
     sys.stdout.write(f"# data source: {source.describe()}\n")
     return EXIT_OK
@@ -294,8 +298,27 @@ def _native_stderr_silenced() -> Iterator[None]:
 SAFE_POINT_COMMANDS = ("run", "worker", "finalize", "replay")
 
 
+def _reopen_closed_streams() -> None:
+    """A closed stdout or stderr (`>&-`) becomes /dev/null: the command runs as if its output were thrown
+    away, and its exit code still says how it went (a closed pipe's reader is handled by console.py)."""
+    for descriptor, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(descriptor)
+            continue
+        except OSError:
+            pass
+        devnull = os.open(os.devnull, os.O_WRONLY)  # the lowest free descriptor: maybe this very one
+        if devnull != descriptor:
+            os.dup2(devnull, descriptor)
+            os.close(devnull)
+        # Python starts with sys.stdout = None where the descriptor was closed; child processes inherit it.
+        stream = open(descriptor, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+        setattr(sys, name, stream)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     global _console
+    _reopen_closed_streams()
     args = _parser().parse_args(argv)
     _console = console.stdout_console(quiet=args.quiet and args.command in QUIETABLE, verbose=args.verbose)
     safe_points = args.command in SAFE_POINT_COMMANDS

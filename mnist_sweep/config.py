@@ -8,17 +8,21 @@ changes; unknown keys are errors. This module imports neither TensorFlow nor MLf
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mnist_sweep.databases import sqlite_file
 from mnist_sweep.errors import ConfigError
+from mnist_sweep.locations import FILE, is_uri, kind_of_mode, path_problem
 from mnist_sweep.samplers import DEFAULT_SAMPLER, Engine
 from mnist_sweep.samplers import check_name as check_sampler_name
 
@@ -39,6 +43,20 @@ PLATEAU_KEYS = ("plateau_factor", "plateau_patience", "plateau_min_lr")  # [trai
 MAX_STUDY_NAME = 100
 SEAL_SUFFIX = ".test-seal"  # the claim on a study's test set is a second study of this name (final.py)
 TRACKING_CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+# A sweep file is a few hundred bytes; reading stops past this, so /dev/zero or a log file named by mistake
+# is refused instead of read until memory runs out.
+MAX_SWEEP_BYTES = 1 << 20
+# Every integer is stored by Optuna and MLflow and handed to NumPy and TensorFlow, which hold 64 bits.
+INT64 = (-(2**63), 2**63 - 1)
+# PostgreSQL stores Optuna's trial numbers as a 32-bit INTEGER.
+MAX_TRIALS = 2**31 - 1
+# A heartbeat is how soon a dead worker's trial is retried (after two of them): beyond a day it is none,
+# and far beyond (about 3e11 s) Optuna's `now - grace period` falls outside datetime and raises.
+MAX_HEARTBEAT_SECONDS = 24 * 3600
+# A fully connected network without normalisation or skip connections does not train at this depth;
+# the bound catches a typo (3000 layers) before every trial fails on it.
+MAX_HIDDEN_LAYERS = 100
+MNIST_TRAIN_IMAGES = 60000  # a batch larger than every training image is never filled
 
 # scheme://user:password@host. SQLAlchemy takes the password to be anything (even '/' and spaces) up to an '@';
 # we mask up to the last '@' of the URI, so a password holding '@' is not half shown either. A web URI keeps its
@@ -111,7 +129,7 @@ def _describe(value: Any) -> str:
     return repr(value) if not isinstance(value, dict) else "{" + ", ".join(value) + "}"
 
 
-def _parse_range(value: dict[str, Any], *, integer: bool, minimum: float) -> Range:
+def _parse_range(value: dict[str, Any], *, integer: bool, minimum: float, maximum: float = math.inf) -> Range:
     unknown = sorted(set(value) - {"low", "high", "log"})
     if unknown:
         raise ValueError(f"unknown range key {unknown[0]!r}; a range takes low, high and log")
@@ -125,6 +143,11 @@ def _parse_range(value: dict[str, Any], *, integer: bool, minimum: float) -> Ran
             raise ValueError(f"range {key} must be {kind}, got {bound!r}")
     if not isinstance(log, bool):
         raise ValueError(f"range log must be true or false, got {log!r}")
+    for key, bound in (("low", low), ("high", high)):
+        if not math.isfinite(bound):
+            raise ValueError(f"range {key} must be finite, got {bound!r}")
+        if bound > maximum:
+            raise ValueError(f"range {key} must be <= {maximum}, got {bound!r}")
     if low > high:
         raise ValueError(f"range low must be <= high, got low={low!r} > high={high!r}")
     if log and low <= 0:
@@ -134,7 +157,7 @@ def _parse_range(value: dict[str, Any], *, integer: bool, minimum: float) -> Ran
     return Range(low=float(low), high=float(high), log=log, integer=integer)
 
 
-def _numeric_param(*, integer: bool, minimum: float, strictly_positive: bool) -> Any:
+def _numeric_param(*, integer: bool, minimum: float, strictly_positive: bool, maximum: float = math.inf) -> Any:
     """A validator for a number: fixed, a list of choices, or {low, high, log}."""
     kind = "an integer" if integer else "a number"
 
@@ -147,13 +170,15 @@ def _numeric_param(*, integer: bool, minimum: float, strictly_positive: bool) ->
         if number < minimum or (strictly_positive and number <= 0):
             bound = "> 0" if strictly_positive and minimum <= 0 else f">= {minimum}"
             raise ValueError(f"must be {bound}, got {number!r}")
+        if number > maximum:
+            raise ValueError(f"must be <= {maximum}, got {number!r}")
         return number
 
     def parse(value: Any) -> ParamSpec:
         if isinstance(value, (Choice, Range)):
             return value
         if isinstance(value, dict):
-            spec = _parse_range(value, integer=integer, minimum=minimum)
+            spec = _parse_range(value, integer=integer, minimum=minimum, maximum=maximum)
             if strictly_positive and spec.low <= 0:
                 raise ValueError(f"range low must be > 0, got {spec.low!r}")
             return spec
@@ -193,14 +218,17 @@ def _name_param(allowed: Sequence[str]) -> Any:
 
 class _Section(BaseModel):
     # strict: `trials = true` is a boolean, not the integer 1, and "3" is a string, not a number.
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, strict=True)
+    # allow_inf_nan=False: TOML's nan and inf are no setting of any key.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, arbitrary_types_allowed=True, strict=True, allow_inf_nan=False
+    )
 
 
 class StudyConfig(_Section):
     """[study]: the Optuna study, which is also the MLflow experiment."""
 
     name: str = "fcn"
-    trials: int = Field(default=30, ge=1)
+    trials: int = Field(default=30, ge=1, le=MAX_TRIALS)
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     direction: Literal["maximize", "minimize"] | None = None
     engine: Engine = "optuna"  # who chooses each trial's hyperparameters
@@ -216,7 +244,7 @@ class StudyConfig(_Section):
     hyperband_factor: int = Field(default=3, ge=2)  # keras-tuner hyperband: 1 in N goes on, N times the epochs
     seed: int = Field(default=42, ge=0, lt=2**31)  # NumPy's RandomState (inside the samplers) takes 0 .. 2**32 - 1
     storage: str = "sqlite:///mlruns/optuna.db"
-    heartbeat_seconds: int = Field(default=60, ge=1)
+    heartbeat_seconds: int = Field(default=60, ge=1, le=MAX_HEARTBEAT_SECONDS)
     max_failures: int = Field(default=5, ge=1)
     # The lecture's own network, trained once beside the trials (never one of them), so the report shows what the
     # sweep gained over it (baseline.py).
@@ -232,6 +260,7 @@ class StudyConfig(_Section):
             raise ValueError(f'study.workers must be a number of processes >= 1 or "auto", got {self.workers!r}')
         if self.gpus != "all" and (isinstance(self.gpus, str) or self.gpus < 0):
             raise ValueError(f'study.gpus must be "all", 0 (CPU only) or a number of GPUs, got {self.gpus!r}')
+        _check_sqlite_path("study.storage", self.storage)
         if len(self.name) > MAX_STUDY_NAME:
             raise ValueError(
                 f"study.name must be at most {MAX_STUDY_NAME} characters (it names a folder and an MLflow "
@@ -322,6 +351,8 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
+        if self.path:
+            _check_path("data.path", self.path)
         if self.validation >= 60000:
             raise ValueError(f"data.validation must leave training images out of MNIST's 60000, got {self.validation}")
         if self.train_limit > 60000 - self.validation:
@@ -341,6 +372,11 @@ class ModelConfig(_Section):
     def _check(self) -> ModelConfig:
         if not self.hidden:
             raise ValueError("model.hidden needs at least one layer size, got []")
+        if len(self.hidden) > MAX_HIDDEN_LAYERS:
+            raise ValueError(
+                f"model.hidden has {len(self.hidden)} layers ({self.hidden[:3]}...), at most {MAX_HIDDEN_LAYERS} are "
+                "taken: a fully connected network without normalisation or skip connections does not train deeper"
+            )
         return self
 
 
@@ -408,9 +444,9 @@ class SearchConfig(_Section):
     learning_rate: Annotated[ParamSpec, _numeric_param(integer=False, minimum=0.0, strictly_positive=True)] = Range(
         low=1e-4, high=0.3, log=True, integer=False
     )
-    batch_size: Annotated[ParamSpec, _numeric_param(integer=True, minimum=1, strictly_positive=False)] = Choice(
-        (32, 64, 128, 256)
-    )
+    batch_size: Annotated[
+        ParamSpec, _numeric_param(integer=True, minimum=1, strictly_positive=False, maximum=MNIST_TRAIN_IMAGES)
+    ] = Choice((32, 64, 128, 256))
     activation: Annotated[ParamSpec, _name_param(ACTIVATIONS)] = Choice(("sigmoid", "relu", "tanh"))
     dropout: Annotated[ParamSpec, _numeric_param(integer=False, minimum=0.0, strictly_positive=False)] = Choice((0.0,))
     weight_decay: Annotated[ParamSpec, _numeric_param(integer=False, minimum=0.0, strictly_positive=False)] = Choice(
@@ -459,8 +495,14 @@ class TrackingConfig(_Section):
                 "sqlite:///mlruns/mlflow.db or an MLflow server (`mlflow migrate-filestore` moves old runs)"
             )
         _check_uri("tracking.uri", self.uri, TRACKING_SCHEMES)
+        _check_sqlite_path("tracking.uri", self.uri)
         if not self.reports:
             raise ValueError("tracking.reports must name a folder, got ''")
+        _check_path("tracking.reports", self.reports)
+        if is_uri(self.artifacts) and self.artifacts.startswith("file:"):
+            _check_path("tracking.artifacts", unquote(urlparse(self.artifacts).path), shown=self.artifacts)
+        elif self.artifacts and not is_uri(self.artifacts):
+            _check_path("tracking.artifacts", self.artifacts)
         return self
 
 
@@ -488,6 +530,8 @@ class SweepConfig(_Section):
             )
         if self.study.engine == "keras-tuner":
             _check_keras_tuner_space(self.search, trials=self.study.trials, oracle=self.study.sampler)
+        _check_path("tracking.reports", str(Path(self.tracking.reports) / self.study.name), shown=self.tracking.reports)
+        _check_separate_stores(self.study.storage, self.tracking.uri)
         return self
 
     def to_toml(self) -> str:
@@ -556,20 +600,76 @@ def _check_uri(key: str, uri: str, schemes: Sequence[str]) -> None:
         )
 
 
+def _check_path(key: str, path: str, *, shown: str | None = None) -> None:
+    """A path that can be opened at all: no name, and no whole path, past the kernel's limits."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise ValueError(f"{key} = {mask_password(shown if shown is not None else path)!r} {problem}")
+
+
+def _check_sqlite_path(key: str, uri: str) -> None:
+    database = sqlite_file(uri)
+    if database is not None:
+        _check_path(key, str(database), shown=uri)
+
+
+def _check_separate_stores(storage: str, tracking: str) -> None:
+    """Optuna and MLflow each keep their schema version in a table named alembic_version: one database
+    cannot hold both."""
+    same = False
+    optuna_file, mlflow_file = sqlite_file(storage), sqlite_file(tracking)
+    if optuna_file is not None and mlflow_file is not None:
+        first, second = (os.path.realpath(path.expanduser()) for path in (optuna_file, mlflow_file))
+        same = first == second
+        if not same and os.path.exists(first) and os.path.exists(second):
+            same = os.path.samefile(first, second)  # a hard link
+    elif optuna_file is None and mlflow_file is None and not tracking.startswith(("http://", "https://")):
+        same = _database_address(storage) == _database_address(tracking)
+    if same:
+        raise ValueError(
+            f"study.storage = {mask_password(storage)!r} and tracking.uri = {mask_password(tracking)!r} are the "
+            "same database; Optuna and MLflow each need their own (both keep a table alembic_version), "
+            "e.g. sqlite:///mlruns/optuna.db and sqlite:///mlruns/mlflow.db"
+        )
+
+
+def _database_address(uri: str) -> tuple[str, str, int | None, str]:
+    """(dialect, host, port, database) of a database server URI: the driver, credentials and options aside."""
+    parts = urlparse(uri)
+    return parts.scheme.split("+")[0], (parts.hostname or "").lower(), parts.port, parts.path.strip("/")
+
+
 # --------------------------------------------------------------------------- loading
 
 
 def parse_override(assignment: str) -> tuple[list[str], Any]:
-    """`section.key=value` with a TOML value; a bare word that is not TOML is taken as a string."""
+    """`section.key=value` with exactly one TOML value; a bare word that is not TOML is taken as a string."""
     key, sep, raw = assignment.partition("=")
     parts = [p.strip() for p in key.strip().split(".")]
     if not sep or len(parts) < 2 or not all(parts):
         raise ConfigError(f"--set takes section.key=value, got {assignment!r}")
+    raw = raw.strip()
     try:
-        value = tomllib.loads(f"value = {raw.strip()}")["value"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return parts, value
+        document = tomllib.loads(f"value = {raw}")
+    except RecursionError:
+        raise ConfigError(f"--set {key.strip()}: the value is nested too deeply, got {raw[:20]!r}...") from None
+    except ValueError as exc:  # TOMLDecodeError, or an integer of over 4300 digits
+        if not _starts_like_toml(raw):
+            return parts, raw
+        raise ConfigError(
+            f"--set {key.strip()}={raw!r} is not one TOML value ({exc}); a string with spaces or brackets "
+            f"is quoted: --set '{key.strip()}=\"...\"'"
+        ) from None
+    if list(document) != ["value"]:  # a newline and more assignments: each is its own --set
+        raise ConfigError(f"--set {key.strip()}={raw!r} holds more than one value; give each key its own --set")
+    return parts, document["value"]
+
+
+def _starts_like_toml(raw: str) -> bool:
+    """A value that opens as a TOML string, array, table or number, or holds another assignment: one that
+    fails to parse is a typo, not a bare word."""
+    opens = raw[:1] in ('"', "'", "[", "{", "+", "-") or raw[:1].isdigit()
+    return opens or "\n" in raw or re.search(r"\s=|=\s", raw) is not None
 
 
 def apply_overrides(document: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
@@ -590,25 +690,83 @@ def apply_overrides(document: dict[str, Any], assignments: Sequence[str]) -> dic
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
     """Read, merge and validate a sweep file; raises ConfigError with a one-line message."""
     source = Path(path)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: sweep file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{source}: cannot read sweep file: {exc}") from None
+    text = _read_sweep(source)
+    shown = _shown_path(source)
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    return build_config(apply_overrides(document, overrides), origin=str(source))
+        raise ConfigError(f"{shown}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{shown}: not valid TOML: arrays or tables nested too deeply") from None
+    except ValueError as exc:  # an integer of over 4300 digits, which Python refuses to parse
+        raise ConfigError(f"{shown}: not valid TOML: {exc}") from None
+    return build_config(apply_overrides(document, overrides), origin=shown)
+
+
+def _read_sweep(source: Path) -> str:
+    """The sweep file's text: a regular file of at most MAX_SWEEP_BYTES, read without waiting on a FIFO."""
+    shown = _shown_path(source)
+    problem = path_problem(str(source))
+    if problem is not None:
+        raise ConfigError(f"sweep file {shown} {problem}")
+    try:
+        # Non-blocking: opening a FIFO for reading would wait for a writer forever. Its kind is then taken
+        # from the open file, so nothing can be swapped in between the look and the read.
+        descriptor = os.open(source, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ConfigError(f"{shown}: sweep file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{shown}: cannot read sweep file ({exc.strerror})") from None
+    kind = kind_of_mode(os.fstat(descriptor).st_mode)
+    if kind != FILE:
+        os.close(descriptor)
+        raise ConfigError(f"{shown}: the sweep file is {kind}, not a file")
+    with os.fdopen(descriptor, "rb") as handle:
+        try:
+            raw = handle.read(MAX_SWEEP_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"{shown}: cannot read sweep file ({exc.strerror})") from None
+    if len(raw) > MAX_SWEEP_BYTES:
+        raise ConfigError(f"{shown}: over {MAX_SWEEP_BYTES >> 20} MiB, too large for a sweep file; is it the one?")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{shown}: cannot read sweep file: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _shown_path(path: Path) -> str:
+    """A path as the one error line shows it: quoted where it holds a newline or another control character."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
 
 
 def build_config(document: Mapping[str, Any], *, origin: str = "<config>") -> SweepConfig:
     """Validate a parsed sweep document."""
+    _check_scalars(document, origin=origin)
     try:
         return SweepConfig.model_validate(dict(document))
     except ValidationError as exc:
         raise ConfigError(mask_password(f"{origin}: {_first_error(exc)}")) from None
+
+
+def _check_scalars(document: Mapping[str, Any], *, origin: str) -> None:
+    """Every integer within 64 bits: TOML (and Python) read any size, the stores and NumPy do not. No
+    control character in a string: in a path, a URI or a name it is a slip (or an escape sequence that
+    would reach the terminal through our output), never a setting."""
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, str) and not value.isprintable() and any(unicodedata.category(c) == "Cc" for c in value):
+            raise ConfigError(f"{origin}: {where} = {mask_password(value)!r} holds a control character")
+        if isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+            # str() of an int past 4300 digits raises in Python >= 3.11: say its size instead.
+            shown = str(value) if value.bit_length() <= 100 else f"a {value.bit_length()}-bit number"
+            raise ConfigError(f"{origin}: {where} = {shown} is beyond a 64-bit integer, which the stores hold")
+        children = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
+        for key, child in children:
+            walk(child, f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]")
+
+    for section, values in document.items():
+        walk(values, str(section))
 
 
 def _first_error(exc: ValidationError) -> str:

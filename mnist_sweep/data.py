@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mnist_sweep.errors import DataError, SealedTestSetError
+from mnist_sweep.locations import FILE, FOLDER, MISSING, path_kind
 
 DATA_ENV = "MNIST_SWEEP_DATA"
 KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
@@ -41,6 +42,10 @@ STANDARD_MD5 = {
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
+# Items in each standard file: a header declaring more is refused before anything past it is read (or
+# decompressed), so a small .gz that expands hugely or a sparse file of terabytes costs nothing.
+STANDARD_COUNT = {name: 60000 if name.startswith("train") else 10000 for name in STANDARD_MD5}
+MAX_ITEMS = 1_000_000  # for a file under another name: 784 MB of images
 TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -106,69 +111,92 @@ def resolve_source(path: str) -> DataSource:
         return DataSource("download", "")
     where = "data.path" if path else f"${DATA_ENV}"
     candidate = Path(chosen).expanduser()
-    if candidate.is_dir():
+    kind = path_kind(candidate)
+    if kind == FOLDER:
         source = DataSource("idx", str(candidate.resolve()), where)
         for name in TRAIN_FILES + TEST_FILES:
             _find_idx(source, name)
         return source
-    if candidate.is_file():
+    if kind == FILE:
         if candidate.suffix != ".npz":
             raise DataError(f"{where} = {chosen!r} is a file but not an .npz; give a folder of IDX files or mnist.npz")
         return DataSource("npz", str(candidate.resolve()), where)
-    if candidate.exists():  # a device, a FIFO, a socket: reading it would hang or never end
-        raise DataError(f"{where} = {chosen!r} is neither a folder nor a regular file")
-    raise DataError(f"{where} = {chosen!r} does not exist")
+    if kind == MISSING:
+        raise DataError(f"{where} = {chosen!r} does not exist")
+    # a device, a FIFO, a socket (reading it would hang or never end), a symlink loop
+    raise DataError(f"{where} = {chosen!r} is {kind}, neither a folder nor a regular file")
 
 
 def _find_idx(source: DataSource, name: str) -> Path:
     folder = Path(source.location)
     for candidate in (folder / f"{name}.gz", folder / name):
-        if candidate.is_file():
-            try:
-                with open(candidate, "rb"):
-                    pass  # opening is the only honest test: os.access says yes to root
-            except OSError as exc:
-                raise source.error(f"cannot open {candidate.name} ({exc.strerror})") from None
-            return candidate
+        kind = path_kind(candidate)
+        if kind == MISSING:
+            continue
+        if kind != FILE:  # a FIFO would hang the read, a device never end it
+            raise source.error(f"{candidate.name} is {kind}, not a regular file")
+        try:
+            with open(candidate, "rb"):
+                pass  # opening is the only honest test: os.access says yes to root
+        except OSError as exc:
+            raise source.error(f"cannot open {candidate.name} ({exc.strerror})") from None
+        return candidate
     raise source.error(f"has no {name}[.gz]; it needs the four MNIST IDX files")
 
 
 # --------------------------------------------------------------------------- reading IDX files
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, *, images: bool) -> bytes:
+    """The whole file (decompressed), read no further than its header declares: one byte past it tells
+    a file that holds more than it says."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                return handle.read()
-        return path.read_bytes()
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
+            header = handle.read(16 if images else 8)
+            expected = _declared_size(path, header, images=images)
+            if path.suffix != ".gz":  # a raw file's size is known before reading: a sparse giant costs nothing
+                size = os.fstat(handle.fileno()).st_size
+                if size != expected:
+                    raise DataError(f"{path.name}: {size} bytes, expected {expected} as its header declares")
+            return header + handle.read(expected - len(header) + 1)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"{path.name}: cannot read ({exc})") from None
 
 
-def _parse_idx(path: Path, raw: bytes, *, images: bool) -> npt.NDArray[np.uint8]:
+def _declared_size(path: Path, header: bytes, *, images: bool) -> int:
+    """The file size its IDX header declares, once the header is checked (magic, 28x28, a plausible count)."""
     magic_expected = IMAGE_MAGIC if images else LABEL_MAGIC
     header_size = 16 if images else 8
-    if len(raw) < header_size:
-        raise DataError(f"{path.name}: too short for an IDX header ({len(raw)} bytes)")
-    magic, count = struct.unpack(">ii", raw[:8])
+    if len(header) < header_size:
+        raise DataError(f"{path.name}: too short for an IDX header ({len(header)} bytes)")
+    magic, count = struct.unpack(">ii", header[:8])
     if magic != magic_expected:
         raise DataError(f"{path.name}: IDX magic is {magic}, expected {magic_expected}")
-    shape: tuple[int, ...] = (count,)
+    item_size = 1
     if images:
-        rows, cols = struct.unpack(">ii", raw[8:16])
+        rows, cols = struct.unpack(">ii", header[8:16])
         if (rows, cols) != (IMAGE_SIDE, IMAGE_SIDE):
             raise DataError(f"{path.name}: images are {rows}x{cols}, expected 28x28")
-        shape = (count, rows, cols)
-    expected_bytes = header_size + int(np.prod(shape))
+        item_size = IMAGE_SIDE * IMAGE_SIDE
+    most = STANDARD_COUNT.get(path.name.removesuffix(".gz"), MAX_ITEMS)
+    if not 0 <= count <= most:
+        raise DataError(f"{path.name}: its header declares {count} items, expected 0 to {most}; refused unread")
+    return header_size + int(count) * item_size
+
+
+def _parse_idx(path: Path, raw: bytes, *, images: bool) -> npt.NDArray[np.uint8]:
+    expected_bytes = _declared_size(path, raw[: 16 if images else 8], images=images)
+    count = struct.unpack(">i", raw[4:8])[0]
+    shape = (count, IMAGE_SIDE, IMAGE_SIDE) if images else (count,)
     if len(raw) != expected_bytes:
-        raise DataError(f"{path.name}: {len(raw)} bytes, expected {expected_bytes} for {count} items")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(shape)
+        more = " or more" if len(raw) > expected_bytes else ""
+        raise DataError(f"{path.name}: {len(raw)} bytes{more}, expected {expected_bytes} for {count} items")
+    return np.frombuffer(raw, dtype=np.uint8, offset=16 if images else 8).reshape(shape)
 
 
 def read_idx(path: Path, *, images: bool) -> npt.NDArray[np.uint8]:
     """One IDX file, gz or raw, checked: magic, sizes, label range, and the standard md5 for standard names."""
-    raw = _read_bytes(path)
+    raw = _read_bytes(path, images=images)
     # The header and label checks come first: they say more precisely what is wrong than a checksum.
     array = _parse_idx(path, raw, images=images)
     if not images:
@@ -274,6 +302,9 @@ def _load_npz(path: Path, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
             missing = [k for k in (x_key, y_key) if k not in archive.files]
             if missing:
                 raise DataError(f"no {missing[0]!r} array; a Keras mnist.npz has x_train, y_train, x_test, y_test")
+            most = STANDARD_COUNT[TRAIN_FILES[0] if part == "train" else TEST_FILES[0]]
+            for key in (x_key, y_key):
+                _check_npz_shape(archive, key, most=most)
             images, labels = archive[x_key], archive[y_key]
     except DataError:
         raise
@@ -289,6 +320,19 @@ def _load_npz(path: Path, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
         raise DataError(f"{y_key} has dtype {labels.dtype}, expected integer labels 0..9")
     _check_pair(f"{x_key} and {y_key}", images, labels)
     return images.astype(np.uint8, copy=False), _check_labels(y_key, labels.astype(np.int64))
+
+
+def _check_npz_shape(archive: Any, key: str, *, most: int) -> None:
+    """An array's shape, from its .npy header, within MNIST's size: a member that would inflate to more
+    (a zip bomb, a wrong file) is refused before it is decompressed."""
+    with archive.zip.open(f"{key}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape = read_header(member)[0]
+    items = shape[0] if shape else 1
+    per_item = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    if items > most or per_item > IMAGE_SIDE * IMAGE_SIDE:
+        raise DataError(f"{key} declares shape {shape}, more than MNIST's {most} items; refused unread")
 
 
 def _download_keras_npz() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import itertools
 import os
 import sqlite3
 import tempfile
@@ -15,10 +16,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, overload
 
 from mnist_sweep.config import SweepConfig, mask_password
-from mnist_sweep.data import DataSource, Split, check_test_split_present, load_split, resolve_source
+from mnist_sweep.data import (
+    IMAGE_SIDE,
+    NUM_CLASSES,
+    DataSource,
+    Split,
+    check_test_split_present,
+    load_split,
+    resolve_source,
+)
 from mnist_sweep.databases import nothing_recorded, sqlite_file
 from mnist_sweep.errors import PreflightError, first_line
-from mnist_sweep.locations import local_artifact_folder
+from mnist_sweep.locations import (
+    FILE,
+    FOLDER,
+    MISSING,
+    local_artifact_folder,
+    nearest_existing,
+    path_kind,
+    path_problem,
+)
 from mnist_sweep.samplers import check_installed as check_sampler_installed
 from mnist_sweep.tensorboard_log import check_installed as check_tensorboard_installed
 
@@ -26,23 +43,22 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 
-def _nearest_existing(path: Path) -> Path:
-    current = path.expanduser().absolute()
-    while not current.exists():
-        current = current.parent
-    return current
-
-
 def check_creatable(key: str, value: str, path: Path, *, folder_wanted: bool = False) -> None:
-    """`path` exists as what we need (a folder when `folder_wanted`), or its nearest existing ancestor is a
-    writable folder."""
+    """`path` exists as what we need (a folder when `folder_wanted`, else a regular file), or its nearest
+    existing ancestor is a writable folder. Refused: a path too long to open, a FIFO or a device where a
+    file belongs (reading one would hang or never end), a symlink loop or a symlink to nothing."""
     value = mask_password(value)
-    anchor = _nearest_existing(path)
-    if not anchor.is_dir() and (folder_wanted or anchor != path.expanduser().absolute()):
-        raise PreflightError(f"{key} = {value!r}: {anchor} is a file, not a folder")
-    if anchor.is_dir() and not folder_wanted and anchor == path.expanduser().absolute():
-        raise PreflightError(f"{key} = {value!r}: {anchor} is a folder, not a file")
-    folder = anchor if anchor.is_dir() else anchor.parent
+    problem = path_problem(str(path))
+    if problem is not None:
+        raise PreflightError(f"{key} = {value!r} {problem}")
+    target = path.expanduser().absolute()
+    anchor = nearest_existing(target)
+    kind = path_kind(anchor)
+    wanted = FOLDER if folder_wanted or anchor != target else FILE
+    if kind != wanted:
+        what = f"{anchor} is {kind}" if anchor == target else f"{anchor}, a parent, is {kind}"
+        raise PreflightError(f"{key} = {value!r}: {what}, not {wanted}")
+    folder = anchor if kind == FOLDER else anchor.parent
     try:
         # A real file, gone at once: os.access answers yes to root even on a read-only folder.
         with tempfile.TemporaryFile(dir=folder):
@@ -51,11 +67,19 @@ def check_creatable(key: str, value: str, path: Path, *, folder_wanted: bool = F
         raise PreflightError(f"{key} = {value!r}: cannot write in {folder} ({exc.strerror})") from None
 
 
+SQLITE_SIDECARS = (".lock", "-wal", "-shm", "-journal")
+
+
 def check_database(key: str, uri: str) -> None:
     """A sqlite file we can create (or an intact one), or a database server that answers."""
     path = sqlite_file(uri)
     if path is not None:
         check_creatable(key, uri, path)
+        # The files sqlite and our schema lock open beside it: a FIFO there would hang the open.
+        for suffix in SQLITE_SIDECARS:
+            sidecar = path.with_name(path.name + suffix)
+            if path_kind(sidecar) not in (MISSING, FILE):
+                raise PreflightError(f"{key} = {mask_password(uri)!r}: {sidecar} is {path_kind(sidecar)}, not a file")
         if path.is_file():
             check_sqlite_intact(key, uri, path)
         return
@@ -149,6 +173,57 @@ def check_all(cfg: SweepConfig) -> None:
     check_creatable("tracking.reports", tracking.reports, reports / cfg.study.name, folder_wanted=True)
 
 
+# Bytes each weight takes while a model trains: itself, its gradient and up to two optimizer moments
+# (Adam's), all float32. Activations, the data and TensorFlow's own buffers come on top, so this is a floor.
+TRAINING_BYTES_PER_WEIGHT = 4 * 4
+# A TensorFlow process training the lecture's network peaks at about 1 GiB resident (ru_maxrss after one
+# epoch on 1,000 images, 2026-12-06, this machine's CPU build). Half of it is counted per worker, so that
+# only what surely cannot fit is refused (`--workers 1000 --force`), not a tight but workable run.
+PROCESS_BYTES = 512 << 20
+
+
+def network_weights(hidden: list[int]) -> int:
+    """The weights and biases of 784 -> hidden... -> 10."""
+    sizes = [IMAGE_SIDE * IMAGE_SIDE, *hidden, NUM_CLASSES]
+    return sum((inputs + 1) * outputs for inputs, outputs in itertools.pairwise(sizes))
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still take: the kernel's MemAvailable, or a container's (cgroup) limit left."""
+    room: list[int] = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                room.append(int(line.split()[1]) * 1024)
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        with contextlib.suppress(OSError, ValueError):
+            limit = Path(limit_file).read_text().strip()
+            if limit != "max":
+                room.append(int(limit) - int(Path(usage_file).read_text()))
+    return min(room) if room else None
+
+
+def check_fits_in_memory(cfg: SweepConfig) -> None:
+    """A network whose training cannot fit in memory is refused here, not found out as failed trials."""
+    weights = network_weights(cfg.model.hidden)
+    workers = cfg.study.workers if isinstance(cfg.study.workers, int) else 1
+    needed = (weights * TRAINING_BYTES_PER_WEIGHT + PROCESS_BYTES) * workers
+    available = available_memory()
+    if available is not None and needed > available:
+        hidden = cfg.model.hidden
+        shown = str(hidden) if len(hidden) <= 6 else f"[{', '.join(map(str, hidden[:3]))}, ... {len(hidden)} layers]"
+        what = f"study.workers = {workers} with model.hidden = {shown}" if workers > 1 else f"model.hidden = {shown}"
+        per_worker = f", times {workers} workers" if workers > 1 else ""
+        raise PreflightError(
+            f"{what}: {weights:,} weights need at least {needed / 2**30:.1f} GiB to train (16 bytes each: "
+            f"the weight, its gradient and two optimizer moments, plus 0.5 GiB for the process{per_worker}), "
+            f"but {available / 2**30:.1f} GiB of memory is available; make the layers narrower or use fewer workers"
+        )
+
+
 @overload
 def prepare(cfg: SweepConfig, *, training: Literal[True]) -> tuple[DataSource, Split]: ...
 @overload
@@ -162,6 +237,8 @@ def prepare(cfg: SweepConfig, *, training: bool) -> tuple[DataSource, Split | No
     """
     source = resolve_source(cfg.data.path)
     split = None
+    if training:
+        check_fits_in_memory(cfg)
     if training and cfg.train.tensorboard:
         check_tensorboard_installed()
     if training:
@@ -234,6 +311,6 @@ def _fullest_place(cfg: SweepConfig | None) -> str:
     room: list[tuple[int, int, Path]] = []
     for index, path in enumerate(candidates):
         with contextlib.suppress(OSError):
-            stats = os.statvfs(_nearest_existing(path))
+            stats = os.statvfs(nearest_existing(path))
             room.append((stats.f_bavail * stats.f_frsize, index, path.absolute()))
     return str(min(room)[2]) if room else "the working directory"

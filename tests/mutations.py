@@ -30,6 +30,7 @@ COPIED_IGNORE = {".git", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache",
 TIMEOUT_SECONDS = 1200  # a test that hangs without its guard counts as caught (CI's pytest-timeout fails it too)
 
 SEAL = "tests/test_sealed_test_set.py"
+BAD = "tests/test_bad_inputs.py::test_bad_input_exits_2_with_one_line_and_creates_nothing"
 IDENTITY = "tests/test_process_identity.py"
 CLAIM_TESTS = (
     f"{IDENTITY}::test_a_claim_is_taken_over_only_when_its_claimant_is_proven_ended_or_its_heartbeat_is_stale",
@@ -167,6 +168,215 @@ MUTATIONS = (
         (
             "tests/test_workarounds.py::test_pyproject_pins_each_package_to_the_version_its_workarounds_were_written_for",
         ),
+    ),
+    Mutation(
+        "bad input: the sweep file must be a regular file (FIFO, device)",
+        "mnist_sweep/config.py",
+        "    if kind != FILE:\n        os.close(descriptor)\n",
+        "    if False:\n        os.close(descriptor)\n",
+        (
+            f"{BAD}[sweep-file-is-dev-zero]",
+            f"{BAD}[sweep-file-is-a-fifo]",
+        ),
+    ),
+    Mutation(
+        "bad input: the sweep file is read up to 1 MiB + 1 byte",
+        "mnist_sweep/config.py",
+        "raw = handle.read(MAX_SWEEP_BYTES + 1)",
+        "raw = handle.read()",
+        ("tests/test_config.py::test_a_huge_sweep_file_is_refused_having_read_at_most_1_mib",),
+    ),
+    Mutation(
+        "bad input: no control character in any string of the config",
+        "mnist_sweep/config.py",
+        "        if isinstance(value, str) and not value.isprintable()",
+        "        if False",
+        (
+            f"{BAD}[data-path-nul]",
+            f"{BAD}[tracking-uri-with-a-newline]",
+            f"{BAD}[reports-with-an-escape-sequence]",
+        ),
+    ),
+    Mutation(
+        "bad input: sqlite's lock/-wal/-shm/-journal beside a store must be regular files",
+        "mnist_sweep/preflight.py",
+        "            if path_kind(sidecar) not in (MISSING, FILE):",
+        "            if False:",
+        (f"{BAD}[storage-lock-is-a-fifo]",),
+    ),
+    Mutation(
+        "bad input: a path name longer than NAME_MAX is refused",
+        "mnist_sweep/locations.py",
+        "    if len(longest) > NAME_MAX:",
+        "    if False:",
+        (
+            f"{BAD}[storage-name-too-long]",
+            f"{BAD}[csv-name-too-long]",
+            f"{BAD}[sweep-file-name-too-long]",
+        ),
+    ),
+    Mutation(
+        "bad input: a path longer than PATH_MAX is refused",
+        "mnist_sweep/locations.py",
+        "    if len(absolute) >= PATH_MAX:",
+        "    if False:",
+        (
+            f"{BAD}[reports-path-too-long]",
+            f"{BAD}[sweep-path-too-long]",
+        ),
+    ),
+    Mutation(
+        "bad input: a store, folder or --csv must be what it is used as (file or folder)",
+        "mnist_sweep/preflight.py",
+        "    if kind != wanted:",
+        "    if False:",
+        (
+            f"{BAD}[storage-is-a-fifo]",
+            f"{BAD}[reports-symlink-loop]",
+            f"{BAD}[csv-is-a-fifo]",
+        ),
+    ),
+    Mutation(
+        "bad input: artifact folders resolved without raising on a symlink loop",
+        "mnist_sweep/locations.py",
+        "    return Path(os.path.realpath(path.expanduser()))",
+        "    return path.expanduser().resolve()",
+        (f"{BAD}[artifacts-symlink-loop]",),
+    ),
+    Mutation(
+        "bad input: an IDX file is read no further than its header declares",
+        "mnist_sweep/data.py",
+        "return header + handle.read(expected - len(header) + 1)",
+        "return header + handle.read()",
+        ("tests/test_data.py::test_a_gzip_bomb_is_refused_after_reading_only_what_its_header_declares",),
+    ),
+    Mutation(
+        "bad input: a raw IDX file's size is compared with its header before reading",
+        "mnist_sweep/data.py",
+        "                if size != expected:",
+        "                if False:",
+        ("tests/test_data.py::test_a_sparse_huge_idx_file_is_refused_unread",),
+    ),
+    Mutation(
+        "bad input: an IDX header declaring more items than the standard file is refused",
+        "mnist_sweep/data.py",
+        "    if not 0 <= count <= most:",
+        "    if False:",
+        (
+            f"{BAD}[idx-declares-too-many]",
+            "tests/test_data.py::test_a_header_declaring_more_than_the_standard_file_is_refused_unread",
+        ),
+    ),
+    Mutation(
+        "bad input: an IDX file must be a regular file",
+        "mnist_sweep/data.py",
+        "        if kind != FILE:  # a FIFO",
+        "        if False:  # a FIFO",
+        (f"{BAD}[idx-file-is-a-fifo]",),
+    ),
+    Mutation(
+        "bad input: an npz array's declared shape is checked before decompressing",
+        "mnist_sweep/data.py",
+        "                _check_npz_shape(archive, key, most=most)",
+        "                pass",
+        (f"{BAD}[npz-declares-a-huge-array]",),
+    ),
+    Mutation(
+        "bad input: study.storage and tracking.uri must be different databases",
+        "mnist_sweep/config.py",
+        "    if same:\n        raise ValueError(",
+        "    if False:\n        raise ValueError(",
+        (
+            f"{BAD}[same-sqlite-file-for-both-stores]",
+            f"{BAD}[same-sqlite-file-through-a-symlink]",
+        ),
+    ),
+    Mutation(
+        "bad input: search ranges must have finite bounds",
+        "mnist_sweep/config.py",
+        "        if not math.isfinite(bound):",
+        "        if False:",
+        (
+            f"{BAD}[lr-range-low-nan]",
+            f"{BAD}[dropout-range-nan]",
+            f"{BAD}[momentum-range-nan]",
+        ),
+    ),
+    Mutation(
+        "bad input: no NaN or infinite float setting",
+        "mnist_sweep/config.py",
+        "strict=True, allow_inf_nan=False",
+        "strict=True",
+        (f"{BAD}[plateau-factor-nan]",),
+    ),
+    Mutation(
+        "bad input: --set takes exactly one TOML value",
+        "mnist_sweep/config.py",
+        '    if list(document) != ["value"]:',
+        "    if False:",
+        (f"{BAD}[set-with-a-second-line]",),
+    ),
+    Mutation(
+        "bad input: --set text that opens like TOML but is not is refused",
+        "mnist_sweep/config.py",
+        "        if not _starts_like_toml(raw):",
+        "        if True:",
+        (
+            f"{BAD}[set-with-a-stray-bracket]",
+            f"{BAD}[set-with-a-second-assignment]",
+        ),
+    ),
+    Mutation(
+        "bad input: integers within 64 bits",
+        "mnist_sweep/config.py",
+        "    for section, values in document.items():\n        walk(",
+        "    for section, values in ():\n        walk(",
+        (
+            f"{BAD}[seed-past-int64]",
+            f"{BAD}[range-bound-past-int64]",
+        ),
+    ),
+    Mutation(
+        "bad input: study.heartbeat_seconds at most a day",
+        "mnist_sweep/config.py",
+        "le=MAX_HEARTBEAT_SECONDS",
+        "le=2**63",
+        (f"{BAD}[heartbeat-past-a-day]",),
+    ),
+    Mutation(
+        "bad input: study.trials within PostgreSQL's INTEGER",
+        "mnist_sweep/config.py",
+        "le=MAX_TRIALS",
+        "le=2**63",
+        (f"{BAD}[trials-past-int32]",),
+    ),
+    Mutation(
+        "bad input: model.hidden at most 100 layers",
+        "mnist_sweep/config.py",
+        "        if len(self.hidden) > MAX_HIDDEN_LAYERS:",
+        "        if False:",
+        (f"{BAD}[network-too-deep]",),
+    ),
+    Mutation(
+        "bad input: a network (times workers) must fit in the memory available",
+        "mnist_sweep/preflight.py",
+        "    if available is not None and needed > available:",
+        "    if False:",
+        (f"{BAD}[network-too-wide-for-memory]",),
+    ),
+    Mutation(
+        "bad input: a TOML nested past Python's recursion limit is one line",
+        "mnist_sweep/config.py",
+        '    except RecursionError:\n        raise ConfigError(f"{shown}',
+        '    except ZeroDivisionError:\n        raise ConfigError(f"{shown}',
+        (f"{BAD}[sweep-file-nested-too-deeply]",),
+    ),
+    Mutation(
+        "output: a closed stdout or stderr becomes /dev/null",
+        "mnist_sweep/cli.py",
+        "    _reopen_closed_streams()\n",
+        "",
+        ("tests/test_bad_inputs.py::test_closed_stdout_ends_quietly_with_the_commands_own_exit_code",),
     ),
 )
 

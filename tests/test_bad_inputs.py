@@ -1,11 +1,23 @@
-"""A wall of bad inputs against the real CLI: each exits 2 with one line naming the key and the value,
-no traceback, and nothing created in the working directory."""
+"""A wall of bad inputs against the CLI: each exits 2 with one line naming the key and the value, no
+traceback, and nothing created in the working directory or beside the inputs.
+
+Most cases call `mnist_sweep.cli.main`, the entry point `python -m mnist_sweep` runs, in this process:
+its exit code, its stderr, and any exception it lets through (which a process would show as a traceback).
+Only the cases that need a process of their own spawn the CLI: file permissions dropped with setpriv, and
+inputs that would hang or exhaust this process if their guard were removed (a FIFO, /dev/zero), run under
+a time and memory limit.
+"""
 
 from __future__ import annotations
 
 import gzip
+import io
 import os
+import resource
 import shutil
+import subprocess
+import sys
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import CliRunner, write_sweep
+from mnist_sweep import cli
+from tests.conftest import CLI, cli_environment, write_sweep
 
 # Valid everywhere else, so the one bad value is what fails.
 VALID = """
@@ -109,7 +122,10 @@ def broken_npz(mnist: Path, folder: Path) -> Path:
 
 @dataclass(frozen=True)
 class Bad:
-    """One bad input: a sweep file text or --set overrides (or a data folder), and what the line must name."""
+    """One bad input: a sweep file text or --set overrides (or a data folder), and what the line must name.
+
+    In `overrides` and `sweep_file`, {inputs} stands for the folder that holds the sweep file and `setup`'s files.
+    """
 
     name: str
     expect: tuple[str, ...]
@@ -117,6 +133,12 @@ class Bad:
     overrides: tuple[str, ...] = ()
     data: Callable[[Path, Path], Path] | None = None
     unprivileged: bool = False  # needs file permissions to apply (root reads and writes anything)
+    command: str = "run"
+    sweep_file: str = "{inputs}/sweep.toml"
+    setup: Callable[[Path], object] | None = None  # makes files in the inputs folder
+    # A process of its own, under a time and memory limit: for every FIFO (whose open, without its guard,
+    # waits forever for a writer) and what would take this process's memory without its guard.
+    process: bool = False
 
 
 def setting(name: str, assignment: str, *expect: str) -> Bad:
@@ -373,6 +395,318 @@ CASES = [
 ]
 
 
+LONG = "a" * 300  # one name over NAME_MAX (255 bytes)
+DEEP = "/".join(["d" * 200] * 25)  # 5,000 bytes of short names: over PATH_MAX (4096)
+
+
+def fifo(name: str) -> Callable[[Path], object]:
+    return lambda inputs: os.mkfifo(inputs / name)
+
+
+def symlink_loop(name: str) -> Callable[[Path], object]:
+    def make(inputs: Path) -> None:
+        os.symlink(inputs / f"{name}.b", inputs / f"{name}.a")
+        os.symlink(inputs / f"{name}.a", inputs / f"{name}.b")
+
+    return make
+
+
+def mnist_files(mnist: Path, folder: Path) -> Path:
+    copy = folder / "mnist"
+    shutil.copytree(mnist, copy)
+    for path in copy.iterdir():
+        path.chmod(0o644)
+    return copy
+
+
+def gzip_bomb(mnist: Path, folder: Path) -> Path:
+    """Labels whose header declares MNIST's 60,000 but whose 200 KB of gzip hold 256 MiB."""
+    copy = mnist_files(mnist, folder)
+    with gzip.open(copy / "train-labels-idx1-ubyte.gz", "wb", compresslevel=1) as handle:
+        handle.write((2049).to_bytes(4, "big") + (60000).to_bytes(4, "big"))
+        for _ in range(16):
+            handle.write(bytes(1 << 24))
+    return copy
+
+
+def sparse_huge_images(mnist: Path, folder: Path) -> Path:
+    """Training images with a valid header in a 256 MiB file that holds no block on disk."""
+    copy = mnist_files(mnist, folder)
+    (copy / "train-images-idx3-ubyte.gz").unlink()
+    with open(copy / "train-images-idx3-ubyte", "wb") as handle:
+        handle.write(b"".join(n.to_bytes(4, "big") for n in (2051, 60000, 28, 28)))
+        handle.truncate(1 << 28)
+    return copy
+
+
+def idx_declaring(count: int) -> Callable[[Path, Path], Path]:
+    def make(mnist: Path, folder: Path) -> Path:
+        return corrupt_copy(mnist, folder, "train-labels-idx1-ubyte", set_bytes(4, count.to_bytes(4, "big")))
+
+    return make
+
+
+def fifo_among_idx(mnist: Path, folder: Path) -> Path:
+    copy = mnist_files(mnist, folder)
+    (copy / "train-labels-idx1-ubyte.gz").unlink()
+    os.mkfifo(copy / "train-labels-idx1-ubyte")
+    return copy
+
+
+def npz_declaring_a_huge_array(mnist: Path, folder: Path) -> Path:
+    """A mnist.npz whose x_train header declares 10^9 images, followed by a few bytes: a zip bomb's shape."""
+    path = small_npz(folder, x_train=None)
+    with zipfile.ZipFile(path, "a") as archive, archive.open("x_train.npy", "w", force_zip64=True) as member:
+        header = {"descr": "|u1", "fortran_order": False, "shape": (10**9, 28, 28)}
+        np.lib.format.write_array_header_1_0(member, header)
+        member.write(bytes(100))
+    return path
+
+
+def data_symlink_loop(mnist: Path, folder: Path) -> Path:
+    symlink_loop("d")(folder)
+    return folder / "d.a"
+
+
+def swapped_parts(mnist: Path, folder: Path) -> Path:
+    """The test files under the training files' names, and the other way round."""
+    copy = mnist_files(mnist, folder)
+    for kind in ("images-idx3", "labels-idx1"):
+        (copy / f"train-{kind}-ubyte.gz").rename(copy / "swap.gz")
+        (copy / f"t10k-{kind}-ubyte.gz").rename(copy / f"train-{kind}-ubyte.gz")
+        (copy / "swap.gz").rename(copy / f"t10k-{kind}-ubyte.gz")
+    return copy
+
+
+def sweep_setting(name: str, *assignments: str, expect: tuple[str, ...], **options: object) -> Bad:
+    arguments = tuple(arg for assignment in assignments for arg in ("--set", assignment))
+    return Bad(name, expect, overrides=arguments, **options)  # type: ignore[arg-type]
+
+
+# Issue 22's third round: paths past the kernel's limits, files that are no regular file, data that
+# declares less than it holds, the two stores in one file, non-finite bounds, --set with more than one
+# value, numbers past what the platform holds, networks that cannot fit; then more in the same spirit.
+ROUND_3 = [
+    Bad("sweep-file-name-too-long", ("a" * 20, "name of 305 bytes"), command="validate", sweep_file=LONG + ".toml"),
+    Bad("sweep-path-too-long", ("ddd", "bytes long"), command="validate", sweep_file=DEEP + "/x.toml"),
+    Bad(
+        "sweep-file-is-a-fifo",
+        ("fifo.toml", "a FIFO, not a file"),
+        command="validate",
+        sweep_file="{inputs}/fifo.toml",
+        setup=fifo("fifo.toml"),
+        process=True,
+    ),
+    Bad("sweep-file-is-dev-zero", ("/dev/zero", "a device"), command="validate", sweep_file="/dev/zero", process=True),
+    Bad("sweep-file-is-a-folder", ("inputs", "a folder, not a file"), command="validate", sweep_file="{inputs}"),
+    Bad(
+        "sweep-file-symlink-loop",
+        ("s.a", "symbolic links"),
+        command="validate",
+        sweep_file="{inputs}/s.a",
+        setup=symlink_loop("s"),
+    ),
+    Bad(
+        "sweep-file-name-with-newline", ("a\\nb.toml", "not found"), command="validate", sweep_file="{inputs}/a\nb.toml"
+    ),
+    Bad(
+        "sweep-file-too-large",
+        ("big.toml", "1 MiB"),
+        command="validate",
+        sweep_file="{inputs}/big.toml",
+        setup=lambda inputs: (inputs / "big.toml").write_text(VALID + ("#" * 999 + "\n") * 2000),
+    ),
+    Bad(
+        "sweep-file-nested-too-deeply",
+        ("sweep.toml", "nested too deeply"),
+        sweep=VALID + "x = " + "[" * 3000 + "]" * 3000,
+    ),
+    Bad(
+        "sweep-file-int-of-5000-digits",
+        ("sweep.toml", "4300 digits"),
+        sweep=VALID + "[model]\nhidden = [1" + "0" * 5000 + "]",
+    ),
+    setting(
+        "set-nested-too-deeply", "model.hidden=" + "[" * 3000 + "]" * 3000, "--set model.hidden", "nested too deeply"
+    ),
+    setting("data-path-name-too-long", f'data.path="{LONG}"', "data.path", "aaa", "name of 300 bytes"),
+    setting("data-path-too-long", f'data.path="{DEEP}"', "data.path", "ddd", "bytes long"),
+    setting("data-path-nul", 'data.path="a\\u0000b"', "data.path", "a\\x00b", "control character"),
+    setting("storage-name-too-long", f'study.storage="sqlite:///{LONG}.db"', "study.storage", "name of 303 bytes"),
+    setting("storage-path-too-long", f'study.storage="sqlite:///{DEEP}/o.db"', "study.storage", "bytes long"),
+    setting("tracking-name-too-long", f'tracking.uri="sqlite:///{LONG}.db"', "tracking.uri", "name of 303 bytes"),
+    setting("artifacts-name-too-long", f'tracking.artifacts="{LONG}"', "tracking.artifacts", "name of 300 bytes"),
+    setting(
+        "artifacts-uri-too-long", f'tracking.artifacts="file:///tmp/{DEEP}"', "tracking.artifacts", "file:///tmp/d"
+    ),
+    setting("reports-name-too-long", f'tracking.reports="{LONG}"', "tracking.reports", "name of 300 bytes"),
+    setting("reports-path-too-long", f'tracking.reports="{DEEP}"', "tracking.reports", "bytes long"),
+    sweep_setting(  # 4,050 bytes fit; with the study's folder under them, 4,151 do not
+        "study-report-folder-too-long",
+        f'tracking.reports="/{DEEP[:4019]}/{"e" * 29}"',
+        f'study.name="{"n" * 100}"',
+        expect=("tracking.reports", "4151 bytes long"),
+    ),
+    Bad("csv-name-too-long", ("--csv", "name of 304 bytes"), command="trials", overrides=("--csv", LONG + ".csv")),
+    sweep_setting(
+        "storage-is-a-fifo",
+        'study.storage="sqlite:///{inputs}/fifo.db"',
+        expect=("study.storage", "fifo.db", "a FIFO, not a file"),
+        setup=fifo("fifo.db"),
+        process=True,
+    ),
+    setting("storage-is-a-device", 'study.storage="sqlite:////dev/zero"', "study.storage", "a device, not a file"),
+    sweep_setting(
+        "tracking-is-a-fifo",
+        'tracking.uri="sqlite:///{inputs}/fifo.db"',
+        expect=("tracking.uri", "a FIFO, not a file"),
+        setup=fifo("fifo.db"),
+        process=True,
+    ),
+    sweep_setting(
+        "reports-is-a-fifo",
+        'tracking.reports="{inputs}/fifo"',
+        expect=("tracking.reports", "a FIFO, not a folder"),
+        setup=fifo("fifo"),
+        process=True,
+    ),
+    sweep_setting(
+        "reports-symlink-loop",
+        'tracking.reports="{inputs}/r.a"',
+        expect=("tracking.reports", "a symlink loop"),
+        setup=symlink_loop("r"),
+    ),
+    sweep_setting(
+        "artifacts-symlink-loop",
+        'tracking.artifacts="{inputs}/a.a"',
+        expect=("tracking.artifacts", "a symlink loop"),
+        setup=symlink_loop("a"),
+    ),
+    sweep_setting(
+        "storage-symlink-loop",
+        'study.storage="sqlite:///{inputs}/o.a"',
+        expect=("study.storage", "a symlink loop"),
+        setup=symlink_loop("o"),
+    ),
+    sweep_setting(
+        "storage-symlink-to-nothing",
+        'study.storage="sqlite:///{inputs}/o.db"',
+        expect=("study.storage", "a symlink to the missing"),
+        setup=lambda inputs: os.symlink(inputs / "gone" / "o.db", inputs / "o.db"),
+    ),
+    Bad(
+        "csv-is-a-fifo",
+        ("--csv", "a FIFO, not a file"),
+        command="trials",
+        overrides=("--csv", "{inputs}/fifo.csv"),
+        setup=fifo("fifo.csv"),
+        process=True,
+    ),
+    data("data-path-symlink-loop", data_symlink_loop, "a symlink loop"),
+    Bad(
+        "idx-file-is-a-fifo",
+        ("data.path", "train-labels-idx1-ubyte", "a FIFO, not a regular file"),
+        data=fifo_among_idx,
+        process=True,
+    ),
+    data("idx-gzip-bomb", gzip_bomb, "train-labels-idx1-ubyte.gz", "60009 bytes or more, expected 60008"),
+    data("idx-sparse-huge", sparse_huge_images, "train-images-idx3-ubyte", "268435456 bytes, expected 47040016"),
+    data("idx-declares-too-many", idx_declaring(70000), "train-labels-idx1-ubyte.gz", "declares 70000 items"),
+    data("idx-declares-a-negative-count", idx_declaring(2**32 - 1), "train-labels-idx1-ubyte.gz", "declares -1 items"),
+    data("npz-declares-a-huge-array", npz_declaring_a_huge_array, "x_train", "(1000000000, 28, 28)", "refused unread"),
+    sweep_setting(
+        "same-sqlite-file-for-both-stores",
+        'study.storage="sqlite:///mlruns/one.db"',
+        'tracking.uri="sqlite:///mlruns/./one.db"',
+        expect=("study.storage", "tracking.uri", "mlruns/one.db", "same database"),
+    ),
+    sweep_setting(
+        "same-sqlite-file-through-a-symlink",
+        'study.storage="sqlite:///{inputs}/one.db"',
+        'tracking.uri="sqlite:///{inputs}/other.db"',
+        expect=("study.storage", "other.db", "same database"),
+        setup=lambda inputs: os.symlink(inputs / "one.db", inputs / "other.db"),
+    ),
+    sweep_setting(
+        "same-postgres-database-for-both-stores",
+        'study.storage="postgresql://u:Secret-pw-123@127.0.0.1:1/sweep"',
+        'tracking.uri="postgresql+psycopg2://u@127.0.0.1:1/sweep?sslmode=disable"',
+        expect=("study.storage", "u:***@127.0.0.1:1/sweep", "same database"),
+    ),
+    setting("lr-range-low-nan", "search.learning_rate={low=nan, high=0.1}", "search.learning_rate", "low", "nan"),
+    setting("lr-range-high-inf", "search.learning_rate={low=0.001, high=inf}", "search.learning_rate", "inf"),
+    setting("dropout-range-nan", "search.dropout={low=0.0, high=nan}", "search.dropout", "nan"),
+    setting("momentum-range-nan", "search.momentum={low=0.0, high=nan}", "search.momentum", "nan"),
+    setting("weight-decay-range-inf", "search.weight_decay={low=0.0, high=inf}", "search.weight_decay", "inf"),
+    plateau("plateau-factor-nan", "train.plateau_factor=nan", expect=("train.plateau_factor", "nan", "finite")),
+    setting("pruner-percentile-inf", "study.pruner_percentile=inf", "study.pruner_percentile", "inf"),
+    setting("set-with-a-second-line", "study.trials=3\nstudy.seed = 4", "--set study.trials", "more than one value"),
+    setting("set-with-a-stray-bracket", "study.trials=1]", "--set study.trials", "'1]'", "not one TOML value"),
+    setting("set-with-a-second-assignment", "tracking.reports=out extra = 4", "--set tracking.reports", "extra = 4"),
+    setting("set-with-an-unclosed-string", 'study.name="abc', "--set study.name", "abc"),
+    setting("heartbeat-past-a-day", "study.heartbeat_seconds=100000000000000", "study.heartbeat_seconds", "86400"),
+    # validate: the same config check as run; without its guard, run would start two billion trials here
+    sweep_setting(
+        "trials-past-int32", "study.trials=2147483648", expect=("study.trials", "2147483648"), command="validate"
+    ),
+    setting("seed-past-int64", "data.seed=100000000000000000000", "data.seed", "100000000000000000000", "64-bit"),
+    setting(
+        "range-bound-past-int64",
+        "search.batch_size={low=1, high=100000000000000000000}",
+        "search.batch_size.high",
+        "64-bit",
+    ),
+    setting(
+        "batch-size-past-mnist", "search.batch_size=[32, 1099511627776]", "search.batch_size", "1099511627776", "60000"
+    ),
+    sweep_setting(
+        "network-too-wide-for-memory",
+        "model.hidden=[65536, 65536, 65536, 65536, 65536, 65536, 65536, 65536]",
+        expect=("model.hidden", "weights need at least", "GiB"),
+        command="validate",  # validate estimates as run does; without the guard, run would try to train it here
+    ),
+    sweep_setting(
+        "workers-too-many-for-memory",
+        "study.workers=100000",
+        expect=("study.workers = 100000", "model.hidden = [500, 500]", "times 100000 workers", "GiB"),
+        command="validate",
+    ),
+    sweep_setting(  # validate: the same config check as run, and without its guard no 3000-layer net trains here
+        "network-too-deep",
+        "model.hidden=[" + ", ".join(["10"] * 3000) + "]",
+        expect=("model.hidden", "3000 layers"),
+        command="validate",
+    ),
+    setting("study-name-with-a-newline", 'study.name="a\\nb"', "study.name", "'a\\nb'"),
+    setting(
+        "tracking-uri-with-a-newline",
+        'tracking.uri="http://127.0.0.1:1/\\n"',
+        "tracking.uri",
+        "'http://127.0.0.1:1/\\n'",
+        "control character",
+    ),
+    setting("reports-with-an-escape-sequence", 'tracking.reports="\\u001b[31mred"', "tracking.reports", "\\x1b[31mred"),
+    sweep_setting(
+        "storage-lock-is-a-fifo",
+        'study.storage="sqlite:///{inputs}/optuna.db"',
+        expect=("study.storage", "optuna.db.lock is a FIFO, not a file"),
+        setup=fifo("optuna.db.lock"),
+        process=True,
+    ),
+    Bad(
+        "sweep-file-unreadable",
+        ("locked.toml", "Permission denied"),
+        command="validate",
+        sweep_file="{inputs}/locked.toml",
+        setup=lambda inputs: (inputs / "locked.toml").touch(mode=0),
+        unprivileged=True,
+    ),
+    data("data-train-and-test-swapped", swapped_parts, "train-images-idx3-ubyte.gz", "checksum mismatch"),
+    setting("study-name-unicode", 'study.name="fcñ"', "study.name", "fcñ"),
+    setting("empty-storage", 'study.storage=""', "study.storage", "''"),
+]
+
+
 @pytest.fixture
 def folders(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path]]:
     """(inputs, working directory), the latter read-only for the unwritable-directory case."""
@@ -401,27 +735,109 @@ def everything_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-@pytest.mark.parametrize("folders", CASES, ids=[c.name for c in CASES], indirect=True)
-@pytest.mark.parametrize("command", ["run"])
+ALL_CASES = CASES + ROUND_3
+
+
+def listing(folder: Path) -> list[str]:
+    """Every path under `folder`, symlinks not followed (a loop is listed, not entered)."""
+    found = []
+    for root, folders, files in os.walk(folder):
+        found += [str(Path(root, name).relative_to(folder)) for name in folders + files]
+    return sorted(found)
+
+
+def in_process(args: list[str], work: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """`mnist_sweep.cli.main(args)` in `work`: its exit code and stderr. An exception it lets through fails
+    the test, as a traceback would."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stdout)  # restored after the test, with whatever main wrapped around it
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.chdir(work)
+    try:
+        code = cli.main(args)
+    except SystemExit as exit:  # argparse
+        code = exit.code if isinstance(exit.code, int) else 1
+    return code, stderr.getvalue()
+
+
+def limited() -> None:
+    """Run in the child: 4 GiB of address space, so a guard removed fails with MemoryError, not the machine."""
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+@pytest.mark.parametrize(
+    "folders",
+    # The cases that spawn the CLI carry the subprocess marker: `make test-fast` runs the in-process ones.
+    [pytest.param(c, marks=pytest.mark.subprocess) if c.unprivileged or c.process else c for c in ALL_CASES],
+    ids=[c.name for c in ALL_CASES],
+    indirect=True,
+)
 def test_bad_input_exits_2_with_one_line_and_creates_nothing(
-    folders: tuple[Path, Path], run_cli: CliRunner, mnist_dir: Path, command: str, request: pytest.FixtureRequest
+    folders: tuple[Path, Path],
+    mnist_dir: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     case: Bad = request.node.callspec.params["folders"]
     inputs, work = folders
-    sweep = write_sweep(inputs, case.sweep) if case.sweep is not None else write_sweep(inputs, VALID)
-    args = [command, str(sweep), *case.overrides]
+    write_sweep(inputs, case.sweep if case.sweep is not None else VALID)
+    if case.setup is not None:
+        case.setup(inputs)
+    args = [case.command, case.sweep_file.replace("{inputs}", str(inputs))]
+    args += [arg.replace("{inputs}", str(inputs)) for arg in case.overrides]
     if case.data is not None:
         args += ["--data", str(case.data(mnist_dir, inputs))]
-    prefix = permissions_apply() if case.unprivileged else ()
+    before = listing(inputs)
 
-    result = run_cli(*args, cwd=work, prefix=prefix, timeout=120)
+    if case.unprivileged or case.process:
+        prefix = permissions_apply() if case.unprivileged else ()
+        try:
+            result = subprocess.run(
+                [*prefix, *CLI, *args],
+                cwd=work,
+                env=cli_environment(mnist_dir),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                preexec_fn=limited,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{case.name}: the command hung")
+        code, stderr = result.returncode, result.stderr
+    else:
+        monkeypatch.setenv("MNIST_SWEEP_DATA", str(mnist_dir))
+        code, stderr = in_process(args, work, monkeypatch)
 
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
     assert lines[0].startswith("mnist-sweep: ")
     for fragment in case.expect:
         assert fragment in lines[0], f"{fragment!r} not named in: {lines[0]}"
-    assert "Secret-pw-123" not in result.stdout + result.stderr
-    assert everything_under(work) == []
+    assert "Secret-pw-123" not in stderr
+    assert listing(work) == []
+    assert listing(inputs) == before
+
+
+def closed_stdout_run(*args: str, redirect: str, cwd: Path, mnist_dir: Path) -> subprocess.CompletedProcess[str]:
+    command = " ".join(f"'{arg}'" for arg in [*CLI, *args]) + " " + redirect
+    return subprocess.run(
+        ["bash", "-c", command], cwd=cwd, env=cli_environment(mnist_dir), capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.subprocess
+def test_closed_stdout_ends_quietly_with_the_commands_own_exit_code(tmp_path: Path, mnist_dir: Path) -> None:
+    """`validate sweep >&-`: nothing to print to, so nothing printed, exit 0; a bad input still says why, exit 2."""
+    sweep = write_sweep(tmp_path, VALID)
+    valid = closed_stdout_run("validate", str(sweep), redirect=">&-", cwd=tmp_path, mnist_dir=mnist_dir)
+    assert (valid.returncode, valid.stderr) == (0, "")
+    bad = closed_stdout_run(
+        "validate", str(sweep), "--set", "study.trials=0", redirect=">&-", cwd=tmp_path, mnist_dir=mnist_dir
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "study.trials" in bad.stderr
+    no_stderr = closed_stdout_run(
+        "validate", str(sweep), "--set", "study.trials=0", redirect="2>&-", cwd=tmp_path, mnist_dir=mnist_dir
+    )
+    assert no_stderr.returncode == 2

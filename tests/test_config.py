@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import optuna
@@ -115,6 +116,21 @@ def test_malformed_toml_names_the_file(tmp_path: Path) -> None:
 def test_missing_sweep_file() -> None:
     with pytest.raises(ConfigError, match="sweep file not found"):
         load_sweep("does/not/exist.toml")
+
+
+def test_a_huge_sweep_file_is_refused_having_read_at_most_1_mib(tmp_path: Path) -> None:
+    """A 256 MiB (sparse) file named as the sweep file: reading stops one byte past the limit."""
+    path = tmp_path / "huge.toml"
+    with open(path, "wb") as handle:
+        handle.truncate(1 << 28)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match="huge.toml: over 1 MiB"):
+            load_sweep(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB held to refuse it"
 
 
 @pytest.mark.parametrize("assignment", ["trials=3", "study.=3", "study.trials"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import struct
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,57 @@ def test_real_files_uncompressed_also_read(tmp_path: Path, mnist_dir: Path) -> N
             shutil.copyfileobj(src, dst)
     split = load_split(resolve_source(str(tmp_path)), validation=5000, train_limit=0, seed=0)
     assert len(split.y_train) == 55000 and len(split.y_val) == 5000
+
+
+def read_with_peak(path: Path, *, images: bool) -> tuple[str, int]:
+    """read_idx's error and the most memory Python held while it read."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as refused:
+            read_idx(path, images=images)
+        return str(refused.value), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_gzip_bomb_is_refused_after_reading_only_what_its_header_declares(tmp_path: Path) -> None:
+    """256 MiB of zeros behind a header that declares 100 labels: reading stops one byte past the 108."""
+    path = tmp_path / "labels-idx1-ubyte.gz"
+    with gzip.open(path, "wb", compresslevel=1) as handle:
+        handle.write(struct.pack(">ii", 2049, 100))
+        for _ in range(16):
+            handle.write(bytes(1 << 24))
+    message, peak = read_with_peak(path, images=False)
+    assert "109 bytes or more, expected 108 for 100 items" in message
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB held to refuse it"
+
+
+def test_a_sparse_huge_idx_file_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "images-idx3-ubyte"
+    with open(path, "wb") as handle:
+        handle.write(struct.pack(">iiii", 2051, 100, 28, 28))
+        handle.truncate(1 << 28)  # 256 MiB, no block written
+    message, peak = read_with_peak(path, images=True)
+    assert f"{1 << 28} bytes, expected {16 + 100 * 784}" in message
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB held to refuse it"
+
+
+def test_a_header_declaring_more_than_the_standard_file_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "t10k-labels-idx1-ubyte"
+    path.write_bytes(struct.pack(">ii", 2049, 10001) + bytes(10001))
+    with pytest.raises(DataError, match="declares 10001 items, expected 0 to 10000"):
+        read_idx(path, images=False)
+
+
+@pytest.mark.parametrize(
+    ("value", "expect"),
+    [("a" * 300, "File name too long"), ("/dev/zero", "a device"), ("loop", "a symlink loop")],
+)
+def test_a_data_variable_that_names_no_folder_or_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, expect: str
+) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(data.DATA_ENV, value)
+    with pytest.raises(DataError, match=f"^\\$MNIST_SWEEP_DATA = '{value[:20]}.*{expect}"):
+        resolve_source("")
