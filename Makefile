@@ -10,7 +10,7 @@ ifneq ($(wildcard ../shared/data/mnist),)
 export MNIST_SWEEP_DATA ?= $(abspath ../shared/data/mnist)
 endif
 
-.PHONY: sweep test lint ui dashboard install install-dev bench-overhead bench-epoch bench-memory bench-search bench-backends bench-gpu bench-packing
+.PHONY: sweep test test-fast lint ui dashboard install install-dev bench-overhead bench-epoch bench-memory bench-search bench-backends bench-gpu bench-packing
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ sweep: $(VENV)/.installed            ## run the default sweep (ARGS="--trials 3 
 
 test: $(VENV)/.installed-dev         ## the whole test suite, slow end-to-end tests included
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The markers are registered, and said what they mean, in pyproject.toml ([tool.pytest.ini_options]).
+FAST_TESTS := not slow and not subprocess and not server and not browser
+test-fast: $(VENV)/.installed-dev    ## in-process config, bad-input and unit tests (minutes): no slow, subprocess, server or browser test
+	$(BIN)/python -m pytest -m "$(FAST_TESTS)" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check mnist_sweep tests bench

@@ -39,6 +39,7 @@ from mnist_sweep.records import (
     KERAS_TUNER_TRIAL_ID_ATTR,
     MODEL_URI_KEY,
 )
+from mnist_sweep.samplers import keras_tuner_oracle
 from mnist_sweep.space import searched_names, to_keras_tuner
 from mnist_sweep.workarounds import set_oracle_project_dir, set_trial_user_attr
 
@@ -141,16 +142,9 @@ def make_oracle(cfg: SweepConfig) -> keras_tuner.Oracle:
         # study.max_failures ends the sweep; keras-tuner's own limit would raise out of end_trial.
         "max_consecutive_failed_trials": 2**31,
     }
-    oracles = keras_tuner.oracles
-    if cfg.study.sampler == "hyperband":
-        # hyperband_iterations=None: brackets go on until study.trials are done.
-        oracle = oracles.HyperbandOracle(
-            max_epochs=cfg.train.epochs, factor=cfg.study.hyperband_factor, hyperband_iterations=None, **common
-        )
-    elif cfg.study.sampler == "bayesian":
-        oracle = oracles.BayesianOptimizationOracle(max_trials=None, **common)
-    else:
-        oracle = oracles.RandomSearchOracle(max_trials=None, **common)
+    entry = keras_tuner_oracle(cfg.study)
+    oracle_class = getattr(keras_tuner.oracles, entry.oracle)
+    oracle = oracle_class(**entry.options(cfg.study, cfg.train.epochs), **common)
     oracle.verbose = 0  # its own trial tables on stdout: our trial lines say it
     return oracle
 

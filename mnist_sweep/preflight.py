@@ -36,6 +36,7 @@ from mnist_sweep.locations import (
     path_kind,
     path_problem,
 )
+from mnist_sweep.samplers import check_installed as check_sampler_installed
 from mnist_sweep.tensorboard_log import check_installed as check_tensorboard_installed
 
 if TYPE_CHECKING:
@@ -240,6 +241,8 @@ def prepare(cfg: SweepConfig, *, training: bool) -> tuple[DataSource, Split | No
         check_fits_in_memory(cfg)
     if training and cfg.train.tensorboard:
         check_tensorboard_installed()
+    if training:
+        check_sampler_installed(cfg.study)
     if training:
         split = load_split(source, validation=cfg.data.validation, train_limit=cfg.data.train_limit, seed=cfg.data.seed)
     check_test_split_present(source)

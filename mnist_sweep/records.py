@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mnist_sweep.config import SearchConfig, SweepConfig, parse_override
+from mnist_sweep.config import Choice, SearchConfig, SweepConfig, parse_override
 from mnist_sweep.errors import MissingParamError
 
 # --------------------------------------------------------------------------- Optuna: a trial's user attributes
@@ -181,12 +181,13 @@ class RunParams:
 
     @classmethod
     def decode(cls, params: Mapping[str, str]) -> RunParams:
-        """A run's params back as they were logged; raises MissingParamError naming the first missing key."""
-        missing = [key for key in (*cls.REQUIRED, *SearchConfig.model_fields) if key not in params]
+        """A run's params back as they were logged, with `filled_in`'s defaults for the keys an older run lacks;
+        raises MissingParamError naming the first key it must hold and does not."""
+        missing = [key for key in cls.REQUIRED if key not in params]
+        missing += [key for key in SearchConfig.model_fields if key not in params and _fixed_default(key) is None]
         if missing:
             raise MissingParamError(missing[0])
-        defaults = cls.from_config(SweepConfig(), data_source="", n_train=0, n_val=0).encode()
-        merged = {**defaults, **params}
+        merged = {**cls.filled_in(params), **params}
         return cls(
             hidden=decode_hidden(merged["hidden"]),
             epochs=int(merged["epochs"]),
@@ -205,9 +206,27 @@ class RunParams:
             data_source=merged["data_source"],
             n_train=int(merged["n_train"]),
             n_val=int(merged["n_val"]),
-            hyperparameters={key: _typed(params[key]) for key in SearchConfig.model_fields},
+            hyperparameters={key: _typed(merged[key]) for key in SearchConfig.model_fields},
             seed=int(merged["seed"]),
         )
+
+    @classmethod
+    def filled_in(cls, params: Mapping[str, str]) -> dict[str, str]:
+        """The keys a run logged before they existed lacks, with the defaults `decode` gives them: a train
+        setting's from the sweep file's defaults, a searched key's where its default is one fixed value (the
+        value every trial had before the key could be searched)."""
+        defaults = cls.from_config(SweepConfig(), data_source="", n_train=0, n_val=0).encode()
+        for key in SearchConfig.model_fields:
+            fixed = _fixed_default(key)
+            if fixed is not None:
+                defaults[key] = str(fixed)
+        return {key: value for key, value in defaults.items() if key not in params and key not in cls.REQUIRED}
+
+
+def _fixed_default(key: str) -> str | int | float | None:
+    """The one value [search] gives `key` when a sweep file leaves it out; None where its default is searched."""
+    spec = SearchConfig.model_fields[key].default
+    return spec.values[0] if isinstance(spec, Choice) and spec.is_fixed else None
 
 
 # --------------------------------------------------------------------------- the lecture's network, for reference

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mnist_sweep.config import SweepConfig
+from mnist_sweep.config import SweepConfig, build_config
 from mnist_sweep.data import load_split, resolve_source, sealed_test_set
 from mnist_sweep.errors import MissingParamError, UsageError
 from mnist_sweep.records import RunParams, final_metric
@@ -26,6 +26,12 @@ def replay(cfg: SweepConfig, run_id: str, *, echo: Callable[[str], None]) -> int
         raise UsageError(f"run {run_id!r} is not a finished mnist-sweep trial run (no {exc.args[0]})") from None
     if final_metric("val_accuracy") not in metrics:
         raise UsageError(f"run {run_id!r} is not a finished mnist-sweep trial run (no metrics)")
+    # A default fills in only for a key the run lacks; a value it did record is checked as a sweep file's would be.
+    build_config({"search": logged.hyperparameters}, origin=f"run {run_id!r} recorded")
+    filled = RunParams.filled_in(params)
+    if filled:
+        shown = ", ".join(f"{key} = {value}" for key, value in filled.items())
+        echo(f"run {run_id!r} was logged before these keys were recorded; replayed with their defaults: {shown}")
     split = load_split(
         resolve_source(cfg.data.path),
         validation=logged.data_validation,

@@ -45,6 +45,7 @@ from mnist_sweep.records import (
     VAL_LOSS_ATTR,
     RunParams,
 )
+from mnist_sweep.samplers import optuna_sampler, takes_constant_liar
 from mnist_sweep.space import sample_params
 from mnist_sweep.tensorboard_log import ARTIFACT_PATH as TENSORBOARD_ARTIFACT
 from mnist_sweep.tensorboard_log import EpochEvents
@@ -109,11 +110,12 @@ class WorkerPolicy:
 
 
 CONSTANT_LIAR_TAG = "sampler.constant_liar"
+SAMPLER_TAG = "sampler.class"  # each trial run's: the class that chose its hyperparameters
 
 
 def new_study_policy(study: StudyConfig) -> WorkerPolicy:
-    """What a study created now records (keras-tuner's oracle and the random sampler have no lies to tell)."""
-    return WorkerPolicy(constant_liar=study.engine == "optuna" and study.sampler == "tpe")
+    """What a study created now records (only the samplers the table marks take constant_liar)."""
+    return WorkerPolicy(constant_liar=takes_constant_liar(study))
 
 
 def recorded_policy(user_attrs: Mapping[str, Any], study: StudyConfig) -> WorkerPolicy:
@@ -147,10 +149,7 @@ def worker_policy(cfg: SweepConfig) -> WorkerPolicy:
 def make_sampler(study: StudyConfig, *, seed_offset: int, constant_liar: bool) -> optuna.samplers.BaseSampler:
     """Seeded by study.seed plus the trials already in the study, so a resumed run draws new points."""
     seed = (study.seed + seed_offset) % 2**32  # a worker's salt must not push it past NumPy's range
-    if study.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    # Several workers at once: a running trial counts as a poor result, so TPE does not hand its point out again.
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=constant_liar)
+    return optuna_sampler(study).build(seed, constant_liar)
 
 
 def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
@@ -424,7 +423,7 @@ class Objective:
                 study_name=trial.study.study_name,
                 trial_number=trial.number,
                 params=run_params.encode(),
-                tags=self.run_tags,
+                tags={**self.run_tags, SAMPLER_TAG: type(trial.study.sampler).__name__},
             )
             trial.set_user_attr(RUN_ID_ATTR, run_id)
             trial.set_user_attr(SEED_ATTR, seed)

@@ -55,6 +55,23 @@ def required_mnist() -> Path:
     return location
 
 
+# The fast tier (`make test-fast`) leaves out every test that starts a process, a server or a browser. A test
+# that gets one through a fixture is marked here, from the fixture (with the fixtures it depends on); one
+# that starts its own carries the marker itself (a module's `pytestmark`, or on the test).
+MARKS_OF_FIXTURES = {
+    "run_cli": "subprocess",
+    "start_cli": "subprocess",
+    "postgres_server": "server",
+    "postgres_password_server": "server",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in MARKS_OF_FIXTURES.keys() & set(getattr(item, "fixturenames", ())):
+            item.add_marker(MARKS_OF_FIXTURES[fixture])
+
+
 @pytest.fixture(autouse=True)
 def _no_download(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never download: the Keras fallback raises if anything reaches it."""

@@ -83,6 +83,7 @@ def check_recorded(workdir: Path, backend: str, trials: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.backend
+@pytest.mark.subprocess
 def test_a_jax_sweep_never_imports_tensorflow(tmp_path: Path, mnist_dir: Path) -> None:
     needs("jax")
     # TensorBoard event files too: written without TensorFlow (Keras' own callback would need tf.summary)
@@ -108,6 +109,7 @@ def test_a_jax_sweep_never_imports_tensorflow(tmp_path: Path, mnist_dir: Path) -
 
 @pytest.mark.slow
 @pytest.mark.backend
+@pytest.mark.subprocess
 def test_a_torch_sweep_runs_and_records_torch(tmp_path: Path, mnist_dir: Path) -> None:
     needs("torch")
     done = sweep_under("torch", tmp_path, mnist_dir, trials=1)
@@ -116,6 +118,7 @@ def test_a_torch_sweep_runs_and_records_torch(tmp_path: Path, mnist_dir: Path) -
     check_recorded(tmp_path, "torch", trials=1)
 
 
+@pytest.mark.subprocess
 def test_records_and_reports_need_no_keras() -> None:
     """Reading MNIST, MLflow, Optuna and the report import no deep-learning framework."""
     code = (

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from mnist_sweep import cli
-from tests.conftest import CLI, CliRunner, cli_environment, write_sweep
+from tests.conftest import CLI, cli_environment, write_sweep
 
 # Valid everywhere else, so the one bad value is what fails.
 VALID = """
@@ -765,10 +765,15 @@ def limited() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
 
 
-@pytest.mark.parametrize("folders", ALL_CASES, ids=[c.name for c in ALL_CASES], indirect=True)
+@pytest.mark.parametrize(
+    "folders",
+    # The cases that spawn the CLI carry the subprocess marker: `make test-fast` runs the in-process ones.
+    [pytest.param(c, marks=pytest.mark.subprocess) if c.unprivileged or c.process else c for c in ALL_CASES],
+    ids=[c.name for c in ALL_CASES],
+    indirect=True,
+)
 def test_bad_input_exits_2_with_one_line_and_creates_nothing(
     folders: tuple[Path, Path],
-    run_cli: CliRunner,
     mnist_dir: Path,
     request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
@@ -822,6 +827,7 @@ def closed_stdout_run(*args: str, redirect: str, cwd: Path, mnist_dir: Path) -> 
     )
 
 
+@pytest.mark.subprocess
 def test_closed_stdout_ends_quietly_with_the_commands_own_exit_code(tmp_path: Path, mnist_dir: Path) -> None:
     """`validate sweep >&-`: nothing to print to, so nothing printed, exit 0; a bad input still says why, exit 2."""
     sweep = write_sweep(tmp_path, VALID)

@@ -67,6 +67,7 @@ def test_the_seeds_report_gives_rows_medians_and_the_targets_on_the_medians() ->
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_peer_searches_scores_the_test_set_once_and_reports_its_costs(tmp_path: Path, mnist_dir: Path) -> None:
     saved = tmp_path / "peer.json"
     small = ["--set", "data.train_limit=500", "--set", "data.validation=500", "--set", "train.epochs=2"]

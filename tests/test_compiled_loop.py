@@ -171,6 +171,7 @@ def test_a_warm_start_goes_on_from_its_weights_and_schedule(split: Split) -> Non
 
 
 @pytest.mark.backend
+@pytest.mark.subprocess
 def test_under_jax_the_compiled_setting_trains_with_fit_and_never_imports_tensorflow() -> None:
     needs("jax")
     code = (

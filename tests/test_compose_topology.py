@@ -44,7 +44,7 @@ from tests.compose_native import (
 from tests.conftest import REPO, _free_port, _postgres_bin, missing_dependency, required_mnist
 from tests.stores import assert_nothing_running, assert_runs_linked, parent_run
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.server, pytest.mark.subprocess]
 
 SERVICES = {"postgres", "mlflow", "worker", "finalize"}
 SHRINK = ("--trials", "4", "--epochs", "1", "--set", "data.train_limit=1000", "--set", "data.validation=500")

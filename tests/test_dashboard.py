@@ -12,7 +12,7 @@ import pytest
 from tests.browser import DASHBOARD_MISSING, free_port
 from tests.conftest import CLI, DEFAULT_SWEEP, REPO, cli_environment, required_module
 
-pytestmark = pytest.mark.slow  # each test starts the real CLI (TensorFlow and MLflow imports)
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # each test starts the real CLI (TensorFlow and MLflow imports)
 
 SWEEP = str(DEFAULT_SWEEP)
 

@@ -58,6 +58,7 @@ def invocations() -> list[tuple[str, list[str]]]:
 # --------------------------------------------------------------------------- lint and schema
 
 
+@pytest.mark.subprocess
 def test_compose_file_follows_the_compose_specification(tmp_path: Path) -> None:
     checker = [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec"]
     done = subprocess.run([*checker, str(COMPOSE_FILE)], capture_output=True, text=True, timeout=120)
@@ -69,6 +70,7 @@ def test_compose_file_follows_the_compose_specification(tmp_path: Path) -> None:
     assert refused.returncode != 0 and "healthchek" in refused.stdout + refused.stderr
 
 
+@pytest.mark.subprocess
 def test_dockerfile_passes_hadolint() -> None:
     done = subprocess.run([tool("hadolint"), str(DOCKERFILE)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -100,6 +100,7 @@ print(backend, keras.backend.backend(), os.environ["XLA_PYTHON_CLIENT_PREALLOCAT
 
 
 @pytest.mark.backend
+@pytest.mark.subprocess
 def test_under_jax_memory_is_not_preallocated_and_tensorflow_is_absent() -> None:
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed: pip install -e '.[jax]' (make install-dev does)")
@@ -119,6 +120,7 @@ def run_gpu_bench(backend: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+@pytest.mark.subprocess
 def test_bench_gpu_without_a_gpu_says_so_and_records_nothing(backend: str) -> None:
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed")
@@ -132,6 +134,7 @@ def test_bench_gpu_without_a_gpu_says_so_and_records_nothing(backend: str) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_bench_gpu_runs_every_step_on_the_cpu_when_asked_and_records_nothing(mnist_dir: Path) -> None:
     backend = "jax" if importlib.util.find_spec("jax") is not None else "tensorflow"  # the GPU machines' backend
     results = REPO / "bench" / "RESULTS.md"
@@ -219,6 +222,7 @@ print(os.environ["CUDA_DEVICE_ORDER"], os.environ["TF_NUM_INTRAOP_THREADS"], sor
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_backend_loads_with_pci_bus_order_and_threads_sized_to_the_affinity() -> None:
     core = min(os.sched_getaffinity(0))
     env = {**cli_environment(REPO), "CUDA_VISIBLE_DEVICES": ""}

@@ -39,6 +39,7 @@ def test_every_exception_class_of_the_package_is_defined_in_errors() -> None:
     "error",
     [cls for cls in vars(errors).values() if inspect.isclass(cls) and issubclass(cls, errors.UserError)],
 )
+@pytest.mark.subprocess
 def test_every_user_error_ends_in_exit_2_with_one_masked_line(
     error: type[errors.UserError], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -52,6 +53,7 @@ def test_every_user_error_ends_in_exit_2_with_one_masked_line(
     assert "s3cret" not in err
 
 
+@pytest.mark.subprocess
 def test_too_many_failures_ends_in_exit_1_and_a_bug_keeps_its_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -476,6 +476,7 @@ def test_children_get_their_gpu_as_given_and_the_pci_bus_order(monkeypatch: pyte
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_backend_probe_answers_in_a_child_and_loads_no_backend_here() -> None:
     import subprocess
 

@@ -43,6 +43,7 @@ def ended_here(pid: int) -> ProcessId:
     return ProcessId(me.host, pid, "deadbeef0000", me.boot, me.namespace, "12345")
 
 
+@pytest.mark.subprocess
 def test_only_a_process_of_this_pid_namespace_can_be_proven_ended() -> None:
     me, parent = this_process(), os.getppid()
     alive = ProcessId(me.host, parent, "aaaaaaaaaaaa", me.boot, me.namespace, processes._started(parent))
@@ -90,6 +91,7 @@ STALE = NOW - datetime.timedelta(seconds=final.CLAIM_STALE_SECONDS + 60)
     ],
     ids=["live-in-another-container", "stale-heartbeat", "ended-on-this-host"],
 )
+@pytest.mark.subprocess
 def test_a_claim_is_taken_over_only_when_its_claimant_is_proven_ended_or_its_heartbeat_is_stale(
     tmp_path: Path, claimant: object, heartbeat: datetime.datetime, taken: bool, why: str
 ) -> None:
@@ -132,6 +134,7 @@ def test_a_claim_never_completed_is_judged_by_how_long_it_was_watched() -> None:
     [(lambda: other_container(dead_pid()), False), (lambda: ended_here(dead_pid()), True)],
     ids=["live-in-another-container", "ended-on-this-host"],
 )
+@pytest.mark.subprocess
 def test_a_run_storing_its_artifacts_is_closed_only_when_its_worker_provably_ended(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, worker: object, closed: bool
 ) -> None:
@@ -188,6 +191,7 @@ def as_container(
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_containers_sharing_a_hostname_and_a_pid_score_the_test_set_once(tmp_path: Path) -> None:
     data = required_mnist()
     shared = dead_pid()  # both containers' finalize has this pid; in this namespace it runs nothing

@@ -80,6 +80,7 @@ def test_a_logged_model_predicts_through_pyfunc_as_keras_does(tmp_path: Path) ->
 
 
 @pytest.mark.backend
+@pytest.mark.subprocess
 def test_a_model_logged_under_jax_predicts_through_pyfunc(tmp_path: Path) -> None:
     needs("jax")
     done = _in_backend("jax", tmp_path)

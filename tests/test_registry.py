@@ -187,6 +187,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> RegisteredSweep:
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_chosen_model_is_registered_once_as_champion_and_said_so(registered: RegisteredSweep) -> None:
     client = MlflowClient(tracking_uri=registered.uri)
     (version,) = client.search_model_versions("name = 'fcn'")  # run, finalize, run again: one version
@@ -222,6 +223,7 @@ def _validation_images(n: int) -> np.ndarray:
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_champion_predicts_through_pyfunc_as_through_keras(registered: RegisteredSweep) -> None:
     images = _validation_images(32)
     mlflow.set_tracking_uri(registered.uri)
@@ -255,6 +257,8 @@ def serving(registered: RegisteredSweep) -> Iterator[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.server
+@pytest.mark.subprocess
 def test_mlflow_models_serve_answers_with_the_keras_models_digits(registered: RegisteredSweep, serving: str) -> None:
     images = _validation_images(16)
     body = json.dumps({"inputs": images.tolist()}).encode()
@@ -269,6 +273,7 @@ def test_mlflow_models_serve_answers_with_the_keras_models_digits(registered: Re
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_study_records_its_registration(registered: RegisteredSweep) -> None:
     study = optuna.load_study(study_name="fcn", storage=f"sqlite:///{registered.folder / 'mlruns' / 'optuna.db'}")
     assert study.user_attrs["registered_model"] == {"name": "fcn", "version": "1", "alias": "champion"}
@@ -284,6 +289,7 @@ def _readme_commands() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_each_command_of_the_readme_section_works_on_a_real_sweep(registered: RegisteredSweep) -> None:
     export, keras_line, pyfunc_line, registry_line, serve_line, curl_line = _readme_commands()
     name, _, uri = export.removeprefix("export ").partition("=")

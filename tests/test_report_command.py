@@ -25,7 +25,7 @@ from mnist_sweep.report import NOT_SCORED
 from tests.browser import chromium_page, free_port, read_line_with
 from tests.conftest import CLI, DEFAULT_SWEEP, CliRunner, cli, cli_environment, required_mnist, small_sweep_args
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 SWEEP = str(DEFAULT_SWEEP)
 TINY = small_sweep_args(trials=3, train_limit=1000, validation=500)
@@ -95,6 +95,7 @@ def open_report(page: Any, path: Path) -> dict[str, bool]:
 # --------------------------------------------------------------------------- the report
 
 
+@pytest.mark.browser
 def test_report_opens_offline_in_chromium_and_every_plot_draws(sweep: Sweep) -> None:
     with chromium_page() as (page, problems):
         drawn = open_report(page, sweep.reports / "report.html")
@@ -117,6 +118,7 @@ def test_a_study_writes_plotly_js_once_and_its_report_stays_light(sweep: Sweep) 
         assert sum(p.stat().st_size for p in files) <= 3_000_000  # both: <= 6 MB a study
 
 
+@pytest.mark.browser
 def test_trial_confusion_matrix_page_shows_counts_and_row_shares(sweep: Sweep) -> None:
     run = sweep.trial_runs()[0]
     path = Path(urlparse(run.info.artifact_uri).path) / "val_confusion_matrix.html"
@@ -240,6 +242,7 @@ def test_commands_on_a_missing_study_exit_2_and_write_nothing(command: str, run_
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.browser
 def test_report_before_the_test_set_is_scored_is_marked_and_exits_2(run_cli: CliRunner, tmp_path: Path) -> None:
     worker = run_cli("worker", SWEEP, *small_sweep_args(trials=1, train_limit=1000, validation=500))
     assert worker.returncode == 0, worker.stderr[-2000:]

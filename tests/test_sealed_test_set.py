@@ -67,6 +67,7 @@ def test_trials_never_read_the_test_split(tmp_path: Path, mnist_dir: Path, monke
     assert events[:first].count("read train") == 1 and set(events[:first]) <= {"read train", "read test"}
 
 
+@pytest.mark.subprocess
 def test_replay_never_reads_the_test_split(tmp_path: Path, mnist_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An absolute tracking URI: MLflow keeps one store per URI in a process, and a relative one names another
     # test's file once an earlier test has used it.

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import DEFAULT_SWEEP, ENGINE_ARGS, REPO, cli, created_files, required_mnist, small_sweep_args
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 @dataclass

@@ -130,6 +130,7 @@ def test_batch_hook_sees_every_step_of_every_epoch(synthetic_mnist: tuple[np.nda
         assert done == sorted(done) and done[-1] == 10 and len(done) <= 4, calls
 
 
+@pytest.mark.subprocess
 def test_help_is_written_for_users_and_version_is_the_package_version(tmp_path: Path) -> None:
     env = cli_environment(tmp_path)
     shown = subprocess.run(cli_command("--help"), capture_output=True, text=True, env=env, timeout=60)
@@ -197,6 +198,7 @@ def run_on_terminal(*args: str, cwd: Path, data: Path, rows: int = 40, cols: int
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_terminal_shows_live_progress_then_the_trial_lines(tmp_path: Path, data: Path) -> None:
     args = small_sweep_args(trials=2, train_limit=8000)
     args[args.index("--epochs") + 1] = "2"
@@ -284,6 +286,7 @@ def run_into_head(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Itera
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_run_into_a_closed_pipe_finishes_every_trial_and_scores_the_test_set(run_into_head: PipedRun) -> None:
     done = run_into_head
     assert done.first_lines[0].startswith("no GPU found, training on CPU")
@@ -311,6 +314,7 @@ def closed_pipe() -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["trials", "validate", "report"])
+@pytest.mark.subprocess
 def test_printing_commands_exit_quietly_into_a_closed_pipe(run_into_head: PipedRun, command: str) -> None:
     write_end = closed_pipe()
     try:
@@ -329,6 +333,7 @@ def test_printing_commands_exit_quietly_into_a_closed_pipe(run_into_head: PipedR
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_shell_pipelines_into_head_and_true_print_no_traceback(run_into_head: PipedRun) -> None:
     python = " ".join(cli_command())
     sweep = f"{DEFAULT_SWEEP} " + " ".join(small_sweep_args(trials=3))
@@ -351,6 +356,7 @@ def test_shell_pipelines_into_head_and_true_print_no_traceback(run_into_head: Pi
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+@pytest.mark.subprocess
 def test_quiet_prints_only_the_final_result(tmp_path: Path, data: Path, backend: str) -> None:
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"Keras backend {backend} is not installed")
@@ -371,6 +377,7 @@ def test_quiet_prints_only_the_final_result(tmp_path: Path, data: Path, backend:
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_verbose_brings_back_the_library_logs(tmp_path: Path, data: Path) -> None:
     done = cli(
         "run",

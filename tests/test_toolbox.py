@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from mnist_sweep.baseline import LECTURE_PARAMS
 from tests.conftest import REPO, cli, required_mnist, write_sweep
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 # A space that holds the lecture's values (sigmoid, adam at 1e-3, batch 128, no dropout); plateau with room to act.
 LECTURE_SPACE = """

@@ -46,6 +46,7 @@ NO_CREDENTIALS = {"MLFLOW_TRACKING_USERNAME": "", "MLFLOW_TRACKING_PASSWORD": ""
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_basic_auth_server_without_credentials_is_one_line_pointing_to_the_variables(
     basic_auth_server: str, run_cli: CliRunner, tmp_path: Path
 ) -> None:
@@ -55,6 +56,7 @@ def test_basic_auth_server_without_credentials_is_one_line_pointing_to_the_varia
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_basic_auth_server_with_a_wrong_password_is_one_line(
     basic_auth_server: str, run_cli: CliRunner, tmp_path: Path
 ) -> None:
@@ -65,6 +67,7 @@ def test_basic_auth_server_with_a_wrong_password_is_one_line(
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_a_sweep_runs_against_a_basic_auth_server_with_credentials_from_the_environment(
     basic_auth_server: str, run_cli: CliRunner, tmp_path: Path
 ) -> None:
@@ -110,6 +113,7 @@ def forbidding_server() -> Iterator[str]:
         server.server_close()
 
 
+@pytest.mark.server
 def test_tracking_server_answering_403_is_one_line(forbidding_server: str, run_cli: CliRunner, tmp_path: Path) -> None:
     env = {"MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "Bob-pw-1234"}
     line, _ = _run_bad(run_cli, tmp_path, forbidding_server, env)
@@ -139,6 +143,7 @@ def _as_admin(url: str, path: str, body: dict[str, object]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_a_registry_refusing_after_scoring_is_one_line_and_the_result_stays_sealed(
     basic_auth_server: str, run_cli: CliRunner, tmp_path: Path
 ) -> None:

@@ -17,7 +17,7 @@ from tests.conftest import DEFAULT_SWEEP, cli, required_mnist, small_sweep_args
 from tests.servers import mlflow_server
 from tests.stores import assert_runs_linked
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.subprocess]
 
 
 @dataclass

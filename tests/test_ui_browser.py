@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from tests.browser import DASHBOARD_MISSING, Served, chromium_page, free_port, nothing_listens, serving
 from tests.conftest import CLI, DEFAULT_SWEEP, cli, cli_environment, required_mnist, required_module, small_sweep_args
 
-pytestmark = pytest.mark.slow  # each test starts the real CLI (TensorFlow and MLflow imports)
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # each test starts the real CLI (TensorFlow and MLflow imports)
 
 SWEEP = str(DEFAULT_SWEEP)
 TRIALS = 4
@@ -122,6 +122,7 @@ def expand_study(page: Any, study: Study) -> None:
 # --------------------------------------------------------------------------- what the study recorded for the UI
 
 
+@pytest.mark.server
 def test_the_experiment_is_model_training_and_the_study_run_describes_itself(study: Study) -> None:
     assert study.experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     description = study.parent.data.tags["mlflow.note.content"]
@@ -134,6 +135,8 @@ def test_the_experiment_is_model_training_and_the_study_run_describes_itself(stu
 # --------------------------------------------------------------------------- in the browser
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_the_printed_url_opens_the_runs_table_on_the_study_run(study: Study, browser: Any) -> None:
     assert study.served.url == study.page_url("runs")
     open_runs_table(browser, study.served.url)
@@ -146,6 +149,8 @@ def test_the_printed_url_opens_the_runs_table_on_the_study_run(study: Study, bro
     assert re.fullmatch(r"[\d.]+(s|min|h)", duration)  # the study run has an end, so a duration
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_expanding_the_study_run_shows_every_trial(study: Study, browser: Any) -> None:
     open_runs_table(browser, study.served.url)
     expand_study(browser, study)
@@ -155,6 +160,8 @@ def test_expanding_the_study_run_shows_every_trial(study: Study, browser: Any) -
     assert all(run.info.run_name in text for run, (_, text) in zip(children, rows[1:], strict=True))
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_a_trials_val_metric_and_searched_param_are_columns_to_add(study: Study, browser: Any) -> None:
     open_runs_table(browser, study.served.url)
     browser.get_by_role("button", name="Columns").click()
@@ -181,6 +188,8 @@ def test_a_trials_val_metric_and_searched_param_are_columns_to_add(study: Study,
         assert float(shown["metrics.`learning_rate`"]) == pytest.approx(run.data.metrics["learning_rate"], rel=1e-3)
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_the_compare_view_of_four_trials_draws_parallel_coordinates(study: Study, browser: Any) -> None:
     open_runs_table(browser, study.served.url)
     expand_study(browser, study)
@@ -195,6 +204,8 @@ def test_the_compare_view_of_four_trials_draws_parallel_coordinates(study: Study
     assert len(axes) >= 2 and all(count == TRIALS for _, count in axes)  # one line per trial across each axis
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_the_models_tab_lists_every_complete_trials_model(study: Study, browser: Any) -> None:
     browser.goto(study.page_url("models"))
     names = [run.info.run_name for run in study.trials]
@@ -210,6 +221,8 @@ def test_the_models_tab_lists_every_complete_trials_model(study: Study, browser:
     assert all(run.data.tags["trial_state"] == "COMPLETE" for run in study.trials)
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_the_registered_models_page_shows_the_champion_version(study: Study, browser: Any, tmp_path: Path) -> None:
     (version,) = study.client.search_model_versions("name = 'fcn'")
     browser.goto(f"{study.origin}/#/models/fcn")
@@ -224,6 +237,8 @@ def test_the_registered_models_page_shows_the_champion_version(study: Study, bro
     assert [link.inner_text() for link in versions] == [f"Version {version.version}"]  # one version, however run
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_the_report_draws_every_plot_in_the_study_runs_artifact_view(study: Study, browser: Any) -> None:
     browser.goto(study.page_url(f"runs/{study.parent.info.run_id}/artifacts/report/report.html"))
     browser.locator("iframe").first.wait_for(timeout=90_000)
@@ -240,6 +255,8 @@ def test_the_report_draws_every_plot_in_the_study_runs_artifact_view(study: Stud
 # --------------------------------------------------------------------------- optuna-dashboard
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_the_dashboard_shows_the_study_and_each_trial(finished: Finished, tmp_path: Path) -> None:
     required_module("optuna_dashboard", DASHBOARD_MISSING)
     trials = optuna.load_study(study_name="fcn", storage=f"sqlite:///{finished.folder}/mlruns/optuna.db")
@@ -300,6 +317,7 @@ def test_a_port_outside_1_to_65535_exits_2_with_one_line(command: str, port: str
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.server
 def test_ui_on_a_port_in_use_exits_2_naming_it(study: Study) -> None:
     port = study.origin.rsplit(":", 1)[1]  # the fixture's UI holds it
     done = cli("ui", SWEEP, "--port", port, cwd=study.folder, data=study.folder, timeout=300)
