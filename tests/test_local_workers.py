@@ -353,7 +353,8 @@ def runs_of(folder: Path, *, worker: str, status: str) -> list[tuple[str, int]]:
             rows = connection.execute(query, (WORKER_INDEX_TAG, WORKER_TAG, worker, status)).fetchall()
     except sqlite3.Error:  # not there yet, or its tables not made yet
         return []
-    return [(run_id, int(where.rsplit(":", 1)[1])) for run_id, where in rows]
+    # The tag reads host:pid/token (processes.ProcessId.label): the pid is what follows the last ':' of host:pid.
+    return [(run_id, int(where.split("/")[0].rsplit(":", 1)[1])) for run_id, where in rows]
 
 
 def workers_args(*extra: str, trials: int, epochs: int = 1) -> list[str]:
