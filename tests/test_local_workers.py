@@ -344,9 +344,12 @@ def trial_runs(folder: Path) -> list[Run]:
 def runs_of(folder: Path, *, worker: str, status: str) -> list[tuple[str, int]]:
     """(run id, pid) of worker `worker`'s trial runs in `status`, read-only from the sqlite file (no schema race)."""
     database = folder / "mlruns" / "mlflow.db"
+    # Trial runs only: the lecture's reference run (role "reference") is trained by a worker too.
     query = (
         "SELECT r.run_uuid, w.value FROM runs r JOIN tags i ON i.run_uuid = r.run_uuid AND i.key = ? "
-        "JOIN tags w ON w.run_uuid = r.run_uuid AND w.key = ? WHERE i.value = ? AND r.status = ?"
+        "JOIN tags w ON w.run_uuid = r.run_uuid AND w.key = ? "
+        "JOIN tags role ON role.run_uuid = r.run_uuid AND role.key = 'mnist_sweep.role' AND role.value = 'trial' "
+        "WHERE i.value = ? AND r.status = ?"
     )
     try:
         with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)) as connection:
