@@ -78,26 +78,34 @@ def claimant_of(storage: str) -> str:
     return str(claim_attrs(storage)[CLAIMED_BY_ATTR])
 
 
-NOW = datetime.datetime.now(datetime.timezone.utc)
-STALE = NOW - datetime.timedelta(seconds=final.CLAIM_STALE_SECONDS + 60)
+# Heartbeats as ages, read off the clock when a test runs: a time taken at import is minutes old by the time
+# a test late in a long run uses it, and a "fresh" beat would then be stale.
+FRESH_AGE, STALE_AGE = 0.0, final.CLAIM_STALE_SECONDS + 60
+
+
+def beat_aged(seconds: float) -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds)
+
+
+STALE = beat_aged(STALE_AGE)  # stale at import, staler later
 
 
 @pytest.mark.parametrize(
-    ("claimant", "heartbeat", "taken", "why"),
+    ("claimant", "heartbeat_age", "taken", "why"),
     [
-        (lambda: other_container(dead_pid()), NOW, False, ""),
-        (lambda: other_container(dead_pid()), STALE, True, "whose heartbeat stopped"),
-        (lambda: ended_here(dead_pid()), NOW, True, "a process that no longer runs on this host"),
+        (lambda: other_container(dead_pid()), FRESH_AGE, False, ""),
+        (lambda: other_container(dead_pid()), STALE_AGE, True, "whose heartbeat stopped"),
+        (lambda: ended_here(dead_pid()), FRESH_AGE, True, "a process that no longer runs on this host"),
     ],
     ids=["live-in-another-container", "stale-heartbeat", "ended-on-this-host"],
 )
 @pytest.mark.subprocess
 def test_a_claim_is_taken_over_only_when_its_claimant_is_proven_ended_or_its_heartbeat_is_stale(
-    tmp_path: Path, claimant: object, heartbeat: datetime.datetime, taken: bool, why: str
+    tmp_path: Path, claimant: object, heartbeat_age: float, taken: bool, why: str
 ) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     other: ProcessId = claimant()  # type: ignore[operator]
-    claimed(storage, other, heartbeat)
+    claimed(storage, other, beat_aged(heartbeat_age))
     said: list[str] = []
 
     assert final._claim(optuna.storages.RDBStorage(storage), "fcn", reclaim=False, echo=said.append) is taken

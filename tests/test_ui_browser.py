@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -210,8 +211,14 @@ def test_the_models_tab_lists_every_complete_trials_model(study: Study, browser:
     browser.goto(study.page_url("models"))
     names = [run.info.run_name for run in study.trials]
     browser.get_by_role("link", name=names[0], exact=True).first.wait_for(timeout=90_000)
-    links = browser.get_by_role("link", name=re.compile(r"^trial-\d{4}$")).all()
-    by_target = [(link.inner_text(), link.get_attribute("href") or "") for link in links]
+    # The table fills in row by row, model links before run links: read it once every row has both.
+    deadline = time.monotonic() + 90
+    while True:
+        links = browser.get_by_role("link", name=re.compile(r"^trial-\d{4}$")).all()
+        by_target = [(link.inner_text(), link.get_attribute("href") or "") for link in links]
+        if len(by_target) >= 2 * len(names) or time.monotonic() > deadline:
+            break
+        browser.wait_for_timeout(500)
     model_names = sorted(text for text, href in by_target if "/models/m-" in href)
     source_runs = sorted(text for text, href in by_target if "/runs/" in href)
     models = study.client.search_logged_models(experiment_ids=[study.experiment.experiment_id])
@@ -245,10 +252,11 @@ def test_the_report_draws_every_plot_in_the_study_runs_artifact_view(study: Stud
     frame = browser.frame_locator("iframe").first  # MLflow shows HTML in a sandboxed frame: no shared files
     frame.locator("#test-accuracy").wait_for(timeout=60_000)
     drawn = "figure.plot:has(svg.main-svg), figure.plot:has(canvas)"
-    frame.locator(f"{drawn} >> nth=6").wait_for(timeout=60_000)
+    frame.locator(f"{drawn} >> nth=8").wait_for(timeout=60_000)
     plots = frame.locator("figure.plot").count()
     accuracy = frame.locator("#test-accuracy").inner_text()
-    assert plots == frame.locator(drawn).count() == 7  # two confusion heatmaps and five sweep plots
+    # Two test confusion heatmaps, the chosen trial's and the lecture network's validation ones, five sweep plots.
+    assert plots == frame.locator(drawn).count() == 9
     assert accuracy == f"{study.parent.data.metrics['test_accuracy']:.4f}"
 
 
