@@ -236,24 +236,37 @@ def test_the_champion_predicts_through_pyfunc_as_through_keras(registered: Regis
 
 
 @pytest.fixture
-def serving(registered: RegisteredSweep) -> Iterator[str]:
-    """`mlflow models serve -m models:/fcn@champion --env-manager local` on a free port of 127.0.0.1."""
-    port = _free_port()
+def serving(registered: RegisteredSweep, tmp_path: Path) -> Iterator[str]:
+    """`mlflow models serve -m models:/fcn@champion --env-manager local` on a free port of 127.0.0.1.
+
+    A second try on another port if the first never answers (a port taken between choosing and binding it);
+    the server's own log is in the failure's message."""
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/fcn@champion"]
-    process = subprocess.Popen(
-        [*command, "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=registered.folder,
-        env=cli_environment(required_mnist(), {"MLFLOW_TRACKING_URI": registered.uri}),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(url, process)
-        yield url
-    finally:
-        stop_process_group(process)
+    for attempt in (1, 2):
+        port, log = _free_port(), tmp_path / f"serve-{attempt}.log"
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                [*command, "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                cwd=registered.folder,
+                env=cli_environment(required_mnist(), {"MLFLOW_TRACKING_URI": registered.uri}),
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_health(url, process)
+        except AssertionError as failed:
+            stop_process_group(process)
+            if attempt == 2:
+                tail = log.read_text(errors="replace")[-3000:]
+                raise AssertionError(f"{failed}; its log ends:\n{tail}") from None
+            continue
+        try:
+            yield url
+        finally:
+            stop_process_group(process)
+        return
 
 
 @pytest.mark.slow
