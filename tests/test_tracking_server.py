@@ -89,8 +89,10 @@ def test_models_sit_in_the_study_experiment_and_load_through_the_server(served_s
     experiment = client.get_experiment_by_name("fcn")
     assert experiment is not None
     models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
-    complete = [
-        r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("trial_state") == "COMPLETE"
+    complete = [  # trials only: the lecture's reference run (role "reference") logs no model
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if r.data.tags.get("trial_state") == "COMPLETE" and r.data.tags.get("mnist_sweep.role") == "trial"
     ]
     assert complete and {m.source_run_id for m in models} == {r.info.run_id for r in complete}
     assert client.search_logged_models(experiment_ids=["0"]) == []
