@@ -242,13 +242,17 @@ def serving(registered: RegisteredSweep, tmp_path: Path) -> Iterator[str]:
     A second try on another port if the first never answers (a port taken between choosing and binding it);
     the server's own log is in the failure's message."""
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/fcn@champion"]
+    environment = cli_environment(required_mnist(), {"MLFLOW_TRACKING_URI": registered.uri})
+    # `serve --env-manager local` starts `uvicorn` from PATH: the venv's bin must be on it, as it is for a user
+    # with the venv active (CI runs .venv/bin/python without activating it: "exec: uvicorn: not found").
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
     for attempt in (1, 2):
         port, log = _free_port(), tmp_path / f"serve-{attempt}.log"
         with log.open("wb") as sink:
             process = subprocess.Popen(
                 [*command, "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
                 cwd=registered.folder,
-                env=cli_environment(required_mnist(), {"MLFLOW_TRACKING_URI": registered.uri}),
+                env=environment,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
