@@ -15,9 +15,11 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from mnist_sweep import __version__, console, interrupt
-from mnist_sweep.config import SweepConfig, load_sweep, mask_password, toml_string
+from mnist_sweep.config import SweepConfig, load_sweep
 from mnist_sweep.errors import EXIT_FAILED, EXIT_OK, CommandError
+from mnist_sweep.masking import mask_password
 from mnist_sweep.placement import THREADS_CPU_LIMIT
+from mnist_sweep.toml_text import toml_string
 
 EXIT_SIGINT = 130
 

@@ -52,7 +52,8 @@ from mnist_sweep.tensorboard_log import EpochEvents
 from mnist_sweep.tracking import Tracker
 
 if TYPE_CHECKING:
-    from mnist_sweep.trial import TrainSettings, TrialOutcome, WarmStart
+    from mnist_sweep.train_settings import TrainSettings
+    from mnist_sweep.trial import TrialOutcome, WarmStart
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PARENT_WAIT_SECONDS = 60.0
@@ -194,7 +195,7 @@ def open_study(
             storage=storage,
             sampler=sampler,
             pruner=pruner,
-            direction=cfg.study.goal,
+            direction=cfg.study.direction,
             load_if_exists=False,
         )
         created = True
@@ -214,10 +215,10 @@ def open_study(
         if WORKER_POLICY_ATTR not in attrs:  # made before studies recorded it: from now on it is written down
             study.set_user_attr(WORKER_POLICY_ATTR, policy.to_attr())
     stored = study.direction.name.lower()
-    if stored != cfg.study.goal:
+    if stored != cfg.study.direction:
         raise StudyMismatchError(
             f"study {cfg.study.name!r} in {cfg.study.storage} was created to {stored} "
-            f"but the sweep file says study.direction = {cfg.study.goal!r}; use a new study.name"
+            f"but the sweep file says study.direction = {cfg.study.direction!r}; use a new study.name"
         )
     return study, created
 
@@ -402,7 +403,7 @@ class Objective:
         self.tracker = tracker
         self.parent_run_id = parent_run_id
         # TensorFlow loads here, after every input check: bad input fails fast and prints one line.
-        from mnist_sweep.trial import TrainSettings, TrialSession
+        from mnist_sweep.trial import TrialSession
 
         self.session = TrialSession()  # what this process's trials share (gc freeze, TF's registry)
 
@@ -410,14 +411,14 @@ class Objective:
         self.run_params = RunParams.from_config(
             cfg, data_source=data_source, n_train=len(split.y_train), n_val=len(split.y_val)
         )
-        self.settings: TrainSettings = TrainSettings(**self.run_params.train_settings())
+        self.settings: TrainSettings = self.run_params.settings
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
             params = sample_params(trial, self.cfg.search)
             epochs = planned_epochs(trial, self.cfg.train.epochs)  # hyperband gives each trial its own
             seed = trial_seed(self.cfg.study.seed, trial.number)
-            run_params = dataclasses.replace(self.run_params.for_trial(params, seed), epochs=epochs)
+            run_params = self.run_params.for_trial(params, seed, epochs=epochs)
             run_id = self.tracker.start_trial_run(
                 parent_run_id=self.parent_run_id,
                 study_name=trial.study.study_name,

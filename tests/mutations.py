@@ -137,7 +137,7 @@ MUTATIONS = (
     ),
     Mutation(
         "passwords: user:pw@ masked",
-        "mnist_sweep/config.py",
+        "mnist_sweep/masking.py",
         'masked = _PASSWORD_IN_DATABASE_URI.sub(r"\\g<head>***@", text)',
         "masked = text",
         ("tests/test_secrets.py::test_mask_password_hides_only_the_password",),
@@ -145,7 +145,7 @@ MUTATIONS = (
     ),
     Mutation(
         "passwords: ?password= masked",
-        "mnist_sweep/config.py",
+        "mnist_sweep/masking.py",
         'return _PASSWORD_IN_QUERY.sub(r"\\g<head>***", masked)',
         "return masked",
         (
@@ -311,14 +311,14 @@ MUTATIONS = (
     ),
     Mutation(
         "bad input: --set takes exactly one TOML value",
-        "mnist_sweep/config.py",
+        "mnist_sweep/toml_text.py",
         '    if list(document) != ["value"]:',
         "    if False:",
         (f"{BAD}[set-with-a-second-line]",),
     ),
     Mutation(
         "bad input: --set text that opens like TOML but is not is refused",
-        "mnist_sweep/config.py",
+        "mnist_sweep/toml_text.py",
         "        if not _starts_like_toml(raw):",
         "        if True:",
         (

@@ -16,7 +16,7 @@ def test_default_sweep_file_is_the_lecture_network_with_the_four_searched_keys()
     cfg = load_sweep(DEFAULT_SWEEP)
     assert cfg.model.hidden == [500, 500]
     assert cfg.data.validation == 5000
-    assert cfg.study.goal == "maximize"
+    assert cfg.study.direction == "maximize"
     searched = {name for name, spec in cfg.search.specs().items() if not spec.is_fixed}
     assert {"optimizer", "learning_rate", "batch_size", "activation"} <= searched
 
@@ -53,7 +53,7 @@ def test_overrides_take_toml_values_and_bare_words(tmp_path: Path) -> None:
 
 
 def test_val_loss_metric_defaults_to_minimize() -> None:
-    assert build_config({"study": {"metric": "val_loss"}}).study.goal == "minimize"
+    assert build_config({"study": {"metric": "val_loss"}}).study.direction == "minimize"
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:

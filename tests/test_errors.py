@@ -75,7 +75,7 @@ def test_first_line_of_an_exception() -> None:
 
 
 def test_a_sweep_file_path_is_escaped_once_for_toml(tmp_path: Path) -> None:
-    from mnist_sweep.config import parse_override, toml_string
+    from mnist_sweep.toml_text import parse_override, toml_string
 
     path = str(tmp_path / 'a "quoted" \\ folder')
     assert parse_override("data.path=" + toml_string(path)) == (["data", "path"], path)
