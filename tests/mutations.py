@@ -49,16 +49,16 @@ class Mutation:
 
 MUTATIONS = (
     Mutation(
-        "seal: trials run inside sealed_test_set()",
+        "withheld: trials run inside test_split_withheld()",
         "mnist_sweep/study.py",
-        "            with sealed_test_set():\n                outcome = run_trial(",
+        "            with test_split_withheld():\n                outcome = run_trial(",
         "            if True:\n                outcome = run_trial(",
         (f"{SEAL}::test_trials_never_read_the_test_split",),
     ),
     Mutation(
-        "seal: replay runs inside sealed_test_set()",
+        "withheld: replay runs inside test_split_withheld()",
         "mnist_sweep/replay.py",
-        "    with sealed_test_set():\n        outcome = run_trial(",
+        "    with test_split_withheld():\n        outcome = run_trial(",
         "    if True:\n        outcome = run_trial(",
         (f"{SEAL}::test_replay_never_reads_the_test_split",),
         before=(
@@ -67,10 +67,10 @@ MUTATIONS = (
         ),
     ),
     Mutation(
-        "seal: load_test_split refuses while sealed",
+        "withheld: load_test_split refuses while trials run",
         "mnist_sweep/data.py",
-        '    if getattr(_seal, "active", False):\n        raise SealedTestSetError',
-        "    if False:\n        raise SealedTestSetError",
+        "    if _withheld.active:\n        raise WithheldTestSplitError",
+        "    if False:\n        raise WithheldTestSplitError",
         ("tests/test_data.py::test_test_split_is_sealed_while_trials_run",),
     ),
     Mutation(

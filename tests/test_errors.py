@@ -57,7 +57,7 @@ def test_every_user_error_ends_in_exit_2_with_one_masked_line(
 def test_too_many_failures_ends_in_exit_1_and_a_bug_keeps_its_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    raised: list[Exception] = [errors.TooManyFailures("3 trials failed in a row"), errors.SealedTestSetError("bug")]
+    raised: list[Exception] = [errors.TooManyFailures("3 trials failed in a row"), errors.WithheldTestSplitError("bug")]
 
     def fail(*_: object) -> int:
         raise raised.pop(0)
@@ -65,7 +65,7 @@ def test_too_many_failures_ends_in_exit_1_and_a_bug_keeps_its_traceback(
     monkeypatch.setattr(cli, "_dispatch", fail)
     assert cli.main(["trials", str(DEFAULT_SWEEP)]) == errors.EXIT_FAILED
     assert capsys.readouterr().err == "mnist-sweep: 3 trials failed in a row\n"
-    with pytest.raises(errors.SealedTestSetError):
+    with pytest.raises(errors.WithheldTestSplitError):
         cli.main(["trials", str(DEFAULT_SWEEP)])
 
 

@@ -80,7 +80,10 @@ def test_keys_an_older_run_lacks_come_from_the_configs_defaults() -> None:
     defaults = SweepConfig()
     assert decoded.settings.steps_per_execution == defaults.train.steps_per_execution == 16
     assert decoded.settings.monitor == defaults.study.metric
-    assert (decoded.settings.lr_schedule, decoded.settings.precision) == (defaults.train.lr_schedule, defaults.train.precision)
+    assert (decoded.settings.lr_schedule, decoded.settings.precision) == (
+        defaults.train.lr_schedule,
+        defaults.train.precision,
+    )
     assert decoded.settings.plateau_factor == defaults.train.plateau_factor
 
 
