@@ -228,7 +228,7 @@ class StudyConfig(_Section):
     # The names each engine offers, and its default (filled in when left out), are the table in
     # mnist_sweep/samplers.py.
     sampler: str = DEFAULT_SAMPLER["optuna"]
-    # Left out: the engine's default (engine_rules.default_pruner)
+    # Left out: the engine's default (samplers.ENGINE_TRAITS)
     pruner: Literal["none", "median", "percentile", "successive_halving"] = "median"
     pruner_startup_trials: int = Field(default=5, ge=0)  # median, percentile: trials before any pruning
     pruner_warmup_epochs: int = Field(default=1, ge=0)  # epochs before a trial can be pruned (halving: >= 1)
@@ -358,8 +358,7 @@ class TrainConfig(_Section):
     plateau_factor: float = Field(default=0.5, gt=0, lt=1)
     plateau_patience: int = Field(default=2, ge=1)
     plateau_min_lr: float = Field(default=1e-6, ge=0)
-    # Batches per compiled step: fewer Python round trips, the same accuracy; 64 is no faster than 16.
-    # Measured by bench/epoch.py: see bench/RESULTS.md.
+    # Batches per compiled step: fewer Python round trips, the same accuracy (bench/epoch.py: see bench/RESULTS.md).
     steps_per_execution: int = Field(default=16, ge=1, le=1024)
     # "mixed_bfloat16": bfloat16 matmuls (AMX/AVX-512 BF16 units where the CPU has them), float32 weights and
     # softmax. Faster at large batches, slower at batch 32 (bench/epoch.py, see bench/RESULTS.md); not yet
@@ -474,8 +473,7 @@ class TrackingConfig(_Section):
     model_optimizer_state: bool = False
     # true: a trial's model and reports are stored on a background thread while the next trial trains (its run
     # ends FINISHED only once they are). Off by default: on 2 CPU cores the upload competes with the next fit
-    # and no gain was measured (bench/overhead, idle machine, 2026-11-28 20:12: trial/raw 1.039 in the
-    # background against 1.025 stored at once, within the spread of its blocks).
+    # and no gain was measured (bench/overhead.py: see bench/RESULTS.md).
     background_uploads: bool = False
     # The Model Registry's name for the chosen, once-scored model (alias "champion"); left out: the study's name;
     # "": register nothing (registry.py).

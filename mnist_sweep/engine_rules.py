@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from mnist_sweep.samplers import DEFAULT_SAMPLER, ENGINES, check_name
+from mnist_sweep.samplers import ENGINE_TRAITS, ENGINES, check_name
 
 if TYPE_CHECKING:
     from pydantic.fields import FieldInfo
@@ -23,11 +23,6 @@ OPTUNA_PRUNER_KEYS = (
 )
 
 
-def default_pruner(engine: str) -> str:
-    """median with Optuna; none with keras-tuner, whose oracle decides how long a trial trains."""
-    return "none" if engine == "keras-tuner" else "median"
-
-
 def with_engine_defaults(study: Mapping[str, Any], fields: Mapping[str, FieldInfo]) -> dict[str, Any]:
     """[study] as written, its engine's sampler and pruner filled in where it leaves them out.
 
@@ -39,10 +34,11 @@ def with_engine_defaults(study: Mapping[str, Any], fields: Mapping[str, FieldInf
     engine = filled.get("engine", fields["engine"].default)
     if engine not in ENGINES:
         return filled  # the field's own validation says so
-    filled.setdefault("sampler", DEFAULT_SAMPLER[engine])
+    traits = ENGINE_TRAITS[engine]
+    filled.setdefault("sampler", traits.default_sampler)
     if "pruner" in filled:
         return filled
-    filled["pruner"] = default_pruner(engine)
+    filled["pruner"] = traits.default_pruner
     if engine == "keras-tuner" and filled["sampler"] == "hyperband":
         for key in OPTUNA_PRUNER_KEYS:
             if key in filled and filled[key] != fields[key].default:

@@ -39,7 +39,7 @@ from mnist_sweep.records import (
     KERAS_TUNER_TRIAL_ID_ATTR,
     MODEL_URI_KEY,
 )
-from mnist_sweep.samplers import keras_tuner_oracle
+from mnist_sweep.samplers import ENGINE_TRAITS, keras_tuner_oracle
 from mnist_sweep.space import distributions
 from mnist_sweep.workarounds import set_oracle_project_dir, set_trial_user_attr
 
@@ -68,7 +68,7 @@ def engine_label(cfg: SweepConfig) -> str:
 
 def check_workers(cfg: SweepConfig, *, workers: int = 1, as_worker: bool = False) -> None:
     """Refuse more than one process on a keras-tuner study (its oracle's state is one process's files)."""
-    if cfg.study.engine != "keras-tuner" or (workers <= 1 and not as_worker):
+    if not ENGINE_TRAITS[cfg.study.engine].one_process or (workers <= 1 and not as_worker):
         return
     what = "`mnist-sweep worker`" if as_worker else f"--workers {workers}"
     raise UserError(

@@ -96,7 +96,25 @@ ENGINES: Mapping[Engine, Mapping[str, OptunaSampler | KerasTunerOracle]] = {
     "optuna": OPTUNA_SAMPLERS,
     "keras-tuner": KERAS_TUNER_ORACLES,
 }
-DEFAULT_SAMPLER: Mapping[Engine, str] = {"optuna": "tpe", "keras-tuner": "bayesian"}
+
+
+@dataclass(frozen=True)
+class EngineTraits:
+    """What an engine does besides offering its samplers: read where the two engines differ, instead of
+    asking which engine it is."""
+
+    default_sampler: str
+    default_pruner: str
+    one_process: bool  # its sampler's state is this process's files: no second process on the study
+    retries_stale_trials: bool  # Optuna retries a dead worker's trial; keras-tuner's oracle reruns its own
+
+
+ENGINE_TRAITS: Mapping[Engine, EngineTraits] = {
+    "optuna": EngineTraits("tpe", "median", one_process=False, retries_stale_trials=True),
+    # Its oracle decides how long a trial trains (hyperband), so no pruner unless asked for.
+    "keras-tuner": EngineTraits("bayesian", "none", one_process=True, retries_stale_trials=False),
+}
+DEFAULT_SAMPLER: Mapping[Engine, str] = {name: traits.default_sampler for name, traits in ENGINE_TRAITS.items()}
 
 
 def check_name(engine: Engine, sampler: str) -> None:
