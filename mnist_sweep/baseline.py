@@ -22,7 +22,7 @@ import optuna
 
 from mnist_sweep import processes
 from mnist_sweep.config import Hyperparameters, SweepConfig
-from mnist_sweep.data import Split, test_split_withheld
+from mnist_sweep.data import Split, withholding_test_split
 from mnist_sweep.processes import ProcessId, this_process
 from mnist_sweep.records import CLAIMED_BY_ATTR, LECTURE_REFERENCE_ATTR, LectureReference
 from mnist_sweep.tracking import Tracker
@@ -87,7 +87,7 @@ def train_reference(
     run_id = tracker.start_reference_run(parent_run_id=parent_run_id, study_name=study.study_name, params=params)
     settings = lecture_settings(cfg)
     try:
-        with test_split_withheld():
+        with withholding_test_split():
             outcome = run_trial(
                 params=LECTURE_PARAMS,
                 split=split,

@@ -94,7 +94,7 @@ _withheld = _Withheld()
 
 
 @contextlib.contextmanager
-def test_split_withheld() -> Iterator[None]:
+def withholding_test_split() -> Iterator[None]:
     """While inside, `load_test_split` raises: trials run here."""
     previous = _withheld.active
     _withheld.active = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mnist_sweep.config import SweepConfig, build_config
-from mnist_sweep.data import load_split, resolve_source, test_split_withheld
+from mnist_sweep.data import load_split, resolve_source, withholding_test_split
 from mnist_sweep.errors import MissingParamError, UsageError
 from mnist_sweep.records import RunParams, final_metric
 from mnist_sweep.tracking import read_run
@@ -40,7 +40,7 @@ def replay(cfg: SweepConfig, run_id: str, *, echo: Callable[[str], None]) -> int
     )
     if (len(split.y_train), len(split.y_val)) != (logged.n_train, logged.n_val):
         raise UsageError(f"run {run_id!r} trained on {logged.n_train} images; this data gives {len(split.y_train)}")
-    with test_split_withheld():
+    with withholding_test_split():
         outcome = run_trial(params=logged.hyperparameters, split=split, settings=logged.settings, seed=logged.seed)
     for name, now in (("val_accuracy", outcome.val_accuracy), ("val_loss", outcome.val_loss)):
         before = metrics[final_metric(name)]

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_sweep import databases, interrupt
 from mnist_sweep.config import StudyConfig, SweepConfig
 from mnist_sweep.console import NO_PROGRESS, TrialProgress
-from mnist_sweep.data import Split, test_split_withheld
+from mnist_sweep.data import Split, withholding_test_split
 from mnist_sweep.errors import StorageError, StudyMismatchError, TooManyFailures, first_line
 from mnist_sweep.interrupt import raise_if_requested
 from mnist_sweep.keras_tuner_engine import (
@@ -459,7 +459,7 @@ class Objective:
         self.progress.trial_started(number=trial.number, epochs=epochs)
         try:
             warm_start = self._warm_start(trial)
-            with test_split_withheld():
+            with withholding_test_split():
                 outcome = run_trial(
                     params=params,
                     split=self.split,

@@ -49,16 +49,16 @@ class Mutation:
 
 MUTATIONS = (
     Mutation(
-        "withheld: trials run inside test_split_withheld()",
+        "withheld: trials run inside withholding_test_split()",
         "mnist_sweep/study.py",
-        "            with test_split_withheld():\n                outcome = run_trial(",
+        "            with withholding_test_split():\n                outcome = run_trial(",
         "            if True:\n                outcome = run_trial(",
         (f"{SEAL}::test_trials_never_read_the_test_split",),
     ),
     Mutation(
-        "withheld: replay runs inside test_split_withheld()",
+        "withheld: replay runs inside withholding_test_split()",
         "mnist_sweep/replay.py",
-        "    with test_split_withheld():\n        outcome = run_trial(",
+        "    with withholding_test_split():\n        outcome = run_trial(",
         "    if True:\n        outcome = run_trial(",
         (f"{SEAL}::test_replay_never_reads_the_test_split",),
         before=(

@@ -20,7 +20,7 @@ from mnist_sweep.data import (
     load_test_split,
     read_idx,
     resolve_source,
-    test_split_withheld,
+    withholding_test_split,
 )
 
 
@@ -134,7 +134,7 @@ def test_test_split_is_sealed_while_trials_run(tmp_path: Path, synthetic_mnist: 
     path = tmp_path / "mnist.npz"
     np.savez(path, x_train=images, y_train=labels, x_test=images[:10], y_test=labels[:10])
     source = resolve_source(str(path))
-    with test_split_withheld(), pytest.raises(WithheldTestSplitError):
+    with withholding_test_split(), pytest.raises(WithheldTestSplitError):
         load_test_split(source)
     assert len(load_test_split(source)[1]) == 10  # unsealed again afterwards
 

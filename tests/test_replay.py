@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep.config import SweepConfig, load_sweep
-from mnist_sweep.data import load_split, resolve_source, test_split_withheld
+from mnist_sweep.data import load_split, resolve_source, withholding_test_split
 from mnist_sweep.errors import ConfigError, UsageError
 from mnist_sweep.records import RunParams, final_metric
 from tests.conftest import DEFAULT_SWEEP
@@ -61,7 +61,7 @@ def trained_params(cfg: SweepConfig, hyperparameters: dict[str, Any], seed: int)
     run_params = RunParams.from_config(
         cfg, data_source="idx", n_train=len(split.y_train), n_val=len(split.y_val)
     ).for_trial(hyperparameters, seed)
-    with test_split_withheld():
+    with withholding_test_split():
         outcome = run_trial(params=hyperparameters, split=split, settings=run_params.settings, seed=seed)
     return run_params.encode(), outcome
 
