@@ -251,16 +251,13 @@ def _quiet_libraries(*, verbose: bool, keras: bool = True, threads_policy: str =
     """Keras loaded for its backend (if `keras`), its threads sized by `threads_policy`; our lines only, the
     libraries' chatter off (unless --verbose)."""
     from mnist_sweep.environment import prepare_backend as load_keras
+    from mnist_sweep.environment import set_mlflow_defaults
 
     def prepare_backend() -> None:
         if keras:
             load_keras(threads_policy)
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    # With a tracking server MLflow prints two "View run ... at" lines per run to stdout: one per trial,
-    # between ours, and through --quiet. The printed UI URL and `mnist-sweep ui` say where to look.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    set_mlflow_defaults()
     if verbose:
         prepare_backend()
         return

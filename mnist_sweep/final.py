@@ -10,7 +10,6 @@ result names the finished trials the chosen one was ranked among, so a trial tha
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import threading
 import time
@@ -138,7 +137,6 @@ def load_scored_model(model_uri: str, *, tracking_uri: str, sha256: str | None =
     from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per step, not a bar
     with tempfile.TemporaryDirectory(prefix="mnist-sweep-model-") as folder:
         try:
             with global_tracking_uri(tracking_uri):
