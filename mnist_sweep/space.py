@@ -48,7 +48,7 @@ def suggest(trial: optuna.trial.BaseTrial, name: str, dist: BaseDistribution) ->
     if isinstance(dist, FloatDistribution):
         return trial.suggest_float(name, dist.low, dist.high, log=dist.log)
     assert isinstance(dist, CategoricalDistribution), dist
-    return trial.suggest_categorical(name, list(dist.choices))  # type: ignore[arg-type]
+    return trial.suggest_categorical(name, list(dist.choices))
 
 
 def sample_params(trial: optuna.trial.BaseTrial, search: SearchConfig) -> dict[str, Any]:
