@@ -57,7 +57,7 @@ def learning_rate(
 
 
 def compiled_model(
-    params: Mapping[str, object],
+    params: Hyperparameters | Mapping[str, object],
     hidden: Sequence[int],
     *,
     schedule: str = "constant",
@@ -66,7 +66,7 @@ def compiled_model(
     metrics: Sequence[str | keras.metrics.Metric] = ("accuracy",),
 ) -> keras.Model:
     """A fresh, compiled model for one trial's hyperparameters (a key `params` lacks: [search]'s fixed default)."""
-    point = Hyperparameters.of(params)
+    point = params if isinstance(params, Hyperparameters) else Hyperparameters.of(params)
     model = build_model(
         hidden=hidden, activation=point.activation, dropout=point.dropout, weight_decay=point.weight_decay
     )

@@ -18,6 +18,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from mnist_sweep.config import Hyperparameters
 from mnist_sweep.data import NUM_CLASSES, Split
 from mnist_sweep.errors import TrialDiverged
 from mnist_sweep.interrupt import raise_if_requested
@@ -215,11 +216,12 @@ def run_trial(
         session.fresh(seed)
     else:
         clean_start(seed)
-    batch_size = int(params["batch_size"])
+    point = Hyperparameters.of(params)
+    batch_size = point.batch_size
     steps_per_epoch = -(-len(split.y_train) // batch_size)
     with _dtype_policy(settings.precision):  # layers take the policy when built
         model = compiled_model(
-            dict(params),
+            point,
             settings.hidden,
             schedule=settings.lr_schedule,
             total_steps=settings.epochs * steps_per_epoch,
