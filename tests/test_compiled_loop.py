@@ -137,7 +137,7 @@ def test_early_stopping_and_plateau_run_as_under_fit(split: Split) -> None:
     stopped = run_trial(
         params={**PARAMS, "learning_rate": 0.05},
         split=split,
-        settings=train_settings(hidden=(32,), epochs=6, early_stopping_patience=1, loop="compiled"),
+        settings=train_settings(hidden=(32,), epochs=6, early_stopping_patience=1, monitor="val_loss", loop="compiled"),
         seed=3,
     )
     assert stopped.val_loss == pytest.approx(min(stopped.history["val_loss"]))
