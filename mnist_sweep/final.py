@@ -45,6 +45,7 @@ from mnist_sweep.records import (
     VAL_LOSS_ATTR,
     TestResult,
 )
+from mnist_sweep.study import StudyContext
 from mnist_sweep.tracking import MODEL_FILE, Tracker, global_tracking_uri
 
 if TYPE_CHECKING:
@@ -298,16 +299,14 @@ def _wait_for_result(
 
 def score_test_set(
     *,
-    study: optuna.Study,
-    storage: optuna.storages.BaseStorage,
-    tracker: Tracker,
-    parent_run_id: str,
+    context: StudyContext,
     source: DataSource,
     metric: str,
     echo: Callable[[str], None],
     reclaim: bool = False,
 ) -> tuple[TestResult, bool]:
     """Score the chosen trial's logged model on the test set, once; returns (result, scored_now)."""
+    study, storage, tracker = context.study, context.storage, context.tracker
     existing = recorded_result(study)
     if existing is not None:
         return existing, False
@@ -335,7 +334,7 @@ def score_test_set(
             images=len(y_test),
             counted=counted,
         )
-        _record(study, tracker, parent_run_id, result, report)
+        _record(context, result, report)
     return result, True
 
 
@@ -383,12 +382,10 @@ def _test_result(
     )
 
 
-def _record(
-    study: optuna.Study, tracker: Tracker, parent_run_id: str, result: TestResult, report: ClassificationReport
-) -> None:
+def _record(context: StudyContext, result: TestResult, report: ClassificationReport) -> None:
     """The test numbers on the study's MLflow parent run, then the result on the study: that write seals it."""
-    tracker.log_test_result(
-        parent_run_id,
+    context.tracker.log_test_result(
+        context.parent_run_id,
         test_loss=result.test_loss,
         report=report,
         tags={
@@ -397,7 +394,7 @@ def _record(
             TEST_SCORED_RUN_ID_TAG: str(result.run_id),
         },
     )
-    study.set_user_attr(TEST_RESULT_ATTR, result.to_dict())
+    context.study.set_user_attr(TEST_RESULT_ATTR, result.to_dict())
 
 
 def result_line(result: TestResult) -> str:

@@ -131,8 +131,8 @@ MUTATIONS = (
     Mutation(
         "resume: a dead worker's trial runs are closed",
         "mnist_sweep/study.py",
-        "        optuna.storages.fail_stale_trials(study)\n    close_stale_runs(study, tracker, parent_run_id)",
-        "        optuna.storages.fail_stale_trials(study)",
+        "        optuna.storages.fail_stale_trials(context.study)\n    close_stale_runs(context)",
+        "        optuna.storages.fail_stale_trials(context.study)",
         ("tests/test_resume.py::test_sigkill_mid_trial_then_rerun_loses_nothing[optuna]",),
     ),
     Mutation(
