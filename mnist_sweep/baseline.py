@@ -92,16 +92,16 @@ def train_reference(
                 session=session,
             )
     except KeyboardInterrupt:
-        tracker.end_trial_run(run_id, state="KILLED", message="interrupted")
+        tracker.close_run(run_id, state="KILLED", message="interrupted")
         _release(storage, claim)
         raise
     except Exception as exc:
         tracker.log_traceback(run_id, traceback.format_exc())
-        tracker.end_trial_run(run_id, state="FAIL", message=f"{type(exc).__name__}: {exc}")
+        tracker.close_run(run_id, state="FAIL", message=f"{type(exc).__name__}: {exc}")
         _release(storage, claim)
         echo(f"the lecture's network (reference run {run_id}) failed: {exc}; the sweep goes on without it")
         return None
-    tracker.finish_reference_run(run_id, outcome)
+    tracker.close_reference_run(run_id, outcome)
     reference = LectureReference(
         run_id=run_id,
         epochs=outcome.epochs_trained,

@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep import interrupt, processes
+from mnist_sweep.artifacts import MODEL_FILE, global_tracking_uri
 from mnist_sweep.config import SEAL_SUFFIX, metric_maximizes
 from mnist_sweep.data import DataSource, Images, Labels, file_sha256, load_test_split
 from mnist_sweep.environment import environment
@@ -46,7 +47,7 @@ from mnist_sweep.records import (
     TestResult,
 )
 from mnist_sweep.study import StudyContext
-from mnist_sweep.tracking import MODEL_FILE, Tracker, global_tracking_uri
+from mnist_sweep.tracking import Tracker
 
 if TYPE_CHECKING:
     import keras
@@ -116,7 +117,7 @@ def choose_trial(
 
 def artifacts_stored(tracker: Tracker, trial: FrozenTrial) -> bool:
     """Whether the trial's run is FINISHED, which it becomes only once its model and reports are stored
-    (tracking.BackgroundUploads); an upload still running in another worker is waited for."""
+    (uploads.BackgroundUploads); an upload still running in another worker is waited for."""
 
     run_id = str(trial.user_attrs.get(RUN_ID_ATTR, ""))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import optuna
 
 from mnist_sweep import local_workers, preflight
+from mnist_sweep.artifacts import global_tracking_uri
 from mnist_sweep.baseline import train_reference
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.console import NO_PROGRESS, Echo, TrialProgress
@@ -31,7 +32,7 @@ from mnist_sweep.study import (
     recorded_policy,
     worker_salt,
 )
-from mnist_sweep.tracking import Tracker, global_tracking_uri, recorded_trial_metrics
+from mnist_sweep.tracking import Tracker, recorded_trial_metrics
 from mnist_sweep.trial_loop import run_trials
 from mnist_sweep.trial_run import Trials
 from mnist_sweep.ui import serve_dashboard, serve_mlflow_ui

@@ -231,11 +231,11 @@ class TrialRun:
 
     def end(self, outcome: TrialOutcome, *, model_id: str, value: float) -> TrialEnd:
         """A fit that ran its course: the run ends FINISHED once the uploads have stored the artifacts, which
-        overlaps the next trial (tracking.BackgroundUploads)."""
+        overlaps the next trial (uploads.BackgroundUploads)."""
         self._store_events()
         if not still_running(self.trial):
             return self._taken_over(None)
-        self.tracker.finish_trial_run(
+        self.tracker.queue_outcome(
             self.run_id, outcome, model_id=model_id, metrics={"tracking_seconds": self.tracking_seconds}
         )
         return TrialEnd(self.trial.number, TrialState.COMPLETE, value)
@@ -251,19 +251,19 @@ class TrialRun:
         if not still_running(self.trial):
             return self._taken_over(interrupt)
         if isinstance(error, optuna.TrialPruned):
-            self.tracker.end_trial_run(self.run_id, state="PRUNED", message=str(error), pruned_epoch=pruned_epoch)
+            self.tracker.close_run(self.run_id, state="PRUNED", message=str(error), pruned_epoch=pruned_epoch)
             return TrialEnd(self.trial.number, TrialState.PRUNED)
         message = (str(error) or "interrupted") if interrupt else reason(error)
         self.trial.set_user_attr(FAIL_REASON_ATTR, message[:1000])  # Optuna records both as FAIL
         if interrupt is None:
             self.tracker.log_traceback(self.run_id, "".join(traceback.format_exception(error)))
-        self.tracker.end_trial_run(self.run_id, state="KILLED" if interrupt else "FAIL", message=message)
+        self.tracker.close_run(self.run_id, state="KILLED" if interrupt else "FAIL", message=message)
         return TrialEnd(self.trial.number, TrialState.FAIL, interrupt=interrupt)
 
     def _taken_over(self, interrupt: KeyboardInterrupt | None) -> TrialEnd:
         """MLflow agrees with Optuna, where another worker failed the trial: FAIL (KILLED if a signal stopped it
         here too). Its parameters are retried (RetryHeartbeatStaleTrialCallback): no failure of this process."""
-        self.tracker.end_trial_run(self.run_id, state="KILLED" if interrupt else "FAIL", message=TAKEN_OVER)
+        self.tracker.close_run(self.run_id, state="KILLED" if interrupt else "FAIL", message=TAKEN_OVER)
         return TrialEnd(self.trial.number, None, interrupt=interrupt)
 
     def _store_events(self) -> None:
