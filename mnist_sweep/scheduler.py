@@ -1,8 +1,10 @@
-"""Whether a trial goes on: its epoch budget, and after each epoch whether it stops early.
+"""Whether a trial goes on: its epoch budget, where it starts from, and after each epoch whether it stops early.
 
-`Scheduler` is the seam a trial run calls at its per-epoch and end hooks (trial_run.TrialRun); a scheduler that
-promotes trials or budgets them in seconds (ASHA) plugs in here, not around the loop. `PrunerScheduler`, the
-study's Optuna pruner (median, percentile, successive halving or none), is the one there is today.
+`Scheduler` is the seam a trial run calls at its begin, per-epoch and end hooks (trial_run.TrialRun); a scheduler
+that promotes trials or budgets them in seconds (ASHA) plugs in here, not around the loop. `StudyScheduler` is the
+one there is today: the study's Optuna pruner (median, percentile, successive halving or none) after each epoch,
+and keras-tuner hyperband's plan (each trial's epochs, the earlier trial a promotion goes on from) where its
+oracle chooses the trials.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Protocol
 import optuna
 from optuna.trial import TrialState
 
-from mnist_sweep.keras_tuner_engine import planned_epochs
+from mnist_sweep.keras_tuner_engine import planned_epochs, planned_warm_start
 
 
 class Scheduler(Protocol):
@@ -21,6 +23,10 @@ class Scheduler(Protocol):
 
     def epochs(self, trial: optuna.Trial, default: int) -> int:
         """The epochs `trial` may train (train.epochs unless the scheduler plans otherwise)."""
+        ...
+
+    def warm_start(self, trial: optuna.Trial) -> tuple[str, int] | None:
+        """For a promoted trial: the model URI of the trial it goes on from, and that trial's epochs."""
         ...
 
     def stop_reason(self, trial: optuna.Trial, *, epoch: int, value: float, last: bool) -> str | None:
@@ -32,10 +38,10 @@ class Scheduler(Protocol):
         ...
 
 
-class PrunerScheduler:
-    """The study's Optuna pruner: each epoch's metric reported to the trial, pruned when the pruner says so.
-
-    The epochs are keras-tuner hyperband's plan for the trial where its oracle chose it, else train.epochs.
+class StudyScheduler:
+    """The study's Optuna pruner: each epoch's metric reported to the trial (keras-tuner's oracle reads them too),
+    pruned when the pruner says so. Budgets and promotions are keras-tuner hyperband's plan for the trial where its
+    oracle chose it; otherwise every trial trains train.epochs from scratch.
     """
 
     def __init__(self, metric: str) -> None:
@@ -43,6 +49,9 @@ class PrunerScheduler:
 
     def epochs(self, trial: optuna.Trial, default: int) -> int:
         return planned_epochs(trial, default)
+
+    def warm_start(self, trial: optuna.Trial) -> tuple[str, int] | None:
+        return planned_warm_start(trial)
 
     def stop_reason(self, trial: optuna.Trial, *, epoch: int, value: float, last: bool) -> str | None:
         trial.report(value, step=epoch)
@@ -72,7 +81,7 @@ class PruningHook:
         self.trial = trial
         self.metric = metric
         self.epochs = epochs
-        self.scheduler: Scheduler = scheduler or PrunerScheduler(metric)
+        self.scheduler: Scheduler = scheduler or StudyScheduler(metric)
         self.last_epoch = 0
 
     def __call__(self, epoch: int, values: Mapping[str, float]) -> None:

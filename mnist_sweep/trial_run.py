@@ -22,7 +22,6 @@ from optuna.trial import TrialState
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.console import NO_PROGRESS, TrialProgress
 from mnist_sweep.data import Split, sealed_test_set
-from mnist_sweep.keras_tuner_engine import planned_warm_start
 from mnist_sweep.records import (
     EPOCHS_TRAINED_ATTR,
     FAIL_REASON_ATTR,
@@ -36,7 +35,7 @@ from mnist_sweep.records import (
     VAL_LOSS_ATTR,
     RunParams,
 )
-from mnist_sweep.scheduler import PrunerScheduler, PruningHook, Scheduler
+from mnist_sweep.scheduler import PruningHook, Scheduler, StudyScheduler
 from mnist_sweep.space import sample_params
 from mnist_sweep.study import SAMPLER_TAG, StudyContext
 from mnist_sweep.tensorboard_log import ARTIFACT_PATH as TENSORBOARD_ARTIFACT
@@ -89,7 +88,7 @@ class Trials:
         self.context = context
         self.progress = progress
         self.run_tags = dict(run_tags or {})  # every trial run's, besides the machine's (the worker policy's)
-        self.scheduler: Scheduler = scheduler or PrunerScheduler(cfg.study.metric)
+        self.scheduler: Scheduler = scheduler or StudyScheduler(cfg.study.metric)
         # TensorFlow loads here, after every input check: bad input fails fast and prints one line.
         from mnist_sweep.trial import TrainSettings, TrialSession
 
@@ -197,8 +196,9 @@ class TrialRun:
         self.tracking_seconds += time.perf_counter() - started
 
     def _warm_start(self) -> WarmStart | None:
-        """keras-tuner's hyperband goes on from an earlier trial's logged model (weights, as keras-tuner does)."""
-        planned = planned_warm_start(self.trial)
+        """A promoted trial (keras-tuner's hyperband) goes on from an earlier trial's logged model: its weights, as
+        keras-tuner does."""
+        planned = self.trials.scheduler.warm_start(self.trial)
         if planned is None:
             return None
         from mnist_sweep.final import load_scored_model
