@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ from mnist_sweep.config import SEAL_SUFFIX, metric_maximizes
 from mnist_sweep.data import DataSource, Images, Labels, file_sha256, load_test_split
 from mnist_sweep.environment import environment
 from mnist_sweep.errors import FinalizeError, first_line
+from mnist_sweep.heartbeat import beating
 from mnist_sweep.metrics import ClassificationReport, classification_report, confusion_matrix, wilson_interval
 from mnist_sweep.processes import ProcessId, this_process
 from mnist_sweep.records import (
@@ -247,20 +247,17 @@ def _release_if_abandoned(
 def _claim_heartbeat(storage: optuna.storages.BaseStorage, study_name: str) -> Iterator[None]:
     """While within, the claimant's heartbeat on the seal every CLAIM_HEARTBEAT_SECONDS: a live claim."""
     holder = _claim_holder(storage, study_name)
-    stop = threading.Event()
+    if holder is None:
+        yield
+        return
+    claim_id = holder[0]
 
     def beat() -> None:
-        while holder is not None and not stop.wait(CLAIM_HEARTBEAT_SECONDS):
-            with contextlib.suppress(Exception):  # a store that is busy now: the next beat is in time
-                storage.set_study_user_attr(holder[0], CLAIM_HEARTBEAT_ATTR, _now())
+        with contextlib.suppress(Exception):  # a store that is busy now: the next beat is in time
+            storage.set_study_user_attr(claim_id, CLAIM_HEARTBEAT_ATTR, _now())
 
-    thread = threading.Thread(target=beat, name="mnist-sweep-claim-heartbeat", daemon=True)
-    thread.start()
-    try:
+    with beating(beat, every=CLAIM_HEARTBEAT_SECONDS, name="mnist-sweep-claim-heartbeat", at_start=False):
         yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _now() -> str:

@@ -9,7 +9,6 @@ retries their parameters.
 from __future__ import annotations
 
 import contextlib
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -18,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep.console import TrialProgress
 from mnist_sweep.errors import TooManyFailures
+from mnist_sweep.heartbeat import beating
 from mnist_sweep.interrupt import raise_if_requested
 from mnist_sweep.records import FAIL_REASON_ATTR, FIT_SECONDS_ATTR, TRACKING_SECONDS_ATTR
 from mnist_sweep.scheduler import pruned_reason
@@ -103,24 +103,11 @@ def heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> Iter
     if interval is None or not isinstance(storage, optuna.storages.RDBStorage):
         yield
         return
-    beating: optuna.storages.RDBStorage = storage
-    study_id = beating.get_study_id_from_name(trial.study.study_name)
-    trial_id = beating.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while True:
-            beating.record_heartbeat(trial_id)
-            if stop.wait(timeout=interval):
-                return
-
-    thread = threading.Thread(target=beat, name="mnist-sweep-heartbeat", daemon=True)
-    thread.start()
-    try:
+    rdb: optuna.storages.RDBStorage = storage
+    study_id = rdb.get_study_id_from_name(trial.study.study_name)
+    trial_id = rdb.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+    with beating(lambda: rdb.record_heartbeat(trial_id), every=interval, name="mnist-sweep-heartbeat"):
         yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 class TrialLines:
