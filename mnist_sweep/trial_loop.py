@@ -9,6 +9,7 @@ retries their parameters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -65,10 +66,11 @@ def run_one_trial(context: StudyContext, trials: Trials) -> tuple[FrozenTrial | 
         trial = context.study.ask()
     with heartbeat(context.storage, trial):
         ended = trials.run(trial)
-    if ended.state is None:
+    if ended.taken_over:
         return None, ended
-    # A trial failed as stale since the run's end looked (a race): Optuna keeps that ending, and so does this.
     frozen = context.study.tell(trial, ended.value, state=ended.state, skip_if_finished=True)
+    if frozen.state != ended.state:  # failed as stale by another worker since the run's end looked: taken over
+        return None, dataclasses.replace(ended, state=None)
     return frozen, ended
 
 
