@@ -161,6 +161,7 @@ class TrialRun:
     # ------------------------------------------------------------------ per epoch
 
     def fit_and_end(self, params: dict[str, Any], seed: int, epochs: int) -> TrialEnd:
+        """Fit with the per-epoch hooks (progress, MLflow, TensorBoard, the scheduler), then end however it went."""
         from mnist_sweep import trial as trial_code  # looked up at each trial: tests put a stand-in there
 
         clock = trial_code.FitClock()  # a pruned trial's fit seconds count in the sweep's cost (bench/search.py)
