@@ -298,18 +298,18 @@ def test_the_study_records_its_registration(registered: RegisteredSweep) -> None
     assert os.path.isfile(registered.folder / "reports" / "fcn" / "report.html")
 
 
-def _readme_commands() -> list[str]:
-    """The commands of the README's "Use the chosen model", in order."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Use the chosen model", 1)[1]
+def _documented_commands() -> list[str]:
+    """The commands of docs/use-the-model.md ("Use the chosen model", linked from the README), in order."""
+    text = (REPO / "docs" / "use-the-model.md").read_text(encoding="utf-8")
+    section = text.split("# Use the chosen model", 1)[1]
     block = section.split("```\n", 2)[1]
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
 
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_each_command_of_the_readme_section_works_on_a_real_sweep(registered: RegisteredSweep) -> None:
-    export, keras_line, pyfunc_line, registry_line, serve_line, curl_line = _readme_commands()
+def test_each_command_of_use_the_model_works_on_a_real_sweep(registered: RegisteredSweep) -> None:
+    export, keras_line, pyfunc_line, registry_line, serve_line, curl_line = _documented_commands()
     name, _, uri = export.removeprefix("export ").partition("=")
     environment = cli_environment(required_mnist(), {name: uri})
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"  # python and mlflow
