@@ -22,10 +22,11 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from mnist_sweep.artifacts import global_tracking_uri
 from mnist_sweep.errors import RegistryError
 from mnist_sweep.records import CHAMPION, REGISTERED_BY, REGISTERED_BY_TAG, TestResult
 from mnist_sweep.registry import check_up_front, register_champion
-from mnist_sweep.tracking import Tracker, global_tracking_uri
+from mnist_sweep.tracking import Tracker
 from mnist_sweep.ui import stop_process_group
 from tests.conftest import (
     DEFAULT_SWEEP,
@@ -58,7 +59,7 @@ def _logged_result(folder: Path, *, study: str = "reg") -> Logged:
     parent = tracker.create_parent_run(study_name=study, config={})
     run_id = tracker.start_trial_run(parent_run_id=parent, study_name=study, trial_number=3, params={})
     model_id, model_uri = tracker.reserve_model(run_id)
-    tracker._save_model(run_id, build_model(hidden=(8,), activation="relu"), model_id)
+    tracker.models.save(run_id, build_model(hidden=(8,), activation="relu"), model_id)
     result = TestResult(
         study=study,
         trial_number=3,

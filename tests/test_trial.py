@@ -14,8 +14,8 @@ from mnist_sweep.config import SweepConfig, build_config
 from mnist_sweep.data import Split
 from mnist_sweep.metrics import confusion_matrix
 from mnist_sweep.model import build_model, compiled_model
+from mnist_sweep.scheduler import PruningHook
 from mnist_sweep.space import fixed_params, sample_params, searched_names
-from mnist_sweep.study import PruningHook
 from mnist_sweep.train_settings import TrainSettings
 from mnist_sweep.trial import TrialDiverged, TrialSession, run_trial
 
