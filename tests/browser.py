@@ -61,12 +61,6 @@ def chromium_page(*, allow: str = "") -> Iterator[tuple[Any, list[str]]]:
             browser.close()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class Lines:
     """A process's stdout, read by a thread (select() misses lines already buffered), searched by content."""
 
