@@ -322,14 +322,23 @@ def test_the_probe_measures_pinned_processes_side_by_side() -> None:
 # --------------------------------------------------------------------------- bad input
 
 
+# The first runs the CLI in a process of its own (the test below); the last asks the GPU probe, a child process.
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--workers", "0"], 'study.workers must be a number of processes >= 1 or "auto", got 0'),
+        pytest.param(
+            ["--workers", "0"],
+            'study.workers must be a number of processes >= 1 or "auto", got 0',
+            marks=pytest.mark.subprocess,
+        ),
         (["--workers", "-1"], 'study.workers must be a number of processes >= 1 or "auto", got -1'),
         (["--workers", "many"], "study.workers must be a number of processes >= 1 or \"auto\", got 'many'"),
         (["--workers", str(len(os.sched_getaffinity(0)) + 1)], "pass --force"),
-        (["--workers", "1", "--set", "study.gpus=1"], "study.gpus = 1: only 0 GPU(s) visible"),
+        pytest.param(
+            ["--workers", "1", "--set", "study.gpus=1"],
+            "study.gpus = 1: only 0 GPU(s) visible",
+            marks=pytest.mark.subprocess,
+        ),
     ],
 )
 def test_bad_worker_counts_exit_2_and_create_nothing(
