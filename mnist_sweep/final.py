@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import datetime, timezone
@@ -24,10 +23,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep import interrupt, processes
+from mnist_sweep.artifacts import MODEL_FILE, global_tracking_uri
 from mnist_sweep.config import SEAL_SUFFIX, metric_maximizes
 from mnist_sweep.data import DataSource, Images, Labels, file_sha256, load_test_split
 from mnist_sweep.environment import environment
 from mnist_sweep.errors import FinalizeError, first_line
+from mnist_sweep.heartbeat import beating
 from mnist_sweep.metrics import ClassificationReport, classification_report, confusion_matrix, wilson_interval
 from mnist_sweep.processes import ProcessId, this_process
 from mnist_sweep.records import (
@@ -45,7 +46,8 @@ from mnist_sweep.records import (
     VAL_LOSS_ATTR,
     TestResult,
 )
-from mnist_sweep.tracking import MODEL_FILE, Tracker, global_tracking_uri
+from mnist_sweep.study import StudyContext
+from mnist_sweep.tracking import Tracker
 
 if TYPE_CHECKING:
     import keras
@@ -115,7 +117,7 @@ def choose_trial(
 
 def artifacts_stored(tracker: Tracker, trial: FrozenTrial) -> bool:
     """Whether the trial's run is FINISHED, which it becomes only once its model and reports are stored
-    (tracking.BackgroundUploads); an upload still running in another worker is waited for."""
+    (uploads.BackgroundUploads); an upload still running in another worker is waited for."""
 
     run_id = str(trial.user_attrs.get(RUN_ID_ATTR, ""))
 
@@ -245,20 +247,17 @@ def _release_if_abandoned(
 def _claim_heartbeat(storage: optuna.storages.BaseStorage, study_name: str) -> Iterator[None]:
     """While within, the claimant's heartbeat on the seal every CLAIM_HEARTBEAT_SECONDS: a live claim."""
     holder = _claim_holder(storage, study_name)
-    stop = threading.Event()
+    if holder is None:
+        yield
+        return
+    claim_id = holder[0]
 
     def beat() -> None:
-        while holder is not None and not stop.wait(CLAIM_HEARTBEAT_SECONDS):
-            with contextlib.suppress(Exception):  # a store that is busy now: the next beat is in time
-                storage.set_study_user_attr(holder[0], CLAIM_HEARTBEAT_ATTR, _now())
+        with contextlib.suppress(Exception):  # a store that is busy now: the next beat is in time
+            storage.set_study_user_attr(claim_id, CLAIM_HEARTBEAT_ATTR, _now())
 
-    thread = threading.Thread(target=beat, name="mnist-sweep-claim-heartbeat", daemon=True)
-    thread.start()
-    try:
+    with beating(beat, every=CLAIM_HEARTBEAT_SECONDS, name="mnist-sweep-claim-heartbeat", at_start=False):
         yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _now() -> str:
@@ -298,16 +297,14 @@ def _wait_for_result(
 
 def score_test_set(
     *,
-    study: optuna.Study,
-    storage: optuna.storages.BaseStorage,
-    tracker: Tracker,
-    parent_run_id: str,
+    context: StudyContext,
     source: DataSource,
     metric: str,
     echo: Callable[[str], None],
     reclaim: bool = False,
 ) -> tuple[TestResult, bool]:
     """Score the chosen trial's logged model on the test set, once; returns (result, scored_now)."""
+    study, storage, tracker = context.study, context.storage, context.tracker
     existing = recorded_result(study)
     if existing is not None:
         return existing, False
@@ -335,7 +332,7 @@ def score_test_set(
             images=len(y_test),
             counted=counted,
         )
-        _record(study, tracker, parent_run_id, result, report)
+        _record(context, result, report)
     return result, True
 
 
@@ -383,12 +380,10 @@ def _test_result(
     )
 
 
-def _record(
-    study: optuna.Study, tracker: Tracker, parent_run_id: str, result: TestResult, report: ClassificationReport
-) -> None:
+def _record(context: StudyContext, result: TestResult, report: ClassificationReport) -> None:
     """The test numbers on the study's MLflow parent run, then the result on the study: that write seals it."""
-    tracker.log_test_result(
-        parent_run_id,
+    context.tracker.log_test_result(
+        context.parent_run_id,
         test_loss=result.test_loss,
         report=report,
         tags={
@@ -397,7 +392,7 @@ def _record(
             TEST_SCORED_RUN_ID_TAG: str(result.run_id),
         },
     )
-    study.set_user_attr(TEST_RESULT_ATTR, result.to_dict())
+    context.study.set_user_attr(TEST_RESULT_ATTR, result.to_dict())
 
 
 def result_line(result: TestResult) -> str:
