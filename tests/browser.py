@@ -72,12 +72,6 @@ def open_runs_table(page: Any, url: str) -> None:
         close.first.click()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class Lines:
     """A process's stdout, read by a thread (select() misses lines already buffered), searched by content."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import importlib
+import io
 import os
 import pwd
 import shutil
@@ -14,10 +15,13 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from tests.finished_sweep import FinishedSweep
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SWEEP = REPO / "sweeps" / "fcn.toml"
@@ -61,6 +65,7 @@ def required_mnist() -> Path:
 MARKS_OF_FIXTURES = {
     "run_cli": "subprocess",
     "start_cli": "subprocess",
+    "finished_sweep": "subprocess",
     "postgres_server": "server",
     "postgres_password_server": "server",
 }
@@ -132,6 +137,22 @@ def cli(
     )
 
 
+def cli_in_process(args: Sequence[str], *, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """`mnist_sweep.cli.main(args)`, the entry point `python -m mnist_sweep` runs, in this process and in `cwd`:
+    its exit code and stderr. An exception it lets through fails the test, as a traceback would."""
+    from mnist_sweep import cli as entry_point
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stdout)  # restored after the test, with whatever main wrapped around it
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.chdir(cwd)
+    try:
+        code = entry_point.main(list(args))
+    except SystemExit as exit:  # argparse
+        code = exit.code if isinstance(exit.code, int) else 1
+    return code, stderr.getvalue()
+
+
 @pytest.fixture
 def run_cli(tmp_path: Path, mnist_dir: Path) -> CliRunner:
     """`cli` bound to tmp_path and the real MNIST folder."""
@@ -172,19 +193,30 @@ ENGINE_ARGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def small_sweep_args(*extra: str, trials: int = 3, train_limit: int = 2000, validation: int = 1000) -> list[str]:
+def small_sweep_args(
+    *extra: str, trials: int = 3, train_limit: int = 2000, validation: int = 1000, epochs: int = 1
+) -> list[str]:
     """The default sweep shrunk: few trials, 1 epoch, a small real subset."""
     return [
         "--trials",
         str(trials),
         "--epochs",
-        "1",
+        str(epochs),
         "--set",
         f"data.train_limit={train_limit}",
         "--set",
         f"data.validation={validation}",
         *extra,
     ]
+
+
+def sweep_args(
+    *settings: str, trials: int = 3, train_limit: int = 2000, validation: int = 1000, epochs: int = 1
+) -> list[str]:
+    """The default sweep file and its arguments, shrunk (small_sweep_args), each of `settings` ("key=value") a --set."""
+    overrides = [arg for setting in settings for arg in ("--set", setting)]
+    shrunk = small_sweep_args(*overrides, trials=trials, train_limit=train_limit, validation=validation, epochs=epochs)
+    return [str(DEFAULT_SWEEP), *shrunk]
 
 
 def unreadable_test_images(mnist_dir: Path, folder: Path) -> Path:
@@ -208,6 +240,18 @@ def created_files(folder: Path, ignore: Sequence[str] = ()) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name not in ignore)
 
 
+# --------------------------------------------------------------------------- one finished sweep a session
+
+
+@pytest.fixture(scope="session")
+def finished_sweep(tmp_path_factory: pytest.TempPathFactory) -> FinishedSweep:
+    """The default sweep run once by the real CLI on a small real subset (tests/finished_sweep.py), shared by
+    the tests that only read a finished sweep. A test that changes it works on `finished_sweep.copy(...)`."""
+    from tests.finished_sweep import run_sweep  # it imports this module: imported once this one is loaded
+
+    return run_sweep(tmp_path_factory.mktemp("finished-sweep"), required_mnist())
+
+
 # --------------------------------------------------------------------------- a real PostgreSQL server
 
 
@@ -217,7 +261,8 @@ def _postgres_bin() -> Path | None:
     return found[-1].parent if found else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -242,7 +287,7 @@ def _postgres(password: str | None) -> Iterator[str]:
             missing_dependency("running as root and there is no 'postgres' user to run the server as")
         os.chown(folder, owner.pw_uid, owner.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     auth = ["-A", "trust"]
     if password is not None:
         password_file = folder / "pwfile"

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from mnist_sweep.ui import stop_process_group
-from tests.conftest import _free_port
+from tests.conftest import free_port
 
 
 def wait_for_health(url: str, process: subprocess.Popen[bytes], *, timeout: float = 180) -> None:
@@ -33,7 +33,7 @@ def wait_for_health(url: str, process: subprocess.Popen[bytes], *, timeout: floa
 @contextlib.contextmanager
 def mlflow_server(folder: Path, options: Sequence[str], *, env: Mapping[str, str] | None = None) -> Iterator[str]:
     """`mlflow server OPTIONS` in `folder` (sqlite backend there), one worker, on a free port; yields its URL."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
     command += [*options, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     process = subprocess.Popen(

@@ -14,7 +14,7 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import DEFAULT_SWEEP, CliRunner, CliStarter, small_sweep_args
+from tests.conftest import CliRunner, CliStarter, sweep_args
 from tests.stores import all_runs, assert_nothing_running, load_study, raw_trials, tracking_url
 
 pytestmark = pytest.mark.slow
@@ -28,9 +28,9 @@ REPORT_FILES = {
 }
 
 
-def sweep_args(*, background: bool = True) -> list[str]:
+def uploads_args(*, background: bool = True) -> list[str]:
     mode = f"tracking.background_uploads={str(background).lower()}"
-    return [str(DEFAULT_SWEEP), *small_sweep_args("--set", "study.heartbeat_seconds=2", "--set", mode, trials=2)]
+    return sweep_args("study.heartbeat_seconds=2", mode, trials=2)
 
 
 def stop_right_after_first_trial(process: subprocess.Popen[str], folder: Path, signum: int) -> None:
@@ -64,13 +64,13 @@ def assert_artifacts_complete(folder: Path, run: Run) -> None:
 def test_sigkill_right_after_a_trial_leaves_every_finished_run_complete_and_the_rerun_scores(
     tmp_path: Path, start_cli: CliStarter, run_cli: CliRunner, background: bool
 ) -> None:
-    stop_right_after_first_trial(start_cli("run", *sweep_args(background=background)), tmp_path, signal.SIGKILL)
+    stop_right_after_first_trial(start_cli("run", *uploads_args(background=background)), tmp_path, signal.SIGKILL)
 
     finished = [run for run in trial_runs(tmp_path) if run.info.status == "FINISHED"]
     for run in finished:
         assert_artifacts_complete(tmp_path, run)
 
-    again = run_cli("run", *sweep_args(background=background))
+    again = run_cli("run", *uploads_args(background=background))
 
     assert again.returncode == 0, again.stderr
     assert "test accuracy" in again.stdout
@@ -92,7 +92,7 @@ def test_sigkill_right_after_a_trial_leaves_every_finished_run_complete_and_the_
 def test_sigterm_right_after_a_trial_waits_until_its_artifacts_are_stored(
     tmp_path: Path, start_cli: CliStarter
 ) -> None:
-    process = start_cli("run", *sweep_args())
+    process = start_cli("run", *uploads_args())
     stop_right_after_first_trial(process, tmp_path, signal.SIGTERM)
 
     assert process.returncode == 143

@@ -11,12 +11,10 @@ a time and memory limit.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import resource
 import shutil
 import subprocess
-import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_sweep import cli
-from tests.conftest import CLI, cli_environment, write_sweep
+from tests.conftest import CLI, cli_environment, cli_in_process, write_sweep
 
 # Valid everywhere else, so the one bad value is what fails.
 VALID = """
@@ -746,20 +743,6 @@ def listing(folder: Path) -> list[str]:
     return sorted(found)
 
 
-def in_process(args: list[str], work: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
-    """`mnist_sweep.cli.main(args)` in `work`: its exit code and stderr. An exception it lets through fails
-    the test, as a traceback would."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    monkeypatch.setattr(sys, "stdout", stdout)  # restored after the test, with whatever main wrapped around it
-    monkeypatch.setattr(sys, "stderr", stderr)
-    monkeypatch.chdir(work)
-    try:
-        code = cli.main(args)
-    except SystemExit as exit:  # argparse
-        code = exit.code if isinstance(exit.code, int) else 1
-    return code, stderr.getvalue()
-
-
 def limited() -> None:
     """Run in the child: 4 GiB of address space, so a guard removed fails with MemoryError, not the machine."""
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
@@ -806,7 +789,7 @@ def test_bad_input_exits_2_with_one_line_and_creates_nothing(
         code, stderr = result.returncode, result.stderr
     else:
         monkeypatch.setenv("MNIST_SWEEP_DATA", str(mnist_dir))
-        code, stderr = in_process(args, work, monkeypatch)
+        code, stderr = cli_in_process(args, cwd=work, monkeypatch=monkeypatch)
 
     lines = stderr.strip().splitlines()
     assert code == 2, stderr

@@ -41,7 +41,7 @@ from tests.compose_native import (
     native_k8s_container,
     native_service,
 )
-from tests.conftest import REPO, _free_port, _postgres_bin, missing_dependency, required_mnist
+from tests.conftest import REPO, _postgres_bin, free_port, missing_dependency, required_mnist
 from tests.stores import assert_nothing_running, assert_runs_linked, parent_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.server, pytest.mark.subprocess]
@@ -78,7 +78,7 @@ def postgres_as_the_image_starts_it(service: Mapping[str, Any]) -> Iterator[tupl
     if owner is not None:
         os.chown(folder, owner.pw_uid, owner.pw_gid)
         os.chown(password_file, owner.pw_uid, owner.pw_gid)
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
 
     def pg(*args: str) -> None:
         done = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120)
@@ -203,7 +203,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Topolog
         health_env = {**os.environ, "PGPORT": str(pg_port), "PATH": f"{pg_bin}:{os.environ['PATH']}"}
         wait_healthy("postgres", top.services["postgres"]["healthcheck"]["test"], health_env, None)
 
-        mlflow_port = _free_port()
+        mlflow_port = free_port()
         translation = top.translation(pg_port, mlflow_port)
         server = native_service(
             top.compose,

@@ -9,8 +9,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.browser import DASHBOARD_MISSING, free_port
-from tests.conftest import CLI, DEFAULT_SWEEP, REPO, cli_environment, required_module
+from tests.browser import DASHBOARD_MISSING
+from tests.conftest import CLI, DEFAULT_SWEEP, REPO, cli_environment, free_port, required_module
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # each test starts the real CLI (TensorFlow and MLflow imports)
 

@@ -31,7 +31,7 @@ from mnist_sweep.records import MODEL_URI_KEY, RUN_ID_ATTR, TestResult
 from mnist_sweep.report import after_seal_line
 from mnist_sweep.study import StudyContext, make_storage, open_study, parent_run_id
 from mnist_sweep.tracking import Tracker
-from tests.conftest import DEFAULT_SWEEP, CliRunner, CliStarter
+from tests.conftest import DEFAULT_SWEEP, CliRunner, CliStarter, sweep_args
 from tests.stores import (
     all_runs,
     assert_nothing_running,
@@ -232,25 +232,8 @@ def _result(counted: tuple[int, ...] | None) -> TestResult:
 def live_sweep_args(storage: str) -> list[str]:
     """Two trials on a few hundred images, with enough epochs that the workers are still training while
     `finalize` runs (no pruning, no early stop: each trial runs them all)."""
-    return [
-        str(DEFAULT_SWEEP),
-        "--trials",
-        "2",
-        "--epochs",
-        "100",
-        "--set",
-        "data.train_limit=300",
-        "--set",
-        "data.validation=200",
-        "--set",
-        "model.hidden=[32]",
-        "--set",
-        'study.pruner="none"',
-        "--set",
-        "study.heartbeat_seconds=5",
-        "--set",
-        f'study.storage="{storage}"',
-    ]
+    settings = ("model.hidden=[32]", 'study.pruner="none"', "study.heartbeat_seconds=5", f'study.storage="{storage}"')
+    return sweep_args(*settings, trials=2, train_limit=300, validation=200, epochs=100)
 
 
 def running_with_run(storage: str, folder: Path) -> list[int]:

@@ -15,7 +15,7 @@ from mnist_sweep.errors import OracleStopped, StudyMismatchError
 from mnist_sweep.keras_tuner_engine import ORACLE_STATE, OracleSampler, check_engine, keras_tuner_space, oracle_dir
 from mnist_sweep.records import ENGINE_ATTR, KERAS_TUNER_EPOCHS_ATTR, KERAS_TUNER_TRIAL_ID_ATTR
 from mnist_sweep.space import sample_params
-from tests.conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args
+from tests.conftest import CliRunner, sweep_args
 from tests.stores import (
     all_runs,
     assert_nothing_running,
@@ -182,23 +182,9 @@ def test_a_second_process_on_the_study_is_refused(tmp_path: Path, new_sampler: A
 # --------------------------------------------------------------------------- the real CLI
 
 
-def kt_args(*extra: str, trials: int, oracle: str = "hyperband", epochs: int = 3) -> list[str]:
-    return [
-        str(DEFAULT_SWEEP),
-        *small_sweep_args(
-            "--set",
-            'study.engine="keras-tuner"',
-            "--set",
-            f'study.sampler="{oracle}"',
-            "--set",
-            'study.pruner="none"',
-            *extra,
-            trials=trials,
-            train_limit=1000,
-            validation=500,
-        ),
-        *("--epochs", str(epochs)),
-    ]
+def kt_args(*, trials: int, oracle: str = "hyperband", epochs: int = 3) -> list[str]:
+    settings = ('study.engine="keras-tuner"', f'study.sampler="{oracle}"', 'study.pruner="none"')
+    return sweep_args(*settings, trials=trials, train_limit=1000, validation=500, epochs=epochs)
 
 
 @pytest.mark.slow

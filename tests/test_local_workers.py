@@ -35,7 +35,17 @@ from mnist_sweep.placement import (
     visible_gpu_ids,
 )
 from mnist_sweep.study import make_sampler
-from tests.conftest import DEFAULT_SWEEP, REPO, CliRunner, CliStarter, created_files, small_sweep_args
+from tests.conftest import (
+    DEFAULT_SWEEP,
+    REPO,
+    CliRunner,
+    CliStarter,
+    cli,
+    cli_in_process,
+    created_files,
+    small_sweep_args,
+    sweep_args,
+)
 from tests.stores import all_runs, assert_nothing_running, assert_runs_linked, load_study, tracking_url, wait_for
 
 # --------------------------------------------------------------------------- the shares
@@ -312,25 +322,40 @@ def test_the_probe_measures_pinned_processes_side_by_side() -> None:
 # --------------------------------------------------------------------------- bad input
 
 
+# The first runs the CLI in a process of its own (the test below); the last asks the GPU probe, a child process.
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--workers", "0"], 'study.workers must be a number of processes >= 1 or "auto", got 0'),
+        pytest.param(
+            ["--workers", "0"],
+            'study.workers must be a number of processes >= 1 or "auto", got 0',
+            marks=pytest.mark.subprocess,
+        ),
         (["--workers", "-1"], 'study.workers must be a number of processes >= 1 or "auto", got -1'),
         (["--workers", "many"], "study.workers must be a number of processes >= 1 or \"auto\", got 'many'"),
         (["--workers", str(len(os.sched_getaffinity(0)) + 1)], "pass --force"),
-        (["--workers", "1", "--set", "study.gpus=1"], "study.gpus = 1: only 0 GPU(s) visible"),
+        pytest.param(
+            ["--workers", "1", "--set", "study.gpus=1"],
+            "study.gpus = 1: only 0 GPU(s) visible",
+            marks=pytest.mark.subprocess,
+        ),
     ],
 )
 def test_bad_worker_counts_exit_2_and_create_nothing(
-    flags: list[str], expected: str, run_cli: CliRunner, tmp_path: Path
+    flags: list[str], expected: str, tmp_path: Path, mnist_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env = {"PATH": "/usr/bin:/bin"}  # no nvidia-smi on the path: no GPU, whatever the machine
-    result = run_cli("run", str(DEFAULT_SWEEP), *small_sweep_args(), *flags, env=env, timeout=120)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no nvidia-smi on the path: no GPU, whatever the machine
+    args = ["run", *sweep_args(), *flags]
+    if flags == ["--workers", "0"]:  # one in a process of its own: its exit code, and no traceback
+        done = cli(*args, cwd=tmp_path, data=mnist_dir, timeout=120)
+        code, stderr = done.returncode, done.stderr
+    else:
+        monkeypatch.setenv("MNIST_SWEEP_DATA", str(mnist_dir))
+        code, stderr = cli_in_process(args, cwd=tmp_path, monkeypatch=monkeypatch)
 
-    assert result.returncode == 2, result.stderr
-    assert expected in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert code == 2, stderr
+    assert expected in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     assert created_files(tmp_path) == []
 
 
@@ -361,8 +386,13 @@ def runs_of(folder: Path, *, worker: str, status: str) -> list[tuple[str, int]]:
 
 
 def workers_args(*extra: str, trials: int, epochs: int = 1) -> list[str]:
-    args = small_sweep_args("--workers", "2", "--force", *extra, trials=trials, train_limit=1500, validation=500)
-    return [str(DEFAULT_SWEEP), *args, "--epochs", str(epochs)]
+    return [
+        *sweep_args(trials=trials, train_limit=1500, validation=500, epochs=epochs),
+        "--workers",
+        "2",
+        "--force",
+        *extra,
+    ]
 
 
 @pytest.mark.slow

@@ -32,14 +32,15 @@ from tests.conftest import (
     DEFAULT_SWEEP,
     REPO,
     CliRunner,
-    _free_port,
-    cli,
     cli_environment,
     created_files,
+    free_port,
     required_mnist,
     small_sweep_args,
 )
+from tests.finished_sweep import ARGS, SWEEP, TRAIN_IMAGES, VALIDATION_IMAGES, FinishedSweep
 from tests.servers import wait_for_health
+from tests.stores import tracking_url
 
 # --------------------------------------------------------------------------- the registry on a real sqlite store
 
@@ -171,20 +172,19 @@ class RegisteredSweep:
 
     @property
     def uri(self) -> str:
-        return f"sqlite:///{self.folder / 'mlruns' / 'mlflow.db'}"
+        return tracking_url(self.folder)
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory: pytest.TempPathFactory) -> RegisteredSweep:
-    """A small real sweep, run, then finalized twice more (once with an interval of several seconds)."""
-    data, folder = required_mnist(), tmp_path_factory.mktemp("registered")
-    args = [str(DEFAULT_SWEEP), *small_sweep_args(trials=2, train_limit=1000, validation=500)]
-    outputs = []
-    for command in ("run", "finalize", "run"):
-        done = cli(command, *args, cwd=folder, data=data)
+def registered(finished_sweep: FinishedSweep) -> RegisteredSweep:
+    """The session's finished sweep, finalized once more and run again (each a no-op that registers nothing new
+    but says what is registered), with what `run`, `finalize` and `run` printed."""
+    outputs = [finished_sweep.first.stdout]
+    for command in ("finalize", "run"):
+        done = finished_sweep.run(command, SWEEP, *ARGS)
         assert done.returncode == 0, done.stderr
         outputs.append(done.stdout)
-    return RegisteredSweep(folder, outputs)
+    return RegisteredSweep(finished_sweep.folder, outputs)
 
 
 @pytest.mark.slow
@@ -219,7 +219,9 @@ def _validation_images(n: int) -> np.ndarray:
     """The first `n` validation images of the small sweep's split (never a test image)."""
     from mnist_sweep.data import load_split, resolve_source
 
-    split = load_split(resolve_source(str(required_mnist())), validation=500, train_limit=1000, seed=0)
+    split = load_split(
+        resolve_source(str(required_mnist())), validation=VALIDATION_IMAGES, train_limit=TRAIN_IMAGES, seed=0
+    )
     return split.x_val[:n]
 
 
@@ -248,7 +250,7 @@ def serving(registered: RegisteredSweep, tmp_path: Path) -> Iterator[str]:
     # with the venv active (CI runs .venv/bin/python without activating it: "exec: uvicorn: not found").
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
     for attempt in (1, 2):
-        port, log = _free_port(), tmp_path / f"serve-{attempt}.log"
+        port, log = free_port(), tmp_path / f"serve-{attempt}.log"
         with log.open("wb") as sink:
             process = subprocess.Popen(
                 [*command, "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
@@ -326,7 +328,7 @@ def test_each_command_of_use_the_model_works_on_a_real_sweep(registered: Registe
     assert shell(pyfunc_line) == digits
     version, tags = shell(registry_line).split(" ", 1)
     assert version == "1" and "'test_accuracy_ci95_low'" in tags
-    port = str(_free_port())
+    port = str(free_port())
     process = subprocess.Popen(
         ["bash", "-c", "exec " + serve_line.replace("5001", port)],
         cwd=registered.folder,

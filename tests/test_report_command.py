@@ -6,10 +6,8 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -17,19 +15,16 @@ from urllib.parse import urlparse
 import optuna
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 
 from mnist_sweep import plots
 from mnist_sweep.plots import SWEEP_PLOT_TITLES
 from mnist_sweep.report import NOT_SCORED
-from tests.browser import chromium_page, free_port, read_line_with
-from tests.conftest import CLI, DEFAULT_SWEEP, CliRunner, cli, cli_environment, required_mnist, small_sweep_args
+from tests.browser import chromium_page, nothing_listens, read_line_with
+from tests.conftest import CLI, CliRunner, cli, cli_environment, cli_in_process, free_port, small_sweep_args
+from tests.finished_sweep import SWEEP, TRIAL_RUNS, VALIDATION_IMAGES, FinishedSweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
-SWEEP = str(DEFAULT_SWEEP)
-TINY = small_sweep_args(trials=3, train_limit=1000, validation=500)
-TRIAL_RUNS = "tags.`mnist_sweep.role` = 'trial'"
 HEATMAPS = ("confusion-counts", "confusion-normalised")
 LECTURE_HEATMAPS = ("lecture-confusion-0", "lecture-confusion-1")  # the lecture's network's and the chosen trial's
 # Each plot container, and whether plotly drew into it (an SVG or a WebGL canvas).
@@ -38,46 +33,10 @@ PLOT_STATE = """() => Object.fromEntries([...document.querySelectorAll('figure.p
 ALL_DRAWN = "() => [...document.querySelectorAll('figure.plot')].every(f => f.querySelector('svg.main-svg, canvas'))"
 
 
-@dataclass(frozen=True)
-class Sweep:
-    """A folder where `mnist-sweep run` finished, with ways to read back what it recorded."""
-
-    folder: Path
-    data: Path
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return cli(*args, cwd=self.folder, data=self.data)
-
-    @property
-    def reports(self) -> Path:
-        return self.folder / "reports" / "fcn"
-
-    def result(self) -> dict[str, Any]:
-        return dict(json.loads((self.reports / "test_metrics.json").read_text(encoding="utf-8")))
-
-    def mlflow(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=f"sqlite:///{self.folder}/mlruns/mlflow.db")
-
-    def study(self) -> optuna.Study:
-        return optuna.load_study(study_name="fcn", storage=f"sqlite:///{self.folder}/mlruns/optuna.db")
-
-    def experiment_id(self) -> str:
-        experiment = self.mlflow().get_experiment_by_name("fcn")
-        assert experiment is not None
-        return str(experiment.experiment_id)
-
-    def trial_runs(self) -> list[Any]:
-        return list(self.mlflow().search_runs([self.experiment_id()], TRIAL_RUNS))
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
-    """One tiny real sweep (3 trials, 1 epoch, 1,000 images), shared by the tests that only read it."""
-    data = required_mnist()
-    done = Sweep(tmp_path_factory.mktemp("sweep"), data)
-    finished = done.run("run", SWEEP, *TINY)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    return done
+@pytest.fixture
+def sweep(finished_sweep: FinishedSweep) -> FinishedSweep:
+    """The session's finished sweep (tests/finished_sweep.py): these tests only read it."""
+    return finished_sweep
 
 
 def user_error_lines(done: subprocess.CompletedProcess[str]) -> list[str]:
@@ -96,7 +55,7 @@ def open_report(page: Any, path: Path) -> dict[str, bool]:
 
 
 @pytest.mark.browser
-def test_report_opens_offline_in_chromium_and_every_plot_draws(sweep: Sweep) -> None:
+def test_report_opens_offline_in_chromium_and_every_plot_draws(sweep: FinishedSweep) -> None:
     with chromium_page() as (page, problems):
         drawn = open_report(page, sweep.reports / "report.html")
         shown_accuracy = page.inner_text("#test-accuracy")
@@ -107,9 +66,8 @@ def test_report_opens_offline_in_chromium_and_every_plot_draws(sweep: Sweep) -> 
     assert notes == 0  # three complete trials with varied hyperparameters: every sweep plot says something
 
 
-def test_a_study_writes_plotly_js_once_and_its_report_stays_light(sweep: Sweep) -> None:
-    client = sweep.mlflow()
-    parent = client.search_runs([sweep.experiment_id()], "tags.`mnist_sweep.role` = 'study'")[0]
+def test_a_study_writes_plotly_js_once_and_its_report_stays_light(sweep: FinishedSweep) -> None:
+    parent = sweep.parent()
     logged = Path(urlparse(parent.info.artifact_uri).path) / "report"
     packed = plots.plotly_js_packed().encode()
     for folder in (sweep.reports, logged):  # the report folder, and its copy in the parent run
@@ -119,7 +77,7 @@ def test_a_study_writes_plotly_js_once_and_its_report_stays_light(sweep: Sweep) 
 
 
 @pytest.mark.browser
-def test_trial_confusion_matrix_page_shows_counts_and_row_shares(sweep: Sweep) -> None:
+def test_trial_confusion_matrix_page_shows_counts_and_row_shares(sweep: FinishedSweep) -> None:
     run = sweep.trial_runs()[0]
     path = Path(urlparse(run.info.artifact_uri).path) / "val_confusion_matrix.html"
     with chromium_page() as (page, problems):
@@ -128,14 +86,14 @@ def test_trial_confusion_matrix_page_shows_counts_and_row_shares(sweep: Sweep) -
         page.click("#share")
         shares = page.locator("svg g text").all_text_contents()
     assert problems == []
-    assert len(counts) == 100 and sum(counts) == 500  # every validation image, once
+    assert len(counts) == 100 and sum(counts) == VALIDATION_IMAGES  # every validation image, once
     assert all(share.endswith("%") for share in shares)
     assert path.with_suffix(".png").exists()
 
 
-def test_parent_run_holds_report_plots_and_leaderboard_and_runs_compare_cleanly(sweep: Sweep) -> None:
+def test_parent_run_holds_report_plots_and_leaderboard_and_runs_compare_cleanly(sweep: FinishedSweep) -> None:
     client = sweep.mlflow()
-    parent = client.search_runs([sweep.experiment_id()], "tags.`mnist_sweep.role` = 'study'")[0]
+    parent = sweep.parent()
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     for name in ("report.html", "report.md", "test_metrics.json", "leaderboard.csv"):
         assert f"report/{name}" in logged
@@ -154,7 +112,10 @@ def test_parent_run_holds_report_plots_and_leaderboard_and_runs_compare_cleanly(
 # --------------------------------------------------------------------------- commands
 
 
-def test_report_command_rewrites_from_records_without_touching_test_data(sweep: Sweep) -> None:
+def test_report_command_rewrites_from_records_without_touching_test_data(
+    finished_sweep: FinishedSweep, tmp_path: Path
+) -> None:
+    sweep = finished_sweep.copy(tmp_path / "sweep")  # its report folder goes: a copy, not the shared sweep's
     before = sweep.result()
     shutil.rmtree(sweep.reports)
     # A data path that does not exist: reading any image, test or training, would fail.
@@ -166,10 +127,10 @@ def test_report_command_rewrites_from_records_without_touching_test_data(sweep: 
     assert "report: reports/fcn/report.html" in done.stdout
 
 
-def test_trials_prints_the_leaderboard_and_writes_it_as_csv(sweep: Sweep) -> None:
-    done = sweep.run("trials", SWEEP, "--csv", "board.csv", "--sort", "val_loss")
+def test_trials_prints_the_leaderboard_and_writes_it_as_csv(sweep: FinishedSweep, tmp_path: Path) -> None:
+    done = sweep.run("trials", SWEEP, "--csv", str(tmp_path / "board.csv"), "--sort", "val_loss")
     assert done.returncode == 0, done.stderr[-2000:]
-    board = pd.read_csv(sweep.folder / "board.csv")
+    board = pd.read_csv(tmp_path / "board.csv")
     assert list(board.columns) == [
         "trial", "state", "optimizer", "learning_rate", "batch_size", "activation", "dropout",
         "val_accuracy", "val_loss", "val_f1_macro", "epochs", "duration_s", "run_id",
@@ -193,7 +154,7 @@ def rest(base: str, endpoint: str, body: dict[str, Any] | None = None) -> dict[s
         return dict(json.loads(response.read()))
 
 
-def test_ui_serves_the_experiment_and_every_trial_run_over_mlflow_rest(sweep: Sweep, tmp_path: Path) -> None:
+def test_ui_serves_the_experiment_and_every_trial_run_over_mlflow_rest(sweep: FinishedSweep, tmp_path: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with (tmp_path / "ui.log").open("w") as log:
@@ -225,18 +186,24 @@ def test_ui_serves_the_experiment_and_every_trial_run_over_mlflow_rest(sweep: Sw
         assert {k: params[k] for k in trial.params} == {k: str(v) for k, v in trial.params.items()}
         assert metrics["final_val_accuracy"] == pytest.approx(trial.user_attrs["val_accuracy"])
     assert code == 0
-    with socket.socket() as probe:  # the MLflow server went with it
-        assert probe.connect_ex(("127.0.0.1", port)) != 0
+    assert nothing_listens(base)  # the MLflow server went with it
 
 
 # --------------------------------------------------------------------------- bad input
 
 
 @pytest.mark.parametrize("command", ["report", "trials", "ui"])
-def test_commands_on_a_missing_study_exit_2_and_write_nothing(command: str, run_cli: CliRunner, tmp_path: Path) -> None:
-    done = run_cli(command, SWEEP, "--set", "study.name=nope")
-    assert done.returncode == 2
-    assert user_error_lines(done) == [
+def test_commands_on_a_missing_study_exit_2_and_write_nothing(
+    command: str, tmp_path: Path, mnist_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [command, SWEEP, "--set", "study.name=nope"]
+    if command == "ui":  # the real process, for its exit code (in this one, a missed check would start a server)
+        done = cli(*args, cwd=tmp_path, data=mnist_dir)
+        code, stderr = done.returncode, done.stderr
+    else:
+        code, stderr = cli_in_process(args, cwd=tmp_path, monkeypatch=monkeypatch)
+    assert code == 2
+    assert [line for line in stderr.splitlines() if line.startswith("mnist-sweep:")] == [
         "mnist-sweep: study 'nope' does not exist in sqlite:///mlruns/optuna.db; run `mnist-sweep run` first"
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args, unreadable_test_images
+from tests.conftest import CliRunner, unreadable_test_images
+from tests.finished_sweep import ARGS, SWEEP, FinishedSweep
 from tests.stores import load_study
 
 pytestmark = pytest.mark.slow
@@ -31,18 +32,16 @@ def settle_write_ahead_logs(folder: Path) -> None:
 
 
 def test_two_fresh_runs_agree_and_replay_matches_the_logged_metrics(
-    tmp_path: Path, run_cli: CliRunner, mnist_dir: Path
+    finished_sweep: FinishedSweep, tmp_path: Path, run_cli: CliRunner, mnist_dir: Path
 ) -> None:
-    args = [
-        str(DEFAULT_SWEEP),
-        *small_sweep_args("--set", 'study.pruner="none"', trials=3, train_limit=1000, validation=500),
-    ]
-    for name in ("first", "second"):
-        (tmp_path / name).mkdir()
-        result = run_cli("run", *args, cwd=tmp_path / name)
-        assert result.returncode == 0, result.stderr
+    # The first fresh run is the session's finished sweep; the second runs the same sweep file with the same
+    # arguments in a folder of its own.
+    args = [SWEEP, *ARGS]
+    (tmp_path / "second").mkdir()
+    result = run_cli("run", *args, cwd=tmp_path / "second")
+    assert result.returncode == 0, result.stderr
 
-    first, second = load_study(tmp_path / "first"), load_study(tmp_path / "second")
+    first, second = finished_sweep.study(), load_study(tmp_path / "second")
     assert [t.params for t in first.trials] == [t.params for t in second.trials]
     for one, other in zip(first.trials, second.trials, strict=True):
         assert other.user_attrs["val_accuracy"] == pytest.approx(one.user_attrs["val_accuracy"], abs=1e-6)
@@ -50,23 +49,20 @@ def test_two_fresh_runs_agree_and_replay_matches_the_logged_metrics(
 
     # Replayed with test images that cannot be read: it succeeds, so it never touched them.
     broken = unreadable_test_images(mnist_dir, tmp_path / "inputs")
-    settle_write_ahead_logs(tmp_path / "first")
-    before = everything_under(tmp_path / "first")
+    settle_write_ahead_logs(finished_sweep.folder)
+    before = everything_under(finished_sweep.folder)
     run_id = first.best_trial.user_attrs["mlflow_run_id"]
-    replayed = run_cli("replay", *args, run_id, "--data", str(broken), cwd=tmp_path / "first")
+    replayed = finished_sweep.run("replay", *args, run_id, "--data", str(broken))
 
     assert replayed.returncode == 0, replayed.stderr
     differences = [float(d) for d in re.findall(r"difference ([-+0-9.e]+)", replayed.stdout)]
     assert len(differences) == 2, replayed.stdout
     assert all(abs(d) < 1e-5 for d in differences), replayed.stdout
-    assert everything_under(tmp_path / "first") == before
+    assert everything_under(finished_sweep.folder) == before
 
 
-def test_replay_of_an_unknown_run_is_one_line(tmp_path: Path, run_cli: CliRunner) -> None:
-    args = [str(DEFAULT_SWEEP), *small_sweep_args(trials=1, train_limit=1000, validation=500)]
-    assert run_cli("worker", *args).returncode == 0
-
-    result = run_cli("replay", *args, "0123456789abcdef0123456789abcdef")
+def test_replay_of_an_unknown_run_is_one_line(finished_sweep: FinishedSweep) -> None:
+    result = finished_sweep.run("replay", SWEEP, *ARGS, "0123456789abcdef0123456789abcdef")
 
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0

@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import FrozenTrial
 
 from mnist_sweep.records import KERAS_TUNER_TRIAL_ID_ATTR
-from tests.conftest import DEFAULT_SWEEP, ENGINE_ARGS, CliRunner, CliStarter, small_sweep_args
+from tests.conftest import DEFAULT_SWEEP, ENGINE_ARGS, CliRunner, CliStarter, small_sweep_args, sweep_args
 from tests.stores import (
     all_runs,
     assert_nothing_running,
@@ -30,11 +30,8 @@ FAIL, COMPLETE = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
 def resume_args(trials: int, engine: str = "optuna") -> list[str]:
     """Short heartbeats so a killed trial goes stale in seconds; epochs long enough to be killed mid-fit."""
     return [
-        str(DEFAULT_SWEEP),
-        *small_sweep_args(
-            "--set", "study.heartbeat_seconds=2", "--set", 'study.pruner="none"', *ENGINE_ARGS[engine], trials=trials
-        ),
-        *("--epochs", "3"),
+        *sweep_args("study.heartbeat_seconds=2", 'study.pruner="none"', trials=trials, epochs=3),
+        *ENGINE_ARGS[engine],
     ]
 
 

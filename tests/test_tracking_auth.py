@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CliRunner, _free_port, required_module, small_sweep_args, write_sweep
+from tests.conftest import CliRunner, free_port, required_module, small_sweep_args, write_sweep
 from tests.servers import mlflow_server
 
 ADMIN_PASSWORD = "Admin-pw-5c1d-not-in-any-output"
@@ -121,7 +121,7 @@ def test_tracking_server_answering_403_is_one_line(forbidding_server: str, run_c
 
 
 def test_tracking_server_that_is_down_is_one_line(run_cli: CliRunner, tmp_path: Path) -> None:
-    down = f"http://127.0.0.1:{_free_port()}"
+    down = f"http://127.0.0.1:{free_port()}"
     line, _ = _run_bad(run_cli, tmp_path, down, {})
     assert "tracking.uri" in line and down in line and "no MLflow server answers" in line
 

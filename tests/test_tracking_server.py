@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import DEFAULT_SWEEP, cli, required_mnist, small_sweep_args
+from tests.conftest import cli, required_mnist, sweep_args
 from tests.servers import mlflow_server
 from tests.stores import assert_runs_linked
 
@@ -45,9 +45,9 @@ class ServedSweep:
         return MlflowClient(tracking_uri=self.server.url)
 
 
-def sweep_args(server: Server, storage: Path, *extra: str) -> list[str]:
-    overrides = ("--set", f'tracking.uri="{server.url}"', "--set", f'study.storage="sqlite:///{storage}"', *extra)
-    return [str(DEFAULT_SWEEP), *small_sweep_args(*overrides, trials=2, train_limit=1000, validation=500)]
+def served_args(server: Server, storage: Path, *settings: str) -> list[str]:
+    settings = (f'tracking.uri="{server.url}"', f'study.storage="sqlite:///{storage}"', *settings)
+    return sweep_args(*settings, trials=2, train_limit=1000, validation=500)
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,9 @@ def served_sweep(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Se
     data = required_mnist()
     shared = tmp_path_factory.mktemp("shared-storage") / "optuna.db"
     trainer, finalizer = tmp_path_factory.mktemp("machine-a"), tmp_path_factory.mktemp("machine-b")
-    worker = cli("worker", *sweep_args(server, shared), cwd=trainer, data=data)
+    worker = cli("worker", *served_args(server, shared), cwd=trainer, data=data)
     assert worker.returncode == 0, worker.stderr
-    run = cli("run", *sweep_args(server, shared), cwd=finalizer, data=data)
+    run = cli("run", *served_args(server, shared), cwd=finalizer, data=data)
     assert run.returncode == 0, run.stderr
     return ServedSweep(server, (trainer, finalizer), [worker.stdout, run.stdout])
 
@@ -111,7 +111,7 @@ def test_models_sit_in_the_study_experiment_and_load_through_the_server(served_s
 
 
 def test_an_explicit_artifact_uri_is_used_as_given(server: Server, tmp_path: Path, mnist_dir: Path) -> None:
-    args = sweep_args(server, tmp_path / "optuna.db", "--set", 'tracking.artifacts="mlflow-artifacts:/sweeps"')
+    args = served_args(server, tmp_path / "optuna.db", 'tracking.artifacts="mlflow-artifacts:/sweeps"')
     done = cli("worker", *args, "--set", "study.name=given", "--trials", "1", cwd=tmp_path, data=mnist_dir)
     assert done.returncode == 0, done.stderr
     client = MlflowClient(tracking_uri=server.url)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import subprocess
 import time
@@ -10,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -20,17 +18,15 @@ from tests.browser import (
     ROWS,
     Served,
     chromium_page,
-    free_port,
     nothing_listens,
     open_runs_table,
     serving,
 )
-from tests.conftest import CLI, DEFAULT_SWEEP, cli, cli_environment, required_mnist, required_module, small_sweep_args
+from tests.conftest import CLI, cli, cli_environment, free_port, required_module
+from tests.finished_sweep import SWEEP, TRIALS, FinishedSweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # each test starts the real CLI (TensorFlow and MLflow imports)
 
-SWEEP = str(DEFAULT_SWEEP)
-TRIALS = 4
 # Each run's cells by column id, e.g. {"<run id>": {"metrics.`final_val_accuracy`": "0.806", ...}}.
 CELLS = """() => Object.fromEntries([...document.querySelectorAll('.ag-center-cols-container .ag-row')].map(
     r => [r.getAttribute('row-id'), Object.fromEntries([...r.querySelectorAll('.ag-cell')].map(
@@ -65,37 +61,19 @@ class Study:
         return f"{self.origin}/#/experiments/{self.experiment.experiment_id}/{route}?workflowType=machine_learning"
 
 
-@dataclasses.dataclass(frozen=True)
-class Finished:
-    """A folder where `mnist-sweep run` finished, and the MNIST folder it read."""
-
-    folder: Path
-    data: Path
-
-
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
-    """One tiny real sweep (4 trials, 1 epoch), shared by every test here."""
-    data = required_mnist()
-    folder = tmp_path_factory.mktemp("ui")
-    done = cli("run", SWEEP, *small_sweep_args(trials=TRIALS, train_limit=1000, validation=500), cwd=folder, data=data)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return Finished(folder, data)
-
-
-@pytest.fixture(scope="module")
-def study(finished: Finished) -> Iterator[Study]:
-    """The finished sweep served by `mnist-sweep ui` for the MLflow tests, then stopped with Ctrl-C."""
+def study(finished_sweep: FinishedSweep, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Study]:
+    """The session's finished sweep served by `mnist-sweep ui` for the MLflow tests, then stopped with Ctrl-C."""
     command = [*CLI, "ui", SWEEP, "--port", str(free_port())]
     with serving(
         command,
-        cwd=finished.folder,
-        env=cli_environment(finished.data),
+        cwd=finished_sweep.folder,
+        env=cli_environment(finished_sweep.data),
         needle="MLflow UI for study 'fcn'",
         goodbye="MLflow UI stopped",
-        log=finished.folder / "ui.log",
+        log=tmp_path_factory.mktemp("ui") / "ui.log",
     ) as served:
-        yield Study(finished.folder, served)
+        yield Study(finished_sweep.folder, served)
     assert served.exit_code == 0 and nothing_listens(served.url)  # Ctrl-C stopped MLflow's server too
 
 
@@ -190,7 +168,7 @@ def test_a_trials_val_metric_and_searched_param_are_columns_to_add(study: Study,
 
 @pytest.mark.browser
 @pytest.mark.server
-def test_the_compare_view_of_four_trials_draws_parallel_coordinates(study: Study, browser: Any) -> None:
+def test_the_compare_view_of_every_trial_draws_parallel_coordinates(study: Study, browser: Any) -> None:
     open_runs_table(browser, study.served.url)
     expand_study(browser, study)
     for run in study.trials:
@@ -264,16 +242,16 @@ def test_the_report_draws_every_plot_in_the_study_runs_artifact_view(study: Stud
 
 @pytest.mark.browser
 @pytest.mark.server
-def test_the_dashboard_shows_the_study_and_each_trial(finished: Finished, tmp_path: Path) -> None:
+def test_the_dashboard_shows_the_study_and_each_trial(finished_sweep: FinishedSweep, tmp_path: Path) -> None:
     required_module("optuna_dashboard", DASHBOARD_MISSING)
-    trials = optuna.load_study(study_name="fcn", storage=f"sqlite:///{finished.folder}/mlruns/optuna.db")
+    trials = finished_sweep.study()
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
     with (
         serving(
             [*CLI, "dashboard", SWEEP, "--port", str(port)],
-            cwd=finished.folder,
-            env=cli_environment(finished.data),
+            cwd=finished_sweep.folder,
+            env=cli_environment(finished_sweep.data),
             needle="optuna-dashboard for study 'fcn'",
             goodbye="optuna-dashboard stopped",
             log=tmp_path / "dashboard.log",

@@ -20,17 +20,17 @@ from mnist_sweep.study import (
     open_study,
     worker_policy,
 )
-from tests.conftest import DEFAULT_SWEEP, CliStarter, small_sweep_args
+from tests.conftest import CliStarter, sweep_args
 from tests.stores import all_runs, assert_nothing_running, assert_runs_linked, assert_scored_once
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
-def sweep_args(storage: str, trials: int) -> list[str]:
+def shared_storage_args(storage: str, trials: int) -> list[str]:
     # Five processes share two cores here: a 2 s heartbeat would be late now and then (that case is
     # handled, the trial is retried, but it wastes the run's time).
-    overrides = ("--set", f'study.storage="{storage}"', "--set", "study.heartbeat_seconds=5")
-    return [str(DEFAULT_SWEEP), *small_sweep_args(*overrides, trials=trials, train_limit=1000, validation=500)]
+    settings = (f'study.storage="{storage}"', "study.heartbeat_seconds=5")
+    return sweep_args(*settings, trials=trials, train_limit=1000, validation=500)
 
 
 def all_succeed(processes: list[subprocess.Popen[str]]) -> list[str]:
@@ -58,7 +58,7 @@ def check_study(folder: Path, storage: str, trials: int, outputs: list[str]) -> 
 @pytest.mark.slow
 def test_two_workers_and_two_runs_share_the_local_sqlite_study(tmp_path: Path, start_cli: CliStarter) -> None:
     storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
-    args = sweep_args(storage, trials=4)
+    args = shared_storage_args(storage, trials=4)
     processes = [start_cli(command, *args) for command in ("worker", "worker", "run", "run")]
 
     outputs = all_succeed(processes)
@@ -76,7 +76,7 @@ def test_two_workers_and_two_runs_share_the_local_sqlite_study(tmp_path: Path, s
 def test_three_workers_and_two_runs_share_a_postgres_study(
     tmp_path: Path, start_cli: CliStarter, postgres_database: str
 ) -> None:
-    args = sweep_args(postgres_database, trials=6)
+    args = shared_storage_args(postgres_database, trials=6)
     processes = [start_cli(command, *args) for command in ("worker", "worker", "worker", "run", "run")]
 
     outputs = all_succeed(processes)
