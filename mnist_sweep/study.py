@@ -29,6 +29,7 @@ from mnist_sweep.keras_tuner_engine import (
     planned_epochs,
     planned_warm_start,
 )
+from mnist_sweep.outages import BeatThroughOutages
 from mnist_sweep.placement import THREADS_CPU_LIMIT, WORKER_VAR
 from mnist_sweep.records import (
     ENGINE_ATTR,
@@ -64,7 +65,7 @@ def make_storage(study: StudyConfig) -> optuna.storages.RDBStorage:
     try:
         with warnings.catch_warnings(), databases.schema_lock(study.storage):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
+            return BeatThroughOutages(
                 study.storage,
                 engine_kwargs=databases.engine_kwargs(study.storage),
                 heartbeat_interval=study.heartbeat_seconds,

@@ -78,7 +78,9 @@ sys.exit(main())
 """
 
 
-def signalled_finalize(work: Path, sweep: Path, moment: str, signum: signal.Signals) -> subprocess.CompletedProcess[str]:
+def signalled_finalize(
+    work: Path, sweep: Path, moment: str, signum: signal.Signals
+) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-c", SIGNALLED_MAIN, moment, signum.name, "finalize", str(sweep)]
     return subprocess.run(
         command, cwd=work, env=cli_environment(required_mnist()), capture_output=True, text=True, timeout=300
