@@ -146,15 +146,14 @@ def test_postgres_gone_mid_trial_ends_in_one_line_and_the_rerun_retries_the_tria
         )
         assert rerun.returncode == 0, rerun.stderr
         study = optuna.load_study(study_name="fcn", storage=storage)
-
-    runs = all_runs(work)
-    assert len(study.get_trials(states=(COMPLETE,))) == 2
-    assert study.trials[victim].state == FAIL  # left RUNNING by the outage: failed as stale, its parameters retried
-    assert [t.params for t in study.trials if t.system_attrs.get("failed_trial") == victim] == [
-        study.trials[victim].params
-    ]
-    assert_nothing_running(study, runs)
-    assert_runs_linked(study, runs)
+        runs = all_runs(work)
+        assert len(study.get_trials(states=(COMPLETE,))) == 2
+        assert study.trials[victim].state == FAIL  # left RUNNING by the outage: failed as stale, then retried
+        assert [t.params for t in study.trials if t.system_attrs.get("failed_trial") == victim] == [
+            study.trials[victim].params
+        ]
+        assert_nothing_running(study, runs)
+        assert_runs_linked(study, runs)
 
 
 def running_trial_on(storage: str) -> int | None:
