@@ -345,13 +345,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mnist_sweep.preflight import disk_full_line
 
             full = disk_full_line(exc, cfg)  # a full disk is no bad input: the same command works once there is room
-            down = outage_line(exc, cfg)  # nor is a store that stopped answering: the same command resumes
-            if full is not None or down is not None:
-                _warn(full or down or "")
+            if full is not None:
+                _warn(full)
                 return EXIT_FAILED
             if isinstance(exc, CommandError):  # bad input (exit 2) or a sweep stopped by failing trials (exit 1)
                 _warn(str(exc))
                 return exc.exit_code
+            down = outage_line(exc, cfg)  # nor is a store that stopped answering: the same command resumes
+            if down is not None:
+                _warn(down)
+                return EXIT_FAILED
             raise
 
 

@@ -39,13 +39,18 @@ def outage_line(exc: BaseException, cfg: SweepConfig | None) -> str | None:
     """One line naming the store that stopped answering, if that is what `exc` (or what led to it) is; else None."""
     if cfg is None:
         return None
+    through_mlflow = False  # a database error reached through MLflow is its store's (tracking.uri), not Optuna's
     for current in _chain(exc):
         kind = type(current).__module__.split(".")[0]
         message = str(current)
+        through_mlflow = through_mlflow or kind == "mlflow"
         if kind in ("mlflow", "requests", "urllib3") and any(sign in message for sign in UNANSWERED_SIGNS):
             key, uri, reason = "tracking.uri", cfg.tracking.uri, _reason(message)
         elif kind == "sqlalchemy" and type(current).__name__ == "OperationalError":
-            key, uri, reason = "study.storage", cfg.study.storage, first_line(current)
+            key, uri = ("tracking.uri", cfg.tracking.uri) if through_mlflow else ("study.storage", cfg.study.storage)
+            if uri.startswith("sqlite"):  # a local file: an error of it is no outage
+                continue
+            reason = first_line(getattr(current, "orig", None) or current)
         else:
             continue
         return mask_password(
@@ -71,5 +76,6 @@ def _chain(exc: BaseException) -> list[BaseException]:
         if any(current is s for s in seen):
             continue
         seen.append(current)
-        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
+        linked = (current.__cause__, None if current.__suppress_context__ else current.__context__)
+        pending += [e for e in linked if e is not None]
     return seen
