@@ -94,7 +94,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     sweep = write_sweep(folder, "")
     work = folder / "work"
     work.mkdir()
-    result = cli("worker", str(sweep), *small_sweep_args(trials=2), cwd=work, data=required_mnist())
+    trials = small_sweep_args("--set", "study.baseline=false", trials=2, train_limit=1000, validation=500)
+    result = cli("worker", str(sweep), *trials, cwd=work, data=required_mnist())
     assert result.returncode == 0, result.stderr
     return work, sweep
 

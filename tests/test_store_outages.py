@@ -121,7 +121,7 @@ def test_postgres_gone_mid_trial_ends_in_one_line_and_the_rerun_retries_the_tria
             str(DEFAULT_SWEEP),
             *small_sweep_args(
                 *("--set", f'study.storage="{storage}"', "--set", "study.heartbeat_seconds=1"),
-                *("--set", 'study.pruner="none"'),
+                *("--set", 'study.pruner="none"', "--set", "study.baseline=false"),
                 trials=2,
                 train_limit=1000,
                 validation=500,
