@@ -130,7 +130,7 @@ def test_postgres_gone_mid_trial_ends_in_one_line_and_the_rerun_retries_the_tria
         ]
         pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
         worker = subprocess.Popen(cli_command(*args), cwd=work, env=cli_environment(data), **pipes)
-        victim = wait_for(lambda: running_trial_on(storage), process=worker)
+        (victim,) = wait_for(lambda: running_trial_on(storage), process=worker)
         server.stop()
         _, err = worker.communicate(timeout=300)
 
@@ -156,8 +156,9 @@ def test_postgres_gone_mid_trial_ends_in_one_line_and_the_rerun_retries_the_tria
         assert_runs_linked(study, runs)
 
 
-def running_trial_on(storage: str) -> int | None:
-    """The number of a RUNNING trial that has its MLflow run, read straight from PostgreSQL."""
+def running_trial_on(storage: str) -> tuple[int] | None:
+    """(the number of a RUNNING trial that has its MLflow run,) read straight from PostgreSQL; a tuple, since
+    trial 0 is falsy and wait_for waits for a truthy value."""
     import psycopg
 
     with psycopg.connect(storage) as connection:
@@ -168,4 +169,4 @@ def running_trial_on(storage: str) -> int | None:
             ).fetchone()
         except psycopg.errors.UndefinedTable:  # the schema is not there yet
             return None
-    return None if found is None else int(found[0])
+    return None if found is None else (int(found[0]),)
