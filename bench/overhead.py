@@ -53,13 +53,15 @@ def raw_fit(split: object, session: object) -> None:
     model.evaluate(split.x_val, split.y_val, batch_size=2048, verbose=0)  # type: ignore[attr-defined]
 
 
-def sweep_trials(objective: Any, study: Any, count: int) -> list[float]:
+def sweep_trials(trials: Any, count: int) -> list[float]:
     """`count` full mnist-sweep trials, their artifacts stored; returns their tracking seconds as recorded."""
     from mnist_sweep.records import TRACKING_SECONDS_ATTR
+    from mnist_sweep.trial_loop import run_one_trial
 
-    study.optimize(objective, n_trials=count)
-    objective.tracker.uploads.wait()
-    return [float(t.user_attrs[TRACKING_SECONDS_ATTR]) for t in study.trials[-count:]]
+    for _ in range(count):
+        run_one_trial(trials.context, trials)
+    trials.context.tracker.uploads.wait()
+    return [float(t.user_attrs[TRACKING_SECONDS_ATTR]) for t in trials.context.study.trials[-count:]]
 
 
 def upload_seconds(tracker: Any) -> list[float]:
@@ -137,8 +139,9 @@ def one_process(args: argparse.Namespace) -> None:
     import optuna
 
     from mnist_sweep.data import load_split, resolve_source
-    from mnist_sweep.study import Objective
+    from mnist_sweep.study import StudyContext
     from mnist_sweep.tracking import Tracker
+    from mnist_sweep.trial_run import Trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = sweep_config(args.train_limit)
@@ -147,24 +150,24 @@ def one_process(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as folder:
         tracker = Tracker(uri=f"sqlite:///{folder}/mlflow.db", artifacts=f"{folder}/artifacts", experiment="overhead")
         parent = tracker.create_parent_run(study_name="overhead", config={})
-        objective = Objective(
-            cfg=cfg, split=split, tracker=tracker, parent_run_id=parent, data_source=source.describe()
-        )
-        study = optuna.create_study(direction="maximize")
-        raw_fit(split, objective.session)  # warm-up: first-use costs (imports, thread pools) belong to neither side
-        sweep_trials(objective, study, 1)  # and MLflow's first model (imports): 0.3 s once per process
+        storage = optuna.storages.InMemoryStorage()
+        study = optuna.create_study(direction="maximize", storage=storage)
+        context = StudyContext(study, storage, tracker, parent)
+        trials = Trials(cfg=cfg, split=split, context=context, data_source=source.describe())
+        raw_fit(split, trials.session)  # warm-up: first-use costs (imports, thread pools) belong to neither side
+        sweep_trials(trials, 1)  # and MLflow's first model (imports): 0.3 s once per process
         raw_times, trial_times, sync_times, tracking_times = [], [], [], []
         for _ in range(args.repeats):
             started = time.perf_counter()
             for _ in range(args.block):
-                raw_fit(split, objective.session)
+                raw_fit(split, trials.session)
             raw_times.append((time.perf_counter() - started) / args.block)
             started = time.perf_counter()
-            tracking_times += sweep_trials(objective, study, args.block)
+            tracking_times += sweep_trials(trials, args.block)
             trial_times.append((time.perf_counter() - started) / args.block)
             tracker.uploads.background = False  # the same trials, each storing its artifacts before the next
             started = time.perf_counter()
-            sweep_trials(objective, study, args.block)
+            sweep_trials(trials, args.block)
             sync_times.append((time.perf_counter() - started) / args.block)
             tracker.uploads.background = True
         uploads = upload_seconds(tracker)
@@ -223,8 +226,10 @@ def worker(args: argparse.Namespace) -> None:
 
     from mnist_sweep.data import load_split, resolve_source
     from mnist_sweep.records import FAIL_REASON_ATTR, TRACKING_SECONDS_ATTR
-    from mnist_sweep.study import Objective, make_storage, open_study, parent_run_id, run_trials
+    from mnist_sweep.study import StudyContext, make_storage, open_study, parent_run_id
     from mnist_sweep.tracking import Tracker
+    from mnist_sweep.trial_loop import run_trials
+    from mnist_sweep.trial_run import Trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     folder = Path(args.store)
@@ -235,13 +240,13 @@ def worker(args: argparse.Namespace) -> None:
     tracking: list[float] = []
     try:
         tracker = Tracker(uri=f"sqlite:///{folder}/mlflow.db", artifacts=f"{folder}/artifacts", experiment="overhead")
-        study, created = open_study(cfg, make_storage(cfg.study), worker_salt=args.core)
+        storage = make_storage(cfg.study)
+        study, created = open_study(cfg, storage, worker_salt=args.core)
         parent = parent_run_id(study, tracker, created=created, config={})
         ran = RanHere()
-        objective = Objective(
-            cfg=cfg, split=split, tracker=tracker, parent_run_id=parent, data_source=source.describe(), progress=ran
-        )
-        run_trials(study, objective, target=args.processes * args.trials, max_failures=100, echo=lambda line: None)
+        context = StudyContext(study, storage, tracker, parent)
+        trials = Trials(cfg=cfg, split=split, context=context, data_source=source.describe(), progress=ran)
+        run_trials(trials, target=args.processes * args.trials, max_failures=100, echo=lambda line: None)
         for trial in study.get_trials(deepcopy=False):
             if trial.number not in ran.numbers:
                 continue

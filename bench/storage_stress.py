@@ -64,7 +64,7 @@ def worker(folder: Path, trials: int, errors: Any) -> None:
         for epoch in range(1, 4):
             tracker.log_epoch(run_id, epoch, {"loss": random.random(), "val_loss": random.random()})
             time.sleep(0.01)
-        tracker.end_trial_run(run_id, state="COMPLETE")
+        tracker.close_run(run_id, state="COMPLETE")
         return random.random()
 
     for _ in range(trials):

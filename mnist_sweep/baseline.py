@@ -24,7 +24,7 @@ from mnist_sweep.config import SweepConfig
 from mnist_sweep.data import Split, sealed_test_set
 from mnist_sweep.processes import ProcessId, this_process
 from mnist_sweep.records import CLAIMED_BY_ATTR, LECTURE_REFERENCE_ATTR, LectureReference
-from mnist_sweep.tracking import Tracker
+from mnist_sweep.study import StudyContext
 
 if TYPE_CHECKING:
     from mnist_sweep.trial import TrialSession
@@ -55,16 +55,14 @@ def recorded_reference(study: optuna.Study) -> LectureReference | None:
 def train_reference(
     *,
     cfg: SweepConfig,
-    study: optuna.Study,
-    storage: optuna.storages.BaseStorage,
+    context: StudyContext,
     split: Split,
-    tracker: Tracker,
-    parent_run_id: str,
     session: TrialSession,
     echo: Callable[[str], None],
 ) -> LectureReference | None:
     """The lecture's network trained on the study's split, once per study; None where study.baseline is off,
     another process has it, or it failed (said in one line: the sweep goes on without it)."""
+    study, storage, tracker = context.study, context.storage, context.tracker
     if not cfg.study.baseline or recorded_reference(study) is not None:
         return None
     claim = study.study_name + CLAIM_SUFFIX
@@ -73,7 +71,9 @@ def train_reference(
     from mnist_sweep.trial import TrainSettings, run_trial
 
     params = {**LECTURE_PARAMS, "hidden": "-".join(map(str, LECTURE_HIDDEN)), "epochs": LECTURE_EPOCHS}
-    run_id = tracker.start_reference_run(parent_run_id=parent_run_id, study_name=study.study_name, params=params)
+    run_id = tracker.start_reference_run(
+        parent_run_id=context.parent_run_id, study_name=study.study_name, params=params
+    )
     settings = TrainSettings(
         hidden=LECTURE_HIDDEN,
         epochs=LECTURE_EPOCHS,
@@ -92,16 +92,16 @@ def train_reference(
                 session=session,
             )
     except KeyboardInterrupt:
-        tracker.end_trial_run(run_id, state="KILLED", message="interrupted")
+        tracker.close_run(run_id, state="KILLED", message="interrupted")
         _release(storage, claim)
         raise
     except Exception as exc:
         tracker.log_traceback(run_id, traceback.format_exc())
-        tracker.end_trial_run(run_id, state="FAIL", message=f"{type(exc).__name__}: {exc}")
+        tracker.close_run(run_id, state="FAIL", message=f"{type(exc).__name__}: {exc}")
         _release(storage, claim)
         echo(f"the lecture's network (reference run {run_id}) failed: {exc}; the sweep goes on without it")
         return None
-    tracker.finish_reference_run(run_id, outcome)
+    tracker.close_reference_run(run_id, outcome)
     reference = LectureReference(
         run_id=run_id,
         epochs=outcome.epochs_trained,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import datetime, timezone
@@ -28,10 +27,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep import interrupt, processes
+from mnist_sweep.artifacts import MODEL_FILE, global_tracking_uri
 from mnist_sweep.config import SEAL_SUFFIX, metric_maximizes
 from mnist_sweep.data import DataSource, Images, Labels, file_sha256, load_test_split
 from mnist_sweep.environment import environment
 from mnist_sweep.errors import FinalizeError, first_line
+from mnist_sweep.heartbeat import beating
 from mnist_sweep.metrics import ClassificationReport, classification_report, confusion_matrix, wilson_interval
 from mnist_sweep.processes import ProcessId, this_process
 from mnist_sweep.records import (
@@ -49,7 +50,8 @@ from mnist_sweep.records import (
     VAL_LOSS_ATTR,
     TestResult,
 )
-from mnist_sweep.tracking import MODEL_FILE, Tracker, global_tracking_uri
+from mnist_sweep.study import StudyContext
+from mnist_sweep.tracking import Tracker
 
 if TYPE_CHECKING:
     import keras
@@ -119,7 +121,7 @@ def choose_trial(
 
 def artifacts_stored(tracker: Tracker, trial: FrozenTrial) -> bool:
     """Whether the trial's run is FINISHED, which it becomes only once its model and reports are stored
-    (tracking.BackgroundUploads); an upload still running in another worker is waited for."""
+    (uploads.BackgroundUploads); an upload still running in another worker is waited for."""
 
     run_id = str(trial.user_attrs.get(RUN_ID_ATTR, ""))
 
@@ -251,20 +253,17 @@ def _release_if_abandoned(
 def _claim_heartbeat(storage: optuna.storages.BaseStorage, study_name: str) -> Iterator[None]:
     """While within, the claimant's heartbeat on the seal every CLAIM_HEARTBEAT_SECONDS: a live claim."""
     holder = _claim_holder(storage, study_name)
-    stop = threading.Event()
+    if holder is None:
+        yield
+        return
+    claim_id = holder[0]
 
     def beat() -> None:
-        while holder is not None and not stop.wait(CLAIM_HEARTBEAT_SECONDS):
-            with contextlib.suppress(Exception):  # a store that is busy now: the next beat is in time
-                storage.set_study_user_attr(holder[0], CLAIM_HEARTBEAT_ATTR, _now())
+        with contextlib.suppress(Exception):  # a store that is busy now: the next beat is in time
+            storage.set_study_user_attr(claim_id, CLAIM_HEARTBEAT_ATTR, _now())
 
-    thread = threading.Thread(target=beat, name="mnist-sweep-claim-heartbeat", daemon=True)
-    thread.start()
-    try:
+    with beating(beat, every=CLAIM_HEARTBEAT_SECONDS, name="mnist-sweep-claim-heartbeat", at_start=False):
         yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _now() -> str:
@@ -305,22 +304,20 @@ def _wait_for_result(
 
 def score_test_set(
     *,
-    study: optuna.Study,
-    storage: optuna.storages.BaseStorage,
-    tracker: Tracker,
-    parent_run_id: str,
+    context: StudyContext,
     source: DataSource,
     metric: str,
     echo: Callable[[str], None],
     reclaim: bool = False,
 ) -> tuple[TestResult, bool]:
     """Score the chosen trial's logged model on the test set, once; returns (result, scored_now)."""
+    study, storage, tracker = context.study, context.storage, context.tracker
     existing = recorded_result(study)
     if existing is not None:
         return existing, False
     ended = _result_of_ended_claim(storage, study.study_name, echo=echo, waited=0.0, reclaim=reclaim)
     if ended is not None:
-        _record(study, tracker, parent_run_id, ended)
+        _record(context, ended)
         return ended, False
     counted = finished_trials(study)  # what the choice is made among, recorded with the result
     chosen = choose_trial(study, metric, stored=lambda trial: artifacts_stored(tracker, trial), counted=counted)
@@ -335,7 +332,7 @@ def score_test_set(
         waited = _wait_for_result(study, storage, echo)
         if waited is not None:
             if recorded_result(study) is None:  # read from the seal of a claimant that ended before recording it
-                _record(study, tracker, parent_run_id, waited)
+                _record(context, waited)
             return waited, False
     claim = _claim_holder(storage, study.study_name)  # its id: only this claim is ever sealed or released below
     if claim is None:
@@ -352,7 +349,7 @@ def score_test_set(
             counted=counted,
         )
         _seal_result(storage, claim[0], study.study_name, result)  # from here on it is scored, whatever happens
-        _record(study, tracker, parent_run_id, result)
+        _record(context, result)
     return result, True
 
 
@@ -448,9 +445,10 @@ def _test_result(
     )
 
 
-def _record(study: optuna.Study, tracker: Tracker, parent_run_id: str, result: TestResult) -> None:
+def _record(context: StudyContext, result: TestResult) -> None:
     """The test numbers on the study's MLflow parent run (once: a rerun finishing a record logs no second copy),
     then the result on the study, which readers (report, trials) take as recorded everywhere."""
+    tracker, parent_run_id = context.tracker, context.parent_run_id
     report = classification_report(np.asarray(result.test_confusion_matrix))
     tags = {
         TEST_SCORED_TRIAL_TAG: str(result.trial_number),
@@ -459,10 +457,10 @@ def _record(study: optuna.Study, tracker: Tracker, parent_run_id: str, result: T
     }
     logged = tracker.client.get_run(parent_run_id).data.tags
     if all(logged.get(key) == value for key, value in tags.items()):  # metrics and tags are one log_batch
-        tracker.log_report_artifacts(parent_run_id, report, prefix="test", title="test set")
+        tracker.log_report(parent_run_id, report, prefix="test", title="test set")
     else:
         tracker.log_test_result(parent_run_id, test_loss=result.test_loss, report=report, tags=tags)
-    study.set_user_attr(TEST_RESULT_ATTR, result.to_dict())
+    context.study.set_user_attr(TEST_RESULT_ATTR, result.to_dict())
 
 
 def result_line(result: TestResult) -> str:

@@ -2,13 +2,13 @@
 
 `OracleSampler` is an Optuna sampler that asks a keras-tuner oracle (random, bayesian or hyperband) through
 the oracle's public ask/tell methods: `create_trial` when Optuna starts a trial, `update_trial` with the
-trial's per-epoch study metric and `end_trial` when Optuna records how it ended. Hyperband's plan for a
-trial (its epochs, and the earlier trial a promotion goes on from) reaches the objective through
-`planned_epochs` and `planned_warm_start`. The trial code, the MLflow
-logging, resume, the once-only test set, the report and the leaderboard therefore work as with Optuna. The
-oracle's state is keras-tuner's own files (`oracle.json`, `trial_*/trial.json`) in `oracle_dir`, saved by
-the oracle at each ask and tell and reloaded on a rerun; the keras-tuner trial id is recorded on the Optuna
-trial, so each links to the other.
+trial's per-epoch study metric and `end_trial` when Optuna records how it ended (study.ask and study.tell in
+trial_loop.py). Hyperband's plan for a trial (its epochs, and the earlier trial a promotion goes on from)
+reaches the trial run through `planned_epochs` and `planned_warm_start`, at the scheduler's seam
+(scheduler.StudyScheduler). The trial code, the MLflow logging, resume, the once-only test set, the report
+and the leaderboard therefore work as with Optuna. The oracle's state is keras-tuner's own files (`oracle.json`,
+`trial_*/trial.json`) in `oracle_dir`, saved by the oracle at each ask and tell and reloaded on a rerun; the
+keras-tuner trial id is recorded on the Optuna trial, so each links to the other.
 
 A trial that was running when its process died is in the reloaded oracle's retry queue: the next trial
 asked runs its values again (keras-tuner's own resume), so Optuna's retry of stale trials is off for this

@@ -19,7 +19,7 @@ from mnist_sweep import interrupt
 from mnist_sweep.console import Echo, TrialProgress
 from mnist_sweep.errors import TrialsLiveError
 from mnist_sweep.records import RUN_ID_ATTR
-from mnist_sweep.study import count_finished, fail_abandoned, settle_stale
+from mnist_sweep.study import StudyContext, count_finished, fail_abandoned, settle_stale
 from mnist_sweep.tracking import Tracker
 
 NO_RUN_YET = "worker not known yet: its run is being made"
@@ -36,12 +36,12 @@ class LiveTrial:
         return f"trial {self.number} ({self.worker})"
 
 
-def live_trials(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> list[LiveTrial]:
+def live_trials(context: StudyContext) -> list[LiveTrial]:
     """The study's RUNNING trials, once dead workers' trials are failed (stale heartbeat) and their runs closed."""
-    settle_stale(study, tracker, parent_run_id)
-    fail_abandoned(study)
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    return [LiveTrial(t.number, _worker(t.user_attrs.get(RUN_ID_ATTR), tracker)) for t in running]
+    settle_stale(context)
+    fail_abandoned(context.study)
+    running = context.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return [LiveTrial(t.number, _worker(t.user_attrs.get(RUN_ID_ATTR), context.tracker)) for t in running]
 
 
 def _worker(run_id: str | None, tracker: Tracker) -> str:
@@ -60,9 +60,7 @@ def live_line(study_name: str, live: list[LiveTrial]) -> str:
 
 def settle_before_scoring(
     *,
-    study: optuna.Study,
-    tracker: Tracker,
-    parent_run_id: str,
+    context: StudyContext,
     metric: str,
     target: int,
     wait: bool,
@@ -78,13 +76,11 @@ def settle_before_scoring(
     workers are done, not between trials. At `target` no worker starts another (MaxTrialsCallback).
     """
     if not wait:
-        live = live_trials(study, tracker, parent_run_id)
+        live = live_trials(context)
         if live:
-            raise TrialsLiveError(live_line(study.study_name, live))
+            raise TrialsLiveError(live_line(context.study.study_name, live))
         return
-    waiting = Waiting(
-        study, tracker, parent_run_id, metric=metric, target=target, quiet_seconds=quiet_seconds, echo=echo
-    )
+    waiting = Waiting(context, metric=metric, target=target, quiet_seconds=quiet_seconds, echo=echo)
     try:
         interrupt.poll(lambda: waiting.settled(progress), every=poll_seconds)
     finally:
@@ -96,9 +92,7 @@ class Waiting:
 
     def __init__(
         self,
-        study: optuna.Study,
-        tracker: Tracker,
-        parent_run_id: str,
+        context: StudyContext,
         *,
         metric: str,
         target: int,
@@ -106,7 +100,7 @@ class Waiting:
         echo: Echo,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.study, self.tracker, self.parent_run_id = study, tracker, parent_run_id
+        self.context, self.study = context, context.study
         self.metric, self.target, self.quiet_seconds = metric, target, quiet_seconds
         self.echo, self.clock = echo, clock
         self.said = ""
@@ -114,7 +108,7 @@ class Waiting:
         self.quiet_since = clock()
 
     def settled(self, progress: TrialProgress) -> bool | None:
-        live = live_trials(self.study, self.tracker, self.parent_run_id)
+        live = live_trials(self.context)
         trials = len(self.study.get_trials(deepcopy=False))
         finished = count_finished(self.study)
         if live or trials != self.trials:  # something trains, or started since the last look

@@ -7,6 +7,7 @@ from pathlib import Path
 import optuna
 
 from mnist_sweep import local_workers, preflight
+from mnist_sweep.artifacts import global_tracking_uri
 from mnist_sweep.baseline import train_reference
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.console import NO_PROGRESS, Echo, TrialProgress
@@ -22,17 +23,18 @@ from mnist_sweep.registry import register_champion
 from mnist_sweep.report import baseline_gain, gain_line, leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.space import searched_names
 from mnist_sweep.study import (
-    Objective,
+    StudyContext,
     count_finished,
     load_existing_study,
     make_storage,
     open_study,
     parent_run_id,
     recorded_policy,
-    run_trials,
     worker_salt,
 )
-from mnist_sweep.tracking import Tracker, global_tracking_uri, recorded_trial_metrics
+from mnist_sweep.tracking import Tracker, recorded_trial_metrics
+from mnist_sweep.trial_loop import run_trials
+from mnist_sweep.trial_run import Trials
 from mnist_sweep.ui import serve_dashboard, serve_mlflow_ui
 
 
@@ -70,6 +72,7 @@ def run(
     tracker = make_tracker(cfg)
     study, created = open_study(cfg, storage, worker_salt=worker_salt() if as_worker else 0)
     parent = parent_run_id(study, tracker, created=created, config=cfg.to_dict())
+    context = StudyContext(study, storage, tracker, parent)
     tracker.describe_run(parent, study_description(cfg, sweep_file=sweep_file))
     echo(device_line(gpus()))
     echo(
@@ -80,11 +83,10 @@ def run(
     status = "KILLED"
     try:
         with local_workers.running(local) as children:  # they load TensorFlow while this one does
-            objective = Objective(
+            trials = Trials(
                 cfg=cfg,
                 split=split,
-                tracker=tracker,
-                parent_run_id=parent,
+                context=context,
                 data_source=source.describe(),
                 progress=progress,
                 run_tags=recorded_policy(study.user_attrs, cfg.study).tags(),  # the sampler this process built
@@ -92,17 +94,13 @@ def run(
             # Beside the trials, once per study: what the report measures the sweep against.
             train_reference(
                 cfg=cfg,
-                study=study,
-                storage=storage,
+                context=context,
                 split=split,
-                tracker=tracker,
-                parent_run_id=parent,
-                session=objective.session,
+                session=trials.session,
                 echo=echo,
             )
             run_trials(
-                study,
-                objective,
+                trials,
                 target=cfg.study.trials,
                 max_failures=cfg.study.max_failures,
                 echo=echo,
@@ -111,12 +109,12 @@ def run(
             if children is not None:
                 children.wait()
         if finalize:  # other workers' trials could still beat the best: wait for them, then score
-            _settle(cfg, study, storage, tracker, parent, wait=True, reclaim=False, echo=echo, progress=progress)
+            _settle(cfg, context, wait=True, reclaim=False, echo=echo, progress=progress)
         status = "FINISHED"
     finally:
         tracker.set_parent_status(parent, status)
     if finalize:
-        _finalize(cfg, study, storage, tracker, parent, source, echo=echo, reclaim=False)
+        _finalize(cfg, context, source, echo=echo, reclaim=False)
     return 0
 
 
@@ -176,18 +174,15 @@ def finalize(
     storage = make_storage(cfg.study)
     study = _existing_study(cfg, storage)
     tracker = make_tracker(cfg)
-    parent = parent_run_id(study, tracker, created=False, config=cfg.to_dict())
-    _settle(cfg, study, storage, tracker, parent, wait=wait, reclaim=reclaim, echo=echo, progress=progress)
-    _finalize(cfg, study, storage, tracker, parent, source, echo=echo, reclaim=reclaim)
+    context = StudyContext(study, storage, tracker, parent_run_id(study, tracker, created=False, config=cfg.to_dict()))
+    _settle(cfg, context, wait=wait, reclaim=reclaim, echo=echo, progress=progress)
+    _finalize(cfg, context, source, echo=echo, reclaim=reclaim)
     return 0
 
 
 def _settle(
     cfg: SweepConfig,
-    study: optuna.Study,
-    storage: optuna.storages.BaseStorage,
-    tracker: Tracker,
-    parent: str,
+    context: StudyContext,
     *,
     wait: bool,
     reclaim: bool,
@@ -196,12 +191,10 @@ def _settle(
 ) -> None:
     """No trial of the study live before the test set is scored (live.py); nothing to settle where it is scored
     already, or being scored by another process (its claim is waited for instead), unless that claim is taken over."""
-    if recorded_result(study) is not None or (seal_claimed(storage, cfg.study.name) and not reclaim):
+    if recorded_result(context.study) is not None or (seal_claimed(context.storage, cfg.study.name) and not reclaim):
         return
     settle_before_scoring(
-        study=study,
-        tracker=tracker,
-        parent_run_id=parent,
+        context=context,
         metric=cfg.study.metric,
         target=cfg.study.trials,
         wait=wait,
@@ -224,22 +217,10 @@ def _existing_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> o
     return study
 
 
-def _finalize(
-    cfg: SweepConfig,
-    study: optuna.Study,
-    storage: optuna.storages.BaseStorage,
-    tracker: Tracker,
-    parent: str,
-    source: DataSource,
-    *,
-    echo: Echo,
-    reclaim: bool,
-) -> TestResult:
+def _finalize(cfg: SweepConfig, context: StudyContext, source: DataSource, *, echo: Echo, reclaim: bool) -> TestResult:
+    study = context.study
     result, scored_now = score_test_set(
-        study=study,
-        storage=storage,
-        tracker=tracker,
-        parent_run_id=parent,
+        context=context,
         source=source,
         metric=cfg.study.metric,
         echo=echo,
@@ -247,23 +228,22 @@ def _finalize(
     )
     if not scored_now:
         echo("test set already scored; nothing scored again")
-    refused = _register(cfg, study, result, tracker=tracker, parent=parent)
-    _write_report(cfg, study, result, tracker=tracker, parent=parent, echo=echo)
+    refused = _register(cfg, context, result)
+    _write_report(cfg, study, result, tracker=context.tracker, parent=context.parent_run_id, echo=echo)
     echo(final_line(study, result), final=True)
     if refused is not None:  # the result is sealed and reported all the same; the next finalize registers it
         raise refused
     return result
 
 
-def _register(
-    cfg: SweepConfig, study: optuna.Study, result: TestResult, *, tracker: Tracker, parent: str
-) -> RegistryError | None:
+def _register(cfg: SweepConfig, context: StudyContext, result: TestResult) -> RegistryError | None:
     """The scored model as the registered model's champion (registry.py), recorded on the study; the refusal
     where the registry refuses it."""
     name = cfg.tracking.registered_model
     if not name:
         return None
     report = (Path(cfg.tracking.reports) / cfg.study.name / "report.html").absolute()
+    tracker, parent = context.tracker, context.parent_run_id
     where = f"`{report}`, and `report/report.html` in the study's MLflow run `{parent}`"
     try:
         with global_tracking_uri(tracker.uri):  # MLflow resolves the version's models:/ source through it
@@ -272,7 +252,7 @@ def _register(
             )
     except RegistryError as refused:
         return refused
-    study.set_user_attr(REGISTERED_MODEL_ATTR, registration.to_dict())
+    context.study.set_user_attr(REGISTERED_MODEL_ATTR, registration.to_dict())
     return None
 
 

@@ -1,30 +1,23 @@
-"""Everything MLflow knows about: the experiment, the study's parent run and one child run per trial."""
+"""The study's ledger in MLflow: the experiment, the study's parent run and one child run per trial, opened, closed
+and read back here. The files that go into runs are built in artifacts.py; stored in the background by uploads.py."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import datetime
 import functools
-import io
-import json
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import mlflow
-import numpy as np
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep import databases, environment, processes
-from mnist_sweep.data import IMAGE_SIDE, NUM_CLASSES, file_sha256
+from mnist_sweep.artifacts import ModelWriter, report_files
+from mnist_sweep.config import TrackingConfig
 from mnist_sweep.errors import TrackingError, first_line
-from mnist_sweep.figures import confusion_matrix_html, confusion_matrix_png
 from mnist_sweep.locations import artifact_location, local_artifact_folder
 from mnist_sweep.metrics import ClassificationReport
 from mnist_sweep.placement import WORKER_PROCESS_TAG, WORKER_TAG, worker_tags
@@ -51,81 +44,14 @@ from mnist_sweep.records import (
     TRIAL_ROLE,
     final_metric,
 )
-from mnist_sweep.workarounds import create_mlflow_tables, saved_as_uncompiled
+from mnist_sweep.uploads import BackgroundUploads
+from mnist_sweep.workarounds import create_mlflow_tables
 
 if TYPE_CHECKING:
-    import keras
-
     from mnist_sweep.trial import TrialOutcome
 
 MAX_RUNNING_RUNS = 1000
 REFERENCE_RUN_NAME = "lecture-network"
-# What _save_model writes: MLflow's keras flavor, Keras' own .keras zip, never a TF SavedModel.
-MODEL_FILE = Path("data") / "model.keras"
-
-
-class _ChecksummedKeras:
-    """mlflow.keras as the flavor Model.log saves with, noting the sha256 of the model file it wrote, before the
-    upload: finalize checks the file it downloads against it (final.load_scored_model)."""
-
-    __name__ = "mlflow.keras"
-
-    def __init__(self) -> None:
-        self.sha256 = ""
-
-    def save_model(self, path: str, **kwargs: Any) -> None:
-        import mlflow.keras
-
-        mlflow.keras.save_model(path=path, **kwargs)
-        self.sha256 = file_sha256(Path(path) / MODEL_FILE)
-
-
-def _model_pip_requirements() -> list[str]:
-    """Explicit requirements: inferring them spawns a subprocess that costs ~10 s per model.
-
-    The backend's package is the one the model was trained with (tensorflow, jax or torch): a model
-    saved under JAX reloads without TensorFlow.
-    """
-    import keras
-
-    backend = keras.backend.backend()
-    packages = {"jax": ["jax", "jaxlib"]}.get(backend, [environment.BACKEND_PACKAGES.get(backend, backend)])
-    requirements = [f"mlflow=={mlflow.__version__}", f"keras=={keras.__version__}"]
-    for package in [*packages, "numpy"]:
-        installed = environment.package_version(package)
-        # A local build label (torch's "+cpu") names no release on PyPI.
-        requirements.append(package if installed == "not installed" else f"{package}=={installed.split('+')[0]}")
-    return requirements
-
-
-def _model_signature() -> Any:
-    """float32 images (N, 28, 28) in, (N, 10) probabilities out.
-
-    The input is unnamed: a named tensor makes pyfunc (and so `mlflow models serve`) hand the model a dict
-    {name: images}, which a Sequential model refuses.
-    """
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIDE, IMAGE_SIDE))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES), "probabilities")]),
-    )
-
-
-def _csv_text(rows: Iterable[Mapping[str, Any]]) -> str:
-    rows = list(rows)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def _matrix_csv(matrix: np.ndarray[Any, Any]) -> str:
-    header = "true\\predicted," + ",".join(str(k) for k in range(matrix.shape[1]))
-    body = [f"{k}," + ",".join(str(int(v)) for v in row) for k, row in enumerate(matrix)]
-    return "\n".join([header, *body]) + "\n"
 
 
 def _make_local_folders(uri: str, artifacts: str) -> None:
@@ -135,18 +61,6 @@ def _make_local_folders(uri: str, artifacts: str) -> None:
     folder = local_artifact_folder(uri, artifacts)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-
-
-@contextlib.contextmanager
-def global_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking URI set to `uri` only within, for the MLflow calls that read it: Model.log
-    uploads through it, and a models:/ URI is resolved through it (whatever tracking_uri is passed)."""
-    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None  # type: ignore[no-untyped-call]
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None: unset again, as MLflow's own helper does
 
 
 def read_run(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
@@ -161,74 +75,13 @@ def read_run(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
 
 
 UPLOAD_GRACE_SECONDS = 120.0
-
-
-class BackgroundUploads:
-    """One thread that stores finished trials' artifacts while the next trial trains.
-
-    The model, the confusion matrix and the per-class metrics took ~0.08 s of a 2 s trial (4 %) on the
-    training thread. Here they overlap the next fit. What a crash leaves stays consistent because a trial's
-    run ends FINISHED only as the last step of its upload: a process killed mid-upload leaves its run
-    RUNNING, the next `run` closes it as KILLED (once UPLOAD_GRACE_SECONDS have passed since its Optuna
-    trial completed, at once if its process has provably ended: processes.ended), and finalize never scores a
-    trial whose run is not FINISHED. Ctrl-C, SIGTERM, an error and the end of the loop all wait for the
-    uploads first (study.run_trials). An upload that fails ends its run FAILED and is raised on the
-    training thread within a few steps of the next trial and after it, as the same error a synchronous upload
-    would have raised (a full disk: one line, and rerun).
-    """
-
-    def __init__(self, tracker: Tracker) -> None:
-        self._tracker = tracker
-        self.background = True  # False: each upload runs at once on the caller's thread (tracking.background_uploads)
-        self._jobs: queue.Queue[tuple[str, Callable[[], None]]] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._errors: list[BaseException] = []
-
-    def submit(self, run_id: str, job: Callable[[], None]) -> None:
-        if not self.background:
-            self.wait()
-            self._run(run_id, job)
-            self.raise_if_failed()
-            return
-        if self._thread is None:
-            # A daemon: a process that exits without waiting (a second signal) must not hang; its run stays
-            # RUNNING, never FINISHED without its artifacts.
-            self._thread = threading.Thread(target=self._work, name="mnist-sweep-uploads", daemon=True)
-            self._thread.start()
-        self._jobs.put((run_id, job))
-
-    def wait(self, *, raise_errors: bool = True) -> None:
-        """Until every submitted upload is stored or has failed; then the first failure, if any, is raised."""
-        self._jobs.join()
-        if raise_errors:
-            self.raise_if_failed()
-
-    def raise_if_failed(self, *args: object) -> None:
-        """Raise the first upload failure, every time (the process is to stop); takes and ignores a hook's args."""
-        if self._errors:
-            raise self._errors[0]
-
-    def _work(self) -> None:
-        while True:
-            run_id, job = self._jobs.get()
-            try:
-                self._run(run_id, job)
-            finally:
-                self._jobs.task_done()
-
-    def _run(self, run_id: str, job: Callable[[], None]) -> None:
-        try:
-            job()
-        except BaseException as exc:  # kept for the training thread to raise
-            self._errors.append(exc)
-            with contextlib.suppress(Exception):  # the store may be what failed: then the run stays RUNNING
-                self._tracker.end_trial_run(
-                    run_id, state="FAIL", message=f"storing the trial's artifacts failed: {first_line(exc)}"
-                )
+# tracking.background_uploads' default, the one place it is decided: the sweep file's.
+BACKGROUND_UPLOADS = TrackingConfig.model_fields["background_uploads"].default
 
 
 class Tracker:
-    """One MLflow experiment per study; its parent run and the trial runs nested under it."""
+    """The study's ledger in MLflow: one experiment per study, its parent run and the trial runs nested under it,
+    opened and closed here; what goes into them is built by artifacts.py and stored by uploads.py."""
 
     def __init__(
         self,
@@ -237,7 +90,7 @@ class Tracker:
         artifacts: str,
         experiment: str,
         model_optimizer_state: bool = False,
-        background_uploads: bool = False,
+        background_uploads: bool = BACKGROUND_UPLOADS,
         create: bool = True,
     ) -> None:
         """Opens the store and the study's experiment; unless `create` is False, makes what they lack first
@@ -264,9 +117,8 @@ class Tracker:
         return cls(uri=uri, artifacts="", experiment=experiment, create=False)
 
     @functools.cached_property
-    def _requirements(self) -> list[str]:
-        # Computed at the first model, so `report` and `trials` never import Keras and TensorFlow.
-        return _model_pip_requirements()
+    def models(self) -> ModelWriter:
+        return ModelWriter(self.client, uri=self.uri, keep_optimizer=self.model_optimizer_state)
 
     @functools.cached_property
     def _machine_tags(self) -> dict[str, str]:
@@ -362,9 +214,9 @@ class Tracker:
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run_id
 
-    def finish_reference_run(self, run_id: str, outcome: TrialOutcome) -> None:
+    def close_reference_run(self, run_id: str, outcome: TrialOutcome) -> None:
         """Its validation confusion matrix and final metrics; no model: it is never scored or served."""
-        self.log_report_artifacts(run_id, outcome.report, prefix="val", title="validation")
+        self.log_report(run_id, outcome.report, prefix="val", title="validation")
         final = {
             final_metric("val_loss"): outcome.val_loss,
             final_metric("val_accuracy"): outcome.val_accuracy,
@@ -372,7 +224,7 @@ class Tracker:
             "fit_seconds": outcome.fit_seconds,
             **outcome.report.as_flat_metrics("val"),
         }
-        self.end_trial_run(run_id, state="COMPLETE", metrics=final)
+        self.close_run(run_id, state="COMPLETE", metrics=final)
 
     def log_epoch(self, run_id: str, epoch: int, values: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
@@ -381,7 +233,7 @@ class Tracker:
     def reserve_model(self, run_id: str) -> tuple[str, str]:
         """The trial's logged model, created empty in the study's experiment; returns its id and URI.
 
-        Quick (one row), so the URI is known before the Optuna trial is told; `finish_trial_run` fills it.
+        Quick (one row), so the URI is known before the Optuna trial is told; `queue_outcome` fills it.
         """
         # Left to Model.log, MLflow 3.17 files the model under the active experiment, which is "Default" (0)
         # in a process that never set one.
@@ -392,19 +244,17 @@ class Tracker:
         )
         return str(logged.model_id), f"models:/{logged.model_id}"
 
-    def finish_trial_run(
-        self, run_id: str, outcome: TrialOutcome, *, model_id: str, metrics: Mapping[str, float]
-    ) -> None:
-        """The model, the final metrics and the report artifacts on the uploads thread, while the next trial
-        trains; the run ends FINISHED only after all of them are stored (see BackgroundUploads)."""
+    def queue_outcome(self, run_id: str, outcome: TrialOutcome, *, model_id: str, metrics: Mapping[str, float]) -> None:
+        """Queue the model, the final metrics and the report artifacts for the uploads (in the background, while
+        the next trial trains, or at once); the run is closed FINISHED only after all of them are stored."""
         self.uploads.submit(run_id, functools.partial(self._upload_outcome, run_id, outcome, model_id, metrics))
 
     def _upload_outcome(self, run_id: str, outcome: TrialOutcome, model_id: str, metrics: Mapping[str, float]) -> None:
         started = time.perf_counter()
         # The model first: MLflow links a run's step-0 metrics to a model logged after them by reading
         # each metric's history back (70 queries, 0.1 s). Logged after it, they carry its id directly.
-        sha256 = self._save_model(run_id, outcome.model, model_id)
-        self.log_report_artifacts(run_id, outcome.report, prefix="val", title="validation")
+        sha256 = self.models.save(run_id, outcome.model, model_id)
+        self.log_report(run_id, outcome.report, prefix="val", title="validation")
         final = {
             final_metric("val_loss"): outcome.val_loss,
             final_metric("val_accuracy"): outcome.val_accuracy,
@@ -421,54 +271,25 @@ class Tracker:
             metrics=[Metric(k, v, now, 0, model_id=model_id) for k, v in final.items()],
             tags=[RunTag(MODEL_URI_KEY, f"models:/{model_id}"), RunTag(MODEL_SHA256_TAG, sha256)],
         )
-        self.end_trial_run(run_id, state="COMPLETE")  # last: FINISHED means every artifact is there
+        self.close_run(run_id, state="COMPLETE")  # last: FINISHED means every artifact is there
 
     @functools.cached_property
     def uploads(self) -> BackgroundUploads:
-        uploads = BackgroundUploads(self)
-        uploads.background = self.background_uploads
-        return uploads
+        return BackgroundUploads(background=self.background_uploads, on_failure=self._upload_failed)
 
-    def log_report_artifacts(self, run_id: str, report: ClassificationReport, *, prefix: str, title: str) -> None:
-        """The confusion matrix (JSON, CSV, PNG, HTML) and the per-class metrics, in one upload."""
+    def _upload_failed(self, run_id: str, error: BaseException) -> None:
+        self.close_run(run_id, state="FAIL", message=f"storing the trial's artifacts failed: {first_line(error)}")
+
+    def log_report(self, run_id: str, report: ClassificationReport, *, prefix: str, title: str) -> None:
+        """The confusion matrix and the per-class metrics (artifacts.report_files), in one upload."""
         import tempfile
 
-        matrix = report.matrix
-        title = f"{title} confusion matrix"
-        counts = {"labels": list(range(matrix.shape[0])), "rows": "true", "columns": "predicted"}
-        files = {
-            f"{prefix}_confusion_matrix.json": json.dumps({**counts, "counts": matrix.tolist()}).encode(),
-            f"{prefix}_confusion_matrix.csv": _matrix_csv(matrix).encode(),
-            f"{prefix}_per_class_metrics.csv": _csv_text(report.per_class_rows()).encode(),
-            f"{prefix}_confusion_matrix.png": confusion_matrix_png(matrix, title=title),
-            f"{prefix}_confusion_matrix.html": confusion_matrix_html(matrix, title=title).encode(),
-        }
         with tempfile.TemporaryDirectory() as folder:
-            for name, payload in files.items():
+            for name, payload in report_files(report, prefix=prefix, title=title).items():
                 (Path(folder) / name).write_bytes(payload)
             self.client.log_artifacts(run_id, folder)
 
-    def _save_model(self, run_id: str, model: keras.Model, model_id: str) -> str:
-        """Save the trained model into its reserved logged model (reserve_model); returns its file's sha256."""
-        from mlflow.models import Model
-
-        name = self.client.get_logged_model(model_id).name
-        flavor = _ChecksummedKeras()
-        # Model.log takes the run id, so the run is not resumed as the active run around it (0.03 s).
-        with saved_as_uncompiled(model, keep_optimizer=self.model_optimizer_state), global_tracking_uri(self.uri):
-            Model.log(
-                artifact_path=None,
-                name=name,
-                flavor=flavor,
-                run_id=run_id,
-                model_id=model_id,
-                model=model,
-                pip_requirements=self._requirements,
-                signature=_model_signature(),
-            )
-        return flavor.sha256
-
-    def end_trial_run(
+    def close_run(
         self,
         run_id: str,
         *,
@@ -477,7 +298,8 @@ class Tracker:
         pruned_epoch: int | None = None,
         metrics: Mapping[str, float] | None = None,
     ) -> None:
-        """Record how the trial ended: COMPLETE, PRUNED (with the epoch) or FAIL (with the error)."""
+        """Close the run now, recording how it ended: COMPLETE, PRUNED (with the epoch), FAIL (with the error) or
+        KILLED."""
         tags = [RunTag(STATE_TAG, state)]
         if message:
             tags.append(RunTag(STATE_REASON_TAG, message[:4900]))
@@ -558,7 +380,7 @@ class Tracker:
             metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
             tags=[RunTag(k, v) for k, v in {TEST_SCORED_TAG: "true", **tags}.items()],
         )
-        self.log_report_artifacts(parent_run_id, report, prefix="test", title="test set")
+        self.log_report(parent_run_id, report, prefix="test", title="test set")
 
     def log_folder(self, run_id: str, folder: Path, artifact_path: str) -> None:
         self.client.log_artifacts(run_id, str(folder), artifact_path)

@@ -30,6 +30,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 STOP_SECONDS = 60
+ROWS = ".ag-pinned-left-cols-container .ag-row"  # MLflow's runs table: one row per shown run, keyed by row-id
+EXPAND = "button[data-component-id*=runnamecellrenderer]"  # the +/- beside a parent run's name
 DASHBOARD_MISSING = "optuna-dashboard is not installed: pip install -e '.[dashboard]' (make install-dev does)"
 
 
@@ -59,6 +61,15 @@ def chromium_page(*, allow: str = "") -> Iterator[tuple[Any, list[str]]]:
             yield page, problems
         finally:
             browser.close()
+
+
+def open_runs_table(page: Any, url: str) -> None:
+    """Open the runs table and wait for its rows (it says "0 matching runs" while it loads)."""
+    page.goto(url)
+    page.locator(".ag-center-cols-container .ag-row").first.wait_for(timeout=90_000)
+    close = page.get_by_role("button", name="Close", exact=True)  # the assistant panel takes a third of the width
+    if close.count():
+        close.first.click()
 
 
 def free_port() -> int:

@@ -52,9 +52,9 @@ class Mutation:
 MUTATIONS = (
     Mutation(
         "seal: trials run inside sealed_test_set()",
-        "mnist_sweep/study.py",
-        "            with sealed_test_set():\n                outcome = run_trial(",
-        "            if True:\n                outcome = run_trial(",
+        "mnist_sweep/trial_run.py",
+        "            with sealed_test_set():\n                outcome = trial_code.run_trial(",
+        "            if True:\n                outcome = trial_code.run_trial(",
         (f"{SEAL}::test_trials_never_read_the_test_split",),
     ),
     Mutation(
@@ -101,7 +101,7 @@ MUTATIONS = (
     Mutation(
         "once: the claimant beats while it scores",
         "mnist_sweep/final.py",
-        "storage.set_study_user_attr(holder[0], CLAIM_HEARTBEAT_ATTR, _now())",
+        "storage.set_study_user_attr(claim_id, CLAIM_HEARTBEAT_ATTR, _now())",
         "pass",
         (f"{IDENTITY}::test_the_claimants_heartbeat_stays_fresh_while_it_scores",),
     ),
@@ -133,8 +133,8 @@ MUTATIONS = (
     Mutation(
         "resume: a dead worker's trial runs are closed",
         "mnist_sweep/study.py",
-        "        optuna.storages.fail_stale_trials(study)\n    close_stale_runs(study, tracker, parent_run_id)",
-        "        optuna.storages.fail_stale_trials(study)",
+        "        optuna.storages.fail_stale_trials(context.study)\n    close_stale_runs(context)",
+        "        optuna.storages.fail_stale_trials(context.study)",
         ("tests/test_resume.py::test_sigkill_mid_trial_then_rerun_loses_nothing[optuna]",),
     ),
     Mutation(

@@ -109,7 +109,7 @@ def assert_runs_linked(study: optuna.Study, runs: list[Run]) -> None:
         assert run.data.tags["optuna.trial_number"] == str(trial.number)
         reason = run.data.tags.get("state_reason", "")
         if run.info.status == "KILLED" and "not all stored" in reason:
-            # killed while its artifacts were stored (tracking.BackgroundUploads): its parameters trained again
+            # killed while its artifacts were stored (uploads.BackgroundUploads): its parameters trained again
             # (an Optuna study; keras-tuner's oracle asks no values twice)
             redo = [t.params for t in study.trials if t.user_attrs.get("redo_of_trial") == trial.number]
             assert redo == ([trial.params] if "are trained again" in reason else []), f"trial {trial.number}: {reason}"

@@ -15,8 +15,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep import environment
+from mnist_sweep.artifacts import model_pip_requirements
 from mnist_sweep.records import BACKEND_TAG, DEVICE_TAG
-from mnist_sweep.tracking import Tracker, _model_pip_requirements
+from mnist_sweep.tracking import Tracker
 from tests.conftest import DEFAULT_SWEEP, REPO, cli_environment, small_sweep_args
 
 # The real CLI's main() in a fresh interpreter; at exit, which TensorFlow modules got loaded. A backend
@@ -135,7 +136,7 @@ def test_the_model_requires_the_backend_it_was_trained_with() -> None:
     import keras
 
     backend = keras.backend.backend()
-    requirements = _model_pip_requirements()
+    requirements = model_pip_requirements()
     assert f"{backend}=={version(backend).split('+')[0]}" in requirements
     assert f"keras=={keras.__version__}" in requirements
     others = {"tensorflow", "jax", "torch"} - {backend}

@@ -15,6 +15,7 @@ from mnist_sweep.config import build_config, load_sweep
 from mnist_sweep.data import Split
 from mnist_sweep.records import LectureReference
 from mnist_sweep.report import baseline_gain, gain_line, lecture_matrices, lecture_rows
+from mnist_sweep.study import StudyContext
 from mnist_sweep.tracking import Tracker
 from tests.conftest import DEFAULT_SWEEP
 
@@ -113,11 +114,8 @@ def test_the_reference_trains_once_on_the_split_and_is_no_trial(
     def train() -> LectureReference | None:
         return train_reference(
             cfg=cfg,
-            study=study,
-            storage=storage,
+            context=StudyContext(study, storage, tracker, parent),
             split=split,
-            tracker=tracker,
-            parent_run_id=parent,
             session=TrialSession(),
             echo=lines.append,
         )
@@ -143,11 +141,8 @@ def test_a_claim_held_by_a_live_process_is_left_to_it(tmp_path: Path) -> None:
     cfg = build_config({})
     done = train_reference(
         cfg=cfg,
-        study=study,
-        storage=storage,
+        context=StudyContext(study, storage, None, ""),  # type: ignore[arg-type]  # no tracker: never reached
         split=None,  # type: ignore[arg-type]  # never reached: the claim is another process's
-        tracker=None,  # type: ignore[arg-type]
-        parent_run_id="",
         session=None,  # type: ignore[arg-type]
         echo=print,
     )
@@ -158,11 +153,8 @@ def test_study_baseline_false_trains_nothing() -> None:
     cfg = build_config({"study": {"baseline": False}})
     done = train_reference(
         cfg=cfg,
-        study=optuna.create_study(),
-        storage=None,  # type: ignore[arg-type]
+        context=StudyContext(optuna.create_study(), None, None, ""),  # type: ignore[arg-type]
         split=None,  # type: ignore[arg-type]
-        tracker=None,  # type: ignore[arg-type]
-        parent_run_id="",
         session=None,  # type: ignore[arg-type]
         echo=print,
     )

@@ -13,7 +13,7 @@ import pytest
 from mnist_sweep.data import Split
 from mnist_sweep.errors import TrialDiverged
 from mnist_sweep.metrics import confusion_matrix
-from mnist_sweep.study import PruningHook
+from mnist_sweep.scheduler import PruningHook
 from mnist_sweep.trial import FitClock, TrainSettings, TrialOutcome, WarmStart, compiled_loop_runs, run_trial
 from tests.conftest import REPO, cli_environment
 from tests.test_backends import needs

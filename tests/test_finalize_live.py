@@ -29,7 +29,7 @@ from mnist_sweep.errors import TrialsLiveError
 from mnist_sweep.final import choose_trial, seal_name
 from mnist_sweep.records import MODEL_URI_KEY, RUN_ID_ATTR, TestResult
 from mnist_sweep.report import after_seal_line
-from mnist_sweep.study import make_storage, open_study, parent_run_id
+from mnist_sweep.study import StudyContext, make_storage, open_study, parent_run_id
 from mnist_sweep.tracking import Tracker
 from tests.conftest import DEFAULT_SWEEP, CliRunner, CliStarter
 from tests.stores import (
@@ -56,12 +56,11 @@ class Stores:
         self.tracker = Tracker(uri=cfg.tracking.uri, artifacts=cfg.tracking.artifacts, experiment=cfg.study.name)
         self.study, created = open_study(cfg, self.storage)
         self.parent = parent_run_id(self.study, self.tracker, created=created, config=cfg.to_dict())
+        self.context = StudyContext(self.study, self.storage, self.tracker, self.parent)
 
     def waiting(self, clock: Callable[[], float], lines: list[str], *, target: int) -> live.Waiting:
         return live.Waiting(
-            self.study,
-            self.tracker,
-            self.parent,
+            self.context,
             metric="val_accuracy",
             target=target,
             quiet_seconds=10,
@@ -83,9 +82,7 @@ def test_a_live_trial_is_refused_in_one_line_naming_it_and_a_dead_workers_trial_
 
     with pytest.raises(TrialsLiveError) as refused:
         live.settle_before_scoring(
-            study=stores.study,
-            tracker=stores.tracker,
-            parent_run_id=stores.parent,
+            context=stores.context,
             metric="val_accuracy",
             target=2,
             wait=False,

@@ -153,12 +153,13 @@ def test_a_run_storing_its_artifacts_is_closed_only_when_its_worker_provably_end
     monkeypatch.setattr(Tracker, "_machine_tags", {"worker": process.label, "worker.process": process.encode()})
     parent = tracker.create_parent_run(study_name="fcn", config={})
     run_id = tracker.start_trial_run(parent_run_id=parent, study_name="fcn", trial_number=0, params={"units": 8})
-    optuna_study = optuna.create_study(study_name="fcn", storage=storage_url(tmp_path))
+    storage = optuna.storages.RDBStorage(storage_url(tmp_path))
+    optuna_study = optuna.create_study(study_name="fcn", storage=storage)
     trial = optuna_study.ask()
     trial.set_user_attr(RUN_ID_ATTR, run_id)
     optuna_study.tell(trial, 0.9)
 
-    assert study.close_stale_runs(optuna_study, tracker, parent) == int(closed)
+    assert study.close_stale_runs(study.StudyContext(optuna_study, storage, tracker, parent)) == int(closed)
 
     assert tracker.run_status(run_id) == ("KILLED" if closed else "RUNNING")
 

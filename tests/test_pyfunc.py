@@ -43,7 +43,7 @@ def log_and_load_both_ways(folder: str) -> None:
     )
     model.fit(images, rng.integers(0, 10, 64), epochs=1, verbose=0)
     model_id, model_uri = tracker.reserve_model(run_id)
-    tracker._save_model(run_id, model, model_id)
+    tracker.models.save(run_id, model, model_id)
 
     mlflow.set_tracking_uri(tracker.uri)
     served = mlflow.pyfunc.load_model(model_uri)

@@ -22,10 +22,11 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from mnist_sweep.artifacts import global_tracking_uri
 from mnist_sweep.errors import RegistryError
 from mnist_sweep.records import CHAMPION, REGISTERED_BY, REGISTERED_BY_TAG, TestResult
 from mnist_sweep.registry import check_up_front, register_champion
-from mnist_sweep.tracking import Tracker, global_tracking_uri
+from mnist_sweep.tracking import Tracker
 from mnist_sweep.ui import stop_process_group
 from tests.conftest import (
     DEFAULT_SWEEP,
@@ -58,7 +59,7 @@ def _logged_result(folder: Path, *, study: str = "reg") -> Logged:
     parent = tracker.create_parent_run(study_name=study, config={})
     run_id = tracker.start_trial_run(parent_run_id=parent, study_name=study, trial_number=3, params={})
     model_id, model_uri = tracker.reserve_model(run_id)
-    tracker._save_model(run_id, build_model(hidden=(8,), activation="relu"), model_id)
+    tracker.models.save(run_id, build_model(hidden=(8,), activation="relu"), model_id)
     result = TestResult(
         study=study,
         trial_number=3,
@@ -297,18 +298,18 @@ def test_the_study_records_its_registration(registered: RegisteredSweep) -> None
     assert os.path.isfile(registered.folder / "reports" / "fcn" / "report.html")
 
 
-def _readme_commands() -> list[str]:
-    """The commands of the README's "Use the chosen model", in order."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Use the chosen model", 1)[1]
+def _documented_commands() -> list[str]:
+    """The commands of docs/use-the-model.md ("Use the chosen model", linked from the README), in order."""
+    text = (REPO / "docs" / "use-the-model.md").read_text(encoding="utf-8")
+    section = text.split("# Use the chosen model", 1)[1]
     block = section.split("```\n", 2)[1]
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
 
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_each_command_of_the_readme_section_works_on_a_real_sweep(registered: RegisteredSweep) -> None:
-    export, keras_line, pyfunc_line, registry_line, serve_line, curl_line = _readme_commands()
+def test_each_command_of_use_the_model_works_on_a_real_sweep(registered: RegisteredSweep) -> None:
+    export, keras_line, pyfunc_line, registry_line, serve_line, curl_line = _documented_commands()
     name, _, uri = export.removeprefix("export ").partition("=")
     environment = cli_environment(required_mnist(), {name: uri})
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"  # python and mlflow

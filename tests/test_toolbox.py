@@ -194,8 +194,10 @@ def test_every_schedule_logs_its_learning_rate_per_epoch_to_mlflow(
     """One trial through the sweep's objective on synthetic images; the rates read back from its MLflow run."""
     from mnist_sweep.config import build_config
     from mnist_sweep.data import Split
-    from mnist_sweep.study import Objective
+    from mnist_sweep.study import StudyContext
     from mnist_sweep.tracking import Tracker
+    from mnist_sweep.trial_loop import run_one_trial
+    from mnist_sweep.trial_run import Trials
 
     images, labels = synthetic_mnist
     x = images.astype(np.float32) / 255.0
@@ -213,9 +215,12 @@ def test_every_schedule_logs_its_learning_rate_per_epoch_to_mlflow(
     )
     tracker = Tracker(uri=uri, artifacts=str(tmp_path / "artifacts"), experiment="schedules")
     parent = tracker.create_parent_run(study_name="schedules", config={})
-    objective = Objective(cfg=cfg, split=split, tracker=tracker, parent_run_id=parent, data_source="synthetic")
-    study = optuna.create_study(direction="maximize")
-    study.optimize(objective, n_trials=1)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(direction="maximize", storage=storage)
+    context = StudyContext(study, storage, tracker, parent)
+    trials = Trials(cfg=cfg, split=split, context=context, data_source="synthetic")
+    run_one_trial(trials.context, trials)
+    tracker.uploads.wait()
 
     run_id = study.trials[0].user_attrs["mlflow_run_id"]
     history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "learning_rate")

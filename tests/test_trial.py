@@ -12,8 +12,8 @@ from mnist_sweep.config import build_config
 from mnist_sweep.data import Split
 from mnist_sweep.metrics import confusion_matrix
 from mnist_sweep.model import build_model, compiled_model
+from mnist_sweep.scheduler import PruningHook
 from mnist_sweep.space import fixed_params, sample_params, searched_names, to_keras_tuner
-from mnist_sweep.study import PruningHook
 from mnist_sweep.trial import TrainSettings, TrialDiverged, TrialSession, run_trial
 
 PARAMS = {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "activation": "relu"}

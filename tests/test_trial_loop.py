@@ -19,16 +19,11 @@ from mlflow.tracking import MlflowClient
 import mnist_sweep.trial
 from mnist_sweep.config import SweepConfig, load_sweep
 from mnist_sweep.data import Split
-from mnist_sweep.study import (
-    TAKEN_OVER,
-    Objective,
-    TooManyFailures,
-    make_storage,
-    open_study,
-    parent_run_id,
-    run_trials,
-)
+from mnist_sweep.errors import TooManyFailures
+from mnist_sweep.study import StudyContext, make_storage, open_study, parent_run_id
 from mnist_sweep.tracking import Tracker
+from mnist_sweep.trial_loop import run_trials
+from mnist_sweep.trial_run import TAKEN_OVER, Trials
 from tests.conftest import DEFAULT_SWEEP
 
 FAIL, COMPLETE = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
@@ -57,7 +52,7 @@ def sweep_config(folder: Path, *overrides: str) -> SweepConfig:
 
 
 class Sweep:
-    """A study, its tracker and an objective, as `sweep.run` makes them."""
+    """A study, its tracker and this process's trials, as `sweep.run` makes them."""
 
     def __init__(self, cfg: SweepConfig, split: Split) -> None:
         self.cfg = cfg
@@ -65,16 +60,13 @@ class Sweep:
         self.tracker = Tracker(uri=cfg.tracking.uri, artifacts=cfg.tracking.artifacts, experiment=cfg.study.name)
         self.study, created = open_study(cfg, self.storage)
         self.parent = parent_run_id(self.study, self.tracker, created=created, config=cfg.to_dict())
-        self.objective = Objective(
-            cfg=cfg, split=split, tracker=self.tracker, parent_run_id=self.parent, data_source="synthetic"
-        )
+        context = StudyContext(self.study, self.storage, self.tracker, self.parent)
+        self.trials = Trials(cfg=cfg, split=split, context=context, data_source="synthetic")
         self.lines: list[str] = []
 
     def run(self) -> int:
         cfg = self.cfg.study
-        return run_trials(
-            self.study, self.objective, target=cfg.trials, max_failures=cfg.max_failures, echo=self.lines.append
-        )
+        return run_trials(self.trials, target=cfg.trials, max_failures=cfg.max_failures, echo=self.lines.append)
 
     def run_status(self, trial: optuna.trial.FrozenTrial) -> tuple[str, dict[str, str]]:
         run = MlflowClient(tracking_uri=self.cfg.tracking.uri).get_run(trial.user_attrs["mlflow_run_id"])

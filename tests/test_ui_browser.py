@@ -14,15 +14,23 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.browser import DASHBOARD_MISSING, Served, chromium_page, free_port, nothing_listens, serving
+from tests.browser import (
+    DASHBOARD_MISSING,
+    EXPAND,
+    ROWS,
+    Served,
+    chromium_page,
+    free_port,
+    nothing_listens,
+    open_runs_table,
+    serving,
+)
 from tests.conftest import CLI, DEFAULT_SWEEP, cli, cli_environment, required_mnist, required_module, small_sweep_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # each test starts the real CLI (TensorFlow and MLflow imports)
 
 SWEEP = str(DEFAULT_SWEEP)
 TRIALS = 4
-ROWS = ".ag-pinned-left-cols-container .ag-row"  # MLflow's runs table: one row per shown run, keyed by row-id
-EXPAND = "button[data-component-id*=runnamecellrenderer]"  # the +/- beside a parent run's name
 # Each run's cells by column id, e.g. {"<run id>": {"metrics.`final_val_accuracy`": "0.806", ...}}.
 CELLS = """() => Object.fromEntries([...document.querySelectorAll('.ag-center-cols-container .ag-row')].map(
     r => [r.getAttribute('row-id'), Object.fromEntries([...r.querySelectorAll('.ag-cell')].map(
@@ -99,15 +107,6 @@ def browser(study: Study, tmp_path: Path) -> Iterator[Any]:
         yield page
         page.screenshot(path=tmp_path / "end.png")
     assert [p for p in problems if p.startswith(("network request", "page error"))] == []
-
-
-def open_runs_table(page: Any, url: str) -> None:
-    """Open the runs table and wait for its rows (it says "0 matching runs" while it loads)."""
-    page.goto(url)
-    page.locator(".ag-center-cols-container .ag-row").first.wait_for(timeout=90_000)
-    close = page.get_by_role("button", name="Close", exact=True)  # the assistant panel takes a third of the width
-    if close.count():
-        close.first.click()
 
 
 def shown_rows(page: Any) -> list[tuple[str, str]]:
