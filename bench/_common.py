@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import statistics
@@ -48,17 +49,11 @@ def default_trial_epochs(split: Any, *, batch_size: int, epochs: int) -> tuple[l
     one fixed, good point of its search space; epoch 1 includes tracing and compilation.
     """
     from mnist_sweep.config import load_sweep
-    from mnist_sweep.trial import TrainSettings, run_trial
+    from mnist_sweep.train_settings import TrainSettings
+    from mnist_sweep.trial import run_trial
 
-    train = load_sweep(str(REPO / "sweeps" / "fcn.toml"), []).train
-    settings = TrainSettings(
-        hidden=(500, 500),
-        epochs=epochs,
-        lr_schedule=train.lr_schedule,
-        steps_per_execution=train.steps_per_execution,
-        precision=train.precision,
-        loop=train.loop,
-    )
+    sweep = TrainSettings.from_config(load_sweep(str(REPO / "sweeps" / "fcn.toml"), []))
+    settings = dataclasses.replace(sweep, hidden=(500, 500), epochs=epochs)
     seconds: list[float] = []
     accuracy: list[float] = []
     last = [time.perf_counter()]

@@ -12,6 +12,7 @@ Targets (issue 21, TensorFlow, float32): the compiled loop at <= 1.5x the floor 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -113,7 +114,9 @@ def fit_variant(split: Any, batch_size: int, variant: Variant) -> EpochClock:
 
 def fit_trial(split: Any, batch_size: int, *, loop: str = "fit", epochs: int = 2) -> EpochClock:
     """The same epochs through mnist-sweep's own trial (its callbacks and defaults), timed by an epoch hook."""
-    from mnist_sweep.trial import TrainSettings, run_trial
+    from mnist_sweep.config import SweepConfig
+    from mnist_sweep.train_settings import TrainSettings
+    from mnist_sweep.trial import run_trial
 
     clock = EpochClock()
     last = [time.perf_counter(), time.process_time()]
@@ -125,7 +128,8 @@ def fit_trial(split: Any, batch_size: int, *, loop: str = "fit", epochs: int = 2
         clock.val_accuracy.append(float(values["val_accuracy"]))
         last[:] = now
 
-    settings = TrainSettings(hidden=(500, 500), epochs=epochs, steps_per_execution=16, loop=loop)
+    defaults = TrainSettings.from_config(SweepConfig())
+    settings = dataclasses.replace(defaults, hidden=(500, 500), epochs=epochs, steps_per_execution=16, loop=loop)
     run_trial(params={**PARAMS, "batch_size": batch_size}, split=split, settings=settings, seed=0, epoch_hooks=[hook])
     return clock
 

@@ -24,8 +24,8 @@ from _common import REPO, data_dir
 
 from mnist_sweep.config import SweepConfig, load_sweep
 from mnist_sweep.data import Split, load_split, load_test_split, resolve_source
+from mnist_sweep.keras_tuner_engine import keras_tuner_space
 from mnist_sweep.model import compiled_model
-from mnist_sweep.space import to_keras_tuner
 
 SWEEP = REPO / "sweeps" / "fcn.toml"
 
@@ -68,7 +68,7 @@ def search(cfg: SweepConfig, *, seed: int | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         tuner = TimedHyperband(
             FCN(cfg, split),
-            hyperparameters=to_keras_tuner(cfg.search),
+            hyperparameters=keras_tuner_space(cfg.search),
             objective=cfg.study.metric,
             max_epochs=cfg.train.epochs,
             factor=3,

@@ -13,6 +13,7 @@ is recorded on the study. A claim whose process has provably ended (processes.en
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -20,11 +21,12 @@ from typing import TYPE_CHECKING
 import optuna
 
 from mnist_sweep import processes
-from mnist_sweep.config import SweepConfig
-from mnist_sweep.data import Split, sealed_test_set
+from mnist_sweep.config import Hyperparameters, SweepConfig
+from mnist_sweep.data import Split, withholding_test_split
 from mnist_sweep.processes import ProcessId, this_process
 from mnist_sweep.records import CLAIMED_BY_ATTR, LECTURE_REFERENCE_ATTR, LectureReference
 from mnist_sweep.study import StudyContext
+from mnist_sweep.train_settings import TrainSettings
 
 if TYPE_CHECKING:
     from mnist_sweep.trial import TrialSession
@@ -36,16 +38,25 @@ if TYPE_CHECKING:
 # decay, momentum or learning-rate schedule.
 LECTURE_HIDDEN = (500, 500)
 LECTURE_EPOCHS = 5
-LECTURE_PARAMS: dict[str, str | int | float] = {
-    "optimizer": "adam",
-    "learning_rate": 1e-3,
-    "batch_size": 128,
-    "activation": "sigmoid",
-    "dropout": 0.0,
-    "weight_decay": 0.0,
-    "momentum": 0.0,
-}
+# The four it states; the others (dropout, weight decay, momentum) it does not use, which is [search]'s default.
+LECTURE_PARAMS: dict[str, str | int | float] = dataclasses.asdict(
+    Hyperparameters.of({"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 128, "activation": "sigmoid"})
+)
 CLAIM_SUFFIX = ".lecture-reference"
+
+
+def lecture_settings(cfg: SweepConfig) -> TrainSettings:
+    """The sweep's settings with the lecture's network, epochs and plain training: no early stopping, a constant
+    rate, float32. What it keeps (steps per execution, the loop, the monitored metric) changes speed, not the
+    numbers trained, or is the study's metric it is measured by."""
+    return dataclasses.replace(
+        TrainSettings.from_config(cfg),
+        hidden=LECTURE_HIDDEN,
+        epochs=LECTURE_EPOCHS,
+        early_stopping_patience=0,
+        lr_schedule="constant",
+        precision="float32",
+    )
 
 
 def recorded_reference(study: optuna.Study) -> LectureReference | None:
@@ -68,21 +79,15 @@ def train_reference(
     claim = study.study_name + CLAIM_SUFFIX
     if not _claim(storage, claim):
         return None
-    from mnist_sweep.trial import TrainSettings, run_trial
+    from mnist_sweep.trial import run_trial
 
     params = {**LECTURE_PARAMS, "hidden": "-".join(map(str, LECTURE_HIDDEN)), "epochs": LECTURE_EPOCHS}
     run_id = tracker.start_reference_run(
         parent_run_id=context.parent_run_id, study_name=study.study_name, params=params
     )
-    settings = TrainSettings(
-        hidden=LECTURE_HIDDEN,
-        epochs=LECTURE_EPOCHS,
-        monitor=cfg.study.metric,
-        steps_per_execution=cfg.train.steps_per_execution,  # how many batches per call: speed, not the result
-        loop=cfg.train.loop,  # the same: fit or one compiled loop per epoch, same metrics
-    )
+    settings = lecture_settings(cfg)
     try:
-        with sealed_test_set():
+        with withholding_test_split():
             outcome = run_trial(
                 params=LECTURE_PARAMS,
                 split=split,

@@ -12,12 +12,14 @@ import contextlib
 import functools
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from mnist_sweep import __version__, console, interrupt
-from mnist_sweep.config import SweepConfig, load_sweep, mask_password, toml_string
+from mnist_sweep.config import SweepConfig, load_sweep
 from mnist_sweep.errors import EXIT_FAILED, EXIT_OK, CommandError
+from mnist_sweep.masking import mask_password
 from mnist_sweep.placement import THREADS_CPU_LIMIT
+from mnist_sweep.toml_text import toml_string
 
 EXIT_SIGINT = 130
 
@@ -49,11 +51,14 @@ QUIETED_LIBRARIES = r"(mlflow|optuna|keras|tensorflow|jax|torch|sklearn|pandas|p
 # Commands whose chatter --quiet removes; the others print only their result anyway.
 QUIETABLE = ("run", "worker", "finalize", "report")
 
-_console = console.Console(sys.stdout)  # replaced in main once the flags are known
 
+def _echo_to(out: console.Console) -> Callable[..., None]:
+    """`out`'s echo, passwords masked: every line a command prints on stdout."""
 
-def _echo(line: str, *, final: bool = False) -> None:
-    _console.echo(mask_password(line), final=final)
+    def echo(line: str, *, final: bool = False) -> None:
+        out.echo(mask_password(line), final=final)
+
+    return echo
 
 
 def _warn(line: str, *, final: bool = False) -> None:
@@ -153,33 +158,34 @@ def _validate(cfg: SweepConfig) -> int:
     return EXIT_OK
 
 
-def _dispatch(args: argparse.Namespace, cfg: SweepConfig) -> int:
+def _dispatch(args: argparse.Namespace, cfg: SweepConfig, out: console.Console) -> int:
     if args.command == "validate":
         return _validate(cfg)
     if args.command == "replay":  # writes nothing, and takes its data split from the run
         _quiet_libraries(verbose=args.verbose)
         from mnist_sweep.replay import replay
 
-        return replay(cfg, args.run_id, echo=_echo)
+        return replay(cfg, args.run_id, echo=_echo_to(out))
     if args.command in ("run", "worker", "finalize"):
-        return _train_or_score(args, cfg)
-    return _read_recorded(args, cfg)
+        return _train_or_score(args, cfg, out)
+    return _read_recorded(args, cfg, _echo_to(out))
 
 
 # Every input is checked once (preflight), before TensorFlow and MLflow are imported: a bad input answers
 # in a second, and nothing is written. The flows take the data from there and check nothing again.
 
 
-def _train_or_score(args: argparse.Namespace, cfg: SweepConfig) -> int:
+def _train_or_score(args: argparse.Namespace, cfg: SweepConfig, out: console.Console) -> int:
     from mnist_sweep import preflight
 
+    echo = _echo_to(out)
     if args.command == "finalize":
         source, _ = preflight.prepare(cfg, training=False)
         _quiet_libraries(verbose=args.verbose)
         from mnist_sweep import sweep
 
         return sweep.finalize(
-            cfg, source=source, echo=_echo, reclaim=args.reclaim, wait=args.wait, progress=_console.progress
+            cfg, source=source, echo=echo, reclaim=args.reclaim, wait=args.wait, progress=out.progress
         )
     from mnist_sweep import local_workers
     from mnist_sweep.keras_tuner_engine import check_workers
@@ -194,10 +200,10 @@ def _train_or_score(args: argparse.Namespace, cfg: SweepConfig) -> int:
     if args.command == "run":  # resolves `auto` (a measurement), then pins this process to its share
         loudness = ["--quiet"] if args.quiet else ["--verbose"] if args.verbose else []
         child = functools.partial(local_workers.child_command, args.sweep, _overrides(args), loudness=loudness)
-        cfg, spec = local_workers.arrange(cfg, gpu_ids=gpu_ids, child_command=child, echo=_echo)
-        local = local_workers.start(spec, echo=_echo)
-        if isinstance(_console.progress, console.LiveProgress):  # its ETA shares the trials left among them
-            _console.progress.workers = 1 + len(spec.placements) if spec else 1
+        cfg, spec = local_workers.arrange(cfg, gpu_ids=gpu_ids, child_command=child, echo=echo)
+        local = local_workers.start(spec, echo=echo)
+        if isinstance(out.progress, console.LiveProgress):  # its ETA shares the trials left among them
+            out.progress.workers = 1 + len(spec.placements) if spec else 1
     from mnist_sweep.study import worker_policy
 
     # The study's record, not this process's config, says how its workers size their threads (and sample).
@@ -210,15 +216,15 @@ def _train_or_score(args: argparse.Namespace, cfg: SweepConfig) -> int:
         local=local,
         source=source,
         split=split,
-        echo=_echo,
+        echo=echo,
         finalize=args.command == "run",
         as_worker=args.command == "worker",
-        progress=_console.progress,
+        progress=out.progress,
         sweep_file=args.sweep,
     )
 
 
-def _read_recorded(args: argparse.Namespace, cfg: SweepConfig) -> int:
+def _read_recorded(args: argparse.Namespace, cfg: SweepConfig, echo: Callable[..., None]) -> int:
     """report, trials, ui and dashboard: they read no data, and write at most the report folder or a CSV."""
     if args.command in ("ui", "dashboard"):
         from mnist_sweep.ui import check_port
@@ -231,13 +237,13 @@ def _read_recorded(args: argparse.Namespace, cfg: SweepConfig) -> int:
     from mnist_sweep import sweep
 
     if args.command == "report":
-        return sweep.report(cfg, echo=_echo, warn=_warn)
+        return sweep.report(cfg, echo=echo, warn=_warn)
     if args.command == "trials":
-        return sweep.trials(cfg, echo=_echo, csv_file=args.csv, sort=args.sort)
+        return sweep.trials(cfg, echo=echo, csv_file=args.csv, sort=args.sort)
     if args.command == "ui":
-        return sweep.ui(cfg, echo=_echo, port=args.port)
+        return sweep.ui(cfg, echo=echo, port=args.port)
     if args.command == "dashboard":
-        return sweep.dashboard(cfg, echo=_echo, port=args.port)
+        return sweep.dashboard(cfg, echo=echo, port=args.port)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
@@ -245,16 +251,13 @@ def _quiet_libraries(*, verbose: bool, keras: bool = True, threads_policy: str =
     """Keras loaded for its backend (if `keras`), its threads sized by `threads_policy`; our lines only, the
     libraries' chatter off (unless --verbose)."""
     from mnist_sweep.environment import prepare_backend as load_keras
+    from mnist_sweep.environment import set_mlflow_defaults
 
     def prepare_backend() -> None:
         if keras:
             load_keras(threads_policy)
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    # With a tracking server MLflow prints two "View run ... at" lines per run to stdout: one per trial,
-    # between ours, and through --quiet. The printed UI URL and `mnist-sweep ui` say where to look.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    set_mlflow_defaults()
     if verbose:
         prepare_backend()
         return
@@ -317,10 +320,9 @@ def _reopen_closed_streams() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    global _console
     _reopen_closed_streams()
     args = _parser().parse_args(argv)
-    _console = console.stdout_console(quiet=args.quiet and args.command in QUIETABLE, verbose=args.verbose)
+    out = console.stdout_console(quiet=args.quiet and args.command in QUIETABLE, verbose=args.verbose)
     safe_points = args.command in SAFE_POINT_COMMANDS
     if safe_points and argv is None:  # the process's own command line, not a call from Python
         interrupt.record_until_exit()
@@ -329,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with signals():
         try:
             cfg = load_sweep(args.sweep, _overrides(args))
-            code = _dispatch(args, cfg)
+            code = _dispatch(args, cfg, out)
             interrupt.raise_if_requested()  # a signal during the last step still ends in its exit code
             return code
         except interrupt.Interrupted as stop:

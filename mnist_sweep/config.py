@@ -12,8 +12,8 @@ import os
 import re
 import sys
 import unicodedata
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlparse
@@ -21,10 +21,13 @@ from urllib.parse import unquote, urlparse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mnist_sweep.databases import sqlite_file
+from mnist_sweep.engine_rules import check_engine_keys, check_keras_tuner_space, with_engine_defaults
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.locations import FILE, is_uri, kind_of_mode, path_problem
+from mnist_sweep.masking import mask_password
+from mnist_sweep.pydantic_messages import first_error
 from mnist_sweep.samplers import DEFAULT_SAMPLER, Engine
-from mnist_sweep.samplers import check_name as check_sampler_name
+from mnist_sweep.toml_text import apply_overrides, dumps_toml
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,29 +61,6 @@ MAX_HEARTBEAT_SECONDS = 24 * 3600
 MAX_HIDDEN_LAYERS = 100
 MNIST_TRAIN_IMAGES = 60000  # a batch larger than every training image is never filled
 
-# scheme://user:password@host. SQLAlchemy takes the password to be anything (even '/' and spaces) up to an '@';
-# we mask up to the last '@' of the URI, so a password holding '@' is not half shown either. A web URI keeps its
-# path: only what precedes the first '/' can be credentials there.
-_SCHEME_START = r"(?<![A-Za-z0-9+.-])"
-_USER = r"[^:/@\s'\"]*:"
-_PASSWORD_IN_DATABASE_URI = re.compile(
-    _SCHEME_START + r"(?!(?i:https?)://)(?P<head>[A-Za-z][A-Za-z0-9+.-]*://" + _USER + r")"
-    r".*?@(?=[^@\s'\"]*(?:[\s'\"]|$))"
-)
-_PASSWORD_IN_WEB_URI = re.compile(_SCHEME_START + r"(?P<head>(?i:https?)://" + _USER + r")[^/@\s'\"]*@")
-# ...?password=pw&...: SQLAlchemy hands a URL's query to the driver, and libpq, psycopg and PyMySQL all take the
-# password there too (password, passwd; PGPASSWORD-style 'pass' is not a key they read). Up to '&', '#', a space
-# or a quote; a '@' after it is no end, as a password may hold one.
-_PASSWORD_IN_QUERY = re.compile(r"(?P<head>://[^\s'\"?]*\?(?:[^\s'\"#]*?&)?(?i:password|passwd)=)[^&#\s'\"]*")
-
-
-def mask_password(text: str) -> str:
-    """Every `scheme://user:password@` in `text` shown as `scheme://user:***@`, and every `?password=pw` in a
-    URI's query as `?password=***`: for every line and file we write."""
-    masked = _PASSWORD_IN_DATABASE_URI.sub(r"\g<head>***@", text)
-    masked = _PASSWORD_IN_WEB_URI.sub(r"\g<head>***@", masked)
-    return _PASSWORD_IN_QUERY.sub(r"\g<head>***", masked)
-
 
 def metric_maximizes(metric: str) -> bool:
     """True where a higher `metric` is better (val_accuracy), False where lower is (val_loss)."""
@@ -103,6 +83,12 @@ class Choice:
     def to_toml_value(self) -> Any:
         return self.values[0] if self.is_fixed else list(self.values)
 
+    def distinct_points(self) -> int | None:
+        return len(self.values)
+
+    def value_kinds(self) -> list[str]:
+        return sorted({type(v).__name__ for v in self.values})
+
 
 @dataclass(frozen=True)
 class Range:
@@ -120,6 +106,13 @@ class Range:
     def to_toml_value(self) -> Any:
         cast = int if self.integer else float
         return {"low": cast(self.low), "high": cast(self.high), "log": self.log}
+
+    def distinct_points(self) -> int | None:
+        """How many values it holds: None for a float range (as many as wanted)."""
+        return int(self.high - self.low) + 1 if self.integer else None
+
+    def value_kinds(self) -> list[str]:
+        return ["int" if self.integer else "float"]
 
 
 ParamSpec = Choice | Range
@@ -229,13 +222,14 @@ class StudyConfig(_Section):
 
     name: str = "fcn"
     trials: int = Field(default=30, ge=1, le=MAX_TRIALS)
+    # study.direction follows it (METRIC_DIRECTIONS); a sweep file may say it too, and must agree.
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    direction: Literal["maximize", "minimize"] | None = None
     engine: Engine = "optuna"  # who chooses each trial's hyperparameters
-    # The names each engine offers, and its default, are the table in mnist_sweep/samplers.py.
-    sampler: str | None = None
-    # Default: median with optuna; none with keras-tuner (its oracle decides how long a trial trains)
-    pruner: Literal["none", "median", "percentile", "successive_halving"] | None = None
+    # The names each engine offers, and its default (filled in when left out), are the table in
+    # mnist_sweep/samplers.py.
+    sampler: str = DEFAULT_SAMPLER["optuna"]
+    # Left out: the engine's default (samplers.ENGINE_TRAITS)
+    pruner: Literal["none", "median", "percentile", "successive_halving"] = "median"
     pruner_startup_trials: int = Field(default=5, ge=0)  # median, percentile: trials before any pruning
     pruner_warmup_epochs: int = Field(default=1, ge=0)  # epochs before a trial can be pruned (halving: >= 1)
     pruner_interval_epochs: int = Field(default=1, ge=1)  # median, percentile: consider pruning every N epochs
@@ -253,6 +247,20 @@ class StudyConfig(_Section):
     # the cores (or to a GPU); "auto" = the count measured fastest here (mnist_sweep/packing.py).
     workers: int | str = 1
     gpus: int | str = "all"  # GPUs the local workers spread over: "all" visible, 0 = CPU only, N = the first N
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_in(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data  # not a table: the model's own validation says so
+        study = dict(data)
+        _check_direction(study.pop("direction", None), study.get("metric", cls.model_fields["metric"].default))
+        return with_engine_defaults(study, cls.model_fields)
+
+    @property
+    def direction(self) -> Literal["maximize", "minimize"]:
+        """Optuna's direction for the study: the metric's (METRIC_DIRECTIONS)."""
+        return METRIC_DIRECTIONS[self.metric]
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
@@ -275,70 +283,27 @@ class StudyConfig(_Section):
             raise ValueError(
                 f"study.name must be letters, digits, '.', '_' or '-' (it names a folder), got {self.name!r}"
             )
-        expected = METRIC_DIRECTIONS[self.metric]
-        if self.direction is None:
-            object.__setattr__(self, "direction", expected)
-        elif self.direction != expected:
-            raise ValueError(
-                f"study.direction {self.direction!r} contradicts study.metric {self.metric!r}, "
-                f"which is {expected}d; set direction = {expected!r} or leave it out"
-            )
         _check_uri("study.storage", self.storage, STORAGE_SCHEMES)
-        _resolve_engine_keys(self)
+        check_engine_keys(self)
         if self.pruner == "successive_halving" and self.pruner_warmup_epochs < 1:
             raise ValueError(
                 "study.pruner_warmup_epochs is the first rung of successive halving and must be >= 1, got 0"
             )
         return self
 
-    @property
-    def goal(self) -> Literal["maximize", "minimize"]:
-        assert self.direction is not None  # filled in by the validator
-        return self.direction
 
-
-OPTUNA_PRUNER_KEYS = (
-    "pruner_startup_trials",
-    "pruner_warmup_epochs",
-    "pruner_interval_epochs",
-    "pruner_percentile",
-    "pruner_reduction_factor",
-)
-
-
-def _resolve_engine_keys(study: StudyConfig) -> None:
-    """Fill in the engine's default sampler and pruner; refuse a key that belongs to the other engine."""
-    keras_tuner = study.engine == "keras-tuner"
-    sampler = DEFAULT_SAMPLER[study.engine] if study.sampler is None else study.sampler
-    check_sampler_name(study.engine, sampler)
-    object.__setattr__(study, "sampler", sampler)
-    if study.pruner is None:
-        object.__setattr__(study, "pruner", "none" if keras_tuner else "median")
-    hyperband = keras_tuner and study.sampler == "hyperband"
-    if not hyperband and _changed(study, "hyperband_factor"):
+def _check_direction(direction: Any, metric: Any) -> None:
+    """study.direction, where a sweep file gives it: a name for the direction study.metric already decides."""
+    if direction is None:
+        return
+    if direction not in ("maximize", "minimize"):
+        raise ValueError(f'study.direction must be "maximize" or "minimize", got {direction!r}')
+    expected = METRIC_DIRECTIONS.get(metric) if isinstance(metric, str) else None
+    if expected is not None and direction != expected:
         raise ValueError(
-            f"study.hyperband_factor = {study.hyperband_factor} belongs to keras-tuner's hyperband oracle "
-            f"(study.engine = 'keras-tuner', study.sampler = 'hyperband'), not to study.engine = {study.engine!r} "
-            f"with study.sampler = {study.sampler!r}; remove it"
+            f"study.direction {direction!r} contradicts study.metric {metric!r}, "
+            f"which is {expected}d; set direction = {expected!r} or leave it out"
         )
-    if hyperband and study.pruner != "none":
-        raise ValueError(
-            f"study.pruner = {study.pruner!r} cannot run with keras-tuner's hyperband oracle, which decides itself "
-            "how many epochs each trial trains; leave study.pruner out (or set it to 'none')"
-        )
-    # A sweep file written for Optuna keeps its pruner keys when it says study.pruner = 'none': they are as
-    # inert as with Optuna and no pruner, and --set cannot remove a key from a file.
-    for key in OPTUNA_PRUNER_KEYS if hyperband and "pruner" not in study.model_fields_set else ():
-        if _changed(study, key):
-            raise ValueError(
-                f"study.{key} = {getattr(study, key)!r} belongs to Optuna's pruner, which keras-tuner's hyperband "
-                "oracle replaces; remove it (or set study.pruner = 'none' to keep it, unused)"
-            )
-
-
-def _changed(section: BaseModel, key: str) -> bool:
-    """Whether `key` holds other than its default: a default written out (as `validate` prints it) is no choice."""
-    return bool(getattr(section, key) != type(section).model_fields[key].default)
 
 
 class DataConfig(_Section):
@@ -393,8 +358,7 @@ class TrainConfig(_Section):
     plateau_factor: float = Field(default=0.5, gt=0, lt=1)
     plateau_patience: int = Field(default=2, ge=1)
     plateau_min_lr: float = Field(default=1e-6, ge=0)
-    # Batches per compiled step: fewer Python round trips, the same accuracy; 64 is no faster than 16.
-    # Measured by bench/epoch.py: see bench/RESULTS.md.
+    # Batches per compiled step: fewer Python round trips, the same accuracy (bench/epoch.py: see bench/RESULTS.md).
     steps_per_execution: int = Field(default=16, ge=1, le=1024)
     # "mixed_bfloat16": bfloat16 matmuls (AMX/AVX-512 BF16 units where the CPU has them), float32 weights and
     # softmax. Faster at large batches, slower at batch 32 (bench/epoch.py, see bench/RESULTS.md); not yet
@@ -466,6 +430,35 @@ class SearchConfig(_Section):
     def specs(self) -> dict[str, ParamSpec]:
         return {name: getattr(self, name) for name in type(self).model_fields}
 
+    def fixed_values(self) -> dict[str, str | int | float]:
+        """The keys that are not searched, with their single value."""
+        return {
+            name: spec.values[0] for name, spec in self.specs().items() if isinstance(spec, Choice) and spec.is_fixed
+        }
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """One trial's [search] values, typed: what the model is built from. A field per [search] key."""
+
+    optimizer: str
+    learning_rate: float
+    batch_size: int
+    activation: str
+    dropout: float
+    weight_decay: float
+    momentum: float
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> Hyperparameters:
+        """`params` typed; a key it lacks has [search]'s default where that is one fixed value (the value a
+        trial had before the key could be searched), else it is a KeyError."""
+        values = {**SearchConfig().fixed_values(), **params}
+        return cls(**{f.name: _POINT_TYPES[str(f.type)](values[f.name]) for f in fields(cls)})
+
+
+_POINT_TYPES: dict[str, Callable[[Any], Any]] = {"str": str, "float": float, "int": int}
+
 
 class TrackingConfig(_Section):
     """[tracking]: the MLflow tracking store, its artifact root, and where reports are written."""
@@ -480,8 +473,7 @@ class TrackingConfig(_Section):
     model_optimizer_state: bool = False
     # true: a trial's model and reports are stored on a background thread while the next trial trains (its run
     # ends FINISHED only once they are). Off by default: on 2 CPU cores the upload competes with the next fit
-    # and no gain was measured (bench/overhead, idle machine, 2026-11-28 20:12: trial/raw 1.039 in the
-    # background against 1.025 stored at once, within the spread of its blocks).
+    # and no gain was measured (bench/overhead.py: see bench/RESULTS.md).
     background_uploads: bool = False
     # The Model Registry's name for the chosen, once-scored model (alias "champion"); left out: the study's name;
     # "": register nothing (registry.py).
@@ -516,10 +508,23 @@ class SweepConfig(_Section):
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_in(cls, data: Any) -> Any:
+        """tracking.registered_model, left out, is the study's name."""
+        if not isinstance(data, Mapping):
+            return data
+        study, tracking = data.get("study", {}), data.get("tracking", {})
+        if not isinstance(study, (Mapping, BaseModel)) or not isinstance(tracking, (Mapping, BaseModel)):
+            return data  # not a table: the section's own validation says so
+        name = dict(study).get("name", StudyConfig.model_fields["name"].default)
+        tracking = dict(tracking)
+        if isinstance(name, str) and tracking.get("registered_model") is None:
+            tracking["registered_model"] = name
+        return {**data, "tracking": tracking}
+
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
-        if self.tracking.registered_model is None:
-            object.__setattr__(self.tracking, "registered_model", self.study.name)
         spec = self.search.learning_rate
         lowest = spec.low if isinstance(spec, Range) else min(float(v) for v in spec.values)
         if self.train.lr_schedule == "plateau" and self.train.plateau_min_lr >= lowest:
@@ -529,7 +534,7 @@ class SweepConfig(_Section):
                 "set a smaller plateau_min_lr"
             )
         if self.study.engine == "keras-tuner":
-            _check_keras_tuner_space(self.search, trials=self.study.trials, oracle=self.study.sampler)
+            check_keras_tuner_space(self.search.specs(), trials=self.study.trials, oracle=self.study.sampler)
         _check_path("tracking.reports", str(Path(self.tracking.reports) / self.study.name), shown=self.tracking.reports)
         _check_separate_stores(self.study.storage, self.tracking.uri)
         return self
@@ -546,32 +551,14 @@ class SweepConfig(_Section):
             out[section_name] = {
                 key: _shown(value) for key, value in ((k, getattr(section, k)) for k in type(section).model_fields)
             }
+        # The direction study.metric decides, shown beside it (a sweep file may say it too).
+        study = out.pop("study")
+        out = {"study": {}, **out}
+        for key, value in study.items():
+            out["study"][key] = value
+            if key == "metric":
+                out["study"]["direction"] = self.study.direction
         return out
-
-
-def _check_keras_tuner_space(search: SearchConfig, *, trials: int, oracle: str | None) -> None:
-    """Refuse what keras-tuner's HyperParameters cannot hold, or an oracle cannot draw `trials` times."""
-    points = 1
-    for name, spec in search.specs().items():
-        if isinstance(spec, Choice):
-            kinds = sorted({type(v).__name__ for v in spec.values})
-            if len(kinds) > 1:
-                raise ValueError(
-                    f"search.{name} = {spec.to_toml_value()!r}: keras-tuner's Choice holds values of one type, "
-                    f"got {' and '.join(kinds)} (write 1 as 1.0) for study.engine = 'keras-tuner'"
-                )
-            points *= len(spec.values)
-        elif spec.integer:
-            points *= int(spec.high - spec.low) + 1
-        else:
-            points = 0  # a float range: as many points as wanted
-            break
-    # Its random and bayesian oracles never draw a point twice (hyperband's promotions do, on purpose).
-    if oracle != "hyperband" and 0 < points < trials:
-        raise ValueError(
-            f"search holds {points} distinct points but study.trials = {trials}: keras-tuner's {oracle} oracle "
-            "draws each point once; lower study.trials or widen [search]"
-        )
 
 
 def _shown(value: Any) -> Any:
@@ -642,51 +629,6 @@ def _database_address(uri: str) -> tuple[str, str, int | None, str]:
 # --------------------------------------------------------------------------- loading
 
 
-def parse_override(assignment: str) -> tuple[list[str], Any]:
-    """`section.key=value` with exactly one TOML value; a bare word that is not TOML is taken as a string."""
-    key, sep, raw = assignment.partition("=")
-    parts = [p.strip() for p in key.strip().split(".")]
-    if not sep or len(parts) < 2 or not all(parts):
-        raise ConfigError(f"--set takes section.key=value, got {assignment!r}")
-    raw = raw.strip()
-    try:
-        document = tomllib.loads(f"value = {raw}")
-    except RecursionError:
-        raise ConfigError(f"--set {key.strip()}: the value is nested too deeply, got {raw[:20]!r}...") from None
-    except ValueError as exc:  # TOMLDecodeError, or an integer of over 4300 digits
-        if not _starts_like_toml(raw):
-            return parts, raw
-        raise ConfigError(
-            f"--set {key.strip()}={raw!r} is not one TOML value ({exc}); a string with spaces or brackets "
-            f"is quoted: --set '{key.strip()}=\"...\"'"
-        ) from None
-    if list(document) != ["value"]:  # a newline and more assignments: each is its own --set
-        raise ConfigError(f"--set {key.strip()}={raw!r} holds more than one value; give each key its own --set")
-    return parts, document["value"]
-
-
-def _starts_like_toml(raw: str) -> bool:
-    """A value that opens as a TOML string, array, table or number, or holds another assignment: one that
-    fails to parse is a typo, not a bare word."""
-    opens = raw[:1] in ('"', "'", "[", "{", "+", "-") or raw[:1].isdigit()
-    return opens or "\n" in raw or re.search(r"\s=|=\s", raw) is not None
-
-
-def apply_overrides(document: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
-    """A copy of `document` with each `section.key=value` assignment applied."""
-    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in document.items()}
-    for assignment in assignments:
-        parts, value = parse_override(assignment)
-        node = merged
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return merged
-
-
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
     """Read, merge and validate a sweep file; raises ConfigError with a one-line message."""
     source = Path(path)
@@ -746,7 +688,7 @@ def build_config(document: Mapping[str, Any], *, origin: str = "<config>") -> Sw
     try:
         return SweepConfig.model_validate(dict(document))
     except ValidationError as exc:
-        raise ConfigError(mask_password(f"{origin}: {_first_error(exc)}")) from None
+        raise ConfigError(mask_password(f"{origin}: {first_error(exc, SweepConfig)}")) from None
 
 
 def _check_scalars(document: Mapping[str, Any], *, origin: str) -> None:
@@ -767,58 +709,3 @@ def _check_scalars(document: Mapping[str, Any], *, origin: str) -> None:
 
     for section, values in document.items():
         walk(values, str(section))
-
-
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors(include_url=False)[0]
-    location = ".".join(str(part) for part in error["loc"])
-    value = error.get("input")
-    if error["type"] == "extra_forbidden":
-        section_name = location.rsplit(".", 1)[0] if "." in location else ""
-        model: type[BaseModel] = SweepConfig
-        if section_name:
-            model = SweepConfig.model_fields[section_name].annotation  # type: ignore[assignment]
-        where = f" in [{section_name}]" if section_name else ""
-        return f"unknown key {location!r}; known keys{where}: {', '.join(model.model_fields)}"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    message = re.sub(r" or instance of \w+", "", message)
-    if message.startswith(("study.", "data.", "model.", "train.", "search.", "tracking.")):
-        return message  # our own validators already name the key and the value
-    if error["type"] == "value_error":
-        return f"{location} {message}"
-    return f"{location} = {value!r}: {message[0].lower() + message[1:]}"
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def toml_string(value: str) -> str:
-    """`value` as a TOML basic string, quoted and escaped: for sweep files written and `--set` values."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return toml_string(value)
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    if value is None:
-        raise ConfigError("cannot write None to TOML")
-    raise ConfigError(f"cannot write {type(value).__name__} to TOML")
-
-
-def dumps_toml(document: Mapping[str, Mapping[str, Any]]) -> str:
-    """Sections of scalars, lists and inline tables: all a sweep file holds."""
-    blocks = []
-    for section, values in document.items():
-        lines = [f"[{section}]"] + [f"{key} = {_toml_value(v)}" for key, v in values.items()]
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) + "\n"

@@ -1,8 +1,8 @@
-"""MNIST in, split and normalised; the test split sealed away.
+"""MNIST in, split and normalised; the test split withheld from trials.
 
 Sources, in order: `data.path` (a folder of the four IDX files, gz or raw, or a Keras `mnist.npz`),
 then $MNIST_SWEEP_DATA, then Keras' download. Training images are decoded once per process. The test
-images are read only by `load_test_split`, which raises while the test set is sealed (i.e. while
+images are read only by `load_test_split`, which raises while the test split is withheld (i.e. while
 trials run), so no trial can look at them, even by accident.
 """
 
@@ -24,7 +24,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
-from mnist_sweep.errors import DataError, SealedTestSetError
+from mnist_sweep.errors import DataError, WithheldTestSplitError
 from mnist_sweep.locations import FILE, FOLDER, MISSING, path_kind
 
 DATA_ENV = "MNIST_SWEEP_DATA"
@@ -80,25 +80,33 @@ class DataSource:
         return DataError(f"{self.origin} = {self.location!r}: {detail}")
 
 
-# --------------------------------------------------------------------------- sealing the test set
+# --------------------------------------------------------------------------- the test split withheld from trials
+# (Not the test set's seal, final.py's once-only claim on scoring it: this guard only keeps trials off it.)
 
-_seal = threading.local()
+
+class _Withheld(threading.local):
+    """Per thread: whether the code running now trains (a trial, the reference, a replay)."""
+
+    active = False
+
+
+_withheld = _Withheld()
 
 
 @contextlib.contextmanager
-def sealed_test_set() -> Iterator[None]:
+def withholding_test_split() -> Iterator[None]:
     """While inside, `load_test_split` raises: trials run here."""
-    previous = getattr(_seal, "active", False)
-    _seal.active = True
+    previous = _withheld.active
+    _withheld.active = True
     try:
         yield
     finally:
-        _seal.active = previous
+        _withheld.active = previous
 
 
-def _refuse_if_sealed() -> None:
-    if getattr(_seal, "active", False):
-        raise SealedTestSetError("the test split was asked for while trials run; it is scored once, at the end")
+def _refuse_if_withheld() -> None:
+    if _withheld.active:
+        raise WithheldTestSplitError("the test split was asked for while trials run; it is scored once, at the end")
 
 
 # --------------------------------------------------------------------------- locating the data
@@ -410,6 +418,6 @@ def check_test_split_present(source: DataSource) -> None:
 
 def load_test_split(source: DataSource, *, cache: DataCache = CACHE) -> tuple[Images, Labels]:
     """The 10,000 test images and labels. Only the final step calls this, once per study."""
-    _refuse_if_sealed()
+    _refuse_if_withheld()
     images, labels = _load_raw(source, "test", cache)
     return _normalise(images), labels

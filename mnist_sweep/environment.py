@@ -102,6 +102,24 @@ def _tensorflow_memory_growth() -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
 
 
+# MLflow's settings it reads from the environment when used. A tracking server that does not answer costs
+# seconds, not MLflow's default minutes of retries. With a server MLflow prints two "View run ... at" lines per
+# run to stdout: one per trial, between ours, and through --quiet (the printed UI URL and `mnist-sweep ui` say
+# where to look). Downloading a model for scoring prints one line per step, not a progress bar.
+MLFLOW_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def set_mlflow_defaults() -> None:
+    """MLFLOW_DEFAULTS, each where the user's environment does not say otherwise: before MLflow is used."""
+    for name, value in MLFLOW_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def set_device_order() -> None:
     """CUDA numbers GPUs fastest first unless told otherwise; nvidia-smi, by PCI bus. Told, the numbers
     in CUDA_VISIBLE_DEVICES, nvidia-smi's rows and the backend's devices name the same cards (here and in

@@ -4,7 +4,7 @@
   Its message is one line naming the key and the value; nothing was written.
 - `TooManyFailures` (exit 1): trials keep failing, so the sweep stopped; the finished ones are kept.
 - `TrialDiverged`: one trial failed; it is recorded on the trial and the study goes on.
-- `SealedTestSetError`: a bug, not an input: the test images were asked for while trials run.
+- `WithheldTestSplitError`: a bug, not an input: the test images were asked for while trials run.
 - `MissingParamError`: a run's params lack a key; `replay` turns it into a `UsageError` naming the run.
 
 Light on purpose (no third-party import): `validate` and the preflight checks use it.
@@ -106,7 +106,7 @@ class TrialDiverged(RuntimeError):
     """The loss became NaN or infinite: this trial failed, the study goes on."""
 
 
-class SealedTestSetError(RuntimeError):
+class WithheldTestSplitError(RuntimeError):
     """Something asked for the test images while trials run: a bug, shown with its traceback."""
 
 

@@ -14,7 +14,6 @@ instead of scoring the test set a second time.
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -144,7 +143,6 @@ def load_scored_model(model_uri: str, *, tracking_uri: str, sha256: str | None =
     from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per step, not a bar
     with tempfile.TemporaryDirectory(prefix="mnist-sweep-model-") as folder:
         try:
             with global_tracking_uri(tracking_uri):

@@ -35,19 +35,37 @@ class Interrupted(KeyboardInterrupt):
         return EXIT_CODES.get(signal.Signals(self.signum), 128 + self.signum)
 
 
-_requested: list[int] = []
+class _PendingSignals:
+    """The signals recorded and not yet acted on. Signal handlers are the process's, so this is too: the one
+    instance below, written only by `_record` and cleared only by `deferred_signals` and `acknowledge`."""
+
+    def __init__(self) -> None:
+        self._signals: list[int] = []
+
+    def record(self, signum: int) -> None:
+        self._signals.append(signum)
+
+    def clear(self) -> None:
+        self._signals.clear()
+
+    def first(self) -> Interrupted | None:
+        return Interrupted(self._signals[0]) if self._signals else None
+
+
+_pending = _PendingSignals()
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
-    _requested.append(signum)
+    _pending.record(signum)
     # The next one stops the process the ordinary way, wherever it is.
     signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
 
 def raise_if_requested() -> None:
     """Raise Interrupted if a signal arrived since the handlers were installed."""
-    if _requested:
-        raise Interrupted(_requested[0])
+    stop = _pending.first()
+    if stop is not None:
+        raise stop
 
 
 def record_until_exit() -> None:
@@ -60,12 +78,12 @@ def record_until_exit() -> None:
 
 def acknowledge() -> None:
     """The signals so far were acted on (the command exits with their code): nothing left for atexit."""
-    _requested.clear()
+    _pending.clear()
 
 
 def _exit_if_requested() -> None:
-    if _requested:
-        stop = Interrupted(_requested[0])
+    stop = _pending.first()
+    if stop is not None:
         sys.stdout.flush()
         print(f"mnist-sweep: {stop} while shutting down; everything was recorded", file=sys.stderr, flush=True)
         os._exit(stop.exit_code)
@@ -100,7 +118,7 @@ def poll(check: Callable[[], T | None], *, every: float, timeout: float | None =
 def deferred_signals() -> Iterator[None]:
     """Within: SIGINT and SIGTERM are recorded and acted on by `raise_if_requested`."""
     previous = {signum: signal.signal(signum, _record) for signum in EXIT_CODES}
-    _requested.clear()
+    _pending.clear()
     try:
         yield
     finally:

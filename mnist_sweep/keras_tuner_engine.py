@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_sweep.config import Choice, ParamSpec, Range, SweepConfig
+from mnist_sweep.config import Range, SearchConfig, SweepConfig
 from mnist_sweep.databases import sqlite_file
 from mnist_sweep.errors import OracleStopped, StudyMismatchError, UserError
 from mnist_sweep.records import (
@@ -39,8 +39,8 @@ from mnist_sweep.records import (
     KERAS_TUNER_TRIAL_ID_ATTR,
     MODEL_URI_KEY,
 )
-from mnist_sweep.samplers import keras_tuner_oracle
-from mnist_sweep.space import searched_names, to_keras_tuner
+from mnist_sweep.samplers import ENGINE_TRAITS, keras_tuner_oracle
+from mnist_sweep.space import distributions
 from mnist_sweep.workarounds import set_oracle_project_dir, set_trial_user_attr
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def engine_label(cfg: SweepConfig) -> str:
 
 def check_workers(cfg: SweepConfig, *, workers: int = 1, as_worker: bool = False) -> None:
     """Refuse more than one process on a keras-tuner study (its oracle's state is one process's files)."""
-    if cfg.study.engine != "keras-tuner" or (workers <= 1 and not as_worker):
+    if not ENGINE_TRAITS[cfg.study.engine].one_process or (workers <= 1 and not as_worker):
         return
     what = "`mnist-sweep worker`" if as_worker else f"--workers {workers}"
     raise UserError(
@@ -118,24 +118,36 @@ def planned_warm_start(trial: optuna.Trial) -> tuple[str, int] | None:
     return None
 
 
-def distribution(spec: ParamSpec) -> BaseDistribution:
-    """The Optuna distribution `space.suggest` uses for one searched key."""
-    if isinstance(spec, Range):
-        if spec.integer:
-            return IntDistribution(int(spec.low), int(spec.high), log=spec.log)
-        return FloatDistribution(spec.low, spec.high, log=spec.log)
-    assert isinstance(spec, Choice)
-    return CategoricalDistribution(list(spec.values))
+def keras_tuner_space(search: SearchConfig, *, include_fixed: bool = True) -> keras_tuner.HyperParameters:
+    """The space as keras-tuner hyperparameters: the engine's one translation of [search] (its oracles search
+    the searched keys; Optuna's distributions of the same keys are space.distributions)."""
+    import keras_tuner
+
+    hp = keras_tuner.HyperParameters()
+    for name, spec in search.specs().items():
+        if spec.is_fixed and not include_fixed:
+            continue
+        if isinstance(spec, Range):
+            sampling = "log" if spec.log else "linear"
+            if spec.integer:
+                hp.Int(name, int(spec.low), int(spec.high), sampling=sampling)
+            else:
+                hp.Float(name, spec.low, spec.high, sampling=sampling)
+        elif spec.is_fixed:
+            hp.Fixed(name, spec.values[0])
+        else:
+            hp.Choice(name, list(spec.values))
+    return hp
 
 
 def make_oracle(cfg: SweepConfig) -> keras_tuner.Oracle:
     """The oracle `study.sampler` names, on the searched keys of [search], seeded from study.seed."""
     import keras_tuner
 
-    direction = "max" if cfg.study.goal == "maximize" else "min"
+    direction = "max" if cfg.study.direction == "maximize" else "min"
     common: dict[str, Any] = {
         "objective": keras_tuner.Objective(cfg.study.metric, direction),
-        "hyperparameters": to_keras_tuner(cfg.search, include_fixed=False),
+        "hyperparameters": keras_tuner_space(cfg.search, include_fixed=False),
         "seed": cfg.study.seed or SEED_FOR_ZERO,
         "allow_new_entries": False,
         "tune_new_entries": False,
@@ -163,7 +175,7 @@ class OracleSampler(optuna.samplers.BaseSampler):
         if (self.directory / ORACLE_STATE).is_file():
             self.oracle.reload()
             _check_reloaded(self.oracle, cfg)
-        self.search_space = {name: distribution(cfg.search.specs()[name]) for name in searched_names(cfg.search)}
+        self.search_space = distributions(cfg.search)
         self.asked: dict[int, keras_tuner.engine.trial.Trial] = {}  # Optuna trial number -> oracle trial
         self.stopped = ""  # why the oracle gave no trial, when it did not
 

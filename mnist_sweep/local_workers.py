@@ -24,6 +24,7 @@ from mnist_sweep.config import SweepConfig
 from mnist_sweep.console import Echo
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.placement import PARENT_VAR, Placement
+from mnist_sweep.samplers import ENGINE_TRAITS
 
 STOP_SECONDS = 120.0  # a child closes its trial's run and exits; then it is killed
 
@@ -171,8 +172,8 @@ def arrange(
     """
     cpus = placement.usable_cpus()
     workers = cfg.study.workers
-    if workers == "auto" and cfg.study.engine == "keras-tuner":
-        echo("study.workers = 'auto': 1, since study.engine = 'keras-tuner' runs its oracle in one process")
+    if workers == "auto" and ENGINE_TRAITS[cfg.study.engine].one_process:
+        echo(f"study.workers = 'auto': 1, since study.engine = {cfg.study.engine!r} runs its oracle in one process")
         workers = 1
     if workers == "auto":
         from mnist_sweep.packing import resolve_auto

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import keras
 
-from mnist_sweep.config import OPTIMIZERS
+from mnist_sweep.config import OPTIMIZERS, Hyperparameters
 from mnist_sweep.data import IMAGE_SIDE, NUM_CLASSES
 
 
@@ -57,7 +57,7 @@ def learning_rate(
 
 
 def compiled_model(
-    params: dict[str, object],
+    params: Hyperparameters | Mapping[str, object],
     hidden: Sequence[int],
     *,
     schedule: str = "constant",
@@ -65,22 +65,13 @@ def compiled_model(
     steps_per_execution: int = 1,
     metrics: Sequence[str | keras.metrics.Metric] = ("accuracy",),
 ) -> keras.Model:
-    """A fresh, compiled model for one trial's hyperparameters."""
+    """A fresh, compiled model for one trial's hyperparameters (a key `params` lacks: [search]'s fixed default)."""
+    point = params if isinstance(params, Hyperparameters) else Hyperparameters.of(params)
     model = build_model(
-        hidden=hidden,
-        activation=str(params["activation"]),
-        dropout=float(params.get("dropout", 0.0)),  # type: ignore[arg-type]
-        weight_decay=float(params.get("weight_decay", 0.0)),  # type: ignore[arg-type]
+        hidden=hidden, activation=point.activation, dropout=point.dropout, weight_decay=point.weight_decay
     )
-    optimizer = build_optimizer(
-        name=str(params["optimizer"]),
-        learning_rate=learning_rate(
-            float(params["learning_rate"]),  # type: ignore[arg-type]
-            schedule=schedule,
-            total_steps=total_steps,
-        ),
-        momentum=float(params.get("momentum", 0.0)),  # type: ignore[arg-type]
-    )
+    rate = learning_rate(point.learning_rate, schedule=schedule, total_steps=total_steps)
+    optimizer = build_optimizer(name=point.optimizer, learning_rate=rate, momentum=point.momentum)
     model.compile(
         optimizer=optimizer,
         loss="sparse_categorical_crossentropy",

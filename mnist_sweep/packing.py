@@ -189,7 +189,8 @@ def probe(job: dict[str, Any]) -> dict[int, float]:
     params = {"optimizer": "adam", "learning_rate": 1e-3, "activation": "relu"}
     seconds: dict[int, float] = {}
     for batch in job["batch_sizes"]:
-        model = compiled_model(params, job["hidden"], steps_per_execution=int(job["steps_per_execution"]))
+        point = {**params, "batch_size": batch}
+        model = compiled_model(point, job["hidden"], steps_per_execution=int(job["steps_per_execution"]))
         warm = min(samples, batch * int(job["steps_per_execution"]) * 2)
         model.fit(x[:warm], y[:warm], batch_size=batch, epochs=1, verbose=0)
         passes = []

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, overload
 
-from mnist_sweep.config import SweepConfig, mask_password
+from mnist_sweep.config import SweepConfig
 from mnist_sweep.data import (
     IMAGE_SIDE,
     NUM_CLASSES,
@@ -36,6 +36,7 @@ from mnist_sweep.locations import (
     path_kind,
     path_problem,
 )
+from mnist_sweep.masking import mask_password
 from mnist_sweep.samplers import check_installed as check_sampler_installed
 from mnist_sweep.tensorboard_log import check_installed as check_tensorboard_installed
 

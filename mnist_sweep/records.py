@@ -8,12 +8,14 @@ that reads them back. This module imports neither Optuna nor MLflow nor Keras.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mnist_sweep.config import Choice, SearchConfig, SweepConfig, parse_override
+from mnist_sweep.config import Choice, SearchConfig, SweepConfig
 from mnist_sweep.errors import MissingParamError
+from mnist_sweep.toml_text import typed_value
+from mnist_sweep.train_settings import TrainSettings
 
 # --------------------------------------------------------------------------- Optuna: a trial's user attributes
 
@@ -95,9 +97,15 @@ def decode_hidden(text: str) -> tuple[int, ...]:
     return tuple(int(units) for units in text.split("-"))
 
 
-def _typed(text: str) -> Any:
-    """An MLflow param (always a string) back as the number or name it was."""
-    return parse_override(f"param.value={text}")[1]
+# A run param's name where it is not the TrainSettings field's (runs have always logged these names).
+_SETTING_PARAM = {"monitor": "early_stopping_monitor"}
+# [data] keys a trial run logs, each as `data_<key>`: the split it trained on.
+_DATA_KEYS = ("validation", "train_limit", "seed")
+_READ: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "tuple[int, ...]": decode_hidden}
+
+
+def _setting_param(name: str) -> str:
+    return _SETTING_PARAM.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -108,17 +116,7 @@ class RunParams:
     strings MLflow stores; `decode` reads them back, with the config's defaults for keys older runs lack.
     """
 
-    hidden: tuple[int, ...]
-    epochs: int
-    early_stopping_patience: int
-    early_stopping_monitor: str
-    lr_schedule: str
-    plateau_factor: float
-    plateau_patience: int
-    plateau_min_lr: float
-    steps_per_execution: int
-    precision: str
-    loop: str
+    settings: TrainSettings
     data_validation: int
     data_train_limit: int
     data_seed: int
@@ -134,50 +132,24 @@ class RunParams:
     @classmethod
     def from_config(cls, cfg: SweepConfig, *, data_source: str, n_train: int, n_val: int) -> RunParams:
         """The study's part, from the sweep file; `for_trial` adds a trial's hyperparameters and seed."""
+        split = {f"data_{key}": getattr(cfg.data, key) for key in _DATA_KEYS}
         return cls(
-            hidden=tuple(cfg.model.hidden),
-            epochs=cfg.train.epochs,
-            early_stopping_patience=cfg.train.early_stopping_patience,
-            early_stopping_monitor=cfg.study.metric,
-            lr_schedule=cfg.train.lr_schedule,
-            plateau_factor=cfg.train.plateau_factor,
-            plateau_patience=cfg.train.plateau_patience,
-            plateau_min_lr=cfg.train.plateau_min_lr,
-            steps_per_execution=cfg.train.steps_per_execution,
-            precision=cfg.train.precision,
-            loop=cfg.train.loop,
-            data_validation=cfg.data.validation,
-            data_train_limit=cfg.data.train_limit,
-            data_seed=cfg.data.seed,
-            data_source=data_source,
-            n_train=n_train,
-            n_val=n_val,
+            settings=TrainSettings.from_config(cfg), data_source=data_source, n_train=n_train, n_val=n_val, **split
         )
 
-    def for_trial(self, hyperparameters: Mapping[str, Any], seed: int) -> RunParams:
-        return dataclasses.replace(self, hyperparameters=dict(hyperparameters), seed=seed)
-
-    def train_settings(self) -> dict[str, Any]:
-        """The keyword arguments of trial.TrainSettings (which imports Keras, so it is built by the caller)."""
-        return {
-            "hidden": self.hidden,
-            "epochs": self.epochs,
-            "early_stopping_patience": self.early_stopping_patience,
-            "monitor": self.early_stopping_monitor,
-            "lr_schedule": self.lr_schedule,
-            "plateau_factor": self.plateau_factor,
-            "plateau_patience": self.plateau_patience,
-            "plateau_min_lr": self.plateau_min_lr,
-            "steps_per_execution": self.steps_per_execution,
-            "precision": self.precision,
-            "loop": self.loop,
-        }
+    def for_trial(self, hyperparameters: Mapping[str, Any], seed: int, *, epochs: int | None = None) -> RunParams:
+        """A trial's params: its hyperparameters and seed, and its epochs where its engine plans them."""
+        settings = self.settings if epochs is None else dataclasses.replace(self.settings, epochs=epochs)
+        return dataclasses.replace(self, settings=settings, hyperparameters=dict(hyperparameters), seed=seed)
 
     def encode(self) -> dict[str, str]:
         """The MLflow params: the hyperparameters, then the settings, the split and the seed, as strings."""
-        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hyperparameters"}
-        settings["hidden"] = encode_hidden(self.hidden)
-        return {key: str(value) for key, value in {**self.hyperparameters, **settings}.items()}
+        settings: dict[str, Any] = {
+            _setting_param(f.name): getattr(self.settings, f.name) for f in dataclasses.fields(TrainSettings)
+        }
+        settings["hidden"] = encode_hidden(self.settings.hidden)
+        study = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_PARAMS}
+        return {key: str(value) for key, value in {**self.hyperparameters, **settings, **study}.items()}
 
     @classmethod
     def decode(cls, params: Mapping[str, str]) -> RunParams:
@@ -188,27 +160,14 @@ class RunParams:
         if missing:
             raise MissingParamError(missing[0])
         merged = {**cls.filled_in(params), **params}
-        return cls(
-            hidden=decode_hidden(merged["hidden"]),
-            epochs=int(merged["epochs"]),
-            early_stopping_patience=int(merged["early_stopping_patience"]),
-            early_stopping_monitor=merged["early_stopping_monitor"],
-            lr_schedule=merged["lr_schedule"],
-            plateau_factor=float(merged["plateau_factor"]),
-            plateau_patience=int(merged["plateau_patience"]),
-            plateau_min_lr=float(merged["plateau_min_lr"]),
-            steps_per_execution=int(merged["steps_per_execution"]),
-            precision=merged["precision"],
-            loop=merged["loop"],
-            data_validation=int(merged["data_validation"]),
-            data_train_limit=int(merged["data_train_limit"]),
-            data_seed=int(merged["data_seed"]),
-            data_source=merged["data_source"],
-            n_train=int(merged["n_train"]),
-            n_val=int(merged["n_val"]),
-            hyperparameters={key: _typed(merged[key]) for key in SearchConfig.model_fields},
-            seed=int(merged["seed"]),
+        settings = TrainSettings(
+            **{f.name: _READ[str(f.type)](merged[_setting_param(f.name)]) for f in dataclasses.fields(TrainSettings)}
         )
+        study = {
+            f.name: _READ[str(f.type)](merged[f.name]) for f in dataclasses.fields(cls) if f.name not in _NOT_PARAMS
+        }
+        hyperparameters = {key: typed_value(merged[key]) for key in SearchConfig.model_fields}
+        return cls(settings=settings, hyperparameters=hyperparameters, **study)
 
     @classmethod
     def filled_in(cls, params: Mapping[str, str]) -> dict[str, str]:
@@ -221,6 +180,9 @@ class RunParams:
             if fixed is not None:
                 defaults[key] = str(fixed)
         return {key: value for key, value in defaults.items() if key not in params and key not in cls.REQUIRED}
+
+
+_NOT_PARAMS = ("settings", "hyperparameters")  # RunParams fields encoded key by key, not as one param
 
 
 def _fixed_default(key: str) -> str | int | float | None:

@@ -27,6 +27,7 @@ from mnist_sweep.records import (
     Registration,
     TestResult,
 )
+from mnist_sweep.workarounds import validate_registered_model_name
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -60,12 +61,11 @@ def check_up_front(client_for: Callable[[], MlflowClient] | None, name: str) -> 
     """Before any trial: a name MLflow refuses, or one that another project's registered model holds (looked up
     through `client_for()`; None where the store does not exist yet)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_model_name
 
     if not name:
         return
     try:
-        _validate_model_name(name)
+        validate_registered_model_name(name)
     except MlflowException as exc:
         raise RegistryError(f"{KEY} = {name!r}: MLflow refuses this name ({first_line(exc)})") from None
     if client_for is None:

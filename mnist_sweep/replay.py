@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mnist_sweep.config import SweepConfig, build_config
-from mnist_sweep.data import load_split, resolve_source, sealed_test_set
+from mnist_sweep.data import load_split, resolve_source, withholding_test_split
 from mnist_sweep.errors import MissingParamError, UsageError
 from mnist_sweep.records import RunParams, final_metric
 from mnist_sweep.tracking import read_run
-from mnist_sweep.trial import TrainSettings, run_trial
+from mnist_sweep.trial import run_trial
 
 
 def replay(cfg: SweepConfig, run_id: str, *, echo: Callable[[str], None]) -> int:
@@ -40,9 +40,8 @@ def replay(cfg: SweepConfig, run_id: str, *, echo: Callable[[str], None]) -> int
     )
     if (len(split.y_train), len(split.y_val)) != (logged.n_train, logged.n_val):
         raise UsageError(f"run {run_id!r} trained on {logged.n_train} images; this data gives {len(split.y_train)}")
-    settings = TrainSettings(**logged.train_settings())
-    with sealed_test_set():
-        outcome = run_trial(params=logged.hyperparameters, split=split, settings=settings, seed=logged.seed)
+    with withholding_test_split():
+        outcome = run_trial(params=logged.hyperparameters, split=split, settings=logged.settings, seed=logged.seed)
     for name, now in (("val_accuracy", outcome.val_accuracy), ("val_loss", outcome.val_loss)):
         before = metrics[final_metric(name)]
         echo(f"{name}: replayed {now:.6f}, logged {before:.6f}, difference {now - before:+.2e}")

@@ -22,15 +22,21 @@ if TYPE_CHECKING:
 Engine = Literal["optuna", "keras-tuner"]
 
 
-@dataclass(frozen=True)
-class OptunaSampler:
-    """An Optuna sampler: `build(seed, constant_liar)`; `requires`: modules it imports that the project's
-    dependencies do not bring (checked before anything is written), with the pip extra that installs them."""
+@dataclass(frozen=True, kw_only=True)
+class SamplerEntry:
+    """What every entry of the table says. `requires`: modules it imports that the project's dependencies do
+    not bring (checked before anything is written), with the pip extra that installs them."""
 
-    build: Callable[[int, bool], optuna.samplers.BaseSampler]
     requires: tuple[str, ...] = ()
     install: str = ""
     constant_liar: bool = False  # whether it takes the study's constant_liar (it lies for running trials)
+
+
+@dataclass(frozen=True)
+class OptunaSampler(SamplerEntry):
+    """An Optuna sampler: `build(seed, constant_liar)`."""
+
+    build: Callable[[int, bool], optuna.samplers.BaseSampler]
 
 
 def _unlimited(study: StudyConfig, epochs: int) -> dict[str, Any]:
@@ -38,7 +44,7 @@ def _unlimited(study: StudyConfig, epochs: int) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class KerasTunerOracle:
+class KerasTunerOracle(SamplerEntry):
     """A keras-tuner oracle: its class in `keras_tuner.oracles`, and its own arguments from the study and
     train.epochs."""
 
@@ -92,11 +98,29 @@ KERAS_TUNER_ORACLES: Mapping[str, KerasTunerOracle] = {
     "bayesian": KerasTunerOracle("BayesianOptimizationOracle"),
     "hyperband": KerasTunerOracle("HyperbandOracle", options=_hyperband),
 }
-ENGINES: Mapping[Engine, Mapping[str, OptunaSampler | KerasTunerOracle]] = {
+ENGINES: Mapping[Engine, Mapping[str, SamplerEntry]] = {
     "optuna": OPTUNA_SAMPLERS,
     "keras-tuner": KERAS_TUNER_ORACLES,
 }
-DEFAULT_SAMPLER: Mapping[Engine, str] = {"optuna": "tpe", "keras-tuner": "bayesian"}
+
+
+@dataclass(frozen=True)
+class EngineTraits:
+    """What an engine does besides offering its samplers: read where the two engines differ, instead of
+    asking which engine it is."""
+
+    default_sampler: str
+    default_pruner: str
+    one_process: bool  # its sampler's state is this process's files: no second process on the study
+    retries_stale_trials: bool  # Optuna retries a dead worker's trial; keras-tuner's oracle reruns its own
+
+
+ENGINE_TRAITS: Mapping[Engine, EngineTraits] = {
+    "optuna": EngineTraits("tpe", "median", one_process=False, retries_stale_trials=True),
+    # Its oracle decides how long a trial trains (hyperband), so no pruner unless asked for.
+    "keras-tuner": EngineTraits("bayesian", "none", one_process=True, retries_stale_trials=False),
+}
+DEFAULT_SAMPLER: Mapping[Engine, str] = {name: traits.default_sampler for name, traits in ENGINE_TRAITS.items()}
 
 
 def check_name(engine: Engine, sampler: str) -> None:
@@ -112,32 +136,38 @@ def check_name(engine: Engine, sampler: str) -> None:
     )
 
 
+def sampler_entry(study: StudyConfig) -> SamplerEntry:
+    """The table's entry for the study's engine and sampler; a name not in it is a KeyError, never another
+    sampler (config refuses it first)."""
+    return ENGINES[study.engine][study.sampler]
+
+
 def optuna_sampler(study: StudyConfig) -> OptunaSampler:
-    """The table's entry for the study's Optuna sampler; a name not in it is a bug (config refuses it)."""
-    assert study.engine == "optuna" and study.sampler is not None, study
-    return OPTUNA_SAMPLERS[study.sampler]
+    """The table's entry for the study's Optuna sampler."""
+    entry = sampler_entry(study)
+    assert isinstance(entry, OptunaSampler), study
+    return entry
 
 
 def keras_tuner_oracle(study: StudyConfig) -> KerasTunerOracle:
-    """The table's entry for the study's keras-tuner oracle; a name not in it is a bug (config refuses it)."""
-    assert study.engine == "keras-tuner" and study.sampler is not None, study
-    return KERAS_TUNER_ORACLES[study.sampler]
+    """The table's entry for the study's keras-tuner oracle."""
+    entry = sampler_entry(study)
+    assert isinstance(entry, KerasTunerOracle), study
+    return entry
 
 
 def takes_constant_liar(study: StudyConfig) -> bool:
     """Whether the study's sampler lies about running trials (keras-tuner's oracles have no lies to tell)."""
-    return study.engine == "optuna" and optuna_sampler(study).constant_liar
+    return sampler_entry(study).constant_liar
 
 
 def check_installed(study: StudyConfig) -> None:
     """Raises PreflightError (exit 2, nothing written) where the study's sampler needs a module not installed."""
-    if study.engine != "optuna":
-        return
-    entry = optuna_sampler(study)
+    entry = sampler_entry(study)
     missing = [name for name in entry.requires if importlib.util.find_spec(name) is None]
     if missing:
         how = entry.install or f"pip install {' '.join(missing)}"
-        others = ", ".join(name for name in OPTUNA_SAMPLERS if name != study.sampler)
+        others = ", ".join(name for name in ENGINES[study.engine] if name != study.sampler)
         raise PreflightError(
             f"study.sampler = {study.sampler!r} needs the Python package {' and '.join(missing)}, which is not "
             f"installed ({how}); or choose another sampler: {others}"

@@ -167,7 +167,7 @@ def open_study(
             storage=storage,
             sampler=sampler,
             pruner=pruner,
-            direction=cfg.study.goal,
+            direction=cfg.study.direction,
             load_if_exists=False,
         )
         created = True
@@ -187,10 +187,10 @@ def open_study(
         if WORKER_POLICY_ATTR not in attrs:  # made before studies recorded it: from now on it is written down
             study.set_user_attr(WORKER_POLICY_ATTR, policy.to_attr())
     stored = study.direction.name.lower()
-    if stored != cfg.study.goal:
+    if stored != cfg.study.direction:
         raise StudyMismatchError(
             f"study {cfg.study.name!r} in {cfg.study.storage} was created to {stored} "
-            f"but the sweep file says study.direction = {cfg.study.goal!r}; use a new study.name"
+            f"but the sweep file says study.direction = {cfg.study.direction!r}; use a new study.name"
         )
     return study, created
 

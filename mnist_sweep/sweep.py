@@ -127,7 +127,7 @@ def study_description(cfg: SweepConfig, *, sweep_file: str = "") -> str:
         f"Optuna study **{study.name}**{source}: {study.trials} trials of the MNIST fully connected network "
         f"(hidden layers {hidden}, up to {cfg.train.epochs} epochs), {_chooser(cfg)}, {study.pruner} pruner.\n\n"
         f"Searched: {searched or 'nothing (every hyperparameter fixed)'}. The trial with the best `{study.metric}` "
-        f"({study.goal}) on the validation split is chosen, and its model is scored once on the held-out test set "
+        f"({study.direction}) on the validation split is chosen, and its model is scored once on the held-out test set "
         "(the `test_*` metrics of this run, and `report/report.html`).\n\n"
         "Each trial is a child run `trial-NNNN`: compare them by the columns `final_val_accuracy`, `final_val_loss` "
         "and the searched params."

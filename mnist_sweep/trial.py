@@ -18,12 +18,13 @@ from typing import Any
 import keras
 import numpy as np
 
-from mnist_sweep.config import metric_maximizes
+from mnist_sweep.config import Hyperparameters
 from mnist_sweep.data import NUM_CLASSES, Split
 from mnist_sweep.errors import TrialDiverged
 from mnist_sweep.interrupt import raise_if_requested
 from mnist_sweep.metrics import ClassificationReport, classification_report
 from mnist_sweep.model import compiled_model
+from mnist_sweep.train_settings import TrainSettings
 from mnist_sweep.workarounds import TracedGradients
 
 EpochHook = Callable[[int, Mapping[str, float]], None]
@@ -36,27 +37,6 @@ thread; with steps_per_execution = N, once per N batches. Keep it cheap (a live 
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 LEARNING_RATE = "learning_rate"
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """What every trial of a study shares."""
-
-    hidden: tuple[int, ...]
-    epochs: int
-    early_stopping_patience: int = 0
-    monitor: str = "val_loss"  # what early stopping watches and which epoch counts as best
-    lr_schedule: str = "constant"  # "constant", "cosine" or "plateau"
-    plateau_factor: float = 0.5  # plateau: ReduceLROnPlateau's factor, patience and floor
-    plateau_patience: int = 2
-    plateau_min_lr: float = 1e-6
-    steps_per_execution: int = 1
-    precision: str = "float32"  # a Keras dtype policy: "float32" or "mixed_bfloat16"
-    loop: str = "fit"  # "fit", or "compiled": each epoch one XLA loop under TensorFlow (compiled_loop.py)
-
-    @property
-    def monitor_maximizes(self) -> bool:
-        return metric_maximizes(self.monitor)
 
 
 @dataclass(frozen=True)
@@ -236,11 +216,12 @@ def run_trial(
         session.fresh(seed)
     else:
         clean_start(seed)
-    batch_size = int(params["batch_size"])
+    point = Hyperparameters.of(params)
+    batch_size = point.batch_size
     steps_per_epoch = -(-len(split.y_train) // batch_size)
     with _dtype_policy(settings.precision):  # layers take the policy when built
         model = compiled_model(
-            dict(params),
+            point,
             settings.hidden,
             schedule=settings.lr_schedule,
             total_steps=settings.epochs * steps_per_epoch,

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.console import NO_PROGRESS, TrialProgress
-from mnist_sweep.data import Split, sealed_test_set
+from mnist_sweep.data import Split, withholding_test_split
 from mnist_sweep.records import (
     EPOCHS_TRAINED_ATTR,
     FAIL_REASON_ATTR,
@@ -42,7 +42,8 @@ from mnist_sweep.tensorboard_log import ARTIFACT_PATH as TENSORBOARD_ARTIFACT
 from mnist_sweep.tensorboard_log import EpochEvents
 
 if TYPE_CHECKING:
-    from mnist_sweep.trial import FitClock, TrainSettings, TrialOutcome, WarmStart
+    from mnist_sweep.train_settings import TrainSettings
+    from mnist_sweep.trial import FitClock, TrialOutcome, WarmStart
 
 TAKEN_OVER = (
     "another worker failed this trial as stale (its heartbeat was late) and will retry its parameters; "
@@ -90,14 +91,14 @@ class Trials:
         self.run_tags = dict(run_tags or {})  # every trial run's, besides the machine's (the worker policy's)
         self.scheduler: Scheduler = scheduler or StudyScheduler(cfg.study.metric)
         # TensorFlow loads here, after every input check: bad input fails fast and prints one line.
-        from mnist_sweep.trial import TrainSettings, TrialSession
+        from mnist_sweep.trial import TrialSession
 
         self.session = TrialSession()  # what this process's trials share (gc freeze, TF's registry)
         # What every trial run logs as params besides its hyperparameters and seed; replay decodes them.
         self.run_params = RunParams.from_config(
             cfg, data_source=data_source, n_train=len(split.y_train), n_val=len(split.y_val)
         )
-        self.settings: TrainSettings = TrainSettings(**self.run_params.train_settings())
+        self.settings: TrainSettings = self.run_params.settings
 
     def run(self, trial: optuna.Trial) -> TrialEnd:
         """One trial asked of the study, run to its end here; the caller tells Optuna how it ended."""
@@ -146,7 +147,7 @@ class TrialRun:
         params = sample_params(trial, cfg.search)
         epochs = self.trials.scheduler.epochs(trial, cfg.train.epochs)  # hyperband gives each trial its own
         seed = trial_seed(cfg.study.seed, trial.number)
-        run_params = dataclasses.replace(self.trials.run_params.for_trial(params, seed), epochs=epochs)
+        run_params = self.trials.run_params.for_trial(params, seed, epochs=epochs)
         self.run_id = self.tracker.start_trial_run(
             parent_run_id=self.trials.context.parent_run_id,
             study_name=trial.study.study_name,
@@ -169,7 +170,7 @@ class TrialRun:
         self.trials.progress.trial_started(number=self.trial.number, epochs=epochs)
         try:
             warm_start = self._warm_start()
-            with sealed_test_set():
+            with withholding_test_split():
                 outcome = trial_code.run_trial(
                     params=params,
                     split=self.trials.split,

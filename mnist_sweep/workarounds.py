@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
 # major.minor, each pinned so in pyproject.toml: tensorflow's gradient registry, keras' compiled/optimizer flip,
-# mlflow's table creation, keras-tuner's oracle internals, optuna's storage and trial id.
+# mlflow's table creation and model-name check, keras-tuner's oracle internals, optuna's storage and trial id.
 WRITTEN_FOR = {"tensorflow": "2.21", "keras": "3.15", "mlflow": "3.17", "keras-tuner": "1.4", "optuna": "5.1"}
 
 
@@ -122,6 +122,14 @@ def create_mlflow_tables(uri: str) -> None:
         _initialize_tables(engine)  # type: ignore[no-untyped-call]
     finally:
         engine.dispose()
+
+
+def validate_registered_model_name(name: str) -> None:
+    """Raises MlflowException where the Model Registry would refuse `name`: MLflow's own check
+    (mlflow.utils.validation, private), run before any trial instead of at registration, after the sweep."""
+    from mlflow.utils.validation import _validate_model_name
+
+    _validate_model_name(name)
 
 
 # --------------------------------------------------------------------------- keras-tuner: its oracles

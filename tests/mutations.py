@@ -51,16 +51,16 @@ class Mutation:
 
 MUTATIONS = (
     Mutation(
-        "seal: trials run inside sealed_test_set()",
+        "withheld: trials run inside withholding_test_split()",
         "mnist_sweep/trial_run.py",
-        "            with sealed_test_set():\n                outcome = trial_code.run_trial(",
+        "            with withholding_test_split():\n                outcome = trial_code.run_trial(",
         "            if True:\n                outcome = trial_code.run_trial(",
         (f"{SEAL}::test_trials_never_read_the_test_split",),
     ),
     Mutation(
-        "seal: replay runs inside sealed_test_set()",
+        "withheld: replay runs inside withholding_test_split()",
         "mnist_sweep/replay.py",
-        "    with sealed_test_set():\n        outcome = run_trial(",
+        "    with withholding_test_split():\n        outcome = run_trial(",
         "    if True:\n        outcome = run_trial(",
         (f"{SEAL}::test_replay_never_reads_the_test_split",),
         before=(
@@ -69,10 +69,10 @@ MUTATIONS = (
         ),
     ),
     Mutation(
-        "seal: load_test_split refuses while sealed",
+        "withheld: load_test_split refuses while trials run",
         "mnist_sweep/data.py",
-        '    if getattr(_seal, "active", False):\n        raise SealedTestSetError',
-        "    if False:\n        raise SealedTestSetError",
+        "    if _withheld.active:\n        raise WithheldTestSplitError",
+        "    if False:\n        raise WithheldTestSplitError",
         ("tests/test_data.py::test_test_split_is_sealed_while_trials_run",),
     ),
     Mutation(
@@ -139,7 +139,7 @@ MUTATIONS = (
     ),
     Mutation(
         "passwords: user:pw@ masked",
-        "mnist_sweep/config.py",
+        "mnist_sweep/masking.py",
         'masked = _PASSWORD_IN_DATABASE_URI.sub(r"\\g<head>***@", text)',
         "masked = text",
         ("tests/test_secrets.py::test_mask_password_hides_only_the_password",),
@@ -147,7 +147,7 @@ MUTATIONS = (
     ),
     Mutation(
         "passwords: ?password= masked",
-        "mnist_sweep/config.py",
+        "mnist_sweep/masking.py",
         'return _PASSWORD_IN_QUERY.sub(r"\\g<head>***", masked)',
         "return masked",
         (
@@ -313,14 +313,14 @@ MUTATIONS = (
     ),
     Mutation(
         "bad input: --set takes exactly one TOML value",
-        "mnist_sweep/config.py",
+        "mnist_sweep/toml_text.py",
         '    if list(document) != ["value"]:',
         "    if False:",
         (f"{BAD}[set-with-a-second-line]",),
     ),
     Mutation(
         "bad input: --set text that opens like TOML but is not is refused",
-        "mnist_sweep/config.py",
+        "mnist_sweep/toml_text.py",
         "        if not _starts_like_toml(raw):",
         "        if True:",
         (

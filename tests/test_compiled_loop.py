@@ -14,9 +14,10 @@ from mnist_sweep.data import Split
 from mnist_sweep.errors import TrialDiverged
 from mnist_sweep.metrics import confusion_matrix
 from mnist_sweep.scheduler import PruningHook
-from mnist_sweep.trial import FitClock, TrainSettings, TrialOutcome, WarmStart, compiled_loop_runs, run_trial
+from mnist_sweep.trial import FitClock, TrialOutcome, WarmStart, compiled_loop_runs, run_trial
 from tests.conftest import REPO, cli_environment
 from tests.test_backends import needs
+from tests.test_trial import train_settings
 
 PARAMS = {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "activation": "relu", "dropout": 0.2}
 Seen = list[tuple[int, dict[str, float]]]
@@ -38,7 +39,7 @@ def trained(split: Split, loop: str, **settings: object) -> tuple[Seen, TrialOut
     outcome = run_trial(
         params=PARAMS,
         split=split,
-        settings=TrainSettings(loop=loop, **options),  # type: ignore[arg-type]
+        settings=train_settings(loop=loop, **options),
         seed=1,
         epoch_hooks=[lambda epoch, values: seen.append((epoch, dict(values)))],
     )
@@ -75,7 +76,7 @@ def test_the_compiled_loop_is_reproducible_and_calls_the_batch_hooks_once_per_ep
     run_trial(
         params=PARAMS,
         split=split,
-        settings=TrainSettings(hidden=(64,), epochs=2, lr_schedule="cosine", loop="compiled"),
+        settings=train_settings(hidden=(64,), epochs=2, lr_schedule="cosine", loop="compiled"),
         seed=1,
         epoch_hooks=[lambda epoch, values: second.append((epoch, dict(values)))],
         batch_hooks=[lambda epoch, done, steps: batches.append((epoch, done, steps))],
@@ -92,7 +93,7 @@ def test_a_pruner_stops_the_compiled_loop_at_its_epoch_and_the_clock_has_its_cos
         run_trial(
             params=PARAMS,
             split=split,
-            settings=TrainSettings(hidden=(32,), epochs=4, loop="compiled"),
+            settings=train_settings(hidden=(32,), epochs=4, loop="compiled"),
             seed=0,
             epoch_hooks=[PruningHook(trial, "val_accuracy", epochs=4)],
             clock=clock,
@@ -108,7 +109,7 @@ def test_a_diverging_loss_stops_the_compiled_loop_after_its_epoch(split: Split) 
         run_trial(
             params=params,
             split=split,
-            settings=TrainSettings(hidden=(32,), epochs=3, loop="compiled"),
+            settings=train_settings(hidden=(32,), epochs=3, loop="compiled"),
             seed=0,
             clock=clock,
         )
@@ -120,7 +121,7 @@ def test_early_stopping_and_plateau_run_as_under_fit(split: Split) -> None:
     outcome = run_trial(
         params={**PARAMS, "learning_rate": 1e-9},
         split=split,
-        settings=TrainSettings(
+        settings=train_settings(
             hidden=(32,),
             epochs=4,
             lr_schedule="plateau",
@@ -136,7 +137,7 @@ def test_early_stopping_and_plateau_run_as_under_fit(split: Split) -> None:
     stopped = run_trial(
         params={**PARAMS, "learning_rate": 0.05},
         split=split,
-        settings=TrainSettings(hidden=(32,), epochs=6, early_stopping_patience=1, loop="compiled"),
+        settings=train_settings(hidden=(32,), epochs=6, early_stopping_patience=1, monitor="val_loss", loop="compiled"),
         seed=3,
     )
     assert stopped.val_loss == pytest.approx(min(stopped.history["val_loss"]))
@@ -145,7 +146,7 @@ def test_early_stopping_and_plateau_run_as_under_fit(split: Split) -> None:
 
 
 def test_a_warm_start_goes_on_from_its_weights_and_schedule(split: Split) -> None:
-    settings = TrainSettings(hidden=(32,), epochs=3, lr_schedule="cosine", loop="compiled")
+    settings = train_settings(hidden=(32,), epochs=3, lr_schedule="cosine", loop="compiled")
     first: Seen = []
     earlier = run_trial(
         params=PARAMS,
@@ -175,16 +176,19 @@ def test_a_warm_start_goes_on_from_its_weights_and_schedule(split: Split) -> Non
 def test_under_jax_the_compiled_setting_trains_with_fit_and_never_imports_tensorflow() -> None:
     needs("jax")
     code = (
-        "import sys, numpy as np\n"
+        "import dataclasses, sys, numpy as np\n"
         "from mnist_sweep.environment import prepare_backend\n"
         "prepare_backend()  # as the CLI starts: TensorFlow hidden under another backend\n"
         "from mnist_sweep.data import Split\n"
-        "from mnist_sweep.trial import TrainSettings, compiled_loop_runs, run_trial\n"
+        "from mnist_sweep.config import SweepConfig\n"
+        "from mnist_sweep.train_settings import TrainSettings\n"
+        "from mnist_sweep.trial import compiled_loop_runs, run_trial\n"
         "x = np.random.default_rng(0).random((300, 28, 28), dtype=np.float32)\n"
         "y = np.arange(300) % 10\n"
         "split = Split(x_train=x[:200], y_train=y[:200], x_val=x[200:], y_val=y[200:])\n"
         "params = {'optimizer': 'adam', 'learning_rate': 1e-3, 'batch_size': 64, 'activation': 'relu'}\n"
-        "settings = TrainSettings(hidden=(16,), epochs=2, loop='compiled')\n"
+        "settings = TrainSettings.from_config(SweepConfig())\n"
+        "settings = dataclasses.replace(settings, hidden=(16,), epochs=2, loop='compiled')\n"
         "outcome = run_trial(params=params, split=split, settings=settings, seed=0)\n"
         "print(compiled_loop_runs('compiled'), outcome.epochs_trained, sorted(outcome.history))\n"
         "print(sys.modules['tensorflow'] is not None, 'mnist_sweep.compiled_loop' in sys.modules)\n"

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 from pathlib import Path
 
 import optuna
 import pytest
 
-from mnist_sweep.config import Choice, ConfigError, Range, build_config, load_sweep
+from mnist_sweep.config import (
+    Choice,
+    ConfigError,
+    Hyperparameters,
+    Range,
+    SearchConfig,
+    StudyConfig,
+    SweepConfig,
+    build_config,
+    load_sweep,
+)
 from tests.conftest import DEFAULT_SWEEP, write_sweep
 
 
@@ -16,7 +27,7 @@ def test_default_sweep_file_is_the_lecture_network_with_the_four_searched_keys()
     cfg = load_sweep(DEFAULT_SWEEP)
     assert cfg.model.hidden == [500, 500]
     assert cfg.data.validation == 5000
-    assert cfg.study.goal == "maximize"
+    assert cfg.study.direction == "maximize"
     searched = {name for name, spec in cfg.search.specs().items() if not spec.is_fixed}
     assert {"optimizer", "learning_rate", "batch_size", "activation"} <= searched
 
@@ -53,7 +64,32 @@ def test_overrides_take_toml_values_and_bare_words(tmp_path: Path) -> None:
 
 
 def test_val_loss_metric_defaults_to_minimize() -> None:
-    assert build_config({"study": {"metric": "val_loss"}}).study.goal == "minimize"
+    assert build_config({"study": {"metric": "val_loss"}}).study.direction == "minimize"
+
+
+def test_direction_is_the_metrics_and_a_file_may_say_it() -> None:
+    # One fact: the metric decides it; `direction` in a sweep file (as sweeps/fcn.toml has) is checked, not stored.
+    said = build_config({"study": {"metric": "val_loss", "direction": "minimize"}})
+    assert said == build_config({"study": {"metric": "val_loss"}})
+    assert "direction" not in StudyConfig.model_fields
+    shown = said.to_dict()["study"]
+    assert list(shown)[2:4] == ["metric", "direction"] and shown["direction"] == "minimize"
+
+
+def test_engine_defaults_and_the_registered_model_are_filled_in_not_patched_in() -> None:
+    cfg = build_config({"study": {"name": "mine", "engine": "keras-tuner"}})
+    assert (cfg.study.sampler, cfg.study.pruner, cfg.tracking.registered_model) == ("bayesian", "none", "mine")
+    assert SweepConfig() == build_config({})  # built in Python or from a file: the same defaults
+    assert SweepConfig().tracking.registered_model == StudyConfig().name
+
+
+def test_hyperparameters_hold_every_search_key_with_the_fixed_defaults_filled_in() -> None:
+    assert [f.name for f in dataclasses.fields(Hyperparameters)] == list(SearchConfig.model_fields)
+    point = Hyperparameters.of({"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "activation": "relu"})
+    assert (point.dropout, point.weight_decay, point.momentum) == (0.0, 0.0, 0.0)
+    assert isinstance(point.batch_size, int) and isinstance(point.learning_rate, float)
+    with pytest.raises(KeyError):  # a searched key has no one default to fall back on
+        Hyperparameters.of({"optimizer": "adam", "batch_size": 64, "activation": "relu"})
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:

@@ -15,12 +15,12 @@ from mnist_sweep import data
 from mnist_sweep.data import (
     DataCache,
     DataError,
-    SealedTestSetError,
+    WithheldTestSplitError,
     load_split,
     load_test_split,
     read_idx,
     resolve_source,
-    sealed_test_set,
+    withholding_test_split,
 )
 
 
@@ -134,7 +134,7 @@ def test_test_split_is_sealed_while_trials_run(tmp_path: Path, synthetic_mnist: 
     path = tmp_path / "mnist.npz"
     np.savez(path, x_train=images, y_train=labels, x_test=images[:10], y_test=labels[:10])
     source = resolve_source(str(path))
-    with sealed_test_set(), pytest.raises(SealedTestSetError):
+    with withholding_test_split(), pytest.raises(WithheldTestSplitError):
         load_test_split(source)
     assert len(load_test_split(source)[1]) == 10  # unsealed again afterwards
 

@@ -56,7 +56,7 @@ def test_every_user_error_ends_in_exit_2_with_one_masked_line(
 def test_too_many_failures_ends_in_exit_1_and_a_bug_keeps_its_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    raised: list[Exception] = [errors.TooManyFailures("3 trials failed in a row"), errors.SealedTestSetError("bug")]
+    raised: list[Exception] = [errors.TooManyFailures("3 trials failed in a row"), errors.WithheldTestSplitError("bug")]
 
     def fail(*_: object) -> int:
         raise raised.pop(0)
@@ -64,7 +64,7 @@ def test_too_many_failures_ends_in_exit_1_and_a_bug_keeps_its_traceback(
     monkeypatch.setattr(cli, "_dispatch", fail)
     assert cli.main(["trials", str(DEFAULT_SWEEP)]) == errors.EXIT_FAILED
     assert capsys.readouterr().err == "mnist-sweep: 3 trials failed in a row\n"
-    with pytest.raises(errors.SealedTestSetError):
+    with pytest.raises(errors.WithheldTestSplitError):
         cli.main(["trials", str(DEFAULT_SWEEP)])
 
 
@@ -74,7 +74,7 @@ def test_first_line_of_an_exception() -> None:
 
 
 def test_a_sweep_file_path_is_escaped_once_for_toml(tmp_path: Path) -> None:
-    from mnist_sweep.config import parse_override, toml_string
+    from mnist_sweep.toml_text import parse_override, toml_string
 
     path = str(tmp_path / 'a "quoted" \\ folder')
     assert parse_override("data.path=" + toml_string(path)) == (["data", "path"], path)

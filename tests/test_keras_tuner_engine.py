@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_sweep.config import SweepConfig, build_config
 from mnist_sweep.errors import OracleStopped, StudyMismatchError
-from mnist_sweep.keras_tuner_engine import ORACLE_STATE, OracleSampler, check_engine, oracle_dir
+from mnist_sweep.keras_tuner_engine import ORACLE_STATE, OracleSampler, check_engine, keras_tuner_space, oracle_dir
 from mnist_sweep.records import ENGINE_ATTR, KERAS_TUNER_EPOCHS_ATTR, KERAS_TUNER_TRIAL_ID_ATTR
 from mnist_sweep.space import sample_params
 from tests.conftest import DEFAULT_SWEEP, CliRunner, small_sweep_args
@@ -247,3 +247,9 @@ def test_worker_on_a_keras_tuner_study_is_refused_and_creates_nothing(tmp_path: 
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and "study.engine = 'keras-tuner'" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_search_space_maps_keras_tuner_space() -> None:
+    hp = keras_tuner_space(build_config({}).search)
+    assert hp.get("optimizer") == "sgd" and hp.get("batch_size") == 32
+    assert {p.name for p in hp.space} >= {"optimizer", "learning_rate", "batch_size", "activation"}

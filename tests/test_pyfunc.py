@@ -39,7 +39,10 @@ def log_and_load_both_ways(folder: str) -> None:
     rng = np.random.default_rng(0)
     images = rng.random((64, 28, 28), dtype=np.float32)  # float32 in [0, 1]: what the data module hands a model
     model = compiled_model(
-        {"optimizer": "adam", "learning_rate": 1e-3, "activation": "relu"}, (16,), schedule="constant", total_steps=1
+        {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "activation": "relu"},
+        (16,),
+        schedule="constant",
+        total_steps=1,
     )
     model.fit(images, rng.integers(0, 10, 64), epochs=1, verbose=0)
     model_id, model_uri = tracker.reserve_model(run_id)

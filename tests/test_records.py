@@ -65,9 +65,9 @@ def test_decoding_the_logged_params_gives_back_the_trial_with_its_types() -> Non
 
     assert decoded == logged
     assert decoded.hyperparameters == HYPERPARAMETERS
-    assert isinstance(decoded.hyperparameters["batch_size"], int) and decoded.hidden == (64, 32)
-    assert decoded.train_settings()["steps_per_execution"] == 4
-    assert (decoded.plateau_factor, decoded.plateau_patience) == (0.25, 3)
+    assert isinstance(decoded.hyperparameters["batch_size"], int) and decoded.settings.hidden == (64, 32)
+    assert decoded.settings.steps_per_execution == 4
+    assert (decoded.settings.plateau_factor, decoded.settings.plateau_patience) == (0.25, 3)
 
 
 def test_keys_an_older_run_lacks_come_from_the_configs_defaults() -> None:
@@ -78,10 +78,13 @@ def test_keys_an_older_run_lacks_come_from_the_configs_defaults() -> None:
     decoded = RunParams.decode(params)
 
     defaults = SweepConfig()
-    assert decoded.steps_per_execution == defaults.train.steps_per_execution == 16
-    assert decoded.early_stopping_monitor == defaults.study.metric
-    assert (decoded.lr_schedule, decoded.precision) == (defaults.train.lr_schedule, defaults.train.precision)
-    assert decoded.plateau_factor == defaults.train.plateau_factor
+    assert decoded.settings.steps_per_execution == defaults.train.steps_per_execution == 16
+    assert decoded.settings.monitor == defaults.study.metric
+    assert (decoded.settings.lr_schedule, decoded.settings.precision) == (
+        defaults.train.lr_schedule,
+        defaults.train.precision,
+    )
+    assert decoded.settings.plateau_factor == defaults.train.plateau_factor
 
 
 @pytest.mark.parametrize("key", ["hidden", "seed", "n_train", "learning_rate"])

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep.config import SweepConfig, load_sweep
-from mnist_sweep.data import load_split, resolve_source, sealed_test_set
+from mnist_sweep.data import load_split, resolve_source, withholding_test_split
 from mnist_sweep.errors import ConfigError, UsageError
 from mnist_sweep.records import RunParams, final_metric
 from tests.conftest import DEFAULT_SWEEP
@@ -55,16 +55,14 @@ def log_run(cfg: SweepConfig, params: dict[str, str], metrics: dict[str, float])
 
 def trained_params(cfg: SweepConfig, hyperparameters: dict[str, Any], seed: int) -> tuple[dict[str, str], Any]:
     """The params the objective logs for this trial, and the outcome of training it (as the sweep would)."""
-    from mnist_sweep.trial import TrainSettings, run_trial
+    from mnist_sweep.trial import run_trial
 
     split = load_split(resolve_source(cfg.data.path), validation=500, train_limit=1000, seed=cfg.data.seed)
     run_params = RunParams.from_config(
         cfg, data_source="idx", n_train=len(split.y_train), n_val=len(split.y_val)
     ).for_trial(hyperparameters, seed)
-    with sealed_test_set():
-        outcome = run_trial(
-            params=hyperparameters, split=split, settings=TrainSettings(**run_params.train_settings()), seed=seed
-        )
+    with withholding_test_split():
+        outcome = run_trial(params=hyperparameters, split=split, settings=run_params.settings, seed=seed)
     return run_params.encode(), outcome
 
 

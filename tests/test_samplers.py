@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from mnist_sweep.config import StudyConfig, build_config
 from mnist_sweep.data import Split
 from mnist_sweep.errors import ConfigError, PreflightError
-from mnist_sweep.samplers import ENGINES, OPTUNA_SAMPLERS, check_installed
+from mnist_sweep.samplers import ENGINE_TRAITS, ENGINES, OPTUNA_SAMPLERS, check_installed
 from mnist_sweep.study import SAMPLER_TAG, make_sampler, new_study_policy
 from tests.conftest import DEFAULT_SWEEP, REPO, cli, created_files, required_module
 from tests.test_trial_loop import Sweep, split, sweep_config
@@ -49,6 +49,14 @@ def test_a_name_the_table_lacks_never_falls_back_to_another_sampler() -> None:
     study = StudyConfig.model_construct(**{**study_with("tpe").__dict__, "sampler": "grid"})
     with pytest.raises(KeyError):
         make_sampler(study, seed_offset=0, constant_liar=False)
+
+
+def test_each_engine_defaults_to_a_sampler_it_offers_and_the_config_takes_its_defaults() -> None:
+    assert set(ENGINE_TRAITS) == set(ENGINES)
+    for engine, traits in ENGINE_TRAITS.items():
+        assert traits.default_sampler in ENGINES[engine]
+        study = build_config({"study": {"engine": engine}}).study
+        assert (study.sampler, study.pruner) == (traits.default_sampler, traits.default_pruner)
 
 
 @pytest.mark.parametrize(

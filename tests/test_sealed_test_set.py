@@ -26,7 +26,7 @@ def reaching_for_the_test_split(real: Callable[..., Any], source: data.DataSourc
         events.append("trial")
         try:
             data.load_test_split(source)
-        except data.SealedTestSetError:
+        except data.WithheldTestSplitError:
             events.append("refused")
         return real(**kwargs)
 

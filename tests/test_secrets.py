@@ -31,7 +31,7 @@ from tests.stores import tracking_url
     ],
 )
 def test_mask_password_hides_only_the_password(uri: str, shown: str) -> None:
-    from mnist_sweep.config import mask_password
+    from mnist_sweep.masking import mask_password
 
     assert mask_password(uri) == shown
     assert mask_password(f"study.storage = {uri!r}: cannot open") == f"study.storage = {shown!r}: cannot open"

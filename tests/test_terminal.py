@@ -29,8 +29,9 @@ from rich.console import Console as RichConsole
 from mnist_sweep import __version__
 from mnist_sweep.console import Console, LiveProgress, ReaderSafeStream, duration
 from mnist_sweep.data import Split
-from mnist_sweep.trial import TrainSettings, run_trial
+from mnist_sweep.trial import run_trial
 from tests.conftest import DEFAULT_SWEEP, cli, cli_command, cli_environment, required_mnist, small_sweep_args
+from tests.test_trial import train_settings
 
 # A line the C++ runtime writes (absl/glog format): `E0000 00:00:1795882744.594102  7725 cuda_platform.cc:52] ...`
 NATIVE_LOG_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\]", re.MULTILINE)
@@ -117,7 +118,7 @@ def test_batch_hook_sees_every_step_of_every_epoch(synthetic_mnist: tuple[np.nda
     run_trial(
         params={"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 100, "activation": "relu"},
         split=split,
-        settings=TrainSettings(hidden=(32,), epochs=2, steps_per_execution=4),
+        settings=train_settings(hidden=(32,), epochs=2, steps_per_execution=4),
         seed=0,
         epoch_hooks=[lambda epoch, values: epochs.append(epoch)],
         batch_hooks=[lambda epoch, done, steps: calls.append((epoch, done, steps))],

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import optuna
 import pytest
 
-from mnist_sweep.config import build_config
+from mnist_sweep.config import SweepConfig, build_config
 from mnist_sweep.data import Split
 from mnist_sweep.metrics import confusion_matrix
 from mnist_sweep.model import build_model, compiled_model
 from mnist_sweep.scheduler import PruningHook
-from mnist_sweep.space import fixed_params, sample_params, searched_names, to_keras_tuner
-from mnist_sweep.trial import TrainSettings, TrialDiverged, TrialSession, run_trial
+from mnist_sweep.space import fixed_params, sample_params, searched_names
+from mnist_sweep.train_settings import TrainSettings
+from mnist_sweep.trial import TrialDiverged, TrialSession, run_trial
 
 PARAMS = {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "activation": "relu"}
+
+
+def train_settings(**changes: Any) -> TrainSettings:
+    """What a sweep with the schema's defaults trains with, shrunk (a smaller network, fewer epochs)."""
+    return dataclasses.replace(TrainSettings.from_config(SweepConfig()), **changes)
 
 
 @pytest.fixture
@@ -40,12 +48,6 @@ def test_search_space_maps_to_optuna_distributions() -> None:
     assert params["weight_decay"] == 0.0 and "weight_decay" not in trial.params  # fixed keys are not searched
 
 
-def test_search_space_maps_to_keras_tuner() -> None:
-    hp = to_keras_tuner(build_config({}).search)
-    assert hp.get("optimizer") == "sgd" and hp.get("batch_size") == 32
-    assert {p.name for p in hp.space} >= {"optimizer", "learning_rate", "batch_size", "activation"}
-
-
 def test_model_is_the_lecture_network() -> None:
     model = build_model(hidden=[500, 500], activation="sigmoid")
     assert [layer.units for layer in model.layers if hasattr(layer, "units")] == [500, 500, 10]
@@ -58,7 +60,7 @@ def test_trial_fits_reports_every_epoch_and_measures_validation(split: Split) ->
     outcome = run_trial(
         params=PARAMS,
         split=split,
-        settings=TrainSettings(hidden=(64,), epochs=2),
+        settings=train_settings(hidden=(64,), epochs=2),
         seed=1,
         epoch_hooks=[lambda epoch, values: seen.append((epoch, dict(values)))],
     )
@@ -76,7 +78,7 @@ def test_trial_fits_reports_every_epoch_and_measures_validation(split: Split) ->
 
 
 def test_same_seed_same_result(split: Split) -> None:
-    settings = TrainSettings(hidden=(32,), epochs=1)
+    settings = train_settings(hidden=(32,), epochs=1)
     first = run_trial(params=PARAMS, split=split, settings=settings, seed=7)
     second = run_trial(params=PARAMS, split=split, settings=settings, seed=7)
     assert first.val_loss == pytest.approx(second.val_loss, rel=1e-5)
@@ -86,7 +88,7 @@ def test_early_stopping_reports_the_restored_epoch(split: Split) -> None:
     outcome = run_trial(
         params={**PARAMS, "learning_rate": 0.05},
         split=split,
-        settings=TrainSettings(hidden=(32,), epochs=6, early_stopping_patience=1),
+        settings=train_settings(hidden=(32,), epochs=6, early_stopping_patience=1, monitor="val_loss"),
         seed=3,
     )
     assert outcome.val_loss == pytest.approx(min(outcome.history["val_loss"]))
@@ -99,7 +101,7 @@ def test_plateau_lowers_the_rate_after_patience_epochs_without_improvement(split
     run_trial(
         params={**PARAMS, "learning_rate": 1e-9},
         split=split,
-        settings=TrainSettings(
+        settings=train_settings(
             hidden=(32,), epochs=4, lr_schedule="plateau", plateau_factor=0.5, plateau_patience=1, plateau_min_lr=0.0
         ),
         seed=0,
@@ -114,7 +116,7 @@ def test_cosine_rate_reported_per_epoch_decays(split: Split) -> None:
     run_trial(
         params=PARAMS,
         split=split,
-        settings=TrainSettings(hidden=(32,), epochs=3, lr_schedule="cosine"),
+        settings=train_settings(hidden=(32,), epochs=3, lr_schedule="cosine"),
         seed=0,
         epoch_hooks=[lambda epoch, values: rates.append(values["learning_rate"])],
     )
@@ -124,7 +126,7 @@ def test_cosine_rate_reported_per_epoch_decays(split: Split) -> None:
 def test_diverging_loss_stops_the_trial(split: Split) -> None:
     params = {"optimizer": "sgd", "learning_rate": 1e12, "batch_size": 32, "activation": "relu"}
     with pytest.raises(TrialDiverged, match="loss became (nan|inf)"):
-        run_trial(params=params, split=split, settings=TrainSettings(hidden=(32,), epochs=3), seed=0)
+        run_trial(params=params, split=split, settings=train_settings(hidden=(32,), epochs=3), seed=0)
 
 
 def study_with_two_good_trials() -> optuna.Study:
@@ -174,7 +176,7 @@ def test_cosine_schedule_decays_to_one_percent() -> None:
 
 
 def test_early_stopping_on_accuracy_keeps_the_most_accurate_epoch(split: Split) -> None:
-    settings = TrainSettings(hidden=(32,), epochs=4, early_stopping_patience=1, monitor="val_accuracy")
+    settings = train_settings(hidden=(32,), epochs=4, early_stopping_patience=1)
     outcome = run_trial(params={**PARAMS, "learning_rate": 0.05}, split=split, settings=settings, seed=3)
     assert outcome.best_epoch == int(np.argmax(outcome.history["val_accuracy"])) + 1
 
@@ -190,7 +192,7 @@ def test_trials_leave_no_graphs_behind(split: Split) -> None:
         pytest.skip("the leak worked around is TensorFlow's gradient registry")
     from tensorflow.python.framework import ops
 
-    settings = TrainSettings(hidden=(32,), epochs=1)
+    settings = train_settings(hidden=(32,), epochs=1)
     registry_sizes, models = [], []
     session = TrialSession()  # what a sweep's trials share, as the study's objective passes it
     try:
@@ -210,7 +212,7 @@ def test_trials_leave_no_graphs_behind(split: Split) -> None:
 def test_mixed_bfloat16_trains_in_bfloat16_with_float32_outputs(split: Split) -> None:
     import keras
 
-    settings = TrainSettings(hidden=(32,), epochs=1, precision="mixed_bfloat16")
+    settings = train_settings(hidden=(32,), epochs=1, precision="mixed_bfloat16")
     outcome = run_trial(params=PARAMS, split=split, settings=settings, seed=0)
     hidden, output = outcome.model.layers[1], outcome.model.layers[-1]
     assert (hidden.compute_dtype, hidden.variable_dtype) == ("bfloat16", "float32")

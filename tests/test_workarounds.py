@@ -85,11 +85,13 @@ def test_pyproject_pins_each_package_to_the_version_its_workarounds_were_written
 def test_every_private_name_of_another_package_is_where_a_workaround_reaches_for_it() -> None:
     import keras_tuner
     import mlflow.store.db.utils
+    import mlflow.utils.validation
 
     study = optuna.create_study()
     trial = study.ask()
     frozen = study.get_trials(deepcopy=False)[0]
     assert callable(mlflow.store.db.utils._initialize_tables)
+    assert callable(mlflow.utils.validation._validate_model_name)
     for oracle in (keras_tuner.oracles.RandomSearchOracle, keras_tuner.oracles.BayesianOptimizationOracle):
         assert callable(oracle._set_project_dir)
     workarounds.set_trial_user_attr(study, frozen, "k", 1)
