@@ -13,8 +13,9 @@ import contextlib
 
 import optuna
 
-from mnist_sweep.config import SweepConfig, mask_password
+from mnist_sweep.config import SweepConfig
 from mnist_sweep.errors import first_line
+from mnist_sweep.masking import mask_password
 
 
 class BeatThroughOutages(optuna.storages.RDBStorage):
