@@ -343,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("mnist-sweep: interrupted; rerun to resume", file=sys.stderr)
             return EXIT_SIGINT
         except Exception as exc:
+            from mnist_sweep.outages import outage_line
             from mnist_sweep.preflight import disk_full_line
 
             full = disk_full_line(exc, cfg)  # a full disk is no bad input: the same command works once there is room
@@ -352,6 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(exc, CommandError):  # bad input (exit 2) or a sweep stopped by failing trials (exit 1)
                 _warn(str(exc))
                 return exc.exit_code
+            down = outage_line(exc, cfg)  # nor is a store that stopped answering: the same command resumes
+            if down is not None:
+                _warn(down)
+                return EXIT_FAILED
             raise
 
 

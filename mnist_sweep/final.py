@@ -5,6 +5,10 @@ storage (a unique name), so of two processes that finish at the same moment exac
 set; the other waits for the recorded result. The caller first makes sure no trial is live (live.py); the
 result names the finished trials the chosen one was ranked among, so a trial that finishes after the seal
 (asked for just before it) is recorded but never chosen.
+
+The result is written to the seal first, the moment it is known: a claimant that dies after scoring (a second
+Ctrl-C, SIGKILL) leaves it there, and the next finalize records it in MLflow and on the study from the seal
+instead of scoring the test set a second time.
 """
 
 from __future__ import annotations
@@ -230,6 +234,8 @@ def _release_if_abandoned(
 ) -> bool:
     """Delete the claim `holder` if it is abandoned (or `reclaim`); True if it is gone."""
     study_id, attrs = holder
+    if attrs.get(TEST_RESULT_ATTR):  # scored: recorded from the seal (_result_of_ended_claim), never scored again
+        return False
     why = None if reclaim else _abandoned(attrs, waited=waited)
     if not reclaim and why is None:
         return False
@@ -275,8 +281,9 @@ def _wait_for_result(
 
     def result_or_released() -> tuple[TestResult | None] | None:
         result = recorded_result(optuna.load_study(study_name=study.study_name, storage=storage))
-        if result is not None:
-            return (result,)
+        ended = _result_of_ended_claim(storage, study.study_name, echo=echo, waited=time.monotonic() - started)
+        if result is not None or ended is not None:
+            return (result or ended,)
         holder = _claim_holder(storage, study.study_name)
         if holder is None or _release_if_abandoned(storage, holder, echo, waited=time.monotonic() - started):
             return (None,)
@@ -306,6 +313,10 @@ def score_test_set(
     existing = recorded_result(study)
     if existing is not None:
         return existing, False
+    ended = _result_of_ended_claim(storage, study.study_name, echo=echo, waited=0.0, reclaim=reclaim)
+    if ended is not None:
+        _record(context, ended)
+        return ended, False
     counted = finished_trials(study)  # what the choice is made among, recorded with the result
     chosen = choose_trial(study, metric, stored=lambda trial: artifacts_stored(tracker, trial), counted=counted)
     # Load before claiming, so a corrupt test file or a missing model leaves the seal unclaimed.
@@ -318,8 +329,13 @@ def score_test_set(
         reclaim = False  # only ever the claim found at the start: never one made since by a live process
         waited = _wait_for_result(study, storage, echo)
         if waited is not None:
+            if recorded_result(study) is None:  # read from the seal of a claimant that ended before recording it
+                _record(context, waited)
             return waited, False
-    with _claim_heartbeat(storage, study.study_name):
+    claim = _claim_holder(storage, study.study_name)  # its id: only this claim is ever sealed or released below
+    if claim is None:
+        raise FinalizeError(f"the claim on study {study.study_name!r}'s test set vanished as it was made; rerun")
+    with _released_unless_scored(storage, claim[0]), _claim_heartbeat(storage, study.study_name):
         test_loss, report = _evaluate(model, x_test, y_test)
         result = _test_result(
             study.study_name,
@@ -330,8 +346,57 @@ def score_test_set(
             images=len(y_test),
             counted=counted,
         )
-        _record(context, result, report)
+        _seal_result(storage, claim[0], study.study_name, result)  # from here on it is scored, whatever happens
+        _record(context, result)
     return result, True
+
+
+@contextlib.contextmanager
+def _released_unless_scored(storage: optuna.storages.BaseStorage, claim_id: int) -> Iterator[None]:
+    """A claimant stopped before its result is on the seal (a second Ctrl-C, an error) deletes its claim, so the
+    next finalize, on any host, scores at once instead of waiting out the claim's heartbeat."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # gone already, or a store that is down: the claim goes stale instead
+            if not storage.get_study_user_attrs(claim_id).get(TEST_RESULT_ATTR):
+                storage.delete_study(claim_id)
+        raise
+
+
+def _seal_result(storage: optuna.storages.BaseStorage, claim_id: int, study_name: str, result: TestResult) -> None:
+    """The result on this process's claim; refused if the claim was taken over meanwhile (it is another's now)."""
+    try:
+        storage.get_study_user_attrs(claim_id)
+    except KeyError:
+        raise FinalizeError(
+            f"the claim on study {study_name!r}'s test set was taken over while this process scored; "
+            "its result is not recorded"
+        ) from None
+    storage.set_study_user_attr(claim_id, TEST_RESULT_ATTR, result.to_dict())
+
+
+def _result_of_ended_claim(
+    storage: optuna.storages.BaseStorage,
+    study_name: str,
+    *,
+    echo: Callable[[str], None],
+    waited: float,
+    reclaim: bool = False,
+) -> TestResult | None:
+    """The result on the seal of a claimant that ended (or is reclaimed) after scoring, before recording it."""
+    holder = _claim_holder(storage, study_name)
+    sealed = holder[1].get(TEST_RESULT_ATTR) if holder is not None else None
+    if holder is None or not isinstance(sealed, dict):
+        return None
+    why = _abandoned(holder[1], waited=waited)
+    if why is None and not reclaim:
+        return None  # its claimant is recording it now
+    echo(
+        f"the test set was scored by {why or 'a claim taken over with --reclaim'}; its result, on the seal, is "
+        "recorded now: nothing scored again"
+    )
+    return TestResult.from_dict(sealed)
 
 
 def _evaluate(model: keras.Model, x_test: Images, y_test: Labels) -> tuple[float, ClassificationReport]:
@@ -378,18 +443,21 @@ def _test_result(
     )
 
 
-def _record(context: StudyContext, result: TestResult, report: ClassificationReport) -> None:
-    """The test numbers on the study's MLflow parent run, then the result on the study: that write seals it."""
-    context.tracker.log_test_result(
-        context.parent_run_id,
-        test_loss=result.test_loss,
-        report=report,
-        tags={
-            TEST_SCORED_TRIAL_TAG: str(result.trial_number),
-            TEST_SCORED_AT_TAG: result.scored_at,
-            TEST_SCORED_RUN_ID_TAG: str(result.run_id),
-        },
-    )
+def _record(context: StudyContext, result: TestResult) -> None:
+    """The test numbers on the study's MLflow parent run (once: a rerun finishing a record logs no second copy),
+    then the result on the study, which readers (report, trials) take as recorded everywhere."""
+    tracker, parent_run_id = context.tracker, context.parent_run_id
+    report = classification_report(np.asarray(result.test_confusion_matrix))
+    tags = {
+        TEST_SCORED_TRIAL_TAG: str(result.trial_number),
+        TEST_SCORED_AT_TAG: result.scored_at,
+        TEST_SCORED_RUN_ID_TAG: str(result.run_id),
+    }
+    logged = tracker.client.get_run(parent_run_id).data.tags
+    if all(logged.get(key) == value for key, value in tags.items()):  # metrics and tags are one log_batch
+        tracker.log_report(parent_run_id, report, prefix="test", title="test set")
+    else:
+        tracker.log_test_result(parent_run_id, test_loss=result.test_loss, report=report, tags=tags)
     context.study.set_user_attr(TEST_RESULT_ATTR, result.to_dict())
 
 

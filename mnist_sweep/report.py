@@ -6,8 +6,11 @@ metrics in MLflow): writing the report never reads a test image.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
+import os
+import secrets
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -613,6 +616,23 @@ def write_report(
     for name, text in written.items():
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        replace_atomically(path, text)
         paths.append(path)
     return paths
+
+
+def replace_atomically(path: Path, text: str) -> None:
+    """`path` holds `text`, or what it held before: never half of it, whatever stops this process meanwhile
+    (a second Ctrl-C, SIGKILL, a full disk). Written beside the report folder, not in it: a leftover of a killed
+    process is never uploaded with the folder (sweep._write_report logs it to MLflow)."""
+    temporary = path.parent.parent / f".{path.parent.name}-{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"
+    try:
+        with open(temporary, "x", encoding="utf-8") as file:  # "x": the umask's permissions, like write_text
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before the rename, so a crash cannot leave an empty report
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise

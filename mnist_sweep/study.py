@@ -19,6 +19,7 @@ from mnist_sweep import databases, interrupt
 from mnist_sweep.config import StudyConfig, SweepConfig
 from mnist_sweep.errors import StorageError, StudyMismatchError, first_line
 from mnist_sweep.keras_tuner_engine import OracleSampler, check_engine, engine_label
+from mnist_sweep.outages import BeatThroughOutages
 from mnist_sweep.placement import THREADS_CPU_LIMIT, WORKER_VAR
 from mnist_sweep.records import ENGINE_ATTR, PARENT_RUN_ATTR, RUN_ID_ATTR
 from mnist_sweep.samplers import optuna_sampler, takes_constant_liar
@@ -36,7 +37,7 @@ def make_storage(study: StudyConfig) -> optuna.storages.RDBStorage:
     try:
         with warnings.catch_warnings(), databases.schema_lock(study.storage):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
+            return BeatThroughOutages(
                 study.storage,
                 engine_kwargs=databases.engine_kwargs(study.storage),
                 heartbeat_interval=study.heartbeat_seconds,

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -268,9 +269,31 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@dataclass
+class PostgresServer:
+    """A running throwaway PostgreSQL: its base URL, and `pg_ctl` to stop and start it on the same data."""
+
+    url: str
+    pg_ctl: Callable[..., None]
+
+    def stop(self) -> None:
+        """Stopped at once, as a crash or a container kill would (open connections are cut)."""
+        self.pg_ctl("-m", "immediate", "stop")
+
+    def start(self) -> None:
+        self.pg_ctl("-w", "start")
+
+
 @contextlib.contextmanager
 def _postgres(password: str | None) -> Iterator[str]:
-    """A throwaway PostgreSQL on 127.0.0.1 (initdb + pg_ctl in a temp dir); yields its base URL.
+    """A throwaway PostgreSQL on 127.0.0.1 (initdb + pg_ctl in a temp dir); yields its base URL."""
+    with postgres_server_handle(password) as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def postgres_server_handle(password: str | None = None) -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL on 127.0.0.1 (initdb + pg_ctl in a temp dir); yields it, to stop and start.
 
     With `password`, the user 'sweep' has it and the server asks for it (scram-sha-256); else trust.
     """
@@ -299,15 +322,19 @@ def _postgres(password: str | None) -> Iterator[str]:
     def pg(*args: str) -> None:
         subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
 
+    options = f"-h 127.0.0.1 -p {port} -k {folder} -F -c max_connections=200"
+
+    def pg_ctl(*args: str) -> None:
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), *args)
+
     try:
         pg(str(bin_dir / "initdb"), "-D", str(data), *auth, "-U", "sweep", "--no-sync")
-        options = f"-h 127.0.0.1 -p {port} -k {folder} -F -c max_connections=200"
-        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
+        pg_ctl("-w", "start")
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         missing_dependency(f"could not start PostgreSQL from {bin_dir}: {exc.stderr.decode(errors='replace').strip()}")
     try:
-        yield f"postgresql://sweep@127.0.0.1:{port}"
+        yield PostgresServer(f"postgresql://sweep@127.0.0.1:{port}", pg_ctl)
     finally:
         subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], timeout=60)
         shutil.rmtree(folder, ignore_errors=True)

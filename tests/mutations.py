@@ -32,6 +32,8 @@ TIMEOUT_SECONDS = 1200  # a test that hangs without its guard counts as caught (
 SEAL = "tests/test_sealed_test_set.py"
 BAD = "tests/test_bad_inputs.py::test_bad_input_exits_2_with_one_line_and_creates_nothing"
 IDENTITY = "tests/test_process_identity.py"
+FINALIZE_SIGNALS = "tests/test_finalize_signals.py"
+OUTAGES = "tests/test_store_outages.py"
 CLAIM_TESTS = (
     f"{IDENTITY}::test_a_claim_is_taken_over_only_when_its_claimant_is_proven_ended_or_its_heartbeat_is_stale",
 )
@@ -377,6 +379,41 @@ MUTATIONS = (
         "    _reopen_closed_streams()\n",
         "",
         ("tests/test_bad_inputs.py::test_closed_stdout_ends_quietly_with_the_commands_own_exit_code",),
+    ),
+    Mutation(
+        "once: a result on the seal is recorded from there, never scored again",
+        "mnist_sweep/final.py",
+        "        _seal_result(storage, claim[0], study.study_name, result)",
+        "        pass",
+        (f"{FINALIZE_SIGNALS}::test_signals_while_the_test_set_is_scored_record_it_everywhere_or_nowhere_and_once",),
+    ),
+    Mutation(
+        "once: a claim stopped before its result is released",
+        "mnist_sweep/final.py",
+        "                storage.delete_study(claim_id)",
+        "                pass",
+        (f"{FINALIZE_SIGNALS}::test_signals_while_the_test_set_is_scored_record_it_everywhere_or_nowhere_and_once",),
+    ),
+    Mutation(
+        "report: each file replaced atomically (temp + rename)",
+        "mnist_sweep/report.py",
+        "        replace_atomically(path, text)",
+        '        path.write_text(text, encoding="utf-8")',
+        (f"{FINALIZE_SIGNALS}::test_a_report_being_written_when_finalize_is_stopped_stays_whole",),
+    ),
+    Mutation(
+        "outage: a store that stopped answering is one line",
+        "mnist_sweep/cli.py",
+        "            down = outage_line(exc, cfg)",
+        "            down = None",
+        (f"{OUTAGES}::test_a_tracking_server_gone_mid_trial_ends_in_one_line_and_the_rerun_resumes_once_it_is_back",),
+    ),
+    Mutation(
+        "outage: the trial heartbeat skips a beat that fails",
+        "mnist_sweep/outages.py",
+        "        with contextlib.suppress(Exception):  # sqlalchemy, psycopg and optuna raise many kinds",
+        "        if True:",
+        (f"{OUTAGES}::test_postgres_gone_mid_trial_ends_in_one_line_and_the_rerun_retries_the_trial_once_it_is_back",),
     ),
 )
 

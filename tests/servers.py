@@ -31,9 +31,12 @@ def wait_for_health(url: str, process: subprocess.Popen[bytes], *, timeout: floa
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, options: Sequence[str], *, env: Mapping[str, str] | None = None) -> Iterator[str]:
-    """`mlflow server OPTIONS` in `folder` (sqlite backend there), one worker, on a free port; yields its URL."""
-    port = free_port()
+def mlflow_server(
+    folder: Path, options: Sequence[str], *, env: Mapping[str, str] | None = None, port: int | None = None
+) -> Iterator[str]:
+    """`mlflow server OPTIONS` in `folder` (sqlite backend there), one worker, on `port` (else a free one);
+    yields its URL. Started again on the same folder and port, it is the same server restarted."""
+    port = port or free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
     command += [*options, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     process = subprocess.Popen(

@@ -126,3 +126,30 @@ def test_inputs_are_checked_once_one_health_call_per_command(command: str, run_c
         server.server_close()
     assert done.returncode == 2, done.stderr  # the server refuses the experiment: after the checks, not in them
     assert _CountingServer.health_calls == 1
+
+
+def test_a_store_that_stopped_answering_is_named_by_the_key_it_came_from_and_a_local_file_is_no_outage() -> None:
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    from mnist_sweep.config import load_sweep
+    from mnist_sweep.outages import outage_line
+
+    server = load_sweep(
+        DEFAULT_SWEEP,
+        ['study.storage="postgresql://u:Pw-secret-1@127.0.0.1:5432/optuna"', 'tracking.uri="http://127.0.0.1:5000"'],
+    )
+    refused = sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+    try:
+        raise RuntimeError("commit failed") from refused
+    except RuntimeError as exc:
+        optuna_line = outage_line(exc, server)
+    gone = MlflowException("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/update: Max retries exceeded")
+    mlflow_line = outage_line(gone, server)
+
+    assert optuna_line is not None and optuna_line.startswith("study.storage = 'postgresql://u:***@127.0.0.1")
+    assert "Pw-secret-1" not in optuna_line and "connection refused" in optuna_line
+    assert mlflow_line is not None
+    assert mlflow_line.startswith("tracking.uri = 'http://127.0.0.1:5000' stopped answering mid-run (max retries")
+    assert outage_line(refused, load_sweep(DEFAULT_SWEEP)) is None  # the default sqlite file: no server to wait for
+    assert outage_line(ValueError("Connection refused"), server) is None  # not a store's error
