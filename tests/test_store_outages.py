@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import (
     DEFAULT_SWEEP,
-    _free_port,
     cli_command,
     cli_environment,
+    free_port,
     postgres_server_handle,
     required_mnist,
     small_sweep_args,
@@ -42,7 +42,7 @@ def test_a_tracking_server_gone_mid_trial_ends_in_one_line_and_the_rerun_resumes
     tmp_path: Path,
 ) -> None:
 
-    data, work, server_folder, port = required_mnist(), tmp_path / "work", tmp_path / "server", _free_port()
+    data, work, server_folder, port = required_mnist(), tmp_path / "work", tmp_path / "server", free_port()
     work.mkdir()
     server_folder.mkdir()
     options = ["--serve-artifacts", "--artifacts-destination", str(server_folder / "served")]
