@@ -38,6 +38,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.subprocess]
 COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
 
 
+def _one_trial_worker(*settings: str, epochs: int) -> list[str]:
+    """`worker` arguments for one trial on a small real subset: the trial an outage interrupts."""
+    sweep = small_sweep_args(*settings, trials=1, train_limit=1000, validation=500)
+    return ["worker", str(DEFAULT_SWEEP), *sweep, "--epochs", str(epochs)]
+
+
 def test_a_tracking_server_gone_mid_trial_ends_in_one_line_and_the_rerun_resumes_once_it_is_back(
     tmp_path: Path,
 ) -> None:
@@ -47,18 +53,11 @@ def test_a_tracking_server_gone_mid_trial_ends_in_one_line_and_the_rerun_resumes
     server_folder.mkdir()
     options = ["--serve-artifacts", "--artifacts-destination", str(server_folder / "served")]
     url = f"http://127.0.0.1:{port}"
-    args = [
-        "worker",
-        str(DEFAULT_SWEEP),
-        *small_sweep_args(
-            *("--set", f'tracking.uri="{url}"', "--set", f'study.storage="sqlite:///{work}/mlruns/optuna.db"'),
-            *("--set", "study.heartbeat_seconds=2", "--set", 'study.pruner="none"'),
-            trials=1,
-            train_limit=1000,
-            validation=500,
-        ),
-        *("--epochs", "2"),
-    ]
+    args = _one_trial_worker(
+        *("--set", f'tracking.uri="{url}"', "--set", f'study.storage="sqlite:///{work}/mlruns/optuna.db"'),
+        *("--set", "study.heartbeat_seconds=2", "--set", 'study.pruner="none"'),
+        epochs=2,
+    )
 
     with mlflow_server(server_folder, options, port=port):
         worker = subprocess.Popen(
@@ -116,18 +115,11 @@ def test_postgres_gone_mid_trial_ends_in_one_line_and_the_rerun_retries_the_tria
         with psycopg.connect(f"{server.url}/postgres", autocommit=True) as connection:
             connection.execute("CREATE DATABASE sweep")
         storage = f"{server.url}/sweep"
-        args = [
-            "worker",
-            str(DEFAULT_SWEEP),
-            *small_sweep_args(
-                *("--set", f'study.storage="{storage}"', "--set", "study.heartbeat_seconds=1"),
-                *("--set", 'study.pruner="none"', "--set", "study.baseline=false"),
-                trials=1,
-                train_limit=1000,
-                validation=500,
-            ),
-            *("--epochs", "3"),
-        ]
+        args = _one_trial_worker(
+            *("--set", f'study.storage="{storage}"', "--set", "study.heartbeat_seconds=1"),
+            *("--set", 'study.pruner="none"', "--set", "study.baseline=false"),
+            epochs=3,
+        )
         pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
         worker = subprocess.Popen(cli_command(*args), cwd=work, env=cli_environment(data), **pipes)
         (victim,) = wait_for(lambda: running_trial_on(storage), process=worker)
