@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -90,11 +91,35 @@ def after_trial(
         if ended.interrupt is not None:
             raise ended.interrupt
         lines.trial(context.study, frozen)
+        log_as_optuna(context.study, frozen, metric=lines.metric)
         budget.count(frozen)
     settle_stale(context)  # this process may be the one to find a dead worker's trials
     if ended.interrupt is not None:
         raise ended.interrupt
     raise_if_requested()  # a Ctrl-C or SIGTERM that arrived during the trial's last steps: stop before the next
+
+
+# Optuna's own logger: `--verbose` shows these lines, as `study.optimize` logged them before this loop was ours.
+_optuna_log = optuna.logging.get_logger("optuna.study._optimize")
+
+
+def log_as_optuna(study: optuna.Study, trial: FrozenTrial, *, metric: str) -> None:
+    """Optuna's INFO/WARNING line for a trial told through `study.tell`, which (unlike `study.optimize`) logs none."""
+    if not _optuna_log.isEnabledFor(logging.WARNING):  # the default (cli: ERROR): no query for the best trial
+        return
+    if trial.state == TrialState.COMPLETE:
+        best = study.best_trial
+        _optuna_log.info(
+            f"Trial {trial.number} finished with value: {trial.value} and parameters: {trial.params}. "
+            f"Best is trial {best.number} with value: {best.value}."
+        )
+    elif trial.state == TrialState.PRUNED and trial.last_step is not None and trial.value is not None:
+        _optuna_log.info(f"Trial {trial.number} pruned. {pruned_reason(trial.last_step, metric, trial.value)}")
+    elif trial.state == TrialState.FAIL:
+        reason = trial.user_attrs.get(FAIL_REASON_ATTR, "unknown")
+        _optuna_log.warning(
+            f"Trial {trial.number} failed with parameters: {trial.params} because of the following error: {reason}."
+        )
 
 
 @contextlib.contextmanager
