@@ -172,7 +172,7 @@ def gpu_device_nodes() -> bool:
 
 def backend_gpus_in_child() -> list[Gpu]:
     """The GPUs the Keras backend finds, asked of a child process: this one loads no backend before it has
-    pinned itself and sized its threads. Costs one backend import (measured in README.md, Keras backends)."""
+    pinned itself and sized its threads. Costs one backend import (measured in docs/backends.md)."""
     from mnist_sweep.errors import CommandError
 
     set_device_order()

@@ -1,7 +1,7 @@
 """The engines and the samplers each offers: one table that config validation, `study.make_sampler` and the
 keras-tuner engine all read, so a name is accepted only where something builds it.
 
-Adding a sampler is one entry here (and its line in the README). Light on purpose: Optuna and keras-tuner
+Adding a sampler is one entry here (and its line in docs/sweep-file.md). Light on purpose: Optuna and keras-tuner
 are imported only when a sampler or oracle is built, so `mnist-sweep validate` stays fast.
 """
 
