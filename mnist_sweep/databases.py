@@ -1,6 +1,6 @@
 """The databases behind Optuna and MLflow, opened safely by several processes at once.
 
-Measured with bench/storage_stress.py and tests/test_workers.py: processes that open a fresh store at
+Measured with bench/storage_stress.py and tests/test_study_workers.py: processes that open a fresh store at
 the same moment race to create its tables (Optuna's create_all fails on a duplicate key in PostgreSQL;
 MLflow's alembic migrations corrupt the version table of a sqlite file), so opening happens under
 `schema_lock` — a file lock for sqlite, an advisory lock on a server. A sqlite file is put in WAL mode

@@ -66,7 +66,7 @@ class WorkerPolicy:
     - constant_liar: TPE counts another worker's running trial as a poor result, so it does not hand the
       same point out twice. On for every TPE study, since any study can be joined by `worker` at any time;
       with one worker it changes nothing (the only running trial is the one being sampled, which TPE
-      leaves out), so a 1-worker run samples the points it sampled before (tests/test_workers.py).
+      leaves out), so a 1-worker run samples the points it sampled before (tests/test_study_workers.py).
     - threads: how each worker sizes its thread pools; "cpu_limit" = the CPUs it may use (its affinity,
       capped by its cgroup's CPU quota: placement.size_threads).
     """

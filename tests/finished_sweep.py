@@ -2,7 +2,7 @@
 and Optuna as a user would.
 
 `tests/conftest.py` runs it once a session (the `finished_sweep` fixture) for every test that only reads a
-finished sweep: test_sweep, test_report_command, test_registry, test_ui_browser. A test that changes the folder
+finished sweep: test_sweep, test_report_command, test_registry, test_ui. A test that changes the folder
 works on `copy()` of it; one that needs another sweep (another engine, another space) calls `run_sweep`.
 """
 

@@ -29,11 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 COPIED_IGNORE = {".git", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache", "__pycache__", "mlruns", "reports"}
 TIMEOUT_SECONDS = 1200  # a test that hangs without its guard counts as caught (CI's pytest-timeout fails it too)
 
-SEAL = "tests/test_sealed_test_set.py"
+SEAL = "tests/test_final.py"
 BAD = "tests/test_bad_inputs.py::test_bad_input_exits_2_with_one_line_and_creates_nothing"
-IDENTITY = "tests/test_process_identity.py"
-FINALIZE_SIGNALS = "tests/test_finalize_signals.py"
-OUTAGES = "tests/test_store_outages.py"
+IDENTITY = "tests/test_processes.py"
+FINALIZE_SIGNALS = "tests/test_final_signals.py"
+OUTAGES = "tests/test_outages.py"
 CLAIM_TESTS = (
     f"{IDENTITY}::test_a_claim_is_taken_over_only_when_its_claimant_is_proven_ended_or_its_heartbeat_is_stale",
 )
@@ -64,7 +64,7 @@ MUTATIONS = (
         "    if True:\n        outcome = run_trial(",
         (f"{SEAL}::test_replay_never_reads_the_test_split",),
         before=(
-            "tests/test_reproducible.py::test_two_fresh_runs_agree_and_replay_matches_the_logged_metrics",
+            "tests/test_replay_reproducible.py::test_two_fresh_runs_agree_and_replay_matches_the_logged_metrics",
             f"{SEAL}::test_trials_never_read_the_test_split",
         ),
     ),
@@ -89,7 +89,7 @@ MUTATIONS = (
         "    except optuna.exceptions.DuplicatedStudyError:\n"
         "        seal = optuna.load_study(study_name=seal_name(study_name), storage=storage)",
         CLAIM_TESTS,
-        before=("tests/test_workers.py::test_two_workers_and_two_runs_share_the_local_sqlite_study",),
+        before=("tests/test_study_workers.py::test_two_workers_and_two_runs_share_the_local_sqlite_study",),
     ),
     Mutation(
         "once: a claim is taken over only when its heartbeat is stale",
@@ -128,22 +128,22 @@ MUTATIONS = (
         "mnist_sweep/study.py",
         "    return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)",
         "    return None",
-        ("tests/test_resume.py::test_sigkill_mid_trial_then_rerun_loses_nothing[optuna]",),
+        ("tests/test_study_resume.py::test_sigkill_mid_trial_then_rerun_loses_nothing[optuna]",),
     ),
     Mutation(
         "resume: a dead worker's trial runs are closed",
         "mnist_sweep/study.py",
         "        optuna.storages.fail_stale_trials(context.study)\n    close_stale_runs(context)",
         "        optuna.storages.fail_stale_trials(context.study)",
-        ("tests/test_resume.py::test_sigkill_mid_trial_then_rerun_loses_nothing[optuna]",),
+        ("tests/test_study_resume.py::test_sigkill_mid_trial_then_rerun_loses_nothing[optuna]",),
     ),
     Mutation(
         "passwords: user:pw@ masked",
         "mnist_sweep/masking.py",
         'masked = _PASSWORD_IN_DATABASE_URI.sub(r"\\g<head>***@", text)',
         "masked = text",
-        ("tests/test_secrets.py::test_mask_password_hides_only_the_password",),
-        before=("tests/test_secrets.py",),
+        ("tests/test_masking.py::test_mask_password_hides_only_the_password",),
+        before=("tests/test_masking.py",),
     ),
     Mutation(
         "passwords: ?password= masked",
@@ -151,8 +151,8 @@ MUTATIONS = (
         'return _PASSWORD_IN_QUERY.sub(r"\\g<head>***", masked)',
         "return masked",
         (
-            "tests/test_secrets.py::test_mask_password_hides_only_the_password",
-            "tests/test_secrets.py::test_validate_prints_both_store_passwords_masked",
+            "tests/test_masking.py::test_mask_password_hides_only_the_password",
+            "tests/test_masking.py::test_validate_prints_both_store_passwords_masked",
         ),
     ),
     Mutation(

@@ -1,4 +1,4 @@
-"""`mnist-sweep dashboard` refusing what it cannot serve (the page itself: tests/test_ui_browser.py)."""
+"""`mnist-sweep dashboard` refusing what it cannot serve (the page itself: tests/test_ui.py)."""
 
 from __future__ import annotations
 

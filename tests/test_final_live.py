@@ -41,7 +41,7 @@ from tests.stores import (
     storage_url,
     wait_for,
 )
-from tests.test_terminal import rendered
+from tests.test_console import rendered
 from tests.test_trial_loop import sweep_config
 
 COMPLETE, RUNNING = TrialState.COMPLETE, TrialState.RUNNING
