@@ -42,7 +42,7 @@ def run_trials(
     lines = TrialLines(trials.progress, echo, metric=trials.cfg.study.metric, target=target)
     seal = SealWatch(sealed, echo, study_name=context.study.study_name)
     budget = FailureBudget(max_failures)
-    uploads = context.tracker.uploads
+    uploads = context.ledger.uploads
     try:
         raise_if_requested()
         settle_stale(context)
