@@ -6,6 +6,7 @@ applies (the tests below), then update WRITTEN_FOR in mnist_sweep/workarounds.py
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import zipfile
 from pathlib import Path
@@ -96,6 +97,8 @@ def test_every_private_name_of_another_package_is_where_a_workaround_reaches_for
         assert callable(oracle._set_project_dir)
     workarounds.set_trial_user_attr(study, frozen, "k", 1)
     assert study.trials[trial.number].user_attrs == {"k": 1}
+    # The logger `study.optimize` writes its trial lines to, which trial_loop writes them to in its stead.
+    assert importlib.import_module(workarounds.OPTUNA_TRIAL_LOGGER)._logger.name == workarounds.OPTUNA_TRIAL_LOGGER
 
 
 @tensorflow_backend
