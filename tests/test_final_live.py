@@ -49,7 +49,7 @@ COMPLETE, RUNNING = TrialState.COMPLETE, TrialState.RUNNING
 
 
 class Stores:
-    """The study, its tracker and parent run, as `sweep.finalize` opens them."""
+    """The study, its tracker and ledger (on its parent run), as `sweep.finalize` opens them."""
 
     def __init__(self, cfg: SweepConfig) -> None:
         self.cfg = cfg
