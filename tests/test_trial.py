@@ -14,7 +14,7 @@ from mnist_sweep.config import SweepConfig, build_config
 from mnist_sweep.data import Split
 from mnist_sweep.metrics import confusion_matrix
 from mnist_sweep.model import build_model, compiled_model
-from mnist_sweep.scheduler import PruningHook
+from mnist_sweep.scheduler import PrunerScheduler, PruningHook
 from mnist_sweep.space import fixed_params, sample_params, searched_names
 from mnist_sweep.train_settings import TrainSettings
 from mnist_sweep.trial import TrialDiverged, TrialSession, run_trial
@@ -142,18 +142,20 @@ def study_with_two_good_trials() -> optuna.Study:
 
 def test_pruning_hook_prunes_a_trial_below_the_median() -> None:
     study = study_with_two_good_trials()
-    hook = PruningHook(study.ask(), "val_accuracy", epochs=3)
+    hook = PruningHook(study.ask(), "val_accuracy", epochs=3, scheduler=PrunerScheduler("val_accuracy"))
     with pytest.raises(optuna.TrialPruned, match="pruned at epoch 1"):
         hook(1, {"val_accuracy": 0.1, "val_loss": 2.0})
 
 
 def test_pruning_hook_keeps_a_trial_that_reached_its_last_epoch() -> None:
     study = study_with_two_good_trials()
-    PruningHook(study.ask(), "val_accuracy", epochs=1)(1, {"val_accuracy": 0.1})  # no TrialPruned
+    PruningHook(study.ask(), "val_accuracy", epochs=1, scheduler=PrunerScheduler("val_accuracy"))(
+        1, {"val_accuracy": 0.1}
+    )  # no TrialPruned
 
 
 def test_pruning_hook_refuses_a_missing_metric() -> None:
-    hook = PruningHook(optuna.create_study().ask(), "val_accuracy", epochs=3)
+    hook = PruningHook(optuna.create_study().ask(), "val_accuracy", epochs=3, scheduler=PrunerScheduler("val_accuracy"))
     with pytest.raises(KeyError, match="not among the epoch metrics"):
         hook(1, {"loss": 1.0})
 
