@@ -1,0 +1,170 @@
+"""ASHA's promotion rule on real Optuna studies with made-up values (no training), its claim between workers, and
+the scheduler the sweep file chooses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mnist_sweep.asha import PROMOTED_FROM_ATTR, RUNG_ATTR, AshaScheduler, Rungs, claim, promotable
+from mnist_sweep.config import build_config
+from mnist_sweep.keras_tuner_engine import SEED_FOR_ZERO
+from mnist_sweep.scheduler import OraclePlanScheduler, PrunerScheduler, make_scheduler
+from mnist_sweep.space import sample_params
+from tests.conftest import REPO
+
+SPACE = {"search": {"optimizer": ["adam", "nadam"], "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}}
+assert SEED_FOR_ZERO  # keras-tuner's engine imports cleanly beside the schedulers
+
+
+def scheduler(first: int = 1, factor: int = 3, last: int = 9) -> AshaScheduler:
+    return AshaScheduler(Rungs(first=first, factor=factor, last=last), maximize=True)
+
+
+def study_at(storage: str | None = None) -> optuna.Study:
+    return optuna.create_study(
+        study_name="asha", storage=storage, direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0)
+    )
+
+
+def finish(study: optuna.Study, asha: AshaScheduler, value: float) -> optuna.trial.FrozenTrial:
+    """One trial as the trial run makes it: placed by the scheduler, its values sampled, told `value`."""
+    trial = study.ask()
+    asha.trial_begins(trial)
+    sample_params(trial, build_config(SPACE).search)
+    return study.tell(trial, value)
+
+
+def test_rungs_grow_by_the_factor_and_the_last_is_train_epochs() -> None:
+    rungs = Rungs(first=1, factor=3, last=20)
+    assert [rungs.epochs(r) for r in range(rungs.top + 1)] == [1, 3, 9, 20]
+    assert Rungs(first=2, factor=2, last=8).top == 2
+
+
+def test_a_trial_is_promoted_once_it_is_in_the_top_third_of_its_rung() -> None:
+    study, asha = study_at(), scheduler()
+    first, second = finish(study, asha, 0.5), finish(study, asha, 0.9)
+    assert (first.user_attrs[RUNG_ATTR], second.user_attrs[RUNG_ATTR]) == (0, 0)  # 2 // 3 = 0 may go on
+    finish(study, asha, 0.7)
+    promoted = finish(study, asha, 0.0)  # 3 done at rung 0: the best of them (0.9) goes on as this trial
+    assert promoted.user_attrs[RUNG_ATTR] == 1
+    assert promoted.user_attrs[PROMOTED_FROM_ATTR] == second.number
+    assert promoted.params == second.params  # its values are the source's, not the sampler's
+    assert promoted.system_attrs["fixed_params"] == second.params  # as an enqueued trial's: the sampler drew none
+
+
+def done(study: optuna.Study, value: float, rung: int, promoted_from: int | None = None) -> None:
+    attrs = {RUNG_ATTR: rung, PROMOTED_FROM_ATTR: promoted_from}
+    study.add_trial(optuna.create_trial(value=value, user_attrs=attrs))
+
+
+def test_the_highest_rung_goes_first_best_first_and_a_promoted_trial_is_not_promoted_again() -> None:
+    study = study_at()
+    for value in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6):  # trials 0-5 at rung 0: its top third is 5 and 4
+        done(study, value, rung=0)
+    for value, source in ((0.7, 5), (0.8, 4), (0.75, 3)):  # trials 6-8 at rung 1: its top third is 7
+        done(study, value, rung=1, promoted_from=source)
+    done(study, 0.1, rung=1)  # trial 9: a failed claim's leftover (None) claims nothing
+    done(study, 0.95, rung=0)  # trial 10: rung 0's best now, with 5 the top third of its 7
+    ranked = promotable(study.get_trials(), Rungs(first=1, factor=3, last=9), maximize=True)
+    assert [t.number for t in ranked] == [7, 10]  # 5 has gone on already (as 6)
+
+
+def test_the_top_rung_is_never_promoted_and_a_minimizing_study_promotes_the_lowest() -> None:
+    asha = AshaScheduler(Rungs(first=1, factor=2, last=2), maximize=False)
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for value in (0.3, 0.1):
+        finish(study, asha, value)
+    promoted = finish(study, asha, 0.05)
+    assert promoted.user_attrs[PROMOTED_FROM_ATTR] == 1  # the lower loss
+    finish(study, asha, 0.2)  # rung 1 (the top) holds one trial: nothing above it to go to
+    top = [t for t in promotable(study.get_trials(), asha.rungs, maximize=False) if t.user_attrs[RUNG_ATTR] == 1]
+    assert top == []
+
+
+def test_a_second_claim_on_the_same_trial_loses_and_leaves_no_claim(tmp_path: Path) -> None:
+    """Two workers (two storage connections) decide at the same moment to promote the same trial."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study, asha = study_at(url), scheduler()
+    for value in (0.1, 0.2, 0.9):
+        finish(study, asha, value)
+    source = study.get_trials()[2]
+    other = optuna.load_study(study_name="asha", storage=url)
+    mine, theirs = study.ask(), other.ask()
+    assert claim(mine, source)
+    assert not claim(theirs, source)
+    assert theirs.user_attrs[PROMOTED_FROM_ATTR] is None  # given up: it claims nothing
+    assert promotable(other.get_trials(), asha.rungs, maximize=True) == []  # 2 is the one of rung 0's top third
+
+
+WORKER = """
+import sys, optuna
+from mnist_sweep.asha import AshaScheduler, Rungs
+from mnist_sweep.config import build_config
+from mnist_sweep.space import sample_params
+sampler = optuna.samplers.RandomSampler(seed=int(sys.argv[2]))
+study = optuna.load_study(study_name="asha", storage=sys.argv[1], sampler=sampler)
+asha = AshaScheduler(Rungs(first=1, factor=2, last=16), maximize=True)
+search = build_config({"search": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}}).search
+for _ in range(int(sys.argv[3])):
+    trial = study.ask()
+    asha.trial_begins(trial)
+    params = sample_params(trial, search)
+    study.tell(trial, params["learning_rate"] * (1 + trial.user_attrs["asha_rung"]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_two_real_workers_never_promote_the_same_trial_twice(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study_at(url)
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER, url, str(seed), "25"], cwd=REPO, stderr=subprocess.PIPE)
+        for seed in (1, 2)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err.decode()[-2000:]
+    trials = optuna.load_study(study_name="asha", storage=url).get_trials()
+    assert all(t.state == TrialState.COMPLETE for t in trials) and len(trials) == 50
+    sources = [t.user_attrs[PROMOTED_FROM_ATTR] for t in trials if t.user_attrs.get(PROMOTED_FROM_ATTR) is not None]
+    assert len(sources) >= 10  # promotions happened, from both workers
+    assert len(sources) == len(set(sources)), sorted(sources)
+    by_number = {t.number: t for t in trials}
+    for trial in trials:
+        source = trial.user_attrs.get(PROMOTED_FROM_ATTR)
+        if source is not None:
+            assert trial.params == by_number[source].params
+            assert trial.user_attrs[RUNG_ATTR] == by_number[source].user_attrs[RUNG_ATTR] + 1
+
+
+@pytest.mark.parametrize(
+    ("study", "kind"),
+    [
+        ({}, PrunerScheduler),
+        ({"pruner": "asha"}, AshaScheduler),
+        ({"engine": "keras-tuner", "sampler": "random"}, OraclePlanScheduler),
+        ({"engine": "keras-tuner", "sampler": "hyperband"}, OraclePlanScheduler),
+    ],
+)
+def test_the_sweep_file_chooses_the_scheduler(study: dict[str, str], kind: type) -> None:
+    cfg = build_config({"study": study, "train": {"epochs": 4}})
+    assert type(make_scheduler(cfg)) is kind
+
+
+def test_asha_rungs_come_from_the_sweep_file_and_no_optuna_pruner_runs_beside_it() -> None:
+    from mnist_sweep.study import make_pruner
+
+    cfg = build_config(
+        {"study": {"pruner": "asha", "pruner_warmup_epochs": 2, "pruner_reduction_factor": 2}, "train": {"epochs": 10}}
+    )
+    asha = make_scheduler(cfg)
+    assert isinstance(asha, AshaScheduler)
+    assert [asha.rungs.epochs(r) for r in range(asha.rungs.top + 1)] == [2, 4, 8, 10]
+    assert isinstance(make_pruner(cfg.study), optuna.pruners.NopPruner)
