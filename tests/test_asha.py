@@ -16,7 +16,8 @@ from mnist_sweep.config import build_config
 from mnist_sweep.keras_tuner_engine import SEED_FOR_ZERO
 from mnist_sweep.scheduler import OraclePlanScheduler, PrunerScheduler, make_scheduler
 from mnist_sweep.space import sample_params
-from tests.conftest import REPO
+from tests.conftest import REPO, required_mnist
+from tests.finished_sweep import run_sweep
 
 SPACE = {"search": {"optimizer": ["adam", "nadam"], "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}}
 assert SEED_FOR_ZERO  # keras-tuner's engine imports cleanly beside the schedulers
@@ -168,3 +169,42 @@ def test_asha_rungs_come_from_the_sweep_file_and_no_optuna_pruner_runs_beside_it
     assert isinstance(asha, AshaScheduler)
     assert [asha.rungs.epochs(r) for r in range(asha.rungs.top + 1)] == [2, 4, 8, 10]
     assert isinstance(make_pruner(cfg.study), optuna.pruners.NopPruner)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_a_real_asha_sweep_tracks_every_promotion_as_its_own_run(tmp_path: Path) -> None:
+    """`mnist-sweep run` with ASHA on 2,000 real images, rungs of 1, 2 and 4 epochs, read back from MLflow and
+    Optuna: each promotion a COMPLETE trial and a FINISHED run with its model, going on from its source's epochs,
+    its cosine decay down to 1 % at its own last epoch."""
+    settings = ("study.pruner='asha'", "study.pruner_reduction_factor=2", "model.hidden=[64]", "study.baseline=false")
+    sweep = run_sweep(
+        tmp_path, required_mnist(), "--trials", "8", "--epochs", "4", *[a for s in settings for a in ("--set", s)]
+    )
+    trials = sweep.study().get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 8
+    runs = {run.info.run_id: run for run in sweep.trial_runs()}
+    assert len(runs) == 8
+    client, by_number = sweep.mlflow(), {t.number: t for t in trials}
+    promotions = 0
+    for trial in trials:
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        rung, source = trial.user_attrs[RUNG_ATTR], trial.user_attrs.get(PROMOTED_FROM_ATTR)
+        epochs = (1, 2, 4)[rung]
+        assert run.info.status == "FINISHED" and run.data.params["epochs"] == str(epochs)
+        assert run.data.tags["asha.rung"] == str(rung)
+        assert "val_confusion_matrix.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert str(trial.user_attrs["model_uri"]).startswith("models:/")
+        first = 0
+        if source is not None:
+            promotions += 1
+            earlier = by_number[source]
+            assert trial.params == earlier.params and rung == earlier.user_attrs[RUNG_ATTR] + 1
+            assert run.data.tags["asha.promoted_from"] == str(source)
+            assert run.data.tags["asha.promoted_from_run"] == earlier.user_attrs["mlflow_run_id"]
+            first = (1, 2, 4)[rung - 1]
+        rates = client.get_metric_history(run.info.run_id, "learning_rate")
+        assert [m.step for m in rates] == list(range(first + 1, epochs + 1))
+        assert rates[-1].value == pytest.approx(0.01 * trial.params["learning_rate"], rel=1e-4)
+    assert promotions >= 2
+    assert "test accuracy 0." in sweep.first.stdout
