@@ -11,9 +11,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mnist_sweep.asha import PROMOTED_FROM_ATTR, RUNG_ATTR, AshaScheduler, Rungs, claim, promotable
+from mnist_sweep.asha import EPOCHS_ATTR, PROMOTED_FROM_ATTR, RUNG_ATTR, AshaScheduler, Rungs, claim, promotable
 from mnist_sweep.config import build_config
 from mnist_sweep.keras_tuner_engine import SEED_FOR_ZERO
+from mnist_sweep.records import EPOCHS_TRAINED_ATTR, FIT_SECONDS_ATTR
 from mnist_sweep.scheduler import OraclePlanScheduler, PrunerScheduler, make_scheduler
 from mnist_sweep.space import sample_params
 from tests.conftest import REPO, required_mnist
@@ -43,8 +44,15 @@ def finish(study: optuna.Study, asha: AshaScheduler, value: float) -> optuna.tri
 
 def test_rungs_grow_by_the_factor_and_the_last_is_train_epochs() -> None:
     rungs = Rungs(first=1, factor=3, last=20)
-    assert [rungs.epochs(r) for r in range(rungs.top + 1)] == [1, 3, 9, 20]
-    assert Rungs(first=2, factor=2, last=8).top == 2
+    assert [rungs.epochs(r) for r in range(5)] == [1, 3, 9, 20, 20]
+    assert [rungs.epochs_for(r, None) for r in range(4)] == [1, 3, 9, 20]  # nothing measured: the epochs' rungs
+
+
+def test_a_seconds_rung_gives_a_dearer_configuration_fewer_epochs() -> None:
+    rungs = Rungs(first=1, factor=3, last=20, seconds=12.0)
+    assert (rungs.epochs_for(0, 2.0), rungs.epochs_for(0, 4.0)) == (6, 3)  # batch 256 and batch 64, say
+    assert (rungs.epochs_for(1, 4.0), rungs.epochs_for(2, 4.0)) == (9, 20)  # 36 s; 108 s, capped at train.epochs
+    assert rungs.epochs_for(1, 30.0, after=3) == 4  # a promotion trains at least one epoch more than its source
 
 
 def test_a_trial_is_promoted_once_it_is_in_the_top_third_of_its_rung() -> None:
@@ -62,6 +70,32 @@ def test_a_trial_is_promoted_once_it_is_in_the_top_third_of_its_rung() -> None:
 def done(study: optuna.Study, value: float, rung: int, promoted_from: int | None = None) -> None:
     attrs = {RUNG_ATTR: rung, PROMOTED_FROM_ATTR: promoted_from}
     study.add_trial(optuna.create_trial(value=value, user_attrs=attrs))
+
+
+def test_with_a_seconds_budget_a_trial_trains_what_its_batch_size_affords(tmp_path: Path) -> None:
+    """Rung 0 is 12 s: a new batch-64 trial gets 12 s over the median seconds per epoch of the batch-64 trials, a
+    promotion its source's own cost per epoch."""
+    asha = AshaScheduler(Rungs(first=1, factor=3, last=20, seconds=12.0), maximize=True)
+    study = study_at(f"sqlite:///{tmp_path}/optuna.db")
+    batch = optuna.distributions.CategoricalDistribution((64, 256))
+    for number, (size, seconds, value) in enumerate(((64, 8.0, 0.5), (64, 12.0, 0.6), (256, 4.0, 0.9))):
+        attrs = {RUNG_ATTR: 0, FIT_SECONDS_ATTR: seconds, EPOCHS_TRAINED_ATTR: 2, EPOCHS_ATTR: 2}
+        study.add_trial(
+            optuna.create_trial(
+                value=value, params={"batch_size": size}, distributions={"batch_size": batch}, user_attrs=attrs
+            )
+        )
+        assert study.get_trials()[number].params["batch_size"] == size
+    promoted = study.ask()
+    asha.trial_begins(promoted)
+    assert promoted.suggest_categorical("batch_size", (64, 256)) == 256  # the 0.9 goes on
+    assert asha.epochs(promoted, default=20) == 18  # 36 s at its own 2 s per epoch
+    assert asha.warm_start(promoted) is None  # its source left no model here: it trains from scratch
+    study.enqueue_trial({"batch_size": 64}, user_attrs={RUNG_ATTR: 0})
+    new = study.ask()
+    new.suggest_categorical("batch_size", (64, 256))
+    assert asha.epochs(new, default=20) == 2  # 12 s at the batch-64 trials' median 5 s per epoch, rounded
+    assert new.user_attrs[EPOCHS_ATTR] == 2
 
 
 def test_the_highest_rung_goes_first_best_first_and_a_promoted_trial_is_not_promoted_again() -> None:
@@ -167,7 +201,7 @@ def test_asha_rungs_come_from_the_sweep_file_and_no_optuna_pruner_runs_beside_it
     )
     asha = make_scheduler(cfg)
     assert isinstance(asha, AshaScheduler)
-    assert [asha.rungs.epochs(r) for r in range(asha.rungs.top + 1)] == [2, 4, 8, 10]
+    assert [asha.rungs.epochs(r) for r in range(4)] == [2, 4, 8, 10]
     assert isinstance(make_pruner(cfg.study), optuna.pruners.NopPruner)
 
 
