@@ -139,11 +139,16 @@ class AshaScheduler:
 
     def trial_begins(self, trial: optuna.Trial) -> None:
         """This trial's rung: a promotion's (its values fixed to the source's) where one can be claimed, else 0.
-        A stale trial's retry keeps its rung and its claim (Optuna copies its user attrs)."""
+        A stale trial's retry keeps its rung and its claim (Optuna copies its user attrs); an enqueued trial keeps
+        its values."""
         if RUNG_ATTR in trial.user_attrs:
             return
-        study = trial.study
-        for source in promotable(study.get_trials(deepcopy=False), self.rungs, maximize=self.maximize):
+        trials = trial.study.get_trials(deepcopy=False)
+        if any(t.number == trial.number and t.system_attrs.get("fixed_params") for t in trials):
+            # Enqueued with its own values (a redo of a trial whose artifacts were lost): they train, at rung 0.
+            trial.set_user_attr(RUNG_ATTR, 0)
+            return
+        for source in promotable(trials, self.rungs, maximize=self.maximize):
             if claim(trial, source):
                 fix_trial_params(trial, dict(source.params))
                 trial.set_user_attr(RUNG_ATTR, int(source.user_attrs[RUNG_ATTR]) + 1)

@@ -67,6 +67,17 @@ def test_a_trial_is_promoted_once_it_is_in_the_top_third_of_its_rung() -> None:
     assert promoted.system_attrs["fixed_params"] == second.params  # as an enqueued trial's: the sampler drew none
 
 
+def test_an_enqueued_trial_keeps_its_values_and_is_never_made_a_promotion() -> None:
+    study, asha = study_at(), scheduler()
+    for value in (0.1, 0.2, 0.9):
+        finish(study, asha, value)
+    study.enqueue_trial({"optimizer": "nadam", "learning_rate": 0.005})  # as a redo of a lost trial is
+    redo = study.ask()
+    asha.trial_begins(redo)
+    assert redo.user_attrs == {RUNG_ATTR: 0}
+    assert sample_params(redo, build_config(SPACE).search)["learning_rate"] == 0.005
+
+
 def done(study: optuna.Study, value: float, rung: int, promoted_from: int | None = None) -> None:
     attrs = {RUNG_ATTR: rung, PROMOTED_FROM_ATTR: promoted_from}
     study.add_trial(optuna.create_trial(value=value, user_attrs=attrs))
