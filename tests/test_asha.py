@@ -253,3 +253,26 @@ def test_a_real_asha_sweep_tracks_every_promotion_as_its_own_run(tmp_path: Path)
         assert rates[-1].value == pytest.approx(0.01 * trial.params["learning_rate"], rel=1e-4)
     assert promotions >= 2
     assert "test accuracy 0." in sweep.first.stdout
+
+
+def test_the_asha_sweep_file_is_the_default_with_asha_and_bench_runs_it_as_the_new_default() -> None:
+    from mnist_sweep.config import load_sweep
+    from tests.test_bench_search import bench_module
+
+    default, candidate = load_sweep(REPO / "sweeps" / "fcn.toml"), load_sweep(REPO / "sweeps" / "fcn-asha.toml")
+    differ = {
+        (section, key)
+        for section, values in candidate.to_dict().items()
+        for key, value in values.items()
+        if default.to_dict()[section][key] != value
+    }
+    inert = {("study", "pruner_startup_trials"), ("study", "pruner_interval_epochs")}  # the median rule's
+    assert differ - inert == {
+        ("study", "name"),
+        ("study", "pruner"),
+        ("study", "pruner_warmup_epochs"),
+        ("tracking", "registered_model"),
+    }
+    bench = load_sweep(REPO / "sweeps" / "fcn.toml", bench_module("search").NEW_DEFAULT)
+    asha = make_scheduler(candidate)
+    assert isinstance(asha, AshaScheduler) and make_scheduler(bench).__dict__ == asha.__dict__
