@@ -8,8 +8,8 @@ train.epochs, so a configuration twice as dear per epoch trains half the epochs 
 
 When a trial begins, the best trial of the highest rung that is in the top 1/η of the trials finished at its rung,
 and that no trial goes on from yet, is promoted: this trial takes its parameters and its weights and trains on to
-the next rung's budget. With none to promote, the study's sampler draws a new trial at rung
-0. Nothing waits for a rung to fill (the asynchronous rule), so several workers never idle.
+the next rung's budget. With none to promote, the study's sampler draws a new trial at rung 0. Nothing waits for a
+rung to fill (the asynchronous rule), so several workers never idle. docs/asha.md is the user's page.
 
 Each promotion is its own Optuna trial and MLflow child run, as keras-tuner's hyperband records its promotions:
 every trial ends COMPLETE with its model, confusion matrix and per-epoch metrics, and names the trial it goes on
