@@ -1,7 +1,8 @@
 """The default sweep on full MNIST against pruning off, random sampling, keras-tuner's oracles and local workers.
 
 The same sweep with pruning off, with the random sampler, with keras-tuner's hyperband and bayesian
-oracles (study.engine = "keras-tuner"; same space, seed, data and epochs), and in 1, 2 or `auto` local workers.
+oracles (study.engine = "keras-tuner"; same space, seed, data and epochs), in 1, 2 or `auto` local workers, and
+with ASHA (study.pruner = "asha", `--only 9`).
 
 Reports wall time, epochs spent, best validation accuracy and the once-scored test accuracy of each, and
 plots best-validation-accuracy against epochs spent and against wall time for all of them (bench/search.html;
@@ -39,6 +40,8 @@ from typing import Any
 from _common import REPO, data_dir, median, python_path, record, table
 
 SAVED = REPO / "bench" / "search_runs"
+# The ASHA candidate (sweeps/fcn-asha.toml): rungs of 3, 9 and 20 epochs, one trial in 3 goes on.
+ASHA = ["study.pruner='asha'", "study.pruner_warmup_epochs=3", "study.pruner_reduction_factor=3"]
 KERAS_TUNER = ["--set", "study.engine='keras-tuner'", "--set", "study.pruner='none'"]
 VARIANTS = {
     "default (TPE + median pruner)": [],
@@ -63,11 +66,15 @@ VARIANTS = {
         "--set",
         "study.pruner='median'",
     ],
+    # Asynchronous successive halving (mnist_sweep/asha.py): each promotion a trial of its own, going on from its
+    # earlier trial's weights with a cosine decay over its new segment (--only 9).
+    "asha (TPE + ASHA)": [arg for setting in ASHA for arg in ("--set", setting)],
 }
 
 
-# Issue 21: the new default, to be chosen on validation only (never on test accuracy); a placeholder until then.
-NEW_DEFAULT = ["train.loop='compiled'"]
+# Issue 21: the new default, to be chosen on validation only (never on test accuracy): the ASHA candidate for now
+# (it replaced the placeholder train.loop='compiled'; `--new` gives both, or any other set).
+NEW_DEFAULT = list(ASHA)
 TODAY, NEW, PEER = "today's default", "new default", "peer (kt.Hyperband script)"
 SEED_SLUGS = {TODAY: "today", NEW: "new", PEER: "peer"}  # file names of the saved runs
 
