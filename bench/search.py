@@ -21,7 +21,8 @@ Issue 21's benchmark: today's default, the new default (NEW_DEFAULT, or --new KE
 
 Per variant and seed: wall (the whole process, start-up and the test score included), epochs, epoch-seconds
 (the seconds inside fit over every trial, pruned ones included), best val, test (scored once), and the sweep's
-cost ÷ the winner's own fit (the seconds spent in trials, over the chosen trial's own fit seconds); then the
+cost ÷ the winner's own fit (the seconds spent in trials, over the fit seconds that made the chosen model: its
+own and, for a promotion, those of the trials it went on from); then the
 medians per variant against the issue's targets.
 """
 
@@ -224,7 +225,7 @@ def read_study(workdir: Path) -> dict[str, Any]:
         # Complete and pruned trials record their fit seconds; a failed trial's are missing (counted in trial_seconds).
         "epoch_seconds": sum(float(t.user_attrs.get(FIT_SECONDS_ATTR, 0.0)) for t in trials),
         "trial_seconds": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in ended),  # type: ignore[operator]
-        "winner_fit_seconds": float(chosen.user_attrs[FIT_SECONDS_ATTR]),
+        "winner_fit_seconds": lineage_fit_seconds(study.trials, chosen),
         "chosen_trial": {"number": chosen.number, "params": chosen.params, "value": chosen.value},
         "states": {state: sum(t.state.name == state for t in study.trials) for state in ("COMPLETE", "PRUNED", "FAIL")},
         "epochs": epochs,
@@ -235,6 +236,22 @@ def read_study(workdir: Path) -> dict[str, Any]:
         "engine": study.user_attrs.get("engine", "optuna"),
         "trials": len(study.trials),
     }
+
+
+def lineage_fit_seconds(trials: list[Any], chosen: Any) -> float:
+    """The fit seconds that made the chosen model: its own, plus those of each earlier trial it went on from
+    (an ASHA promotion continues from its source's weights), so a promoted winner is not counted by its last
+    segment alone. bench/peer_hyperband.py counts the peer's Hyperband promotions the same way."""
+    from mnist_sweep.asha import PROMOTED_FROM_ATTR
+    from mnist_sweep.records import FIT_SECONDS_ATTR
+
+    by_number = {t.number: t for t in trials}
+    seconds, trial = 0.0, chosen
+    while trial is not None:
+        seconds += float(trial.user_attrs.get(FIT_SECONDS_ATTR, 0.0))
+        source = trial.user_attrs.get(PROMOTED_FROM_ATTR)
+        trial = by_number.get(source) if source is not None else None
+    return seconds
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
