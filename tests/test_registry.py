@@ -146,18 +146,18 @@ def test_a_name_mlflow_refuses_is_refused_naming_the_key(name: str) -> None:
 # --------------------------------------------------------------------------- the real CLI
 
 
-def test_a_bad_name_is_exit_2_before_any_trial_and_nothing_is_written(run_cli: CliRunner, tmp_path: Path) -> None:
-    done = run_cli("run", str(DEFAULT_SWEEP), *small_sweep_args(trials=1), "--set", 'tracking.registered_model="a/b"')
+def test_a_bad_name_is_exit_2_before_any_trial_and_nothing_is_written(run_here: CliRunner, tmp_path: Path) -> None:
+    done = run_here("run", str(DEFAULT_SWEEP), *small_sweep_args(trials=1), "--set", 'tracking.registered_model="a/b"')
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("mnist-sweep: tracking.registered_model = 'a/b': MLflow refuses this name")
     assert created_files(tmp_path) == []
 
 
-def test_a_name_another_project_holds_is_exit_2_before_any_trial(run_cli: CliRunner, tmp_path: Path) -> None:
+def test_a_name_another_project_holds_is_exit_2_before_any_trial(run_here: CliRunner, tmp_path: Path) -> None:
     MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db").create_registered_model("fcn")
     before = created_files(tmp_path)
-    done = run_cli("run", str(DEFAULT_SWEEP), *small_sweep_args(trials=1))
+    done = run_here("run", str(DEFAULT_SWEEP), *small_sweep_args(trials=1))
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert "tracking.registered_model = 'fcn'" in line and "mnist-sweep did not create" in line
