@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep.baseline import LECTURE_PARAMS
-from tests.conftest import REPO, cli, required_mnist, write_sweep
+from tests.conftest import REPO, cli, cli_here, required_mnist, write_sweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
@@ -70,13 +70,14 @@ class Study:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
-    """Two trials by one worker, a third by a second (a resume), then finalize and the leaderboard."""
+    """Two trials by one worker, a third by a second (a resume), then finalize and the leaderboard: the real CLI,
+    in this process."""
     data = required_mnist()
     folder = tmp_path_factory.mktemp("lecture")
     sweep = write_sweep(folder, LECTURE_SPACE)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        done = cli(*args, cwd=folder, data=data)
+        done = cli_here(*args, cwd=folder, data=data)
         assert done.returncode == 0, done.stderr[-3000:]
         return done
 
