@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_sweep.artifacts import global_tracking_uri
 from mnist_sweep.errors import RegistryError
+from mnist_sweep.ledger import StudyLedger
 from mnist_sweep.records import CHAMPION, REGISTERED_BY, REGISTERED_BY_TAG, TestResult
 from mnist_sweep.registry import check_up_front, register_champion
 from mnist_sweep.tracking import Tracker
@@ -57,10 +58,10 @@ def _logged_result(folder: Path, *, study: str = "reg") -> Logged:
     from mnist_sweep.model import build_model
 
     tracker = Tracker(uri=f"sqlite:///{folder}/mlflow.db", artifacts=str(folder / "artifacts"), experiment=study)
-    parent = tracker.create_parent_run(study_name=study, config={})
-    run_id = tracker.start_trial_run(parent_run_id=parent, study_name=study, trial_number=3, params={})
-    model_id, model_uri = tracker.reserve_model(run_id)
-    tracker.models.save(run_id, build_model(hidden=(8,), activation="relu"), model_id)
+    ledger = StudyLedger.create(tracker, study_name=study, config={})
+    run_id = ledger.start_trial_run(trial_number=3, params={})
+    model_id, model_uri = ledger.reserve_model(run_id)
+    ledger.models.save(run_id, build_model(hidden=(8,), activation="relu"), model_id)
     result = TestResult(
         study=study,
         trial_number=3,
@@ -80,7 +81,7 @@ def _logged_result(folder: Path, *, study: str = "reg") -> Logged:
         scored_at="now",
         scored_by="here",
     )
-    return Logged(tracker, parent, result)
+    return Logged(tracker, ledger.parent_run_id, result)
 
 
 def _register(logged: Logged, name: str = "reg") -> str:

@@ -195,6 +195,7 @@ def test_every_schedule_logs_its_learning_rate_per_epoch_to_mlflow(
     """One trial through the sweep's objective on synthetic images; the rates read back from its MLflow run."""
     from mnist_sweep.config import build_config
     from mnist_sweep.data import Split
+    from mnist_sweep.ledger import StudyLedger
     from mnist_sweep.study import StudyContext
     from mnist_sweep.tracking import Tracker
     from mnist_sweep.trial_loop import run_one_trial
@@ -215,13 +216,13 @@ def test_every_schedule_logs_its_learning_rate_per_epoch_to_mlflow(
         }
     )
     tracker = Tracker(uri=uri, artifacts=str(tmp_path / "artifacts"), experiment="schedules")
-    parent = tracker.create_parent_run(study_name="schedules", config={})
+    ledger = StudyLedger.create(tracker, study_name="schedules", config={})
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(direction="maximize", storage=storage)
-    context = StudyContext(study, storage, tracker, parent)
+    context = StudyContext(study, storage, ledger)
     trials = Trials(cfg=cfg, split=split, context=context, data_source="synthetic")
     run_one_trial(trials.context, trials)
-    tracker.uploads.wait()
+    ledger.uploads.wait()
 
     run_id = study.trials[0].user_attrs["mlflow_run_id"]
     history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "learning_rate")
