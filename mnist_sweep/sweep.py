@@ -69,17 +69,8 @@ def run(
     existing = load_existing_study(cfg, storage)
     if existing is not None and seal_claimed(storage, cfg.study.name):
         return _already_scored(cfg, existing, echo)
-    tracker = make_tracker(cfg)
-    study, created = open_study(cfg, storage, worker_salt=worker_salt() if as_worker else 0)
-    ledger = StudyLedger.open(study, tracker, created=created, config=cfg.to_dict())
-    context = StudyContext(study, storage, ledger)
-    ledger.describe(study_description(cfg, sweep_file=sweep_file))
-    echo(device_line(gpus()))
-    echo(
-        f"study {cfg.study.name!r}: {count_finished(study)}/{cfg.study.trials} trials finished; "
-        f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {ledger.parent_run_id}"
-    )
-    ledger.set_status("RUNNING")  # a rerun after an interrupt: the study is running again
+    context = _join_study(cfg, storage, split=split, echo=echo, as_worker=as_worker, sweep_file=sweep_file)
+    study, ledger = context.study, context.ledger
     status = "KILLED"
     try:
         with local_workers.running(local) as children:  # they load TensorFlow while this one does
@@ -116,6 +107,29 @@ def run(
     if finalize:
         _finalize(cfg, context, source, echo=echo, reclaim=False)
     return 0
+
+
+def _join_study(
+    cfg: SweepConfig,
+    storage: optuna.storages.BaseStorage,
+    *,
+    split: Split,
+    echo: Echo,
+    as_worker: bool,
+    sweep_file: str,
+) -> StudyContext:
+    """The study opened (or created) with its MLflow parent run, described, said, and marked running."""
+    tracker = make_tracker(cfg)
+    study, created = open_study(cfg, storage, worker_salt=worker_salt() if as_worker else 0)
+    ledger = StudyLedger.open(study, tracker, created=created, config=cfg.to_dict())
+    ledger.describe(study_description(cfg, sweep_file=sweep_file))
+    echo(device_line(gpus()))
+    echo(
+        f"study {cfg.study.name!r}: {count_finished(study)}/{cfg.study.trials} trials finished; "
+        f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {ledger.parent_run_id}"
+    )
+    ledger.set_status("RUNNING")  # a rerun after an interrupt: the study is running again
+    return StudyContext(study, storage, ledger)
 
 
 def study_description(cfg: SweepConfig, *, sweep_file: str = "") -> str:
