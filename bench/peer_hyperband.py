@@ -92,9 +92,21 @@ def search(cfg: SweepConfig, *, seed: int | None) -> dict[str, Any]:
         "best_val": best.score,
         "test": test_accuracy,
         "test_loss": test_loss,
-        "winner_fit_seconds": clocks[best.trial_id].seconds,
+        "winner_fit_seconds": lineage_seconds(tuner, best),
         "winner": dict(best.hyperparameters.values),
     }
+
+
+def lineage_seconds(tuner: TimedHyperband, best: Any) -> float:
+    """The fit seconds that made the best model: its trial's, plus those of each trial Hyperband resumed it from
+    (`tuner/trial_id`), as bench/search.py counts the tool's ASHA promotions."""
+    seconds, trial = 0.0, best
+    while trial is not None:
+        clock = tuner.clocks.get(trial.trial_id)
+        seconds += clock.seconds if clock else 0.0
+        source = trial.hyperparameters.values.get("tuner/trial_id")
+        trial = tuner.oracle.trials.get(source) if source else None
+    return seconds
 
 
 # ---------------------------------------------------------------- the benchmark's instruments, not the user's

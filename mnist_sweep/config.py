@@ -56,6 +56,8 @@ MAX_TRIALS = 2**31 - 1
 # A heartbeat is how soon a dead worker's trial is retried (after two of them): beyond a day it is none,
 # and far beyond (about 3e11 s) Optuna's `now - grace period` falls outside datetime and raises.
 MAX_HEARTBEAT_SECONDS = 24 * 3600
+# ASHA's first rung in fit seconds: a week is no trial's budget, and far beyond the rungs' seconds overflow.
+MAX_RUNG_SECONDS = 7 * 24 * 3600
 # A fully connected network without normalisation or skip connections does not train at this depth;
 # the bound catches a typo (3000 layers) before every trial fails on it.
 MAX_HIDDEN_LAYERS = 100
@@ -229,12 +231,17 @@ class StudyConfig(_Section):
     # mnist_sweep/samplers.py.
     sampler: str = DEFAULT_SAMPLER["optuna"]
     # Left out: the engine's default (samplers.ENGINE_TRAITS)
-    pruner: Literal["none", "median", "percentile", "successive_halving"] = "median"
+    # "asha": asynchronous successive halving, each promotion a trial of its own (mnist_sweep/asha.py)
+    pruner: Literal["none", "median", "percentile", "successive_halving", "asha"] = "median"
     pruner_startup_trials: int = Field(default=5, ge=0)  # median, percentile: trials before any pruning
-    pruner_warmup_epochs: int = Field(default=1, ge=0)  # epochs before a trial can be pruned (halving: >= 1)
+    pruner_warmup_epochs: int = Field(default=1, ge=0)  # epochs before a trial can be pruned (halving, asha: rung 0)
     pruner_interval_epochs: int = Field(default=1, ge=1)  # median, percentile: consider pruning every N epochs
     pruner_percentile: float = Field(default=25.0, gt=0, lt=100)  # percentile: keep the top P % at each epoch
-    pruner_reduction_factor: int = Field(default=3, ge=2)  # successive_halving: 1 in N goes on at each rung
+    pruner_reduction_factor: int = Field(default=3, ge=2)  # successive_halving, asha: 1 in N goes on at each rung
+    # asha: what a rung budgets. "seconds": rung r is pruner_min_seconds · factor^r seconds of fit, turned into each
+    # trial's epochs by its batch size's measured seconds per epoch, so a dearer configuration gets fewer epochs.
+    pruner_budget: Literal["epochs", "seconds"] = "epochs"
+    pruner_min_seconds: float = Field(default=0.0, ge=0, le=MAX_RUNG_SECONDS)  # asha, seconds: rung 0's budget
     hyperband_factor: int = Field(default=3, ge=2)  # keras-tuner hyperband: 1 in N goes on, N times the epochs
     seed: int = Field(default=42, ge=0, lt=2**31)  # NumPy's RandomState (inside the samplers) takes 0 .. 2**32 - 1
     storage: str = "sqlite:///mlruns/optuna.db"
@@ -285,9 +292,24 @@ class StudyConfig(_Section):
             )
         _check_uri("study.storage", self.storage, STORAGE_SCHEMES)
         check_engine_keys(self)
-        if self.pruner == "successive_halving" and self.pruner_warmup_epochs < 1:
+        if self.pruner_budget == "seconds" and self.pruner != "asha":
             raise ValueError(
-                "study.pruner_warmup_epochs is the first rung of successive halving and must be >= 1, got 0"
+                f'study.pruner_budget = "seconds" applies only to study.pruner = "asha", got pruner = {self.pruner!r}'
+            )
+        if self.pruner_budget == "seconds" and self.pruner_min_seconds <= 0:
+            raise ValueError(
+                'study.pruner_min_seconds must be > 0 with study.pruner_budget = "seconds" (rung 0\'s fit seconds), '
+                f"got {self.pruner_min_seconds!r}"
+            )
+        if self.pruner_budget == "epochs" and self.pruner_min_seconds:
+            raise ValueError(
+                f"study.pruner_min_seconds = {self.pruner_min_seconds!r} applies only to study.pruner_budget = "
+                '"seconds" (with study.pruner = "asha"); remove it or set pruner_budget = "seconds"'
+            )
+        if self.pruner in ("successive_halving", "asha") and self.pruner_warmup_epochs < 1:
+            raise ValueError(
+                f"study.pruner_warmup_epochs is the first rung of study.pruner = {self.pruner!r} and must be >= 1, "
+                "got 0"
             )
         return self
 
@@ -532,6 +554,11 @@ class SweepConfig(_Section):
                 f"train.plateau_min_lr = {self.train.plateau_min_lr!r} is not below the lowest "
                 f"search.learning_rate ({lowest!r}): the plateau schedule could never lower that rate; "
                 "set a smaller plateau_min_lr"
+            )
+        if self.study.pruner == "asha" and self.study.pruner_warmup_epochs >= self.train.epochs:
+            raise ValueError(
+                f"study.pruner_warmup_epochs = {self.study.pruner_warmup_epochs} is ASHA's first rung and leaves no "
+                f"rung above it within train.epochs = {self.train.epochs}; set it below train.epochs"
             )
         if self.study.engine == "keras-tuner":
             check_keras_tuner_space(self.search.specs(), trials=self.study.trials, oracle=self.study.sampler)

@@ -59,6 +59,11 @@ def check_engine_keys(study: StudyConfig) -> None:
             f"(study.engine = 'keras-tuner', study.sampler = 'hyperband'), not to study.engine = {study.engine!r} "
             f"with study.sampler = {study.sampler!r}; remove it"
         )
+    if study.engine == "keras-tuner" and study.pruner == "asha":
+        raise ValueError(
+            "study.pruner = 'asha' chooses which trials go on, which keras-tuner's oracle does for "
+            "study.engine = 'keras-tuner'; use study.engine = 'optuna' with it, or another pruner"
+        )
     if hyperband and study.pruner != "none":
         raise ValueError(
             f"study.pruner = {study.pruner!r} cannot run with keras-tuner's hyperband oracle, which decides itself "

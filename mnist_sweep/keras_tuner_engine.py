@@ -5,7 +5,7 @@ the oracle's public ask/tell methods: `create_trial` when Optuna starts a trial,
 trial's per-epoch study metric and `end_trial` when Optuna records how it ended (study.ask and study.tell in
 trial_loop.py). Hyperband's plan for a trial (its epochs, and the earlier trial a promotion goes on from)
 reaches the trial run through `planned_epochs` and `planned_warm_start`, at the scheduler's seam
-(scheduler.StudyScheduler). The trial code, the MLflow logging, resume, the once-only test set, the report
+(scheduler.OraclePlanScheduler). The trial code, the MLflow logging, resume, the once-only test set, the report
 and the leaderboard therefore work as with Optuna. The oracle's state is keras-tuner's own files (`oracle.json`,
 `trial_*/trial.json`) in `oracle_dir`, saved by the oracle at each ask and tell and reloaded on a rerun; the
 keras-tuner trial id is recorded on the Optuna trial, so each links to the other.

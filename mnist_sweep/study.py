@@ -126,7 +126,8 @@ def make_sampler(study: StudyConfig, *, seed_offset: int, constant_liar: bool) -
 
 
 def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
-    if study.pruner == "none":
+    # ASHA prunes nothing mid-rung: its scheduler decides at each trial's begin which trial goes on (asha.py).
+    if study.pruner in ("none", "asha"):
         return optuna.pruners.NopPruner()
     if study.pruner == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(

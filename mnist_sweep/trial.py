@@ -41,10 +41,15 @@ LEARNING_RATE = "learning_rate"
 
 @dataclass(frozen=True)
 class WarmStart:
-    """Go on from an earlier trial of the same hyperparameters: its weights, after its `initial_epoch` epochs."""
+    """Go on from an earlier trial of the same hyperparameters: its weights, after its `initial_epoch` epochs.
+
+    `restart_schedule`: the learning-rate schedule runs anew over the epochs left (a warm restart), so a cosine
+    decay ends where this trial's training does; otherwise it goes on from step initial_epoch of a schedule over
+    all the epochs (keras-tuner's hyperband)."""
 
     weights: list[np.ndarray]
     initial_epoch: int
+    restart_schedule: bool = False
 
 
 @dataclass
@@ -224,7 +229,7 @@ def run_trial(
             point,
             settings.hidden,
             schedule=settings.lr_schedule,
-            total_steps=settings.epochs * steps_per_epoch,
+            total_steps=_scheduled_epochs(settings.epochs, warm_start) * steps_per_epoch,
             steps_per_execution=settings.steps_per_execution,
             metrics=("accuracy", ConfusionCounts()),
         )
@@ -263,11 +268,20 @@ def compiled_loop_runs(loop: str) -> bool:
     return loop == "compiled" and keras.backend.backend() == "tensorflow"
 
 
+def _scheduled_epochs(epochs: int, warm_start: WarmStart | None) -> int:
+    """The epochs the learning-rate schedule spans: the epochs left after a warm restart, else all of them."""
+    if warm_start is not None and warm_start.restart_schedule:
+        return max(epochs - warm_start.initial_epoch, 1)
+    return epochs
+
+
 def _go_on_from(warm_start: WarmStart, model: keras.Model, steps_per_epoch: int) -> int:
     """The earlier trial's weights in `model`; returns the epoch fit starts after."""
     model.set_weights(warm_start.weights)
-    # A fresh optimizer (keras-tuner reloads weights only), its learning-rate schedule where it was.
-    model.optimizer.iterations.assign(warm_start.initial_epoch * steps_per_epoch)
+    # A fresh optimizer (keras-tuner reloads weights only): its learning-rate schedule where it was, or at its start
+    # for a warm restart (the optimizer counts steps from 0).
+    if not warm_start.restart_schedule:
+        model.optimizer.iterations.assign(warm_start.initial_epoch * steps_per_epoch)
     return warm_start.initial_epoch
 
 

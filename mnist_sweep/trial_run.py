@@ -35,7 +35,7 @@ from mnist_sweep.records import (
     VAL_LOSS_ATTR,
     RunParams,
 )
-from mnist_sweep.scheduler import PruningHook, Scheduler, StudyScheduler
+from mnist_sweep.scheduler import PruningHook, Scheduler, make_scheduler
 from mnist_sweep.space import sample_params
 from mnist_sweep.study import SAMPLER_TAG, StudyContext
 from mnist_sweep.tensorboard_log import ARTIFACT_PATH as TENSORBOARD_ARTIFACT
@@ -89,7 +89,7 @@ class Trials:
         self.context = context
         self.progress = progress
         self.run_tags = dict(run_tags or {})  # every trial run's, besides the machine's (the worker policy's)
-        self.scheduler: Scheduler = scheduler or StudyScheduler(cfg.study.metric)
+        self.scheduler: Scheduler = scheduler or make_scheduler(cfg)
         # TensorFlow loads here, after every input check: bad input fails fast and prints one line.
         from mnist_sweep.trial import TrialSession
 
@@ -143,9 +143,10 @@ class TrialRun:
 
     def begin(self) -> tuple[dict[str, Any], int, int]:
         """Sample the hyperparameters, open the trial's MLflow run; returns (params, seed, epochs)."""
-        cfg, trial = self.trials.cfg, self.trial
+        cfg, trial, scheduler = self.trials.cfg, self.trial, self.trials.scheduler
+        scheduler.trial_begins(trial)  # an ASHA promotion takes its earlier trial's values: decided before sampling
         params = sample_params(trial, cfg.search)
-        epochs = self.trials.scheduler.epochs(trial, cfg.train.epochs)  # hyperband gives each trial its own
+        epochs = scheduler.epochs(trial, cfg.train.epochs)  # hyperband and ASHA give each trial its own
         seed = trial_seed(cfg.study.seed, trial.number)
         run_params = self.trials.run_params.for_trial(params, seed, epochs=epochs)
         self.run_id = self.tracker.start_trial_run(
@@ -153,7 +154,11 @@ class TrialRun:
             study_name=trial.study.study_name,
             trial_number=trial.number,
             params=run_params.encode(),
-            tags={**self.trials.run_tags, SAMPLER_TAG: type(trial.study.sampler).__name__},
+            tags={
+                **self.trials.run_tags,
+                **scheduler.run_tags(trial),
+                SAMPLER_TAG: type(trial.study.sampler).__name__,
+            },
         )
         trial.set_user_attr(RUN_ID_ATTR, self.run_id)
         trial.set_user_attr(SEED_ATTR, seed)
@@ -198,18 +203,17 @@ class TrialRun:
         self.tracking_seconds += time.perf_counter() - started
 
     def _warm_start(self) -> WarmStart | None:
-        """A promoted trial (keras-tuner's hyperband) goes on from an earlier trial's logged model: its weights, as
-        keras-tuner does."""
-        planned = self.trials.scheduler.warm_start(self.trial)
-        if planned is None:
+        """A promoted trial (keras-tuner's hyperband, ASHA) goes on from an earlier trial's logged model: its weights,
+        as keras-tuner does."""
+        resume = self.trials.scheduler.warm_start(self.trial)
+        if resume is None:
             return None
         from mnist_sweep.final import load_scored_model
         from mnist_sweep.trial import WarmStart
 
         self.tracker.uploads.wait()  # that model may be this process's upload still in flight
-        model_uri, initial_epoch = planned
-        weights = load_scored_model(model_uri, tracking_uri=self.trials.cfg.tracking.uri).get_weights()
-        return WarmStart(weights=weights, initial_epoch=initial_epoch)
+        weights = load_scored_model(resume.model_uri, tracking_uri=self.trials.cfg.tracking.uri).get_weights()
+        return WarmStart(weights=weights, initial_epoch=resume.initial_epoch, restart_schedule=resume.restart_schedule)
 
     def _record_outcome(self, outcome: TrialOutcome) -> tuple[str, float]:
         """The outcome on the Optuna trial, and its model reserved, so its URI is known before Optuna is told."""

@@ -149,5 +149,13 @@ def set_trial_user_attr(study: optuna.Study, trial: FrozenTrial, key: str, value
     study._storage.set_trial_user_attr(trial._trial_id, key, value)
 
 
+def fix_trial_params(trial: optuna.Trial, params: dict[str, Any]) -> None:
+    """The values `trial` suggests from now on, as `study.enqueue_trial` fixes them, for a trial already asked (an
+    ASHA promotion is decided once the trial is this process's): Optuna reads an enqueued trial's fixed params into
+    the private `_fixed_params` when it builds the trial, and records them as the system attr `fixed_params`."""
+    trial.storage.set_trial_system_attr(trial._trial_id, "fixed_params", params)
+    trial._fixed_params = dict(params)
+
+
 def _skipped(what: str) -> None:
     warnings.warn(f"mnist-sweep workaround skipped: {what}", WorkaroundSkipped, stacklevel=3)

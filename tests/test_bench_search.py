@@ -83,3 +83,22 @@ def test_the_peer_searches_scores_the_test_set_once_and_reports_its_costs(
     assert 0.0 <= peer["best_val"] <= 1.0 and 0.0 <= peer["test"] <= 1.0
     assert set(peer["winner"]) >= {"optimizer", "learning_rate", "batch_size", "activation", "dropout"}
     assert list(tmp_path.iterdir()) == [saved]  # the tuner's folder was temporary
+
+
+def test_a_promoted_winner_costs_the_fit_of_every_trial_it_went_on_from() -> None:
+    import optuna
+
+    from mnist_sweep.asha import PROMOTED_FROM_ATTR
+    from mnist_sweep.records import FIT_SECONDS_ATTR
+
+    study = optuna.create_study(direction="maximize")
+    for number, (seconds, source) in enumerate([(10.0, None), (7.0, None), (30.0, 0), (90.0, 2)]):
+        trial = study.ask()
+        trial.set_user_attr(FIT_SECONDS_ATTR, seconds)
+        if source is not None:
+            trial.set_user_attr(PROMOTED_FROM_ATTR, source)
+        study.tell(trial, 0.9 + number / 100)
+    trials = study.trials
+    lineage = bench_module("search").lineage_fit_seconds
+    assert lineage(trials, trials[3]) == 10.0 + 30.0 + 90.0  # trial 1 (7 s) is not in its line
+    assert lineage(trials, trials[1]) == 7.0

@@ -13,7 +13,7 @@ import pytest
 from mnist_sweep.data import Split
 from mnist_sweep.errors import TrialDiverged
 from mnist_sweep.metrics import confusion_matrix
-from mnist_sweep.scheduler import PruningHook
+from mnist_sweep.scheduler import PrunerScheduler, PruningHook
 from mnist_sweep.trial import FitClock, TrialOutcome, WarmStart, compiled_loop_runs, run_trial
 from tests.conftest import REPO, cli_environment
 from tests.test_backends import needs
@@ -95,7 +95,7 @@ def test_a_pruner_stops_the_compiled_loop_at_its_epoch_and_the_clock_has_its_cos
             split=split,
             settings=train_settings(hidden=(32,), epochs=4, loop="compiled"),
             seed=0,
-            epoch_hooks=[PruningHook(trial, "val_accuracy", epochs=4)],
+            epoch_hooks=[PruningHook(trial, "val_accuracy", epochs=4, scheduler=PrunerScheduler("val_accuracy"))],
             clock=clock,
         )
     assert list(trial.storage.get_trial(trial._trial_id).intermediate_values) == [1]

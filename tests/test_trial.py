@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,10 +15,10 @@ from mnist_sweep.config import SweepConfig, build_config
 from mnist_sweep.data import Split
 from mnist_sweep.metrics import confusion_matrix
 from mnist_sweep.model import build_model, compiled_model
-from mnist_sweep.scheduler import PruningHook
+from mnist_sweep.scheduler import PrunerScheduler, PruningHook
 from mnist_sweep.space import fixed_params, sample_params, searched_names
 from mnist_sweep.train_settings import TrainSettings
-from mnist_sweep.trial import TrialDiverged, TrialSession, run_trial
+from mnist_sweep.trial import TrialDiverged, TrialSession, WarmStart, run_trial
 
 PARAMS = {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "activation": "relu"}
 
@@ -142,18 +143,20 @@ def study_with_two_good_trials() -> optuna.Study:
 
 def test_pruning_hook_prunes_a_trial_below_the_median() -> None:
     study = study_with_two_good_trials()
-    hook = PruningHook(study.ask(), "val_accuracy", epochs=3)
+    hook = PruningHook(study.ask(), "val_accuracy", epochs=3, scheduler=PrunerScheduler("val_accuracy"))
     with pytest.raises(optuna.TrialPruned, match="pruned at epoch 1"):
         hook(1, {"val_accuracy": 0.1, "val_loss": 2.0})
 
 
 def test_pruning_hook_keeps_a_trial_that_reached_its_last_epoch() -> None:
     study = study_with_two_good_trials()
-    PruningHook(study.ask(), "val_accuracy", epochs=1)(1, {"val_accuracy": 0.1})  # no TrialPruned
+    PruningHook(study.ask(), "val_accuracy", epochs=1, scheduler=PrunerScheduler("val_accuracy"))(
+        1, {"val_accuracy": 0.1}
+    )  # no TrialPruned
 
 
 def test_pruning_hook_refuses_a_missing_metric() -> None:
-    hook = PruningHook(optuna.create_study().ask(), "val_accuracy", epochs=3)
+    hook = PruningHook(optuna.create_study().ask(), "val_accuracy", epochs=3, scheduler=PrunerScheduler("val_accuracy"))
     with pytest.raises(KeyError, match="not among the epoch metrics"):
         hook(1, {"loss": 1.0})
 
@@ -219,3 +222,31 @@ def test_mixed_bfloat16_trains_in_bfloat16_with_float32_outputs(split: Split) ->
     assert output.compute_dtype == "float32"
     assert outcome.val_accuracy > 0.5
     assert keras.mixed_precision.dtype_policy().name == "float32", "the global policy is restored"
+
+
+@pytest.mark.parametrize("loop", ["fit", "compiled"])
+def test_a_warm_restart_starts_from_the_weights_and_its_cosine_ends_at_its_own_last_epoch(
+    split: Split, loop: str
+) -> None:
+    """ASHA's promotion: the earlier trial's weights, and a cosine decay over the new segment only."""
+    settings = train_settings(hidden=(32,), epochs=2, lr_schedule="cosine", loop=loop)
+    earlier_epochs: list[Mapping[str, float]] = []
+    earlier = run_trial(
+        params=PARAMS, split=split, settings=settings, seed=0, epoch_hooks=[lambda e, v: earlier_epochs.append(v)]
+    )
+    rate = 1e-9  # the weights barely move in the new segment: its first epoch scores as the earlier trial's last
+    seen: list[tuple[int, Mapping[str, float]]] = []
+    run_trial(
+        params={**PARAMS, "learning_rate": rate},
+        split=split,
+        settings=dataclasses.replace(settings, epochs=5),
+        seed=1,
+        epoch_hooks=[lambda epoch, values: seen.append((epoch, dict(values)))],
+        warm_start=WarmStart(weights=earlier.model.get_weights(), initial_epoch=2, restart_schedule=True),
+    )
+    assert [epoch for epoch, _ in seen] == [3, 4, 5]
+    assert seen[0][1]["val_loss"] == pytest.approx(earlier_epochs[-1]["val_loss"], rel=1e-4)
+    assert earlier_epochs[-1]["learning_rate"] == pytest.approx(0.01 * PARAMS["learning_rate"], rel=1e-4)
+    # CosineDecay(alpha 0.01) over 3 epochs, from the trial's own rate: 1/3, 2/3 and all of the way down.
+    cosine = [0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in (1, 2, 3)]
+    assert [values["learning_rate"] / rate for _, values in seen] == pytest.approx(cosine, rel=1e-4)

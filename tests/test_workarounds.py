@@ -96,6 +96,9 @@ def test_every_private_name_of_another_package_is_where_a_workaround_reaches_for
         assert callable(oracle._set_project_dir)
     workarounds.set_trial_user_attr(study, frozen, "k", 1)
     assert study.trials[trial.number].user_attrs == {"k": 1}
+    # An asked trial's values fixed afterwards (ASHA's promotion): suggest returns them, as an enqueued trial's.
+    workarounds.fix_trial_params(trial, {"x": 0.25})
+    assert trial.suggest_float("x", 0.0, 1.0) == 0.25 and study.trials[trial.number].params == {"x": 0.25}
 
 
 @tensorflow_backend
