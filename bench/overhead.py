@@ -60,7 +60,7 @@ def sweep_trials(trials: Any, count: int) -> list[float]:
 
     for _ in range(count):
         run_one_trial(trials.context, trials)
-    trials.context.tracker.uploads.wait()
+    trials.context.ledger.uploads.wait()
     return [float(t.user_attrs[TRACKING_SECONDS_ATTR]) for t in trials.context.study.trials[-count:]]
 
 
@@ -139,6 +139,7 @@ def one_process(args: argparse.Namespace) -> None:
     import optuna
 
     from mnist_sweep.data import load_split, resolve_source
+    from mnist_sweep.ledger import StudyLedger
     from mnist_sweep.study import StudyContext
     from mnist_sweep.tracking import Tracker
     from mnist_sweep.trial_run import Trials
@@ -149,10 +150,10 @@ def one_process(args: argparse.Namespace) -> None:
     split = load_split(source, validation=5000, train_limit=args.train_limit, seed=0)
     with tempfile.TemporaryDirectory() as folder:
         tracker = Tracker(uri=f"sqlite:///{folder}/mlflow.db", artifacts=f"{folder}/artifacts", experiment="overhead")
-        parent = tracker.create_parent_run(study_name="overhead", config={})
+        ledger = StudyLedger.create(tracker, study_name="overhead", config={})
         storage = optuna.storages.InMemoryStorage()
         study = optuna.create_study(direction="maximize", storage=storage)
-        context = StudyContext(study, storage, tracker, parent)
+        context = StudyContext(study, storage, ledger)
         trials = Trials(cfg=cfg, split=split, context=context, data_source=source.describe())
         raw_fit(split, trials.session)  # warm-up: first-use costs (imports, thread pools) belong to neither side
         sweep_trials(trials, 1)  # and MLflow's first model (imports): 0.3 s once per process
@@ -165,11 +166,11 @@ def one_process(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             tracking_times += sweep_trials(trials, args.block)
             trial_times.append((time.perf_counter() - started) / args.block)
-            tracker.uploads.background = False  # the same trials, each storing its artifacts before the next
+            ledger.uploads.background = False  # the same trials, each storing its artifacts before the next
             started = time.perf_counter()
             sweep_trials(trials, args.block)
             sync_times.append((time.perf_counter() - started) / args.block)
-            tracker.uploads.background = True
+            ledger.uploads.background = True
         uploads = upload_seconds(tracker)
     raw, trial, sync = median(raw_times), median(trial_times), median(sync_times)
     validate = startup_validate()
@@ -225,8 +226,9 @@ def worker(args: argparse.Namespace) -> None:
     import optuna
 
     from mnist_sweep.data import load_split, resolve_source
+    from mnist_sweep.ledger import StudyLedger
     from mnist_sweep.records import FAIL_REASON_ATTR, TRACKING_SECONDS_ATTR
-    from mnist_sweep.study import StudyContext, make_storage, open_study, parent_run_id
+    from mnist_sweep.study import StudyContext, make_storage, open_study
     from mnist_sweep.tracking import Tracker
     from mnist_sweep.trial_loop import run_trials
     from mnist_sweep.trial_run import Trials
@@ -242,9 +244,9 @@ def worker(args: argparse.Namespace) -> None:
         tracker = Tracker(uri=f"sqlite:///{folder}/mlflow.db", artifacts=f"{folder}/artifacts", experiment="overhead")
         storage = make_storage(cfg.study)
         study, created = open_study(cfg, storage, worker_salt=args.core)
-        parent = parent_run_id(study, tracker, created=created, config={})
+        ledger = StudyLedger.open(study, tracker, created=created, config={})
         ran = RanHere()
-        context = StudyContext(study, storage, tracker, parent)
+        context = StudyContext(study, storage, ledger)
         trials = Trials(cfg=cfg, split=split, context=context, data_source=source.describe(), progress=ran)
         run_trials(trials, target=args.processes * args.trials, max_failures=100, echo=lambda line: None)
         for trial in study.get_trials(deepcopy=False):

@@ -41,6 +41,7 @@ def worker(folder: Path, trials: int, errors: Any) -> None:
     """Run `trials` tracking-only trials; put each error's first line on the queue."""
     import optuna
 
+    from mnist_sweep.ledger import StudyLedger
     from mnist_sweep.records import RUN_ID_ATTR
     from mnist_sweep.study import make_storage, open_study, worker_salt
     from mnist_sweep.tracking import Tracker
@@ -49,6 +50,7 @@ def worker(folder: Path, trials: int, errors: Any) -> None:
     cfg = _config(folder)
     try:
         tracker = Tracker(uri=cfg.tracking.uri, artifacts=cfg.tracking.artifacts, experiment="stress")
+        ledger = StudyLedger(tracker, parent_run_id="", study_name="stress")  # the runs only: no parent run
         study, _ = open_study(cfg, make_storage(cfg.study), worker_salt=worker_salt())
     except Exception as exc:
         errors.put(f"setup: {type(exc).__name__}: {str(exc).splitlines()[0]}")
@@ -57,14 +59,12 @@ def worker(folder: Path, trials: int, errors: Any) -> None:
 
     def objective(trial: optuna.Trial) -> float:
         params = {"x": trial.suggest_float("x", 0, 1)}
-        run_id = tracker.start_trial_run(
-            parent_run_id="", study_name="stress", trial_number=trial.number, params=params
-        )
+        run_id = ledger.start_trial_run(trial_number=trial.number, params=params)
         trial.set_user_attr(RUN_ID_ATTR, run_id)
         for epoch in range(1, 4):
-            tracker.log_epoch(run_id, epoch, {"loss": random.random(), "val_loss": random.random()})
+            ledger.log_epoch(run_id, epoch, {"loss": random.random(), "val_loss": random.random()})
             time.sleep(0.01)
-        tracker.close_run(run_id, state="COMPLETE")
+        ledger.close_run(run_id, state="COMPLETE")
         return random.random()
 
     for _ in range(trials):

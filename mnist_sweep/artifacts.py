@@ -1,5 +1,5 @@
 """What a run's artifacts are made of: the confusion matrix and per-class metrics as files (JSON, CSV, PNG, HTML),
-and a trained Keras model saved into its MLflow logged model with its checksum. The ledger (tracking.Tracker)
+and a trained Keras model saved into its MLflow logged model with its checksum. The ledger (ledger.StudyLedger)
 decides which run they go to and when."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _matrix_csv(matrix: np.ndarray[Any, Any]) -> str:
 
 
 class ModelWriter:
-    """Saves trained models into their reserved MLflow logged models (Tracker.reserve_model)."""
+    """Saves trained models into their reserved MLflow logged models (StudyLedger.reserve_model)."""
 
     def __init__(self, client: MlflowClient, *, uri: str, keep_optimizer: bool) -> None:
         self.client = client

@@ -73,7 +73,7 @@ def train_reference(
 ) -> LectureReference | None:
     """The lecture's network trained on the study's split, once per study; None where study.baseline is off,
     another process has it, or it failed (said in one line: the sweep goes on without it)."""
-    study, storage, tracker = context.study, context.storage, context.tracker
+    study, storage, ledger = context.study, context.storage, context.ledger
     if not cfg.study.baseline or recorded_reference(study) is not None:
         return None
     claim = study.study_name + CLAIM_SUFFIX
@@ -82,9 +82,7 @@ def train_reference(
     from mnist_sweep.trial import run_trial
 
     params = {**LECTURE_PARAMS, "hidden": "-".join(map(str, LECTURE_HIDDEN)), "epochs": LECTURE_EPOCHS}
-    run_id = tracker.start_reference_run(
-        parent_run_id=context.parent_run_id, study_name=study.study_name, params=params
-    )
+    run_id = ledger.start_reference_run(params=params)
     settings = lecture_settings(cfg)
     try:
         with withholding_test_split():
@@ -93,20 +91,20 @@ def train_reference(
                 split=split,
                 settings=settings,
                 seed=cfg.study.seed,
-                epoch_hooks=[lambda epoch, values: tracker.log_epoch(run_id, epoch, values)],
+                epoch_hooks=[lambda epoch, values: ledger.log_epoch(run_id, epoch, values)],
                 session=session,
             )
     except KeyboardInterrupt:
-        tracker.close_run(run_id, state="KILLED", message="interrupted")
+        ledger.close_run(run_id, state="KILLED", message="interrupted")
         _release(storage, claim)
         raise
     except Exception as exc:
-        tracker.log_traceback(run_id, traceback.format_exc())
-        tracker.close_run(run_id, state="FAIL", message=f"{type(exc).__name__}: {exc}")
+        ledger.log_traceback(run_id, traceback.format_exc())
+        ledger.close_run(run_id, state="FAIL", message=f"{type(exc).__name__}: {exc}")
         _release(storage, claim)
         echo(f"the lecture's network (reference run {run_id}) failed: {exc}; the sweep goes on without it")
         return None
-    tracker.close_reference_run(run_id, outcome)
+    ledger.close_reference_run(run_id, outcome)
     reference = LectureReference(
         run_id=run_id,
         epochs=outcome.epochs_trained,

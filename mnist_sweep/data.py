@@ -9,17 +9,17 @@ trials run), so no trial can look at them, even by accident.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import os
 import struct
 import threading
 import zipfile
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -51,7 +51,6 @@ TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 Images = npt.NDArray[np.float32]
 Labels = npt.NDArray[np.int64]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -236,38 +235,20 @@ def _check_pair(where: str, images: npt.NDArray[np.uint8], labels: npt.NDArray[n
 # --------------------------------------------------------------------------- loading
 
 
-class DataCache:
-    """Decoded MNIST parts and splits, kept so a process decodes the images once (a sweep, `finalize`).
-
-    One, CACHE, serves the commands; a caller that wants its own reads passes another. `clear` forgets
-    everything (a test, or a process that reads a changed folder again).
-    """
-
-    def __init__(self, maxsize: int = 4) -> None:
-        self.maxsize = maxsize
-        self._entries: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-
-    def get(self, key: tuple[Any, ...], make: Callable[[], T]) -> T:
-        """The value kept under `key`, made (and kept, the least recently used one dropped) if there is none."""
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return cast(T, self._entries[key])
-        value = make()
-        self._entries[key] = value
-        if len(self._entries) > self.maxsize:
-            self._entries.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        self._entries.clear()
+# A process decodes each part once and splits it once (a sweep, then `finalize`; the tests, which share the files):
+# held by the two functions below, the only ones that keep anything. `forget_decoded` empties both.
 
 
-CACHE = DataCache()
+@functools.lru_cache(maxsize=2)  # a training and a test part
+def _decoded(source: DataSource, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
+    """uint8 images and int labels of one part ('train' or 'test'), decoded once per process."""
+    return read_part(source, part)
 
 
-def _load_raw(source: DataSource, part: str, cache: DataCache) -> tuple[npt.NDArray[np.uint8], Labels]:
-    """uint8 images and int labels of one part ('train' or 'test'), decoded once per cache."""
-    return cache.get(("raw", source, part), lambda: read_part(source, part))
+def forget_decoded() -> None:
+    """Forget every decoded part and split (a test, or a process that reads a changed folder again)."""
+    _decoded.cache_clear()
+    load_split.cache_clear()
 
 
 def read_part(source: DataSource, part: str) -> tuple[npt.NDArray[np.uint8], Labels]:
@@ -385,14 +366,11 @@ def _normalise(images: npt.NDArray[np.uint8]) -> Images:
     return (images.astype(np.float32) / np.float32(255.0)).astype(np.float32, copy=False)
 
 
-def load_split(source: DataSource, *, validation: int, train_limit: int, seed: int, cache: DataCache = CACHE) -> Split:
-    """The training images shuffled with `seed`, the first `validation` held out, then `train_limit`."""
-    key = ("split", source, validation, train_limit, seed)
-    return cache.get(key, lambda: _split(source, validation, train_limit, seed, cache))
-
-
-def _split(source: DataSource, validation: int, train_limit: int, seed: int, cache: DataCache) -> Split:
-    images, labels = _load_raw(source, "train", cache)
+@functools.lru_cache(maxsize=2)
+def load_split(source: DataSource, *, validation: int, train_limit: int, seed: int) -> Split:
+    """The training images shuffled with `seed`, the first `validation` held out, then `train_limit`; made once
+    per process for the same arguments (the same object returned)."""
+    images, labels = _decoded(source, "train")
     if validation >= len(images):
         raise source.error(f"data.validation = {validation} must be smaller than the {len(images)} training images")
     order = np.random.default_rng(seed).permutation(len(images))
@@ -416,8 +394,8 @@ def check_test_split_present(source: DataSource) -> None:
     read_part(source, "test")
 
 
-def load_test_split(source: DataSource, *, cache: DataCache = CACHE) -> tuple[Images, Labels]:
+def load_test_split(source: DataSource) -> tuple[Images, Labels]:
     """The 10,000 test images and labels. Only the final step calls this, once per study."""
     _refuse_if_withheld()
-    images, labels = _load_raw(source, "test", cache)
+    images, labels = _decoded(source, "test")
     return _normalise(images), labels

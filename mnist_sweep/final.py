@@ -29,6 +29,7 @@ from mnist_sweep import interrupt, processes
 from mnist_sweep.artifacts import MODEL_FILE, global_tracking_uri
 from mnist_sweep.config import SEAL_SUFFIX, metric_maximizes
 from mnist_sweep.data import DataSource, Images, Labels, file_sha256, load_test_split
+from mnist_sweep.dead_runs import upload_may_be_running
 from mnist_sweep.environment import environment
 from mnist_sweep.errors import FinalizeError, first_line
 from mnist_sweep.heartbeat import beating
@@ -125,7 +126,7 @@ def artifacts_stored(tracker: Tracker, trial: FrozenTrial) -> bool:
     run_id = str(trial.user_attrs.get(RUN_ID_ATTR, ""))
 
     def status() -> str | None:
-        if tracker.upload_may_be_running(run_id, completed=trial.datetime_complete):
+        if upload_may_be_running(tracker, run_id, completed=trial.datetime_complete):
             return None
         return tracker.run_status(run_id) or ""
 
@@ -309,7 +310,7 @@ def score_test_set(
     reclaim: bool = False,
 ) -> tuple[TestResult, bool]:
     """Score the chosen trial's logged model on the test set, once; returns (result, scored_now)."""
-    study, storage, tracker = context.study, context.storage, context.tracker
+    study, storage, tracker = context.study, context.storage, context.ledger.tracker
     existing = recorded_result(study)
     if existing is not None:
         return existing, False
@@ -446,18 +447,13 @@ def _test_result(
 def _record(context: StudyContext, result: TestResult) -> None:
     """The test numbers on the study's MLflow parent run (once: a rerun finishing a record logs no second copy),
     then the result on the study, which readers (report, trials) take as recorded everywhere."""
-    tracker, parent_run_id = context.tracker, context.parent_run_id
     report = classification_report(np.asarray(result.test_confusion_matrix))
     tags = {
         TEST_SCORED_TRIAL_TAG: str(result.trial_number),
         TEST_SCORED_AT_TAG: result.scored_at,
         TEST_SCORED_RUN_ID_TAG: str(result.run_id),
     }
-    logged = tracker.client.get_run(parent_run_id).data.tags
-    if all(logged.get(key) == value for key, value in tags.items()):  # metrics and tags are one log_batch
-        tracker.log_report(parent_run_id, report, prefix="test", title="test set")
-    else:
-        tracker.log_test_result(parent_run_id, test_loss=result.test_loss, report=report, tags=tags)
+    context.ledger.log_test_result(test_loss=result.test_loss, report=report, tags=tags)
     context.study.set_user_attr(TEST_RESULT_ATTR, result.to_dict())
 
 

@@ -41,7 +41,7 @@ def live_trials(context: StudyContext) -> list[LiveTrial]:
     settle_stale(context)
     fail_abandoned(context.study)
     running = context.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    return [LiveTrial(t.number, _worker(t.user_attrs.get(RUN_ID_ATTR), context.tracker)) for t in running]
+    return [LiveTrial(t.number, _worker(t.user_attrs.get(RUN_ID_ATTR), context.ledger.tracker)) for t in running]
 
 
 def _worker(run_id: str | None, tracker: Tracker) -> str:

@@ -186,8 +186,11 @@ def arrange(
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
         return cfg, None
     placements = placement.plan(workers, cpus=cpus, gpu_ids=gpu_ids or (), cpu_only=cfg.study.gpus == 0)
-    os.environ.update(placements[0].environment())
-    placement.pin_this_process()
+    # `run` itself takes worker 0's share directly; the children get theirs in their environment (Children).
+    # CUDA_VISIBLE_DEVICES is the one variable set here: CUDA reads it when this process loads its backend.
+    if placements[0].gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = placements[0].gpu
+    placement.pin_cores(placements[0].cpus)
     echo(f"{workers} local workers: " + "; ".join(p.describe() for p in placements))
     return cfg, LocalWorkers(child_command(workers=workers), tuple(placements[1:]))
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.processes import this_process
 
-# Set by `run` in each local worker's environment (and in its own): read by `pin_this_process`.
+# Set by `run` in each local worker's environment (it takes its own share directly): read by `pin_this_process`.
 WORKER_VAR = "MNIST_SWEEP_WORKER"
 CPUS_VAR = "MNIST_SWEEP_CPUS"
 PARENT_VAR = "MNIST_SWEEP_PARENT_PID"
@@ -266,16 +266,22 @@ def size_threads(policy: str = THREADS_CPU_LIMIT) -> int:
 
 
 def pin_this_process() -> None:
-    """Apply the share `run` gave this process (if any): its cores, and ending with `run` if it dies.
+    """Apply the share `run` gave this local worker in its environment (if any): its cores, and ending with `run`
+    if it dies.
 
     Called before Keras is imported; the thread variables are in the environment already.
     """
     cpus = os.environ.get(CPUS_VAR)
     if cpus:
-        os.sched_setaffinity(0, parse_cpu_list(cpus))
+        pin_cores(parse_cpu_list(cpus))
     parent = os.environ.get(PARENT_VAR)
     if parent and os.environ.get(WORKER_VAR, "0") != "0":
         _end_with_parent(int(parent))
+
+
+def pin_cores(cpus: Sequence[int]) -> None:
+    """This process, and the threads it starts from now on, on `cpus` only."""
+    os.sched_setaffinity(0, cpus)
 
 
 def _end_with_parent(parent: int) -> None:

@@ -1,4 +1,5 @@
-"""The Optuna study: storage, sampler, pruner, worker policy, its MLflow parent run, and dead workers' trials settled.
+"""The Optuna study: storage, sampler, pruner, worker policy, and dead workers' trials settled (their runs:
+dead_runs.py).
 
 The loop that runs trials is trial_loop.py; one trial, trial_run.py."""
 
@@ -13,22 +14,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from mnist_sweep import databases, interrupt
+from mnist_sweep import databases
 from mnist_sweep.config import StudyConfig, SweepConfig
 from mnist_sweep.errors import StorageError, StudyMismatchError, first_line
 from mnist_sweep.keras_tuner_engine import OracleSampler, check_engine, engine_label
 from mnist_sweep.outages import BeatThroughOutages
 from mnist_sweep.placement import THREADS_CPU_LIMIT, WORKER_VAR
-from mnist_sweep.records import ENGINE_ATTR, PARENT_RUN_ATTR, RUN_ID_ATTR
-from mnist_sweep.samplers import optuna_sampler, takes_constant_liar
+from mnist_sweep.records import ENGINE_ATTR, RUN_ID_ATTR
+from mnist_sweep.samplers import ENGINE_TRAITS, optuna_sampler, takes_constant_liar
 
 if TYPE_CHECKING:
-    from mnist_sweep.tracking import Tracker
+    from mnist_sweep.ledger import StudyLedger
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-PARENT_WAIT_SECONDS = 60.0
 ABANDONED_SECONDS = 600.0
 
 
@@ -49,8 +49,8 @@ def make_storage(study: StudyConfig) -> optuna.storages.RDBStorage:
 
 
 def _stale_trial_retry(study: StudyConfig) -> optuna.storages.RetryHeartbeatStaleTrialCallback | None:
-    # keras-tuner's oracle reruns its own trials that were running when their process died.
-    if study.engine == "keras-tuner":
+    """Optuna retries a dead worker's trial; an engine whose sampler reruns its own (keras-tuner's oracle) gets none."""
+    if not ENGINE_TRAITS[study.engine].retries_stale_trials:
         return None
     return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
 
@@ -206,86 +206,24 @@ def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def parent_run_id(study: optuna.Study, tracker: Tracker, *, created: bool, config: Mapping[str, Any]) -> str:
-    """The study's MLflow parent run: made once by the process that created the study."""
-    if created:
-        run_id = tracker.create_parent_run(study_name=study.study_name, config=config)
-        study.set_user_attr(PARENT_RUN_ATTR, run_id)
-        return run_id
-    stored = interrupt.poll(lambda: _stored_parent(study, tracker), every=0.5, timeout=PARENT_WAIT_SECONDS)
-    if stored:
-        return stored
-    # The creator died before making it, or the run was deleted: make a new one.
-    fresh = tracker.create_parent_run(study_name=study.study_name, config=config)
-    study.set_user_attr(PARENT_RUN_ATTR, fresh)
-    return fresh
-
-
-def _stored_parent(study: optuna.Study, tracker: Tracker) -> str | None:
-    """The stored parent run's id once it is there; "" if it was deleted (make another); None while waiting."""
-    stored = study.user_attrs.get(PARENT_RUN_ATTR)
-    if not stored:
-        return None
-    return str(stored) if tracker.parent_exists(stored) else ""
-
-
 @dataclass(frozen=True)
 class StudyContext:
-    """The study, its storage, its MLflow tracker and parent run: what every step after opening the study works
-    on, together."""
+    """The study, its storage and its MLflow ledger (bound to its parent run): what every step after opening the
+    study works on, together."""
 
     study: optuna.Study
     storage: optuna.storages.BaseStorage
-    tracker: Tracker
-    parent_run_id: str
+    ledger: StudyLedger
 
 
 def settle_stale(context: StudyContext) -> None:
     """Fail the trials of dead workers (stale heartbeat; their parameters are retried), end their runs."""
+    from mnist_sweep.dead_runs import close_stale_runs  # MLflow: not loaded where only the policy is read
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(context.study)
     close_stale_runs(context)
-
-
-def close_stale_runs(context: StudyContext) -> int:
-    """Trial runs still RUNNING in MLflow whose Optuna trial has ended (its worker died) end as KILLED."""
-    study, tracker = context.study, context.tracker
-    running_runs = tracker.running_trial_runs(context.parent_run_id)
-    if not running_runs:
-        return 0
-    # Found by MLflow's trial-number tag, so a run made just before a kill, not yet linked, is found too.
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    closed = 0
-    for run_id, number in running_runs:
-        trial = trials.get(number)
-        state = trial.state if trial else None
-        if state != TrialState.RUNNING and not _uploading(trial, tracker, run_id):
-            reason = f"its worker stopped; Optuna recorded trial {number} as {state.name if state else 'missing'}"
-            if state == TrialState.COMPLETE and trial is not None:
-                # Optuna cannot take a COMPLETE back: finalize skips it, and its parameters train again, unless
-                # keras-tuner's oracle chooses the trials (it has this one as completed, and asks no values twice).
-                redo = str(study.user_attrs.get(ENGINE_ATTR, "optuna")) == "optuna"
-                reason += f", but its model and reports were not all stored; {REDONE if redo else NOT_REDONE}"
-                if tracker.close_orphaned_run(run_id, reason):
-                    if redo:
-                        study.enqueue_trial(trial.params, user_attrs={REDO_OF_ATTR: number})
-                    closed += 1
-                continue
-            closed += tracker.close_orphaned_run(run_id, reason)
-    return closed
-
-
-REDO_OF_ATTR = "redo_of_trial"  # a trial that trains again the parameters of one whose artifacts were lost
-REDONE = "finalize never scores it and its parameters are trained again"
-NOT_REDONE = "finalize never scores it (keras-tuner's oracle has it as completed: not trained again)"
-
-
-def _uploading(trial: FrozenTrial | None, tracker: Tracker, run_id: str) -> bool:
-    """A COMPLETE trial's run still RUNNING may be a live worker storing its artifacts (BackgroundUploads)."""
-    if trial is None or trial.state != TrialState.COMPLETE:
-        return False
-    return tracker.upload_may_be_running(run_id, completed=trial.datetime_complete)
 
 
 def fail_abandoned(study: optuna.Study, *, older_than_seconds: float = ABANDONED_SECONDS) -> None:

@@ -16,9 +16,10 @@ from mnist_sweep.databases import nothing_recorded
 from mnist_sweep.environment import device_line, gpus
 from mnist_sweep.errors import EXIT_BAD_INPUT, NoSuchStudyError, RegistryError, StudySealedError
 from mnist_sweep.final import recorded_result, result_line, score_test_set, seal_claimed
+from mnist_sweep.ledger import StudyLedger
 from mnist_sweep.live import settle_before_scoring
 from mnist_sweep.local_workers import Children
-from mnist_sweep.records import PARENT_RUN_ATTR, REGISTERED_MODEL_ATTR, Registration, TestResult
+from mnist_sweep.records import REGISTERED_MODEL_ATTR, Registration, TestResult
 from mnist_sweep.registry import register_champion
 from mnist_sweep.report import baseline_gain, gain_line, leaderboard_rows, leaderboard_table, write_report
 from mnist_sweep.space import searched_names
@@ -28,7 +29,6 @@ from mnist_sweep.study import (
     load_existing_study,
     make_storage,
     open_study,
-    parent_run_id,
     recorded_policy,
     worker_salt,
 )
@@ -71,15 +71,15 @@ def run(
         return _already_scored(cfg, existing, echo)
     tracker = make_tracker(cfg)
     study, created = open_study(cfg, storage, worker_salt=worker_salt() if as_worker else 0)
-    parent = parent_run_id(study, tracker, created=created, config=cfg.to_dict())
-    context = StudyContext(study, storage, tracker, parent)
-    tracker.describe_run(parent, study_description(cfg, sweep_file=sweep_file))
+    ledger = StudyLedger.open(study, tracker, created=created, config=cfg.to_dict())
+    context = StudyContext(study, storage, ledger)
+    ledger.describe(study_description(cfg, sweep_file=sweep_file))
     echo(device_line(gpus()))
     echo(
         f"study {cfg.study.name!r}: {count_finished(study)}/{cfg.study.trials} trials finished; "
-        f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {parent}"
+        f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {ledger.parent_run_id}"
     )
-    tracker.set_parent_status(parent, "RUNNING")  # a rerun after an interrupt: the study is running again
+    ledger.set_status("RUNNING")  # a rerun after an interrupt: the study is running again
     status = "KILLED"
     try:
         with local_workers.running(local) as children:  # they load TensorFlow while this one does
@@ -112,7 +112,7 @@ def run(
             _settle(cfg, context, wait=True, reclaim=False, echo=echo, progress=progress)
         status = "FINISHED"
     finally:
-        tracker.set_parent_status(parent, status)
+        ledger.set_status(status)
     if finalize:
         _finalize(cfg, context, source, echo=echo, reclaim=False)
     return 0
@@ -173,8 +173,8 @@ def finalize(
     _recorded_study(cfg)  # a study that is not there: one line, and no storage created for it
     storage = make_storage(cfg.study)
     study = _existing_study(cfg, storage)
-    tracker = make_tracker(cfg)
-    context = StudyContext(study, storage, tracker, parent_run_id(study, tracker, created=False, config=cfg.to_dict()))
+    ledger = StudyLedger.open(study, make_tracker(cfg), created=False, config=cfg.to_dict())
+    context = StudyContext(study, storage, ledger)
     _settle(cfg, context, wait=wait, reclaim=reclaim, echo=echo, progress=progress)
     _finalize(cfg, context, source, echo=echo, reclaim=reclaim)
     return 0
@@ -229,7 +229,7 @@ def _finalize(cfg: SweepConfig, context: StudyContext, source: DataSource, *, ec
     if not scored_now:
         echo("test set already scored; nothing scored again")
     refused = _register(cfg, context, result)
-    _write_report(cfg, study, result, tracker=context.tracker, parent=context.parent_run_id, echo=echo)
+    _write_report(cfg, study, result, ledger=context.ledger, echo=echo)
     echo(final_line(study, result), final=True)
     if refused is not None:  # the result is sealed and reported all the same; the next finalize registers it
         raise refused
@@ -243,7 +243,7 @@ def _register(cfg: SweepConfig, context: StudyContext, result: TestResult) -> Re
     if not name:
         return None
     report = (Path(cfg.tracking.reports) / cfg.study.name / "report.html").absolute()
-    tracker, parent = context.tracker, context.parent_run_id
+    tracker, parent = context.ledger.tracker, context.ledger.parent_run_id
     where = f"`{report}`, and `report/report.html` in the study's MLflow run `{parent}`"
     try:
         with global_tracking_uri(tracker.uri):  # MLflow resolves the version's models:/ source through it
@@ -267,16 +267,15 @@ def _write_report(
     study: optuna.Study,
     result: TestResult | None,
     *,
-    tracker: Tracker | None,
-    parent: str | None,
+    ledger: StudyLedger | None,
     echo: Echo,
 ) -> None:
     """Write the report folder from what is recorded, and log it to the study's parent run (if any)."""
     folder = Path(cfg.tracking.reports) / cfg.study.name
     run_metrics = recorded_trial_metrics(uri=cfg.tracking.uri, experiment=cfg.study.name)
     write_report(folder, study=study, result=result, metric=cfg.study.metric, run_metrics=run_metrics)
-    if tracker is not None and parent is not None:
-        tracker.log_folder(parent, folder, "report")
+    if ledger is not None:
+        ledger.log_report_folder(folder)
     echo(f"report: {folder / 'report.html'} (and report.md, test_metrics.json, leaderboard.csv)")
     gain = baseline_gain(study, metric=cfg.study.metric)
     if gain is not None:
@@ -296,12 +295,9 @@ def report(cfg: SweepConfig, *, echo: Echo, warn: Echo) -> int:
     Exit 2 where the test set is not scored yet: the report is written all the same, marked so.
     """
     study = _recorded_study(cfg)
-    tracker = Tracker.existing(uri=cfg.tracking.uri, experiment=cfg.study.name)  # makes no store or experiment
-    parent = study.user_attrs.get(PARENT_RUN_ATTR)
-    if tracker is None or not tracker.parent_exists(parent or ""):
-        parent = None
+    ledger = StudyLedger.recorded(study, uri=cfg.tracking.uri)  # makes no store, experiment or run
     result = recorded_result(study)
-    _write_report(cfg, study, result, tracker=tracker, parent=parent, echo=echo)
+    _write_report(cfg, study, result, ledger=ledger, echo=echo)
     if result is None:
         warn(
             f"study {cfg.study.name!r} has no scored test set yet; the report says so "

@@ -25,6 +25,7 @@ from mnist_sweep.records import FAIL_REASON_ATTR, FIT_SECONDS_ATTR, TRACKING_SEC
 from mnist_sweep.scheduler import pruned_reason
 from mnist_sweep.study import StudyContext, count_finished, settle_stale
 from mnist_sweep.trial_run import TAKEN_OVER, TrialEnd, Trials
+from mnist_sweep.workarounds import OPTUNA_TRIAL_LOGGER
 
 
 def run_trials(
@@ -42,7 +43,7 @@ def run_trials(
     lines = TrialLines(trials.progress, echo, metric=trials.cfg.study.metric, target=target)
     seal = SealWatch(sealed, echo, study_name=context.study.study_name)
     budget = FailureBudget(max_failures)
-    uploads = context.tracker.uploads
+    uploads = context.ledger.uploads
     try:
         raise_if_requested()
         settle_stale(context)
@@ -100,7 +101,7 @@ def after_trial(
 
 
 # Optuna's own logger: `--verbose` shows these lines, as `study.optimize` logged them before this loop was ours.
-_optuna_log = optuna.logging.get_logger("optuna.study._optimize")
+_optuna_log = optuna.logging.get_logger(OPTUNA_TRIAL_LOGGER)
 
 
 def log_as_optuna(study: optuna.Study, trial: FrozenTrial, *, metric: str) -> None:

@@ -3,7 +3,7 @@
 the run) → the outcome the loop tells Optuna (trial_loop.py).
 
 `TrialRun` holds one trial's state and nothing else does; `Trials` holds what this process's trials share.
-MLflow is reached through the study's tracker only: this module does not import mlflow.
+MLflow is reached through the study's ledger only: this module does not import mlflow.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class TrialRun:
     def __init__(self, trial: optuna.Trial, trials: Trials) -> None:
         self.trial = trial
         self.trials = trials
-        self.tracker = trials.context.tracker
+        self.ledger = trials.context.ledger
         self.metric = trials.cfg.study.metric
         self.run_id = ""
         self.tracking_seconds = 0.0  # the MLflow calls on the training thread: the tracking overhead
@@ -149,9 +149,7 @@ class TrialRun:
         epochs = scheduler.epochs(trial, cfg.train.epochs)  # hyperband and ASHA give each trial its own
         seed = trial_seed(cfg.study.seed, trial.number)
         run_params = self.trials.run_params.for_trial(params, seed, epochs=epochs)
-        self.run_id = self.tracker.start_trial_run(
-            parent_run_id=self.trials.context.parent_run_id,
-            study_name=trial.study.study_name,
+        self.run_id = self.ledger.start_trial_run(
             trial_number=trial.number,
             params=run_params.encode(),
             tags={
@@ -183,7 +181,7 @@ class TrialRun:
                     seed=seed,
                     epoch_hooks=self._epoch_hooks(pruning),
                     # an earlier trial's failed upload (a full disk) stops this one within a few steps
-                    batch_hooks=[self.trials.progress.batch, self.tracker.uploads.raise_if_failed],
+                    batch_hooks=[self.trials.progress.batch, self.ledger.uploads.raise_if_failed],
                     session=self.trials.session,
                     warm_start=warm_start,
                     clock=clock,
@@ -199,7 +197,7 @@ class TrialRun:
 
     def _log_epoch(self, epoch: int, values: Mapping[str, float]) -> None:
         started = time.perf_counter()
-        self.tracker.log_epoch(self.run_id, epoch, values)
+        self.ledger.log_epoch(self.run_id, epoch, values)
         self.tracking_seconds += time.perf_counter() - started
 
     def _warm_start(self) -> WarmStart | None:
@@ -211,14 +209,14 @@ class TrialRun:
         from mnist_sweep.final import load_scored_model
         from mnist_sweep.trial import WarmStart
 
-        self.tracker.uploads.wait()  # that model may be this process's upload still in flight
+        self.ledger.uploads.wait()  # that model may be this process's upload still in flight
         weights = load_scored_model(resume.model_uri, tracking_uri=self.trials.cfg.tracking.uri).get_weights()
         return WarmStart(weights=weights, initial_epoch=resume.initial_epoch, restart_schedule=resume.restart_schedule)
 
     def _record_outcome(self, outcome: TrialOutcome) -> tuple[str, float]:
         """The outcome on the Optuna trial, and its model reserved, so its URI is known before Optuna is told."""
         started = time.perf_counter()
-        model_id, model_uri = self.tracker.reserve_model(self.run_id)
+        model_id, model_uri = self.ledger.reserve_model(self.run_id)
         attrs = {
             MODEL_URI_KEY: model_uri,
             EPOCHS_TRAINED_ATTR: outcome.epochs_trained,
@@ -241,7 +239,7 @@ class TrialRun:
         self._store_events()
         if not still_running(self.trial):
             return self._taken_over(None)
-        self.tracker.queue_outcome(
+        self.ledger.queue_outcome(
             self.run_id, outcome, model_id=model_id, metrics={"tracking_seconds": self.tracking_seconds}
         )
         return TrialEnd(self.trial.number, TrialState.COMPLETE, value)
@@ -257,24 +255,24 @@ class TrialRun:
         if not still_running(self.trial):
             return self._taken_over(interrupt)
         if isinstance(error, optuna.TrialPruned):
-            self.tracker.close_run(self.run_id, state="PRUNED", message=str(error), pruned_epoch=pruned_epoch)
+            self.ledger.close_run(self.run_id, state="PRUNED", message=str(error), pruned_epoch=pruned_epoch)
             return TrialEnd(self.trial.number, TrialState.PRUNED)
         message = (str(error) or "interrupted") if interrupt else reason(error)
         self.trial.set_user_attr(FAIL_REASON_ATTR, message[:1000])  # Optuna records both as FAIL
         if interrupt is None:
-            self.tracker.log_traceback(self.run_id, "".join(traceback.format_exception(error)))
-        self.tracker.close_run(self.run_id, state="KILLED" if interrupt else "FAIL", message=message)
+            self.ledger.log_traceback(self.run_id, "".join(traceback.format_exception(error)))
+        self.ledger.close_run(self.run_id, state="KILLED" if interrupt else "FAIL", message=message)
         return TrialEnd(self.trial.number, TrialState.FAIL, interrupt=interrupt)
 
     def _taken_over(self, interrupt: KeyboardInterrupt | None) -> TrialEnd:
         """MLflow agrees with Optuna, where another worker failed the trial: FAIL (KILLED if a signal stopped it
         here too). Its parameters are retried (RetryHeartbeatStaleTrialCallback): no failure of this process."""
-        self.tracker.close_run(self.run_id, state="KILLED" if interrupt else "FAIL", message=TAKEN_OVER)
+        self.ledger.close_run(self.run_id, state="KILLED" if interrupt else "FAIL", message=TAKEN_OVER)
         return TrialEnd(self.trial.number, None, interrupt=interrupt)
 
     def _store_events(self) -> None:
         if self.events is not None:  # its folder goes when this trial returns: uploaded here, not in the background
-            self.tracker.log_folder(self.run_id, self.events.close(), TENSORBOARD_ARTIFACT)
+            self.ledger.log_folder(self.run_id, self.events.close(), TENSORBOARD_ARTIFACT)
 
 
 def reason(exc: BaseException) -> str:

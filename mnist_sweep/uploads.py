@@ -24,7 +24,7 @@ class BackgroundUploads:
 
     def __init__(self, *, background: bool, on_failure: Callable[[str, BaseException], None]) -> None:
         """`background` False: each upload runs at once on the caller's thread (tracking.background_uploads).
-        `on_failure(run_id, error)`: what becomes of the run whose upload failed (Tracker ends it FAILED)."""
+        `on_failure(run_id, error)`: what becomes of the run whose upload failed (the ledger ends it FAILED)."""
         self.background = background
         self._on_failure = on_failure
         self._jobs: queue.Queue[tuple[str, Callable[[], None]]] = queue.Queue()

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
 # major.minor, each pinned so in pyproject.toml: tensorflow's gradient registry, keras' compiled/optimizer flip,
-# mlflow's table creation and model-name check, keras-tuner's oracle internals, optuna's storage and trial id.
+# mlflow's table creation and model-name check, keras-tuner's oracle internals, optuna's storage, trial id and
+# the module its trial lines are logged from.
 WRITTEN_FOR = {"tensorflow": "2.21", "keras": "3.15", "mlflow": "3.17", "keras-tuner": "1.4", "optuna": "5.1"}
 
 
@@ -138,6 +139,13 @@ def validate_registered_model_name(name: str) -> None:
 def set_oracle_project_dir(oracle: Any, folder: str, name: str) -> None:
     """Where the oracle saves and reloads its state: keras-tuner's tuners set it, through a private method."""
     oracle._set_project_dir(folder, name)
+
+
+# --------------------------------------------------------------------------- Optuna: its trial lines' logger
+
+# The logger `study.optimize` writes each trial's line to, named after its private module: trial_loop.py tells
+# Optuna each trial through `study.tell`, which logs none, and writes those lines there itself (`--verbose`).
+OPTUNA_TRIAL_LOGGER = "optuna.study._optimize"
 
 
 # --------------------------------------------------------------------------- Optuna: a sampler's trial attributes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import queue
@@ -35,32 +36,55 @@ EXPAND = "button[data-component-id*=runnamecellrenderer]"  # the +/- beside a pa
 DASHBOARD_MISSING = "optuna-dashboard is not installed: pip install -e '.[dashboard]' (make install-dev does)"
 
 
+_chromium: list[Any] = []  # [playwright, browser]: one headless Chromium a pytest process, started by its first page
+
+
+def _browser() -> Any:
+    """The process's Chromium, launched on first use (or again, were it gone) and closed when the process exits."""
+    if _chromium and _chromium[1].is_connected():
+        return _chromium[1]
+    sync_api = required_module("playwright.sync_api", "the playwright package is not installed (make install-dev)")
+    playwright = sync_api.sync_playwright().start()
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    if not _chromium:
+        atexit.register(_close_chromium)
+    _chromium[:] = [playwright, browser]
+    return browser
+
+
+def _close_chromium() -> None:
+    playwright, browser = _chromium
+    with contextlib.suppress(Exception):  # the process is ending: a browser already gone needs no closing
+        browser.close()
+    playwright.stop()
+
+
 @contextlib.contextmanager
 def chromium_page(*, allow: str = "") -> Iterator[tuple[Any, list[str]]]:
     """A headless Chromium page; JavaScript errors, and any request outside the origin `allow`, are collected.
 
     Requests outside `allow` are refused: a page that needs the internet fails the test instead of hanging.
+    Each page has a browser context of its own (cookies, storage and cache start empty): what one test's page
+    did, another's does not see; the browser itself is started once a process (its start costs seconds).
     """
     if not CHROMIUM.exists():
         missing_dependency(f"headless Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    sync_api = required_module("playwright.sync_api", "the playwright package is not installed (make install-dev)")
     problems: list[str] = []
 
     def refuse(route: Any) -> None:
         problems.append(f"network request: {route.request.url}")
         route.abort()
 
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            page.on("console", lambda msg: msg.type == "error" and problems.append(f"console error: {msg.text}"))
-            outside = rf"^(?!{re.escape(allow)}/)(https?|wss?)://" if allow else r"^(https?|wss?)://"
-            page.route(re.compile(outside), refuse)
-            yield page, problems
-        finally:
-            browser.close()
+    context = _browser().new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        page = context.new_page()
+        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+        page.on("console", lambda msg: msg.type == "error" and problems.append(f"console error: {msg.text}"))
+        outside = rf"^(?!{re.escape(allow)}/)(https?|wss?)://" if allow else r"^(https?|wss?)://"
+        page.route(re.compile(outside), refuse)
+        yield page, problems
+    finally:
+        context.close()
 
 
 def open_runs_table(page: Any, url: str) -> None:

@@ -60,13 +60,13 @@ def required_mnist() -> Path:
     return location
 
 
-# The fast tier (`make test-fast`) leaves out every test that starts a process, a server or a browser. A test
-# that gets one through a fixture is marked here, from the fixture (with the fixtures it depends on); one
-# that starts its own carries the marker itself (a module's `pytestmark`, or on the test).
+# The fast tier (`make test-fast`) leaves out every test that starts a process, a server or a browser, or trains
+# for seconds. A test that gets one through a fixture is marked here, from the fixture (with the fixtures it
+# depends on); one that starts its own carries the marker itself (a module's `pytestmark`, or on the test).
 MARKS_OF_FIXTURES = {
     "run_cli": "subprocess",
     "start_cli": "subprocess",
-    "finished_sweep": "subprocess",
+    "finished_sweep": "slow",  # a real sweep, run in this process
     "postgres_server": "server",
     "postgres_password_server": "server",
 }
@@ -138,20 +138,63 @@ def cli(
     )
 
 
+def forget_mlflow_stores() -> None:
+    """MLflow keeps one store, and one SQLAlchemy engine, per URI for the life of the process: a relative
+    `sqlite:///mlruns/mlflow.db` would stay the file of the first working directory that opened it. A process
+    runs one command, in one directory; a command run in this process starts, as it would, with none open."""
+    if "mlflow" not in sys.modules:
+        return
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    for store in (TrackingStore, RegistryStore):
+        for engine in store._engine_map.values():
+            engine.dispose()
+        store._engine_map.clear()
+    tracking_utils._tracking_store_registry._get_store_with_resolved_uri.cache_clear()
+    if registry_utils._model_registry_store_registry is not None:
+        registry_utils._model_registry_store_registry._get_store_with_resolved_uri.cache_clear()
+
+
 def cli_in_process(args: Sequence[str], *, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
     """`mnist_sweep.cli.main(args)`, the entry point `python -m mnist_sweep` runs, in this process and in `cwd`:
     its exit code and stderr. An exception it lets through fails the test, as a traceback would."""
+    done = run_in_process(args, cwd=cwd, monkeypatch=monkeypatch)
+    return done.returncode, done.stderr
+
+
+def run_in_process(
+    args: Sequence[str], *, cwd: Path, monkeypatch: pytest.MonkeyPatch
+) -> subprocess.CompletedProcess[str]:
+    """`cli_in_process`, with what it printed on stdout too, as `cli` returns it for a process.
+
+    For a test where the process itself is not under test (no signal, TTY, pipe, exit of a real process, or its
+    environment): it pays TensorFlow's import once a pytest process, not once a command."""
     from mnist_sweep import cli as entry_point
 
     stdout, stderr = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stdout", stdout)  # restored after the test, with whatever main wrapped around it
     monkeypatch.setattr(sys, "stderr", stderr)
     monkeypatch.chdir(cwd)
+    forget_mlflow_stores()
     try:
         code = entry_point.main(list(args))
     except SystemExit as exit:  # argparse
         code = exit.code if isinstance(exit.code, int) else 1
-    return code, stderr.getvalue()
+    finally:
+        forget_mlflow_stores()  # nor does a later command find this one's open
+    return subprocess.CompletedProcess(["mnist-sweep", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def cli_here(*args: str, cwd: Path, data: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`cli`, run in this process (run_in_process): for fixtures wider than a test, which have no monkeypatch."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("MNIST_SWEEP_DATA", str(data))
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        return run_in_process(args, cwd=cwd, monkeypatch=monkeypatch)
 
 
 @pytest.fixture
@@ -166,6 +209,17 @@ def run_cli(tmp_path: Path, mnist_dir: Path) -> CliRunner:
         prefix: Sequence[str] = (),
     ) -> subprocess.CompletedProcess[str]:
         return cli(*args, cwd=cwd, data=mnist_dir, env=env, timeout=timeout, prefix=prefix)
+
+    return runner
+
+
+@pytest.fixture
+def run_here(tmp_path: Path, mnist_dir: Path) -> CliRunner:
+    """`run_cli`'s commands run in this process (cli_here): same arguments, same answer. A test that trains
+    through it carries `slow` itself (it gets no `subprocess` marker)."""
+
+    def runner(*args: str, cwd: Path = tmp_path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return cli_here(*args, cwd=cwd, data=mnist_dir, env=env)
 
     return runner
 

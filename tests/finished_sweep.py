@@ -1,5 +1,5 @@
 """One finished sweep: the default sweep file run by the real CLI on a small real subset, read back from MLflow
-and Optuna as a user would.
+and Optuna as a user would. The CLI runs in the test process (`cli_here`): no test here is about the process.
 
 `tests/conftest.py` runs it once a session (the `finished_sweep` fixture) for every test that only reads a
 finished sweep: test_sweep, test_report_command, test_registry, test_ui. A test that changes the folder
@@ -19,7 +19,7 @@ import optuna
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import DEFAULT_SWEEP, cli, small_sweep_args
+from tests.conftest import DEFAULT_SWEEP, cli_here, small_sweep_args
 from tests.stores import storage_url, tracking_url
 
 SWEEP = str(DEFAULT_SWEEP)
@@ -41,9 +41,9 @@ class FinishedSweep:
     data: Path
     first: subprocess.CompletedProcess[str]
 
-    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        """The real CLI in this sweep's folder."""
-        return cli(*args, cwd=self.folder, data=self.data, timeout=timeout)
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The real CLI in this sweep's folder, in this process."""
+        return cli_here(*args, cwd=self.folder, data=self.data)
 
     def copy(self, folder: Path) -> FinishedSweep:
         """This sweep's folder copied to `folder`, for a test that changes what it reads.
@@ -94,6 +94,6 @@ class FinishedSweep:
 
 def run_sweep(folder: Path, data: Path, *extra: str) -> FinishedSweep:
     """`mnist-sweep run` of the default sweep, shrunk to ARGS (and `extra` on top), in `folder`."""
-    first = cli("run", SWEEP, *ARGS, *extra, cwd=folder, data=data)
+    first = cli_here("run", SWEEP, *ARGS, *extra, cwd=folder, data=data)
     assert first.returncode == 0, first.stderr[-3000:]
     return FinishedSweep(folder, data, first)

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_sweep import environment
 from mnist_sweep.artifacts import model_pip_requirements
+from mnist_sweep.ledger import StudyLedger
 from mnist_sweep.records import BACKEND_TAG, DEVICE_TAG
 from mnist_sweep.tracking import Tracker
 from tests.conftest import DEFAULT_SWEEP, REPO, cli_environment, small_sweep_args
@@ -147,8 +148,8 @@ def test_every_trial_run_records_backend_and_device(tmp_path: Path) -> None:
     import keras
 
     tracker = Tracker(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifacts=str(tmp_path / "artifacts"), experiment="e")
-    parent = tracker.create_parent_run(study_name="e", config={})
-    runs = [tracker.start_trial_run(parent_run_id=parent, study_name="e", trial_number=n, params={}) for n in (0, 1)]
+    ledger = StudyLedger.create(tracker, study_name="e", config={})
+    runs = [ledger.start_trial_run(trial_number=n, params={}) for n in (0, 1)]
     for run_id in runs:
         tags = tracker.client.get_run(run_id).data.tags
         assert tags[BACKEND_TAG] == keras.backend.backend()

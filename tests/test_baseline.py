@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from mnist_sweep.baseline import CLAIM_SUFFIX, LECTURE_EPOCHS, LECTURE_PARAMS, recorded_reference, train_reference
 from mnist_sweep.config import build_config, load_sweep
 from mnist_sweep.data import Split
+from mnist_sweep.ledger import StudyLedger
 from mnist_sweep.records import LectureReference
 from mnist_sweep.report import baseline_gain, gain_line, lecture_matrices, lecture_rows
 from mnist_sweep.study import StudyContext
@@ -108,13 +109,13 @@ def test_the_reference_trains_once_on_the_split_and_is_no_trial(
     storage = optuna.storages.RDBStorage(cfg.study.storage)
     study = optuna.create_study(study_name="fcn", storage=storage, direction="maximize")
     tracker = Tracker(uri=f"sqlite:///{folder}/mlflow.db", artifacts=str(folder / "artifacts"), experiment="fcn")
-    parent = tracker.create_parent_run(study_name="fcn", config={})
+    ledger = StudyLedger.create(tracker, study_name="fcn", config={})
     lines: list[str] = []
 
     def train() -> LectureReference | None:
         return train_reference(
             cfg=cfg,
-            context=StudyContext(study, storage, tracker, parent),
+            context=StudyContext(study, storage, ledger),
             split=split,
             session=TrialSession(),
             echo=lines.append,
@@ -129,7 +130,7 @@ def test_the_reference_trains_once_on_the_split_and_is_no_trial(
     assert recorded_reference(study) == reference
     run = MlflowClient(tracking_uri=tracker.uri).get_run(reference.run_id)
     assert run.data.tags["mnist_sweep.role"] == "reference" and run.data.tags["baseline"] == "true"
-    assert run.data.tags["mlflow.parentRunId"] == parent and run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == ledger.parent_run_id and run.info.status == "FINISHED"
     assert len(MlflowClient(tracking_uri=tracker.uri).get_metric_history(reference.run_id, "val_accuracy")) == 5
 
 
@@ -141,7 +142,7 @@ def test_a_claim_held_by_a_live_process_is_left_to_it(tmp_path: Path) -> None:
     cfg = build_config({})
     done = train_reference(
         cfg=cfg,
-        context=StudyContext(study, storage, None, ""),  # type: ignore[arg-type]  # no tracker: never reached
+        context=StudyContext(study, storage, None),  # type: ignore[arg-type]  # no ledger: never reached
         split=None,  # type: ignore[arg-type]  # never reached: the claim is another process's
         session=None,  # type: ignore[arg-type]
         echo=print,
@@ -153,7 +154,7 @@ def test_study_baseline_false_trains_nothing() -> None:
     cfg = build_config({"study": {"baseline": False}})
     done = train_reference(
         cfg=cfg,
-        context=StudyContext(optuna.create_study(), None, None, ""),  # type: ignore[arg-type]
+        context=StudyContext(optuna.create_study(), None, None),  # type: ignore[arg-type]
         split=None,  # type: ignore[arg-type]
         session=None,  # type: ignore[arg-type]
         echo=print,

@@ -30,7 +30,15 @@ from mnist_sweep import __version__
 from mnist_sweep.console import Console, LiveProgress, ReaderSafeStream, duration
 from mnist_sweep.data import Split
 from mnist_sweep.trial import run_trial
-from tests.conftest import DEFAULT_SWEEP, cli, cli_command, cli_environment, required_mnist, small_sweep_args
+from tests.conftest import (
+    DEFAULT_SWEEP,
+    cli,
+    cli_command,
+    cli_environment,
+    required_mnist,
+    run_in_process,
+    small_sweep_args,
+)
 from tests.test_trial import train_settings
 
 # A line the C++ runtime writes (absl/glog format): `E0000 00:00:1795882744.594102  7725 cuda_platform.cc:52] ...`
@@ -131,17 +139,17 @@ def test_batch_hook_sees_every_step_of_every_epoch(synthetic_mnist: tuple[np.nda
         assert done == sorted(done) and done[-1] == 10 and len(done) <= 4, calls
 
 
-@pytest.mark.subprocess
-def test_help_is_written_for_users_and_version_is_the_package_version(tmp_path: Path) -> None:
-    env = cli_environment(tmp_path)
-    shown = subprocess.run(cli_command("--help"), capture_output=True, text=True, env=env, timeout=60)
+def test_help_is_written_for_users_and_version_is_the_package_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown = run_in_process(["--help"], cwd=tmp_path, monkeypatch=monkeypatch)
     assert shown.returncode == 0
     for expected in ("Optuna", "MLflow", "test set", "example:", "mnist-sweep run sweeps/fcn.toml", "reports/"):
         assert expected in shown.stdout
     for command in ("run", "worker", "finalize", "validate", "report", "trials", "ui", "replay"):
         assert re.search(rf"^\s+{command}\s", shown.stdout, re.MULTILINE), command
     assert "map errors to exit codes" not in shown.stdout  # the developers' docstring is not the help
-    version = subprocess.run(cli_command("--version"), capture_output=True, text=True, env=env, timeout=60)
+    version = run_in_process(["--version"], cwd=tmp_path, monkeypatch=monkeypatch)
     assert version.returncode == 0 and version.stdout == f"mnist-sweep {__version__}\n"
     assert __version__ == importlib.metadata.version("mnist-sweep")  # pyproject.toml says the same
 
@@ -266,6 +274,10 @@ class PipedRun:
         return parent
 
 
+# The piped study's arguments, for `run` and for the commands that read it.
+PIPED_ARGS = small_sweep_args(trials=3, train_limit=1000, validation=500)
+
+
 @pytest.fixture(scope="module")
 def run_into_head(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Iterator[PipedRun]:
     """`mnist-sweep run ... | head -4`: the reader takes four lines (the first trial's last) and goes away while
@@ -273,7 +285,7 @@ def run_into_head(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Itera
     workdir = tmp_path_factory.mktemp("head")
     with (workdir / "stderr.txt").open("w+") as stderr:
         process = subprocess.Popen(
-            cli_command("run", str(DEFAULT_SWEEP), *small_sweep_args(trials=3)),
+            cli_command("run", str(DEFAULT_SWEEP), *PIPED_ARGS),
             cwd=workdir,
             env=cli_environment(data),
             stdout=subprocess.PIPE,
@@ -322,7 +334,7 @@ def test_printing_commands_exit_quietly_into_a_closed_pipe(run_into_head: PipedR
     write_end = closed_pipe()
     try:
         done = subprocess.run(
-            cli_command(command, str(DEFAULT_SWEEP), *small_sweep_args(trials=3)),
+            cli_command(command, str(DEFAULT_SWEEP), *PIPED_ARGS),
             cwd=run_into_head.workdir,
             env=cli_environment(run_into_head.data),
             stdout=write_end,
@@ -339,7 +351,7 @@ def test_printing_commands_exit_quietly_into_a_closed_pipe(run_into_head: PipedR
 @pytest.mark.subprocess
 def test_shell_pipelines_into_head_and_true_print_no_traceback(run_into_head: PipedRun) -> None:
     python = " ".join(cli_command())
-    sweep = f"{DEFAULT_SWEEP} " + " ".join(small_sweep_args(trials=3))
+    sweep = f"{DEFAULT_SWEEP} " + " ".join(PIPED_ARGS)
     script = (
         f"set -o pipefail; {python} validate {sweep} | head -1 && {python} trials {sweep} | true "
         f"&& {python} trials {sweep} | head -1"
@@ -366,8 +378,8 @@ def test_quiet_prints_only_the_final_result(tmp_path: Path, data: Path, backend:
     done = cli(
         "run",
         str(DEFAULT_SWEEP),
-        *small_sweep_args(trials=1),
-        "--quiet",
+        *small_sweep_args(trials=1, train_limit=1000, validation=500),
+        "--quiet",  # the lecture's network's line is one it keeps out
         cwd=tmp_path,
         data=data,
         env={"KERAS_BACKEND": backend},  # on JAX, Keras imports TensorFlow later, during the first fit
@@ -385,7 +397,9 @@ def test_verbose_brings_back_the_library_logs(tmp_path: Path, data: Path) -> Non
     done = cli(
         "run",
         str(DEFAULT_SWEEP),
-        *small_sweep_args(trials=1),
+        *small_sweep_args(trials=1, train_limit=1000, validation=500),
+        "--set",
+        "study.baseline=false",  # not what is checked: the libraries' logs of one trial are
         "--verbose",
         cwd=tmp_path,
         data=data,

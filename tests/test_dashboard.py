@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from tests.browser import DASHBOARD_MISSING
-from tests.conftest import CLI, DEFAULT_SWEEP, REPO, cli_environment, free_port, required_module
+from tests.conftest import CLI, DEFAULT_SWEEP, REPO, cli_environment, free_port, required_module, run_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # each test starts the real CLI (TensorFlow and MLflow imports)
 
@@ -43,14 +43,15 @@ def test_dashboard_without_the_extra_exits_2_naming_it(tmp_path: Path, mnist_dir
     assert done.stdout == ""
 
 
-def test_dashboard_on_a_port_in_use_exits_2_naming_it(tmp_path: Path, mnist_dir: Path) -> None:
+def test_dashboard_on_a_port_in_use_exits_2_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     required_module("optuna_dashboard", DASHBOARD_MISSING)
     make_study(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = dashboard(tmp_path, port, cli_environment(mnist_dir))
+        # In this process: the process adds nothing here, and nothing serves where the port is taken.
+        done = run_in_process(["dashboard", SWEEP, "--port", str(port)], cwd=tmp_path, monkeypatch=monkeypatch)
     assert done.returncode == 2
     reason = "Address already in use"
     assert user_errors(done) == [f"mnist-sweep: --port {port}: cannot listen on 127.0.0.1:{port} ({reason})"]

@@ -13,7 +13,6 @@ import pytest
 
 from mnist_sweep import data
 from mnist_sweep.data import (
-    DataCache,
     DataError,
     WithheldTestSplitError,
     load_split,
@@ -33,7 +32,7 @@ def idx_bytes(array: np.ndarray, *, images: bool, magic: int | None = None) -> b
 
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> None:
-    data.CACHE.clear()  # each test writes its own files under paths a previous test may have read
+    data.forget_decoded()  # each test writes its own files under paths a previous test may have read
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -113,9 +112,10 @@ def test_npz_source_and_split(tmp_path: Path, synthetic_mnist: tuple[np.ndarray,
     assert split.x_train.shape == (500, 28, 28) and split.x_val.shape == (200, 28, 28)
     assert split.x_train.dtype == np.float32 and float(split.x_train.max()) <= 1.0
     assert load_split(source, validation=200, train_limit=500, seed=3) is split, "decoded and split once"
-    again = load_split(source, validation=200, train_limit=500, seed=3, cache=DataCache())
-    assert np.array_equal(again.y_val, split.y_val), "same seed, same split"
-    other = load_split(source, validation=200, train_limit=500, seed=4, cache=DataCache())
+    data.forget_decoded()
+    again = load_split(source, validation=200, train_limit=500, seed=3)
+    assert again is not split and np.array_equal(again.y_val, split.y_val), "same seed, same split"
+    other = load_split(source, validation=200, train_limit=500, seed=4)
     assert not np.array_equal(other.y_val, split.y_val)
     x_test, y_test = load_test_split(source)
     assert x_test.shape == (50, 28, 28) and len(y_test) == 50

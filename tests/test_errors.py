@@ -106,20 +106,19 @@ class _CountingServer(http.server.BaseHTTPRequestHandler):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["run", "finalize"])
-def test_inputs_are_checked_once_one_health_call_per_command(command: str, run_cli: CliRunner) -> None:
+def test_inputs_are_checked_once_one_health_call_per_command(command: str, run_here: CliRunner) -> None:
     _CountingServer.health_calls = 0
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CountingServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         uri = f"http://127.0.0.1:{server.server_address[1]}"
-        done = run_cli(
+        done = run_here(
             command,
             str(DEFAULT_SWEEP),
             *small_sweep_args(trials=1),
             "--set",
             f'tracking.uri="{uri}"',
             env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
-            timeout=300,
         )
     finally:
         server.shutdown()

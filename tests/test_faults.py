@@ -20,7 +20,7 @@ import optuna
 import pytest
 
 from mnist_sweep.processes import ProcessId, this_process
-from tests.conftest import CliRunner, CliStarter, cli, required_mnist, small_sweep_args, write_sweep
+from tests.conftest import CliRunner, CliStarter, cli_here, required_mnist, small_sweep_args, write_sweep
 from tests.stores import storage_url, tracking_url
 
 
@@ -73,19 +73,19 @@ def grow(mount_point: Path, mebibytes: int) -> None:
     "small_disk", [3, 9], ids=["full-while-creating-the-stores", "full-after-two-trials"], indirect=True
 )
 def test_full_disk_is_one_line_and_the_rerun_resumes_with_nothing_lost(
-    small_disk: Path, run_cli: CliRunner, tmp_path: Path
+    small_disk: Path, run_here: CliRunner, tmp_path: Path
 ) -> None:
     sweep = write_sweep(tmp_path, "")
     args = ["run", str(sweep), *small_sweep_args(trials=4), "--set", "study.heartbeat_seconds=2"]
 
-    full = run_cli(*args, cwd=small_disk)
+    full = run_here(*args, cwd=small_disk)
 
     line = one_line(full, 1)
     assert "no space left on device" in line and str(small_disk / "mlruns") in line and "rerun" in line
     kept = finished_trials(small_disk)
 
     grow(small_disk, 400)
-    again = run_cli(*args, cwd=small_disk)
+    again = run_here(*args, cwd=small_disk)
 
     assert again.returncode == 0, again.stderr
     assert "Traceback" not in again.stderr
@@ -116,14 +116,14 @@ def garbage_mlflow_db(folder: Path) -> None:
 @pytest.mark.parametrize("damage", [garbage_mlflow_db, truncated_mlflow_db], ids=["garbage", "truncated"])
 @pytest.mark.parametrize("command", ["run", "trials", "report"])
 def test_corrupt_mlflow_db_is_one_line_like_a_corrupt_optuna_db(
-    run_cli: CliRunner, tmp_path: Path, command: str, damage: object
+    run_here: CliRunner, tmp_path: Path, command: str, damage: object
 ) -> None:
     work = tmp_path / "work"
     work.mkdir()
     damage(work)  # type: ignore[operator]
     before = sorted(p.name for p in (work / "mlruns").iterdir())
 
-    line = one_line(run_cli(command, str(write_sweep(tmp_path, "")), cwd=work), 2)
+    line = one_line(run_here(command, str(write_sweep(tmp_path, "")), cwd=work), 2)
 
     assert "tracking.uri" in line and "mlflow.db" in line and "not an intact sqlite database" in line
     assert sorted(p.name for p in (work / "mlruns").iterdir()) == before
@@ -147,11 +147,11 @@ def test_no_data_source_offline_is_one_line_saying_where_to_put_the_files(run_cl
     assert list(work.iterdir()) == []
 
 
-def test_trials_csv_under_a_file_is_one_line_before_anything_is_read(run_cli: CliRunner, tmp_path: Path) -> None:
+def test_trials_csv_under_a_file_is_one_line_before_anything_is_read(run_here: CliRunner, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     sweep = write_sweep(tmp_path, "")
-    line = one_line(run_cli("trials", str(sweep), "--csv", f"{sweep}/leaderboard.csv", cwd=work), 2)
+    line = one_line(run_here("trials", str(sweep), "--csv", f"{sweep}/leaderboard.csv", cwd=work), 2)
     assert "--csv" in line and "is a file" in line
     assert list(work.iterdir()) == []
 
@@ -159,10 +159,10 @@ def test_trials_csv_under_a_file_is_one_line_before_anything_is_read(run_cli: Cl
 # --------------------------------------------------------------------------- finalize
 
 
-def test_finalize_on_a_missing_study_creates_nothing(run_cli: CliRunner, tmp_path: Path) -> None:
+def test_finalize_on_a_missing_study_creates_nothing(run_here: CliRunner, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    line = one_line(run_cli("finalize", str(write_sweep(tmp_path, "")), cwd=work), 2)
+    line = one_line(run_here("finalize", str(write_sweep(tmp_path, "")), cwd=work), 2)
     assert "'fcn' does not exist" in line
     assert list(work.iterdir()) == []
 
@@ -175,7 +175,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     sweep = write_sweep(folder, "")
     work = folder / "work"
     work.mkdir()
-    result = cli("worker", str(sweep), *small_sweep_args(trials=2), cwd=work, data=data)
+    shrunk = small_sweep_args("--set", "study.baseline=false", trials=2, train_limit=1000, validation=500)
+    result = cli_here("worker", str(sweep), *shrunk, cwd=work, data=data)
     assert result.returncode == 0, result.stderr
     return work, sweep
 
@@ -227,8 +228,9 @@ def record_checksum(work: Path, model: Path) -> None:
     MlflowClient(tracking_uri=tracking_url(work)).set_tag(run_id, "model_sha256", file_sha256(model))
 
 
+@pytest.mark.slow  # the module's trained study: two trials
 def test_finalize_refuses_a_model_file_changed_since_it_was_logged(
-    restored: tuple[Path, Path], run_cli: CliRunner
+    restored: tuple[Path, Path], run_here: CliRunner
 ) -> None:
     """Other weights in a well-formed .keras file, which Keras' safe mode loads: only the checksum can tell."""
     import keras
@@ -239,31 +241,33 @@ def test_finalize_refuses_a_model_file_changed_since_it_was_logged(
     loaded.set_weights([w * 0.5 for w in loaded.get_weights()])
     loaded.save(model)
 
-    line = one_line(run_cli("finalize", str(sweep), cwd=work), 2)
+    line = one_line(run_here("finalize", str(sweep), cwd=work), 2)
 
     assert "has changed since it was logged" in line and "model.keras" in line and "sha256" in line
     assert not seal_exists(work)  # the test set was not claimed: restored, the model can still be scored
     assert "test_result" not in optuna.load_study(study_name="fcn", storage=storage_url(work)).user_attrs
 
 
-def test_finalize_refuses_a_model_holding_code_in_one_line(restored: tuple[Path, Path], run_cli: CliRunner) -> None:
+@pytest.mark.slow  # the module's trained study: two trials
+def test_finalize_refuses_a_model_holding_code_in_one_line(restored: tuple[Path, Path], run_here: CliRunner) -> None:
     work, sweep = restored
     model, _ = chosen_model_file(work)
     lambda_model_file(model)
     record_checksum(work, model)  # past the checksum, Keras' safe mode still refuses the code
 
-    line = one_line(run_cli("finalize", str(sweep), cwd=work), 2)
+    line = one_line(run_here("finalize", str(sweep), cwd=work), 2)
 
     assert "Keras refused to load it safely" in line and "Lambda" in line
     assert not seal_exists(work)  # the test set was not claimed: after restoring the model it can be scored
 
 
-def test_finalize_refuses_an_exported_savedmodel_in_one_line(restored: tuple[Path, Path], run_cli: CliRunner) -> None:
+@pytest.mark.slow  # the module's trained study: two trials
+def test_finalize_refuses_an_exported_savedmodel_in_one_line(restored: tuple[Path, Path], run_here: CliRunner) -> None:
     work, sweep = restored
     _, mlmodel = chosen_model_file(work)
     mlmodel.write_text(mlmodel.read_text().replace("save_exported_model: false", "save_exported_model: true"))
 
-    line = one_line(run_cli("finalize", str(sweep), cwd=work), 2)
+    line = one_line(run_here("finalize", str(sweep), cwd=work), 2)
 
     assert "not a model this tool wrote" in line and "save_exported_model: false" in line
     assert not seal_exists(work)
@@ -280,6 +284,7 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+@pytest.mark.slow  # the module's trained study: two trials
 def test_every_wait_for_the_test_result_answers_sigterm(trained: tuple[Path, Path], start_cli: CliStarter) -> None:
     work, sweep = trained
     claim_seal(work, this_process(), now())  # a live process with a fresh heartbeat: finalize waits for it
@@ -299,7 +304,8 @@ def test_every_wait_for_the_test_result_answers_sigterm(trained: tuple[Path, Pat
         optuna.delete_study(study_name="fcn.test-seal", storage=storage_url(work))
 
 
-def test_a_dead_claim_on_this_host_is_taken_over_at_once(trained: tuple[Path, Path], run_cli: CliRunner) -> None:
+@pytest.mark.slow  # the module's trained study: two trials
+def test_a_dead_claim_on_this_host_is_taken_over_at_once(trained: tuple[Path, Path], run_here: CliRunner) -> None:
     work, sweep = trained
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -307,7 +313,7 @@ def test_a_dead_claim_on_this_host_is_taken_over_at_once(trained: tuple[Path, Pa
     claimant = ProcessId(me.host, dead.pid, "deadbeef0000", me.boot, me.namespace, "12345")
     claim_seal(work, claimant, now())  # its heartbeat is fresh, but its end is proven: this PID namespace
 
-    result = run_cli("finalize", str(sweep), cwd=work, timeout=180)
+    result = run_here("finalize", str(sweep), cwd=work)
 
     assert result.returncode == 0, result.stderr
     assert f"claimed by {claimant.label}, a process that no longer runs" in result.stdout
@@ -316,6 +322,7 @@ def test_a_dead_claim_on_this_host_is_taken_over_at_once(trained: tuple[Path, Pa
     assert study.user_attrs["test_result"]["scored_by"] != claimant.label
 
 
+@pytest.mark.slow  # the module's trained study: two trials
 def test_a_late_sigint_in_finalize_still_exits_130(trained: tuple[Path, Path], start_cli: CliStarter) -> None:
     """After the result line: Python drops a KeyboardInterrupt raised while the libraries shut down."""
     work, sweep = trained

@@ -38,7 +38,7 @@ def reaching_for_the_test_split(real: Callable[..., Any], source: data.DataSourc
 def test_trials_never_read_the_test_split(tmp_path: Path, mnist_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     events: list[str] = []
-    data.CACHE.clear()  # an earlier test may have read these files: this one counts the reads
+    data.forget_decoded()  # an earlier test may have read these files: this one counts the reads
     real_read_part = data.read_part
 
     def read_part(source: data.DataSource, part: str) -> Any:

@@ -28,9 +28,10 @@ from mnist_sweep.config import SweepConfig, load_sweep
 from mnist_sweep.console import NO_PROGRESS, LiveProgress
 from mnist_sweep.errors import TrialsLiveError
 from mnist_sweep.final import choose_trial, seal_name
+from mnist_sweep.ledger import StudyLedger
 from mnist_sweep.records import MODEL_URI_KEY, RUN_ID_ATTR, TestResult
 from mnist_sweep.report import after_seal_line
-from mnist_sweep.study import StudyContext, make_storage, open_study, parent_run_id
+from mnist_sweep.study import StudyContext, make_storage, open_study
 from mnist_sweep.tracking import Tracker
 from tests.conftest import DEFAULT_SWEEP, CliRunner, CliStarter, cli_environment, sweep_args
 from tests.stores import (
@@ -49,15 +50,15 @@ COMPLETE, RUNNING = TrialState.COMPLETE, TrialState.RUNNING
 
 
 class Stores:
-    """The study, its tracker and parent run, as `sweep.finalize` opens them."""
+    """The study, its tracker and ledger (on its parent run), as `sweep.finalize` opens them."""
 
     def __init__(self, cfg: SweepConfig) -> None:
         self.cfg = cfg
         self.storage = make_storage(cfg.study)
         self.tracker = Tracker(uri=cfg.tracking.uri, artifacts=cfg.tracking.artifacts, experiment=cfg.study.name)
         self.study, created = open_study(cfg, self.storage)
-        self.parent = parent_run_id(self.study, self.tracker, created=created, config=cfg.to_dict())
-        self.context = StudyContext(self.study, self.storage, self.tracker, self.parent)
+        self.ledger = StudyLedger.open(self.study, self.tracker, created=created, config=cfg.to_dict())
+        self.context = StudyContext(self.study, self.storage, self.ledger)
 
     def waiting(self, clock: Callable[[], float], lines: list[str], *, target: int) -> live.Waiting:
         return live.Waiting(
@@ -75,9 +76,7 @@ def test_a_live_trial_is_refused_in_one_line_naming_it_and_a_dead_workers_trial_
     live_trial = stores.study.ask()
     dead = stores.study.ask()
     stores.storage.record_heartbeat(dead._trial_id)  # its worker beat once, then died
-    run_id = stores.tracker.start_trial_run(
-        parent_run_id=stores.parent, study_name="fcn", trial_number=live_trial.number, params={}
-    )
+    run_id = stores.ledger.start_trial_run(trial_number=live_trial.number, params={})
     live_trial.set_user_attr(RUN_ID_ATTR, run_id)
     time.sleep(3)  # past the grace period (2 heartbeats of 1 s): the dead worker's trial is stale
 

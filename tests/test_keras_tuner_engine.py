@@ -188,8 +188,8 @@ def kt_args(*, trials: int, oracle: str = "hyperband", epochs: int = 3) -> list[
 
 
 @pytest.mark.slow
-def test_hyperband_sweep_logs_each_trial_with_the_epochs_it_trained(tmp_path: Path, run_cli: CliRunner) -> None:
-    result = run_cli("run", *kt_args(trials=4))
+def test_hyperband_sweep_logs_each_trial_with_the_epochs_it_trained(tmp_path: Path, run_here: CliRunner) -> None:
+    result = run_here("run", *kt_args(trials=4))
 
     assert result.returncode == 0, result.stderr
     assert "Search: Running Trial" not in result.stdout, "keras-tuner's own display leaked into the output"
@@ -226,8 +226,8 @@ def test_hyperband_sweep_logs_each_trial_with_the_epochs_it_trained(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_worker_on_a_keras_tuner_study_is_refused_and_creates_nothing(tmp_path: Path, run_cli: CliRunner) -> None:
-    result = run_cli("worker", *kt_args(trials=2, oracle="random"))
+def test_worker_on_a_keras_tuner_study_is_refused_and_creates_nothing(tmp_path: Path, run_here: CliRunner) -> None:
+    result = run_here("worker", *kt_args(trials=2, oracle="random"))
 
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr

@@ -181,7 +181,7 @@ def test_uuids_and_mig_ids_go_to_the_workers_round_robin_as_given(monkeypatch: p
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", given)
     unset_for_this_test(monkeypatch, ["CUDA_DEVICE_ORDER", *Placement(0, (0,)).environment()])
     monkeypatch.setattr(placement, "usable_cpus", lambda: (0, 1, 2))
-    monkeypatch.setattr(placement, "pin_this_process", lambda: None)
+    monkeypatch.setattr(placement, "pin_cores", lambda cpus: None)
     monkeypatch.setattr(environment, "backend_gpus_in_child", lambda: [Gpu("NVIDIA H100"), Gpu("NVIDIA H100 MIG")])
     monkeypatch.setattr(environment, "gpu_device_nodes", lambda: True)
     cfg = build_config({"study": {"workers": 3}})
@@ -241,13 +241,15 @@ def test_one_worker_is_todays_run_and_gpus_0_still_hides_the_gpus(monkeypatch: p
 def test_run_keeps_the_first_share_and_its_workers_get_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
     unset_for_this_test(monkeypatch, [*Placement(0, (0,)).environment(), "CUDA_VISIBLE_DEVICES"])
     pinned: list[str] = []
-    monkeypatch.setattr(placement, "pin_this_process", lambda: pinned.append(os.environ["MNIST_SWEEP_CPUS"]))
+    monkeypatch.setattr(placement, "pin_cores", lambda cpus: pinned.append(placement.cpu_list(cpus)))
     monkeypatch.setattr(placement, "usable_cpus", lambda: (0, 1, 2, 3))
     cfg = build_config({"study": {"workers": 2}})
 
     cfg, spec = arrange(cfg, gpu_ids=["0"], child_command=child_command_for_test, echo=no_echo)
 
     assert pinned == ["0-1"] and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    # Its share is applied, not written into its environment: only the GPU, which CUDA reads there.
+    assert "MNIST_SWEEP_CPUS" not in os.environ and "MNIST_SWEEP_WORKER" not in os.environ
     assert spec is not None and spec.placements == (Placement(1, (2, 3), "0"),)
     assert spec.command[-2:] == ("--set", "study.workers=2")
 

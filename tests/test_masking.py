@@ -55,11 +55,11 @@ def test_resolved_config_masks_passwords_in_what_is_shown_and_logged() -> None:
     ids=["userinfo", "query"],
 )
 def test_validate_prints_both_store_passwords_masked(
-    run_cli: CliRunner, tmp_path: Path, secret: str, shown: str
+    run_here: CliRunner, tmp_path: Path, secret: str, shown: str
 ) -> None:
     storage, tracking = (f"postgresql://{secret.format(db=db)}" for db in ("optuna", "mlflow"))
     sweep = write_sweep(tmp_path, f'[study]\nstorage = "{storage}"\n[tracking]\nuri = "{tracking}"\n')
-    result = run_cli("validate", str(sweep))
+    result = run_here("validate", str(sweep))
     assert result.returncode == 0, result.stderr
     assert f'storage = "postgresql://{shown.format(db="optuna")}"' in result.stdout
     assert f'uri = "postgresql://{shown.format(db="mlflow")}"' in result.stdout
@@ -77,13 +77,13 @@ def _database(server: str, name: str, password: str) -> str:
 
 
 def test_wrong_postgres_password_exits_2_naming_the_key_and_creates_nothing(
-    postgres_password_server: str, run_cli: CliRunner, tmp_path: Path
+    postgres_password_server: str, run_here: CliRunner, tmp_path: Path
 ) -> None:
     url = _database(postgres_password_server, "wrong_password", POSTGRES_PASSWORD)
     wrong = url.replace(POSTGRES_PASSWORD, "Wrong-pw-4711")
     work = tmp_path / "work"
     work.mkdir()
-    result = run_cli("run", "--set", f'study.storage="{wrong}"', str(write_sweep(tmp_path, "")), cwd=work)
+    result = run_here("run", "--set", f'study.storage="{wrong}"', str(write_sweep(tmp_path, "")), cwd=work)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and "Traceback" not in result.stderr

@@ -16,6 +16,8 @@ import optuna
 import pytest
 
 from mnist_sweep import final, processes, study
+from mnist_sweep.dead_runs import close_stale_runs
+from mnist_sweep.ledger import StudyLedger
 from mnist_sweep.processes import ProcessId, this_process
 from mnist_sweep.records import CLAIM_HEARTBEAT_ATTR, CLAIMED_AT_ATTR, CLAIMED_BY_ATTR, RUN_ID_ATTR
 from mnist_sweep.tracking import Tracker
@@ -151,16 +153,16 @@ def test_a_run_storing_its_artifacts_is_closed_only_when_its_worker_provably_end
     process: ProcessId = worker()  # type: ignore[operator]
     tracker = Tracker(uri=tracking_url(tmp_path), artifacts=str(tmp_path / "mlruns" / "artifacts"), experiment="fcn")
     # The tags that worker wrote on its trial run (placement.worker_tags, in that process).
-    monkeypatch.setattr(Tracker, "_machine_tags", {"worker": process.label, "worker.process": process.encode()})
-    parent = tracker.create_parent_run(study_name="fcn", config={})
-    run_id = tracker.start_trial_run(parent_run_id=parent, study_name="fcn", trial_number=0, params={"units": 8})
+    monkeypatch.setattr(StudyLedger, "_machine_tags", {"worker": process.label, "worker.process": process.encode()})
+    ledger = StudyLedger.create(tracker, study_name="fcn", config={})
+    run_id = ledger.start_trial_run(trial_number=0, params={"units": 8})
     storage = optuna.storages.RDBStorage(storage_url(tmp_path))
     optuna_study = optuna.create_study(study_name="fcn", storage=storage)
     trial = optuna_study.ask()
     trial.set_user_attr(RUN_ID_ATTR, run_id)
     optuna_study.tell(trial, 0.9)
 
-    assert study.close_stale_runs(study.StudyContext(optuna_study, storage, tracker, parent)) == int(closed)
+    assert close_stale_runs(study.StudyContext(optuna_study, storage, ledger)) == int(closed)
 
     assert tracker.run_status(run_id) == ("KILLED" if closed else "RUNNING")
 

@@ -30,12 +30,13 @@ def log_and_load_both_ways(folder: str) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from mnist_sweep.ledger import StudyLedger
     from mnist_sweep.model import compiled_model
     from mnist_sweep.tracking import Tracker
 
     tracker = Tracker(uri=f"sqlite:///{folder}/mlflow.db", artifacts=f"{folder}/artifacts", experiment="pyfunc")
-    parent = tracker.create_parent_run(study_name="pyfunc", config={})
-    run_id = tracker.start_trial_run(parent_run_id=parent, study_name="pyfunc", trial_number=0, params={})
+    ledger = StudyLedger.create(tracker, study_name="pyfunc", config={})
+    run_id = ledger.start_trial_run(trial_number=0, params={})
     rng = np.random.default_rng(0)
     images = rng.random((64, 28, 28), dtype=np.float32)  # float32 in [0, 1]: what the data module hands a model
     model = compiled_model(
@@ -45,8 +46,8 @@ def log_and_load_both_ways(folder: str) -> None:
         total_steps=1,
     )
     model.fit(images, rng.integers(0, 10, 64), epochs=1, verbose=0)
-    model_id, model_uri = tracker.reserve_model(run_id)
-    tracker.models.save(run_id, model, model_id)
+    model_id, model_uri = ledger.reserve_model(run_id)
+    ledger.models.save(run_id, model, model_id)
 
     mlflow.set_tracking_uri(tracker.uri)
     served = mlflow.pyfunc.load_model(model_uri)

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_sweep.artifacts import global_tracking_uri
 from mnist_sweep.errors import RegistryError
+from mnist_sweep.ledger import StudyLedger
 from mnist_sweep.records import CHAMPION, REGISTERED_BY, REGISTERED_BY_TAG, TestResult
 from mnist_sweep.registry import check_up_front, register_champion
 from mnist_sweep.tracking import Tracker
@@ -57,10 +58,10 @@ def _logged_result(folder: Path, *, study: str = "reg") -> Logged:
     from mnist_sweep.model import build_model
 
     tracker = Tracker(uri=f"sqlite:///{folder}/mlflow.db", artifacts=str(folder / "artifacts"), experiment=study)
-    parent = tracker.create_parent_run(study_name=study, config={})
-    run_id = tracker.start_trial_run(parent_run_id=parent, study_name=study, trial_number=3, params={})
-    model_id, model_uri = tracker.reserve_model(run_id)
-    tracker.models.save(run_id, build_model(hidden=(8,), activation="relu"), model_id)
+    ledger = StudyLedger.create(tracker, study_name=study, config={})
+    run_id = ledger.start_trial_run(trial_number=3, params={})
+    model_id, model_uri = ledger.reserve_model(run_id)
+    ledger.models.save(run_id, build_model(hidden=(8,), activation="relu"), model_id)
     result = TestResult(
         study=study,
         trial_number=3,
@@ -80,7 +81,7 @@ def _logged_result(folder: Path, *, study: str = "reg") -> Logged:
         scored_at="now",
         scored_by="here",
     )
-    return Logged(tracker, parent, result)
+    return Logged(tracker, ledger.parent_run_id, result)
 
 
 def _register(logged: Logged, name: str = "reg") -> str:
@@ -146,18 +147,18 @@ def test_a_name_mlflow_refuses_is_refused_naming_the_key(name: str) -> None:
 # --------------------------------------------------------------------------- the real CLI
 
 
-def test_a_bad_name_is_exit_2_before_any_trial_and_nothing_is_written(run_cli: CliRunner, tmp_path: Path) -> None:
-    done = run_cli("run", str(DEFAULT_SWEEP), *small_sweep_args(trials=1), "--set", 'tracking.registered_model="a/b"')
+def test_a_bad_name_is_exit_2_before_any_trial_and_nothing_is_written(run_here: CliRunner, tmp_path: Path) -> None:
+    done = run_here("run", str(DEFAULT_SWEEP), *small_sweep_args(trials=1), "--set", 'tracking.registered_model="a/b"')
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("mnist-sweep: tracking.registered_model = 'a/b': MLflow refuses this name")
     assert created_files(tmp_path) == []
 
 
-def test_a_name_another_project_holds_is_exit_2_before_any_trial(run_cli: CliRunner, tmp_path: Path) -> None:
+def test_a_name_another_project_holds_is_exit_2_before_any_trial(run_here: CliRunner, tmp_path: Path) -> None:
     MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db").create_registered_model("fcn")
     before = created_files(tmp_path)
-    done = run_cli("run", str(DEFAULT_SWEEP), *small_sweep_args(trials=1))
+    done = run_here("run", str(DEFAULT_SWEEP), *small_sweep_args(trials=1))
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert "tracking.registered_model = 'fcn'" in line and "mnist-sweep did not create" in line
@@ -238,24 +239,33 @@ def test_the_champion_predicts_through_pyfunc_as_through_keras(registered: Regis
     )
 
 
-@pytest.fixture
-def serving(registered: RegisteredSweep, tmp_path: Path) -> Iterator[str]:
-    """`mlflow models serve -m models:/fcn@champion --env-manager local` on a free port of 127.0.0.1.
+def _documented_environment() -> dict[str, str]:
+    """The environment the documented commands run in: the export line's variable, and the venv's bin on PATH.
+
+    `serve --env-manager local` starts `uvicorn` from PATH: the venv's bin must be on it, as it is for a user
+    with the venv active (CI runs .venv/bin/python without activating it: "exec: uvicorn: not found")."""
+    name, _, uri = _documented_commands()[0].removeprefix("export ").partition("=")
+    environment = cli_environment(required_mnist(), {name: uri})
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"  # python and mlflow
+    return environment
+
+
+@pytest.fixture(scope="module")
+def serving(registered: RegisteredSweep, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The documented `mlflow models serve` line (docs/use-the-model.md) on a free port of 127.0.0.1, in the
+    sweep's folder: one server for the tests that query it.
 
     A second try on another port if the first never answers (a port taken between choosing and binding it);
     the server's own log is in the failure's message."""
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/fcn@champion"]
-    environment = cli_environment(required_mnist(), {"MLFLOW_TRACKING_URI": registered.uri})
-    # `serve --env-manager local` starts `uvicorn` from PATH: the venv's bin must be on it, as it is for a user
-    # with the venv active (CI runs .venv/bin/python without activating it: "exec: uvicorn: not found").
-    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
+    serve_line = _documented_commands()[4]
+    logs = tmp_path_factory.mktemp("serve")
     for attempt in (1, 2):
-        port, log = free_port(), tmp_path / f"serve-{attempt}.log"
+        port, log = free_port(), logs / f"serve-{attempt}.log"
         with log.open("wb") as sink:
             process = subprocess.Popen(
-                [*command, "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                ["bash", "-c", "exec " + serve_line.replace("5001", str(port))],
                 cwd=registered.folder,
-                env=environment,
+                env=_documented_environment(),
                 stdout=sink,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -309,12 +319,12 @@ def _documented_commands() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.subprocess
-def test_each_command_of_use_the_model_works_on_a_real_sweep(registered: RegisteredSweep) -> None:
-    export, keras_line, pyfunc_line, registry_line, serve_line, curl_line = _documented_commands()
-    name, _, uri = export.removeprefix("export ").partition("=")
-    environment = cli_environment(required_mnist(), {name: uri})
-    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"  # python and mlflow
+def test_each_command_of_use_the_model_works_on_a_real_sweep(registered: RegisteredSweep, serving: str) -> None:
+    """Each line as the page gives it; the serve line is the one `serving` runs, queried by the curl line."""
+    _, keras_line, pyfunc_line, registry_line, serve_line, curl_line = _documented_commands()
+    environment = _documented_environment()
 
     def shell(command: str) -> str:
         done = subprocess.run(
@@ -328,19 +338,7 @@ def test_each_command_of_use_the_model_works_on_a_real_sweep(registered: Registe
     assert shell(pyfunc_line) == digits
     version, tags = shell(registry_line).split(" ", 1)
     assert version == "1" and "'test_accuracy_ci95_low'" in tags
-    port = str(free_port())
-    process = subprocess.Popen(
-        ["bash", "-c", "exec " + serve_line.replace("5001", port)],
-        cwd=registered.folder,
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for_health(f"http://127.0.0.1:{port}", process)
-        answer = json.loads(shell(curl_line.replace("5001", port)))
-    finally:
-        stop_process_group(process)
+    assert serve_line.startswith("mlflow models serve ") and "http://127.0.0.1:5001/" in curl_line
+    answer = json.loads(shell(curl_line.replace("http://127.0.0.1:5001", serving)))
     served = np.asarray(answer["predictions"]).argmax(axis=1)
     assert f"[{served[0]} {served[1]}]" == digits

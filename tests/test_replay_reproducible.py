@@ -32,33 +32,35 @@ def settle_write_ahead_logs(folder: Path) -> None:
 
 
 def test_two_fresh_runs_agree_and_replay_matches_the_logged_metrics(
-    finished_sweep: FinishedSweep, tmp_path: Path, run_cli: CliRunner, mnist_dir: Path
+    finished_sweep: FinishedSweep, tmp_path: Path, run_cli: CliRunner, run_here: CliRunner, mnist_dir: Path
 ) -> None:
-    # The first fresh run is the session's finished sweep; the second runs the same sweep file with the same
-    # arguments in a folder of its own.
+    # The first run is the session's finished sweep, run in this process; the second runs the same sweep file
+    # with the same arguments in a fresh process and a folder of its own.
     args = [SWEEP, *ARGS]
-    (tmp_path / "second").mkdir()
-    result = run_cli("run", *args, cwd=tmp_path / "second")
+    second = tmp_path / "second"
+    second.mkdir()
+    result = run_cli("run", *args, cwd=second)
     assert result.returncode == 0, result.stderr
 
-    first, second = finished_sweep.study(), load_study(tmp_path / "second")
-    assert [t.params for t in first.trials] == [t.params for t in second.trials]
-    for one, other in zip(first.trials, second.trials, strict=True):
+    first, again = finished_sweep.study(), load_study(second)
+    assert [t.params for t in first.trials] == [t.params for t in again.trials]
+    for one, other in zip(first.trials, again.trials, strict=True):
         assert other.user_attrs["val_accuracy"] == pytest.approx(one.user_attrs["val_accuracy"], abs=1e-6)
         assert other.user_attrs["val_loss"] == pytest.approx(one.user_attrs["val_loss"], rel=1e-5)
 
-    # Replayed with test images that cannot be read: it succeeds, so it never touched them.
+    # The fresh process's best trial replayed in this one, with test images that cannot be read: it succeeds,
+    # so it never touched them.
     broken = unreadable_test_images(mnist_dir, tmp_path / "inputs")
-    settle_write_ahead_logs(finished_sweep.folder)
-    before = everything_under(finished_sweep.folder)
-    run_id = first.best_trial.user_attrs["mlflow_run_id"]
-    replayed = finished_sweep.run("replay", *args, run_id, "--data", str(broken))
+    settle_write_ahead_logs(second)
+    before = everything_under(second)
+    run_id = again.best_trial.user_attrs["mlflow_run_id"]
+    replayed = run_here("replay", *args, run_id, "--data", str(broken), cwd=second)
 
     assert replayed.returncode == 0, replayed.stderr
     differences = [float(d) for d in re.findall(r"difference ([-+0-9.e]+)", replayed.stdout)]
     assert len(differences) == 2, replayed.stdout
     assert all(abs(d) < 1e-5 for d in differences), replayed.stdout
-    assert everything_under(finished_sweep.folder) == before
+    assert everything_under(second) == before
 
 
 def test_replay_of_an_unknown_run_is_one_line(finished_sweep: FinishedSweep) -> None:

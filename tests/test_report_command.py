@@ -210,10 +210,10 @@ def test_commands_on_a_missing_study_exit_2_and_write_nothing(
 
 
 @pytest.mark.browser
-def test_report_before_the_test_set_is_scored_is_marked_and_exits_2(run_cli: CliRunner, tmp_path: Path) -> None:
-    worker = run_cli("worker", SWEEP, *small_sweep_args(trials=1, train_limit=1000, validation=500))
+def test_report_before_the_test_set_is_scored_is_marked_and_exits_2(run_here: CliRunner, tmp_path: Path) -> None:
+    worker = run_here("worker", SWEEP, *small_sweep_args(trials=1, train_limit=1000, validation=500))
     assert worker.returncode == 0, worker.stderr[-2000:]
-    done = run_cli("report", SWEEP)
+    done = run_here("report", SWEEP)
     assert done.returncode == 2
     assert user_error_lines(done) == [
         "mnist-sweep: study 'fcn' has no scored test set yet; the report says so "

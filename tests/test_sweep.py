@@ -13,7 +13,15 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import DEFAULT_SWEEP, ENGINE_ARGS, REPO, created_files, required_mnist, small_sweep_args
+from tests.conftest import (
+    DEFAULT_SWEEP,
+    ENGINE_ARGS,
+    REPO,
+    CliRunner,
+    created_files,
+    required_mnist,
+    small_sweep_args,
+)
 from tests.finished_sweep import FinishedSweep, run_sweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
@@ -159,14 +167,17 @@ def test_scored_study_refuses_more_trials(sweep: FinishedSweep) -> None:
     assert len(sweep.study().get_trials()) == 3
 
 
-@pytest.mark.parametrize("command", ["trials", "report"])
-def test_reading_commands_load_neither_keras_nor_tensorflow(sweep: FinishedSweep, command: str) -> None:
+def test_reading_commands_load_neither_keras_nor_tensorflow(sweep: FinishedSweep) -> None:
+    """`trials`, then `report`, in one fresh process: after each, neither is imported."""
     code = (
-        "import sys; from mnist_sweep.cli import main; rc = main(sys.argv[1:]); "
-        "heavy = [m for m in ('tensorflow', 'keras') if sys.modules.get(m) is not None]; "
-        "assert not heavy, heavy; sys.exit(rc)"
+        "import sys; from mnist_sweep.cli import main\n"
+        "for command in ('trials', 'report'):\n"
+        "    rc = main([command, *sys.argv[1:]])\n"
+        "    heavy = [m for m in ('tensorflow', 'keras') if sys.modules.get(m) is not None]\n"
+        "    assert not heavy, (command, heavy)\n"
+        "    assert rc == 0, (command, rc)\n"
     )
-    args = [command, str(DEFAULT_SWEEP), *small_sweep_args()]
+    args = [str(DEFAULT_SWEEP), *small_sweep_args()]
     env = {**os.environ, "MNIST_SWEEP_DATA": str(sweep.data), "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=sweep.folder, env=env
@@ -204,8 +215,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert created_files(tmp_path) == []
 
 
-def test_failed_trial_is_recorded_and_the_study_goes_on(run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    done = run_cli(
+def test_failed_trial_is_recorded_and_the_study_goes_on(run_here: CliRunner, tmp_path: Path) -> None:
+    done = run_here(
         "run",
         str(DEFAULT_SWEEP),
         *small_sweep_args(trials=2, train_limit=1000, validation=500),

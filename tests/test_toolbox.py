@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep.baseline import LECTURE_PARAMS
-from tests.conftest import REPO, cli, required_mnist, write_sweep
+from tests.conftest import REPO, cli, cli_here, required_mnist, write_sweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
@@ -70,13 +70,14 @@ class Study:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
-    """Two trials by one worker, a third by a second (a resume), then finalize and the leaderboard."""
+    """Two trials by one worker, a third by a second (a resume), then finalize and the leaderboard: the real CLI,
+    in this process."""
     data = required_mnist()
     folder = tmp_path_factory.mktemp("lecture")
     sweep = write_sweep(folder, LECTURE_SPACE)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        done = cli(*args, cwd=folder, data=data)
+        done = cli_here(*args, cwd=folder, data=data)
         assert done.returncode == 0, done.stderr[-3000:]
         return done
 
@@ -194,6 +195,7 @@ def test_every_schedule_logs_its_learning_rate_per_epoch_to_mlflow(
     """One trial through the sweep's objective on synthetic images; the rates read back from its MLflow run."""
     from mnist_sweep.config import build_config
     from mnist_sweep.data import Split
+    from mnist_sweep.ledger import StudyLedger
     from mnist_sweep.study import StudyContext
     from mnist_sweep.tracking import Tracker
     from mnist_sweep.trial_loop import run_one_trial
@@ -214,13 +216,13 @@ def test_every_schedule_logs_its_learning_rate_per_epoch_to_mlflow(
         }
     )
     tracker = Tracker(uri=uri, artifacts=str(tmp_path / "artifacts"), experiment="schedules")
-    parent = tracker.create_parent_run(study_name="schedules", config={})
+    ledger = StudyLedger.create(tracker, study_name="schedules", config={})
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(direction="maximize", storage=storage)
-    context = StudyContext(study, storage, tracker, parent)
+    context = StudyContext(study, storage, ledger)
     trials = Trials(cfg=cfg, split=split, context=context, data_source="synthetic")
     run_one_trial(trials.context, trials)
-    tracker.uploads.wait()
+    ledger.uploads.wait()
 
     run_id = study.trials[0].user_attrs["mlflow_run_id"]
     history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "learning_rate")

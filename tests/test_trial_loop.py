@@ -20,7 +20,8 @@ import mnist_sweep.trial
 from mnist_sweep.config import SweepConfig, load_sweep
 from mnist_sweep.data import Split
 from mnist_sweep.errors import TooManyFailures
-from mnist_sweep.study import StudyContext, make_storage, open_study, parent_run_id
+from mnist_sweep.ledger import StudyLedger
+from mnist_sweep.study import StudyContext, make_storage, open_study
 from mnist_sweep.tracking import Tracker
 from mnist_sweep.trial_loop import run_trials
 from mnist_sweep.trial_run import TAKEN_OVER, Trials
@@ -59,8 +60,8 @@ class Sweep:
         self.storage = make_storage(cfg.study)
         self.tracker = Tracker(uri=cfg.tracking.uri, artifacts=cfg.tracking.artifacts, experiment=cfg.study.name)
         self.study, created = open_study(cfg, self.storage)
-        self.parent = parent_run_id(self.study, self.tracker, created=created, config=cfg.to_dict())
-        context = StudyContext(self.study, self.storage, self.tracker, self.parent)
+        ledger = StudyLedger.open(self.study, self.tracker, created=created, config=cfg.to_dict())
+        context = StudyContext(self.study, self.storage, ledger)
         self.trials = Trials(cfg=cfg, split=split, context=context, data_source="synthetic")
         self.lines: list[str] = []
 

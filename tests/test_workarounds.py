@@ -6,6 +6,7 @@ applies (the tests below), then update WRITTEN_FOR in mnist_sweep/workarounds.py
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import zipfile
 from pathlib import Path
@@ -99,6 +100,8 @@ def test_every_private_name_of_another_package_is_where_a_workaround_reaches_for
     # An asked trial's values fixed afterwards (ASHA's promotion): suggest returns them, as an enqueued trial's.
     workarounds.fix_trial_params(trial, {"x": 0.25})
     assert trial.suggest_float("x", 0.0, 1.0) == 0.25 and study.trials[trial.number].params == {"x": 0.25}
+    # The logger `study.optimize` writes its trial lines to, which trial_loop writes them to in its stead.
+    assert importlib.import_module(workarounds.OPTUNA_TRIAL_LOGGER)._logger.name == workarounds.OPTUNA_TRIAL_LOGGER
 
 
 @tensorflow_backend
