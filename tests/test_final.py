@@ -3,6 +3,7 @@ study takes no more trials."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import pytest
 
 from mnist_sweep import data, preflight, replay, sweep, trial
 from mnist_sweep.config import load_sweep
-from tests.conftest import DEFAULT_SWEEP, CliRunner, cli, small_sweep_args, unreadable_test_images
+from tests.conftest import DEFAULT_SWEEP, small_sweep_args, unreadable_test_images
+from tests.in_process import absolute_stores, run_in_process
 from tests.stores import all_runs, load_study, parent_run, storage_url, tracking_url
 
 pytestmark = pytest.mark.slow
@@ -68,16 +70,16 @@ def test_trials_never_read_the_test_split(tmp_path: Path, mnist_dir: Path, monke
     assert events[:first].count("read train") == 1 and set(events[:first]) <= {"read train", "read test"}
 
 
-@pytest.mark.subprocess
 def test_replay_never_reads_the_test_split(tmp_path: Path, mnist_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An absolute tracking URI: MLflow keeps one store per URI in a process, and a relative one names another
     # test's file once an earlier test has used it.
     keys = [f'data.path="{mnist_dir}"', f'tracking.uri="{tracking_url(tmp_path)}"']
     shrink = [
         *(f for key in keys for f in ("--set", key)),
+        *absolute_stores(tmp_path),
         *small_sweep_args(trials=1, train_limit=500, validation=200),
     ]
-    worker = cli("worker", str(DEFAULT_SWEEP), *shrink, cwd=tmp_path, data=mnist_dir)
+    worker = run_in_process("worker", str(DEFAULT_SWEEP), *shrink, cwd=tmp_path, data=mnist_dir)
     assert worker.returncode == 0, worker.stderr
     (run,) = [r for r in all_runs(tmp_path) if r.data.tags.get("mnist_sweep.role") == "trial"]
     monkeypatch.chdir(tmp_path)
@@ -94,9 +96,18 @@ def test_replay_never_reads_the_test_split(tmp_path: Path, mnist_dir: Path, monk
 
 
 def test_only_finalize_reads_the_test_set_and_a_scored_study_takes_no_more_trials(
-    tmp_path: Path, run_cli: CliRunner, mnist_dir: Path
+    tmp_path: Path, mnist_dir: Path
 ) -> None:
-    args = [str(DEFAULT_SWEEP), *small_sweep_args(trials=2, train_limit=1000, validation=500)]
+    # Each command through the CLI's main in this process: their exit codes and lines are what this checks.
+    args = [
+        str(DEFAULT_SWEEP),
+        *absolute_stores(tmp_path),
+        *small_sweep_args(trials=2, train_limit=1000, validation=500),
+    ]
+
+    def run_cli(*command: str) -> subprocess.CompletedProcess[str]:
+        return run_in_process(*command, cwd=tmp_path, data=mnist_dir)
+
     broken = unreadable_test_images(mnist_dir, tmp_path / "inputs")
 
     # The test files' form is checked before any trial (issue 10): a broken one stops the sweep at once,

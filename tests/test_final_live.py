@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,7 @@ from mnist_sweep.records import MODEL_URI_KEY, RUN_ID_ATTR, TestResult
 from mnist_sweep.report import after_seal_line
 from mnist_sweep.study import StudyContext, make_storage, open_study
 from mnist_sweep.tracking import Tracker
-from tests.conftest import DEFAULT_SWEEP, CliRunner, CliStarter, sweep_args
+from tests.conftest import DEFAULT_SWEEP, CliRunner, CliStarter, cli_environment, sweep_args
 from tests.stores import (
     all_runs,
     assert_nothing_running,
@@ -229,10 +230,53 @@ def _result(counted: tuple[int, ...] | None) -> TestResult:
 
 
 def live_sweep_args(storage: str) -> list[str]:
-    """Two trials on a few hundred images, with enough epochs that the workers are still training while
-    `finalize` runs (no pruning, no early stop: each trial runs them all)."""
-    settings = ("model.hidden=[32]", 'study.pruner="none"', "study.heartbeat_seconds=5", f'study.storage="{storage}"')
-    return sweep_args(*settings, trials=2, train_limit=300, validation=200, epochs=100)
+    """Two trials on a few hundred images (no pruning: each trial runs its epochs). A trial waits at the gate for
+    as long as the finalizers take to start: 10 s heartbeats keep a loaded machine's late beat from failing it as
+    stale (no worker dies here)."""
+    settings = ("model.hidden=[32]", 'study.pruner="none"', "study.heartbeat_seconds=10", f'study.storage="{storage}"')
+    return sweep_args(*settings, trials=2, train_limit=300, validation=200, epochs=2)
+
+
+# The CLI's own main, whose trials wait at a gate once they have their MLflow run: they are training, as far as
+# any other process can tell, until the test opens the gate (a file), so `finalize` meets them training however
+# slow the machine is, and no trial trains longer than that. Patched in Optuna, not in mnist_sweep, so the
+# moment is the same whatever mnist_sweep's own code looks like.
+GATED_WORKER = """
+import sys, time
+from pathlib import Path
+import optuna
+
+gate = Path(sys.argv.pop(1))
+set_user_attr = optuna.trial.Trial.set_user_attr
+
+def held_once_it_has_its_run(self, key, value):
+    set_user_attr(self, key, value)
+    while key == "mlflow_run_id" and not gate.exists():
+        time.sleep(0.1)
+
+optuna.trial.Trial.set_user_attr = held_once_it_has_its_run
+from mnist_sweep.cli import main
+sys.exit(main())
+"""
+
+
+def gated_worker(gate: Path, args: list[str], *, cwd: Path, data: Path) -> subprocess.Popen[str]:
+    """`mnist-sweep worker ARGS` whose trials wait at `gate` (GATED_WORKER)."""
+    command = [sys.executable, "-c", GATED_WORKER, str(gate), "worker", *args]
+    return subprocess.Popen(
+        command, cwd=cwd, env=cli_environment(data), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def said_until(process: subprocess.Popen[str], sign: str) -> str:
+    """What `process` printed up to its first line holding `sign` (all it printed, if it ended first)."""
+    assert process.stdout is not None
+    said = ""
+    for line in process.stdout:
+        said += line
+        if sign in line:
+            break
+    return said
 
 
 def running_with_run(storage: str, folder: Path) -> list[int]:
@@ -257,11 +301,16 @@ def best_of(study: optuna.Study, numbers: list[int]) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_finalize_while_workers_train_is_refused_then_two_waiting_finalizers_score_the_best_once(
-    backend: str, tmp_path: Path, start_cli: CliStarter, run_cli: CliRunner, request: pytest.FixtureRequest
+    backend: str,
+    tmp_path: Path,
+    mnist_dir: Path,
+    start_cli: CliStarter,
+    run_cli: CliRunner,
+    request: pytest.FixtureRequest,
 ) -> None:
     storage = storage_url(tmp_path) if backend == "sqlite" else request.getfixturevalue("postgres_database")
-    args = live_sweep_args(storage)
-    workers = [start_cli("worker", *args) for _ in range(2)]
+    args, gate = live_sweep_args(storage), tmp_path / "gate"
+    workers = [gated_worker(gate, args, cwd=tmp_path, data=mnist_dir) for _ in range(2)]
     finalizers: list[subprocess.Popen[str]] = []
     try:
         wait_for(lambda: running_with_run(storage, tmp_path), process=workers[0], timeout=600)
@@ -270,9 +319,12 @@ def test_finalize_while_workers_train_is_refused_then_two_waiting_finalizers_sco
         still_training = running_with_run(storage, tmp_path)
         sealed_when_refused = seal_name("fcn") in optuna.get_all_study_names(storage)
         finalizers += [start_cli("finalize", *args, "--wait") for _ in range(2)]
-        outputs = [_ended(process) for process in finalizers]
+        waited = [said_until(process, "waiting for trial ") for process in finalizers]
+        gate.touch()  # the trials train on, and end
+        outputs = [said + _ended(process) for said, process in zip(waited, finalizers, strict=True)]
         worker_outputs = [_ended(process) for process in workers]
     finally:
+        gate.touch()
         for process in [*workers, *finalizers]:
             if process.poll() is None:
                 process.kill()
@@ -280,7 +332,7 @@ def test_finalize_while_workers_train_is_refused_then_two_waiting_finalizers_sco
     assert refused.returncode == 2, refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     named = [int(n) for n in re.findall(r"trial (\d+) \(worker [^)]+\)", refused.stderr)]
-    assert named and still_training, "the workers were not training while finalize ran: lengthen the trials"
+    assert named and still_training, "the workers were not training while finalize ran"
     assert "--wait" in refused.stderr and "test accuracy" not in refused.stdout
     assert not sealed_when_refused, "a refused finalize sealed the study"
 

@@ -20,7 +20,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import cli, cli_environment, required_mnist, small_sweep_args, write_sweep
+from tests.conftest import cli_environment, required_mnist, small_sweep_args, write_sweep
+from tests.in_process import absolute_stores, run_in_process
 from tests.stores import all_runs, parent_run, storage_url, tracking_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
@@ -95,9 +96,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     work = folder / "work"
     work.mkdir()
     trials = small_sweep_args("--set", "study.baseline=false", trials=2, train_limit=1000, validation=500)
-    result = cli("worker", str(sweep), *trials, cwd=work, data=required_mnist())
+    result = run_in_process("worker", str(sweep), *trials, *absolute_stores(work), cwd=work, data=required_mnist())
     assert result.returncode == 0, result.stderr
     return work, sweep
+
+
+def finalize(work: Path, sweep: Path) -> subprocess.CompletedProcess[str]:
+    """`mnist-sweep finalize` run to its end (in this process: signals are sent to the signalled ones only)."""
+    return run_in_process("finalize", str(sweep), *absolute_stores(work), cwd=work, data=required_mnist())
 
 
 def seal(work: Path) -> dict[str, object] | None:
@@ -136,7 +142,7 @@ def test_signals_while_the_test_set_is_scored_record_it_everywhere_or_nowhere_an
     sealed = seal(work)
     assert sealed is not None and "test_result" in sealed, "the result of a claimant that died is lost"
 
-    rerun = cli("finalize", str(sweep), cwd=work, data=required_mnist())
+    rerun = finalize(work, sweep)
 
     assert rerun.returncode == 0, rerun.stderr
     assert "nothing scored again" in rerun.stdout
@@ -150,7 +156,7 @@ def test_a_report_being_written_when_finalize_is_stopped_stays_whole(trained: tu
     work, sweep = trained
     page = work / "reports" / "fcn" / "report.html"
     if not page.exists():  # run alone: the study is scored first
-        assert cli("finalize", str(sweep), cwd=work, data=required_mnist()).returncode == 0
+        assert finalize(work, sweep).returncode == 0
     before = page.read_bytes()
 
     stopped = signalled_finalize(work, sweep, "writing-report", signal.SIGINT)
@@ -160,7 +166,7 @@ def test_a_report_being_written_when_finalize_is_stopped_stays_whole(trained: tu
     assert page.read_bytes() == before, "report.html was left half written"
     assert not [p.name for p in (work / "reports").rglob("*") if p.name.endswith(".partial")]
 
-    rerun = cli("finalize", str(sweep), cwd=work, data=required_mnist())
+    rerun = finalize(work, sweep)
 
     assert rerun.returncode == 0, rerun.stderr
     assert page.read_text(encoding="utf-8").rstrip().endswith("</html>")

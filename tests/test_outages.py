@@ -1,4 +1,4 @@
-"""A tracking server that goes away mid-sweep and comes back: a real `mlflow server`, stopped while a trial
+"""A tracking server that goes away mid-sweep and comes back: a real `mlflow server`, killed while a trial
 logs to it, started again on the same backend store, artifacts and port.
 
 While it is away past MLflow's retries the worker ends in one line (exit 1, no traceback); once it is back the
@@ -24,6 +24,7 @@ from tests.conftest import (
     required_mnist,
     small_sweep_args,
 )
+from tests.in_process import run_in_process
 from tests.servers import mlflow_server
 from tests.stores import (
     all_runs,
@@ -36,6 +37,9 @@ from tests.stores import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.subprocess]
 COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
+# The worker an outage interrupts gives up on its first failed request: how long MLflow retries is its own
+# setting (mnist_sweep/environment.py), not what these tests check, and each request that retried cost seconds.
+NO_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
 
 
 def _one_trial_worker(*settings: str, epochs: int) -> list[str]:
@@ -63,7 +67,7 @@ def test_a_tracking_server_gone_mid_trial_ends_in_one_line_and_the_rerun_resumes
         worker = subprocess.Popen(
             cli_command(*args),
             cwd=work,
-            env=cli_environment(data),
+            env=cli_environment(data, NO_RETRIES),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -83,9 +87,7 @@ def test_a_tracking_server_gone_mid_trial_ends_in_one_line_and_the_rerun_resumes
     assert "stopped answering" in lines[0] and "rerun the same command" in lines[0]
 
     with mlflow_server(server_folder, options, port=port):  # the same store, back
-        rerun = subprocess.run(
-            cli_command(*args), cwd=work, env=cli_environment(data), capture_output=True, text=True, timeout=600
-        )
+        rerun = run_in_process(*args, cwd=work, data=data)  # the rerun's process is not what this test checks
         assert rerun.returncode == 0, rerun.stderr
         study = optuna.load_study(study_name="fcn", storage=f"sqlite:///{work}/mlruns/optuna.db")
         runs = MlflowClient(url).search_runs([experiment.experiment_id], max_results=1000)
@@ -133,9 +135,7 @@ def test_postgres_gone_mid_trial_ends_in_one_line_and_the_rerun_retries_the_tria
         assert "stopped answering" in lines[0] and "rerun the same command" in lines[0]
 
         server.start()
-        rerun = subprocess.run(
-            cli_command(*args), cwd=work, env=cli_environment(data), capture_output=True, text=True, timeout=600
-        )
+        rerun = run_in_process(*args, cwd=work, data=data)  # the rerun's process is not what this test checks
         assert rerun.returncode == 0, rerun.stderr
         study = optuna.load_study(study_name="fcn", storage=storage)
         runs = all_runs(work)

@@ -21,7 +21,8 @@ from mnist_sweep.ledger import StudyLedger
 from mnist_sweep.processes import ProcessId, this_process
 from mnist_sweep.records import CLAIM_HEARTBEAT_ATTR, CLAIMED_AT_ATTR, CLAIMED_BY_ATTR, RUN_ID_ATTR
 from mnist_sweep.tracking import Tracker
-from tests.conftest import cli, cli_environment, required_mnist, small_sweep_args, write_sweep
+from tests.conftest import cli_environment, required_mnist, small_sweep_args, write_sweep
+from tests.in_process import absolute_stores, run_in_process
 from tests.stores import all_runs, assert_scored_once, load_study, storage_url, tracking_url
 
 
@@ -210,9 +211,8 @@ def test_two_containers_sharing_a_hostname_and_a_pid_score_the_test_set_once(tmp
     work, gate = tmp_path / "work", tmp_path / "gate"
     work.mkdir()
     gate.mkdir()
-    trained = cli(
-        "worker", str(sweep), *small_sweep_args(trials=1, train_limit=500, validation=200), cwd=work, data=data
-    )
+    shrunk = small_sweep_args(trials=1, train_limit=500, validation=200)
+    trained = run_in_process("worker", str(sweep), *shrunk, *absolute_stores(work), cwd=work, data=data)
     assert trained.returncode == 0, trained.stderr
 
     first = as_container(shared, "aaaaaaaaaaaa", "4026539001", gate, "finalize", str(sweep), cwd=work, data=data)

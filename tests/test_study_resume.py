@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from pathlib import Path
 
 import optuna
@@ -11,7 +12,8 @@ import pytest
 from optuna.trial import FrozenTrial
 
 from mnist_sweep.records import KERAS_TUNER_TRIAL_ID_ATTR
-from tests.conftest import DEFAULT_SWEEP, ENGINE_ARGS, CliRunner, CliStarter, small_sweep_args, sweep_args
+from tests.conftest import DEFAULT_SWEEP, ENGINE_ARGS, CliStarter, small_sweep_args, sweep_args
+from tests.in_process import absolute_stores, run_in_process
 from tests.stores import (
     all_runs,
     assert_nothing_running,
@@ -35,6 +37,12 @@ def resume_args(trials: int, engine: str = "optuna") -> list[str]:
     ]
 
 
+def run_here(folder: Path, data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`mnist-sweep run ARGS` in `folder`, through the CLI's main in this process: a rerun's process is not what
+    these tests check (the one they signal or kill is a process of its own)."""
+    return run_in_process("run", *args, *absolute_stores(folder), cwd=folder, data=data)
+
+
 def reruns(trial: FrozenTrial, killed: FrozenTrial) -> bool:
     """Whether `trial` reran `killed`: Optuna's retry of a stale trial, or keras-tuner's oracle asking it again."""
     if KERAS_TUNER_TRIAL_ID_ATTR in killed.user_attrs:
@@ -45,7 +53,7 @@ def reruns(trial: FrozenTrial, killed: FrozenTrial) -> bool:
 
 @pytest.mark.parametrize("engine", list(ENGINE_ARGS))
 def test_sigkill_mid_trial_then_rerun_loses_nothing(
-    tmp_path: Path, start_cli: CliStarter, run_cli: CliRunner, engine: str
+    tmp_path: Path, start_cli: CliStarter, mnist_dir: Path, engine: str
 ) -> None:
     process = start_cli("run", *resume_args(trials=3, engine=engine))
     victim = wait_for(lambda: running_trial_with_run(tmp_path, after_complete=1), process=process)
@@ -54,7 +62,7 @@ def test_sigkill_mid_trial_then_rerun_loses_nothing(
     assert next(t for t in raw_trials(tmp_path) if t["number"] == victim["number"])["state"] == "RUNNING"
     before = {r.info.run_id: run_snapshot(r) for r in all_runs(tmp_path) if r.info.status == "FINISHED"}
 
-    rerun = run_cli("run", *resume_args(trials=3, engine=engine))
+    rerun = run_here(tmp_path, mnist_dir, *resume_args(trials=3, engine=engine))
 
     assert rerun.returncode == 0, rerun.stderr
     study, runs = load_study(tmp_path), all_runs(tmp_path)
@@ -77,7 +85,7 @@ def test_sigkill_mid_trial_then_rerun_loses_nothing(
 
 @pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_closes_the_running_trial_and_rerun_resumes(
-    tmp_path: Path, start_cli: CliStarter, run_cli: CliRunner, signum: int, exit_code: int
+    tmp_path: Path, start_cli: CliStarter, mnist_dir: Path, signum: int, exit_code: int
 ) -> None:
     process = start_cli("run", *resume_args(trials=2))
     victim = wait_for(lambda: running_trial_with_run(tmp_path), process=process)
@@ -93,7 +101,7 @@ def test_signal_closes_the_running_trial_and_rerun_resumes(
     assert by_id[victim["attrs"]["mlflow_run_id"]].info.status == "KILLED"
     assert_nothing_running(study, runs)
 
-    rerun = run_cli("run", *resume_args(trials=2))
+    rerun = run_here(tmp_path, mnist_dir, *resume_args(trials=2))
 
     assert rerun.returncode == 0, rerun.stderr
     study, runs = load_study(tmp_path), all_runs(tmp_path)
@@ -102,7 +110,7 @@ def test_signal_closes_the_running_trial_and_rerun_resumes(
     assert_runs_linked(study, runs)
 
 
-def test_diverging_loss_fails_the_trial_and_the_study_goes_on(tmp_path: Path, run_cli: CliRunner) -> None:
+def test_diverging_loss_fails_the_trial_and_the_study_goes_on(tmp_path: Path, mnist_dir: Path) -> None:
     # relu lets the weights blow up (tanh would only saturate); 1e9 is drawn by the seeded sampler early on.
     diverging = {
         "search.optimizer": '"sgd"',
@@ -114,7 +122,7 @@ def test_diverging_loss_fails_the_trial_and_the_study_goes_on(tmp_path: Path, ru
         "study.max_failures": "10",
     }
     overrides = [arg for key, value in diverging.items() for arg in ("--set", f"{key}={value}")]
-    result = run_cli("run", str(DEFAULT_SWEEP), *small_sweep_args(*overrides, trials=2))
+    result = run_here(tmp_path, mnist_dir, str(DEFAULT_SWEEP), *small_sweep_args(*overrides, trials=2))
 
     assert result.returncode == 0, result.stderr
     study, runs = load_study(tmp_path), all_runs(tmp_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CliRunner, free_port, required_module, small_sweep_args, write_sweep
+from tests.in_process import run_in_process
 from tests.servers import mlflow_server
+from tests.stores import storage_url
 
 ADMIN_PASSWORD = "Admin-pw-5c1d-not-in-any-output"
 
@@ -31,6 +34,18 @@ def basic_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
         yield url
 
 
+@pytest.fixture
+def run_here(mnist_dir: Path) -> CliRunner:
+    """`run_cli`'s calls through the CLI's main in this process (tests.in_process): for the refusals a real
+    server gives, the process is not what is checked (the refusal of a server that is down is checked in a
+    process of its own)."""
+
+    def runner(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return run_in_process(*args, cwd=cwd, data=mnist_dir, env=env)
+
+    return runner
+
+
 def _run_bad(run_cli: CliRunner, tmp_path: Path, uri: str, env: dict[str, str]) -> tuple[str, Path]:
     work = tmp_path / "work"
     work.mkdir()
@@ -42,15 +57,21 @@ def _run_bad(run_cli: CliRunner, tmp_path: Path, uri: str, env: dict[str, str]) 
     return lines[0], work
 
 
+def in_tmp(folder: Path, study: str) -> list[str]:
+    """`--set` arguments naming the study and its Optuna storage in `folder`, absolute: the sweeps that train run
+    through the CLI's main in the test's process (their process is not what these tests check)."""
+    return ["--set", f'study.name="{study}"', "--set", f'study.storage="{storage_url(folder)}"']
+
+
 NO_CREDENTIALS = {"MLFLOW_TRACKING_USERNAME": "", "MLFLOW_TRACKING_PASSWORD": "", "MLFLOW_TRACKING_TOKEN": ""}
 
 
 @pytest.mark.slow
 @pytest.mark.server
 def test_basic_auth_server_without_credentials_is_one_line_pointing_to_the_variables(
-    basic_auth_server: str, run_cli: CliRunner, tmp_path: Path
+    basic_auth_server: str, run_here: CliRunner, tmp_path: Path
 ) -> None:
-    line, _ = _run_bad(run_cli, tmp_path, basic_auth_server, NO_CREDENTIALS)
+    line, _ = _run_bad(run_here, tmp_path, basic_auth_server, NO_CREDENTIALS)
     assert "tracking.uri" in line and basic_auth_server in line and "401" in line
     assert "MLFLOW_TRACKING_USERNAME" in line and "MLFLOW_TRACKING_PASSWORD" in line
 
@@ -58,10 +79,10 @@ def test_basic_auth_server_without_credentials_is_one_line_pointing_to_the_varia
 @pytest.mark.slow
 @pytest.mark.server
 def test_basic_auth_server_with_a_wrong_password_is_one_line(
-    basic_auth_server: str, run_cli: CliRunner, tmp_path: Path
+    basic_auth_server: str, run_here: CliRunner, tmp_path: Path
 ) -> None:
     env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "Wrong-pw-0815"}
-    line, _ = _run_bad(run_cli, tmp_path, basic_auth_server, env)
+    line, _ = _run_bad(run_here, tmp_path, basic_auth_server, env)
     assert "tracking.uri" in line and "refused the credentials" in line and "'admin'" in line and "401" in line
     assert "Wrong-pw-0815" not in line
 
@@ -69,13 +90,14 @@ def test_basic_auth_server_with_a_wrong_password_is_one_line(
 @pytest.mark.slow
 @pytest.mark.server
 def test_a_sweep_runs_against_a_basic_auth_server_with_credentials_from_the_environment(
-    basic_auth_server: str, run_cli: CliRunner, tmp_path: Path
+    basic_auth_server: str, mnist_dir: Path, tmp_path: Path
 ) -> None:
     from mlflow.tracking import MlflowClient
 
     env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
     sweep = write_sweep(tmp_path, f'[tracking]\nuri = "{basic_auth_server}"\n')
-    result = run_cli("run", str(sweep), *small_sweep_args(trials=1), "--set", 'study.name="auth"', env=env)
+    args = ["run", str(sweep), *small_sweep_args(trials=1), *in_tmp(tmp_path, "auth")]
+    result = run_in_process(*args, cwd=tmp_path, data=mnist_dir, env=env)
     assert result.returncode == 0, result.stderr
     assert ADMIN_PASSWORD not in result.stdout + result.stderr
     os.environ.update(env)
@@ -114,9 +136,9 @@ def forbidding_server() -> Iterator[str]:
 
 
 @pytest.mark.server
-def test_tracking_server_answering_403_is_one_line(forbidding_server: str, run_cli: CliRunner, tmp_path: Path) -> None:
+def test_tracking_server_answering_403_is_one_line(forbidding_server: str, run_here: CliRunner, tmp_path: Path) -> None:
     env = {"MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "Bob-pw-1234"}
-    line, _ = _run_bad(run_cli, tmp_path, forbidding_server, env)
+    line, _ = _run_bad(run_here, tmp_path, forbidding_server, env)
     assert "tracking.uri" in line and forbidding_server in line and "403" in line and "'bob'" in line
 
 
@@ -145,7 +167,7 @@ def _as_admin(url: str, path: str, body: dict[str, object]) -> None:
 @pytest.mark.slow
 @pytest.mark.server
 def test_a_registry_refusing_after_scoring_is_one_line_and_the_result_stays_sealed(
-    basic_auth_server: str, run_cli: CliRunner, tmp_path: Path
+    basic_auth_server: str, mnist_dir: Path, tmp_path: Path
 ) -> None:
     """bob may read the admin's registered model (the server's default READ), not add a version to it (403)."""
     import json
@@ -157,7 +179,8 @@ def test_a_registry_refusing_after_scoring_is_one_line_and_the_result_stays_seal
     _as_admin(basic_auth_server, "/api/2.0/mlflow/registered-models/create", {"name": "shared", "tags": tag})
     env = {"MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "Bob-pw-5e6f7a"}
     sweep = write_sweep(tmp_path, f'[tracking]\nuri = "{basic_auth_server}"\nregistered_model = "shared"\n')
-    done = run_cli("run", str(sweep), *small_sweep_args(trials=1), "--set", 'study.name="bob"', env=env)
+    args = [str(sweep), *small_sweep_args(trials=1), *in_tmp(tmp_path, "bob")]
+    done = run_in_process("run", *args, cwd=tmp_path, data=mnist_dir, env=env)
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert (
@@ -169,5 +192,5 @@ def test_a_registry_refusing_after_scoring_is_one_line_and_the_result_stays_seal
     assert study.user_attrs["test_result"]["test_images"] == 10000 and "registered_model" not in study.user_attrs
     written = json.loads((tmp_path / "reports" / "bob" / "test_metrics.json").read_text())
     assert written["test_set_scored"] is True and written["registered_model"] is None
-    again = run_cli("finalize", str(sweep), *small_sweep_args(trials=1), "--set", 'study.name="bob"', env=env)
+    again = run_in_process("finalize", *args, cwd=tmp_path, data=mnist_dir, env=env)
     assert again.returncode == 2 and "nothing scored again" in again.stdout  # sealed: the refusal is all that is new

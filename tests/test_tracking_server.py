@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import cli, required_mnist, sweep_args
+from tests.conftest import required_mnist, sweep_args
+from tests.in_process import run_in_process
 from tests.servers import mlflow_server
 from tests.stores import assert_runs_linked
 
@@ -55,9 +56,10 @@ def served_sweep(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Se
     data = required_mnist()
     shared = tmp_path_factory.mktemp("shared-storage") / "optuna.db"
     trainer, finalizer = tmp_path_factory.mktemp("machine-a"), tmp_path_factory.mktemp("machine-b")
-    worker = cli("worker", *served_args(server, shared), cwd=trainer, data=data)
+    # Both through the CLI's main in this process: what stands for two machines is their two folders.
+    worker = run_in_process("worker", *served_args(server, shared), cwd=trainer, data=data)
     assert worker.returncode == 0, worker.stderr
-    run = cli("run", *served_args(server, shared), cwd=finalizer, data=data)
+    run = run_in_process("run", *served_args(server, shared), cwd=finalizer, data=data)
     assert run.returncode == 0, run.stderr
     return ServedSweep(server, (trainer, finalizer), [worker.stdout, run.stdout])
 
@@ -112,7 +114,7 @@ def test_models_sit_in_the_study_experiment_and_load_through_the_server(served_s
 
 def test_an_explicit_artifact_uri_is_used_as_given(server: Server, tmp_path: Path, mnist_dir: Path) -> None:
     args = served_args(server, tmp_path / "optuna.db", 'tracking.artifacts="mlflow-artifacts:/sweeps"')
-    done = cli("worker", *args, "--set", "study.name=given", "--trials", "1", cwd=tmp_path, data=mnist_dir)
+    done = run_in_process("worker", *args, "--set", "study.name=given", "--trials", "1", cwd=tmp_path, data=mnist_dir)
     assert done.returncode == 0, done.stderr
     client = MlflowClient(tracking_uri=server.url)
     experiment = client.get_experiment_by_name("given")

@@ -14,7 +14,8 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import CliRunner, CliStarter, sweep_args
+from tests.conftest import CliStarter, sweep_args
+from tests.in_process import absolute_stores, run_in_process
 from tests.stores import all_runs, assert_nothing_running, load_study, raw_trials, tracking_url
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ def assert_artifacts_complete(folder: Path, run: Run) -> None:
 
 @pytest.mark.parametrize("background", [True, False], ids=["background", "stored at once (default)"])
 def test_sigkill_right_after_a_trial_leaves_every_finished_run_complete_and_the_rerun_scores(
-    tmp_path: Path, start_cli: CliStarter, run_cli: CliRunner, background: bool
+    tmp_path: Path, start_cli: CliStarter, mnist_dir: Path, background: bool
 ) -> None:
     stop_right_after_first_trial(start_cli("run", *uploads_args(background=background)), tmp_path, signal.SIGKILL)
 
@@ -70,7 +71,10 @@ def test_sigkill_right_after_a_trial_leaves_every_finished_run_complete_and_the_
     for run in finished:
         assert_artifacts_complete(tmp_path, run)
 
-    again = run_cli("run", *uploads_args(background=background))
+    # The rerun through the CLI's main in this process: its process is not what this checks.
+    again = run_in_process(
+        "run", *uploads_args(background=background), *absolute_stores(tmp_path), cwd=tmp_path, data=mnist_dir
+    )
 
     assert again.returncode == 0, again.stderr
     assert "test accuracy" in again.stdout
