@@ -51,10 +51,22 @@ def register_champion(
         version = _version_of(client, name, result) or _create_version(
             client, name, result, parent_run_id=parent_run_id, report=report
         )
-        client.set_registered_model_alias(name, CHAMPION, version.version)
+        _point_champion_at(client, name, version.version)
     except MlflowException as exc:
         raise RegistryError(_refusal(name, exc)) from None
     return Registration(name=name, version=str(version.version))
+
+
+def _point_champion_at(client: MlflowClient, name: str, version: str | int) -> None:
+    """The alias champion set to `version`. Two finalizers racing on a sqlite store can both insert the alias
+    row; the later insert fails (IntegrityError, seen once under load) though the row now exists, so it is set
+    once more, which updates that row."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+    except MlflowException:
+        client.set_registered_model_alias(name, CHAMPION, str(version))
 
 
 def check_up_front(client_for: Callable[[], MlflowClient] | None, name: str) -> None:

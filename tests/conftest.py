@@ -189,12 +189,18 @@ def run_in_process(
 
 
 def cli_here(*args: str, cwd: Path, data: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`cli`, run in this process (run_in_process): for fixtures wider than a test, which have no monkeypatch."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("MNIST_SWEEP_DATA", str(data))
-        for name, value in (env or {}).items():
-            monkeypatch.setenv(name, value)
-        return run_in_process(args, cwd=cwd, monkeypatch=monkeypatch)
+    """`cli`, run in this process (run_in_process): for fixtures wider than a test, which have no monkeypatch.
+    What the command sets in os.environ (its MLflow defaults) ends with it, as it would with its process."""
+    saved = dict(os.environ)
+    try:
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setenv("MNIST_SWEEP_DATA", str(data))
+            for name, value in (env or {}).items():
+                monkeypatch.setenv(name, value)
+            return run_in_process(args, cwd=cwd, monkeypatch=monkeypatch)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture
