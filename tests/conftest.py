@@ -230,19 +230,24 @@ def run_here(tmp_path: Path, mnist_dir: Path) -> CliRunner:
     return runner
 
 
+def cli_process(*args: str, cwd: Path, data: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Starts `python -m mnist_sweep ARGS` in `cwd` without waiting (for signals and concurrent workers)."""
+    return subprocess.Popen(
+        cli_command(*args),
+        cwd=cwd,
+        env=cli_environment(data, env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.fixture
 def start_cli(tmp_path: Path, mnist_dir: Path) -> CliStarter:
-    """Starts `python -m mnist_sweep ARGS` in tmp_path without waiting (for signals and concurrent workers)."""
+    """`cli_process` in tmp_path with the real MNIST folder."""
 
     def starter(*args: str, cwd: Path = tmp_path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            cli_command(*args),
-            cwd=cwd,
-            env=cli_environment(mnist_dir, env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        return cli_process(*args, cwd=cwd, data=mnist_dir, env=env)
 
     return starter
 

@@ -8,7 +8,6 @@ child run, nothing is left RUNNING, and every run logged before the outage is st
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import optuna
@@ -17,8 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import (
     DEFAULT_SWEEP,
-    cli_command,
-    cli_environment,
+    cli_process,
     free_port,
     postgres_server_handle,
     required_mnist,
@@ -64,14 +62,7 @@ def test_a_tracking_server_gone_mid_trial_ends_in_one_line_and_the_rerun_resumes
     )
 
     with mlflow_server(server_folder, options, port=port):
-        worker = subprocess.Popen(
-            cli_command(*args),
-            cwd=work,
-            env=cli_environment(data, NO_RETRIES),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        worker = cli_process(*args, cwd=work, data=data, env=NO_RETRIES)
         victim = wait_for(lambda: running_trial_with_run(work), process=worker)
         client = MlflowClient(url)
         experiment = client.get_experiment_by_name("fcn")
@@ -122,8 +113,7 @@ def test_postgres_gone_mid_trial_ends_in_one_line_and_the_rerun_retries_the_tria
             *("--set", 'study.pruner="none"', "--set", "study.baseline=false"),
             epochs=3,
         )
-        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-        worker = subprocess.Popen(cli_command(*args), cwd=work, env=cli_environment(data), **pipes)
+        worker = cli_process(*args, cwd=work, data=data)
         (victim,) = wait_for(lambda: running_trial_on(storage), process=worker)
         server.stop()
         _, err = worker.communicate(timeout=300)
