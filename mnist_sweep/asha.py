@@ -132,6 +132,9 @@ class AshaScheduler:
     def __init__(self, rungs: Rungs, *, maximize: bool) -> None:
         self.rungs = rungs
         self.maximize = maximize
+        # A promotion's source, by the promotion's number: it has ended, so it no longer changes, and epochs,
+        # warm_start and run_tags each need it (one read of the study's trials a trial, not three).
+        self._sources: dict[int, FrozenTrial | None] = {}
 
     @classmethod
     def from_config(cls, cfg: SweepConfig) -> AshaScheduler:
@@ -201,7 +204,10 @@ class AshaScheduler:
         number = trial.user_attrs.get(PROMOTED_FROM_ATTR)
         if number is None:
             return None
-        return next((t for t in trial.study.get_trials(deepcopy=False) if t.number == number), None)
+        if trial.number not in self._sources:
+            trials = trial.study.get_trials(deepcopy=False)
+            self._sources[trial.number] = next((t for t in trials if t.number == number), None)
+        return self._sources[trial.number]
 
     def stop_reason(self, trial: optuna.Trial, *, epoch: int, value: float, last: bool) -> str | None:
         trial.report(value, step=epoch)  # the curve on the trial; a rung is never cut short
