@@ -112,7 +112,9 @@ def fit_variant(split: Any, batch_size: int, variant: Variant) -> EpochClock:
     return clock
 
 
-def fit_trial(split: Any, batch_size: int, *, loop: str = "fit", epochs: int = 2) -> EpochClock:
+def fit_trial(
+    split: Any, batch_size: int, *, loop: str = "fit", epochs: int = 2, precision: str = "float32"
+) -> EpochClock:
     """The same epochs through mnist-sweep's own trial (its callbacks and defaults), timed by an epoch hook."""
     from mnist_sweep.config import SweepConfig
     from mnist_sweep.train_settings import TrainSettings
@@ -129,7 +131,9 @@ def fit_trial(split: Any, batch_size: int, *, loop: str = "fit", epochs: int = 2
         last[:] = now
 
     defaults = TrainSettings.from_config(SweepConfig())
-    settings = dataclasses.replace(defaults, hidden=(500, 500), epochs=epochs, steps_per_execution=16, loop=loop)
+    settings = dataclasses.replace(
+        defaults, hidden=(500, 500), epochs=epochs, steps_per_execution=16, loop=loop, precision=precision
+    )
     run_trial(params={**PARAMS, "batch_size": batch_size}, split=split, settings=settings, seed=0, epoch_hooks=[hook])
     return clock
 
@@ -154,6 +158,7 @@ VARIANTS: dict[str, Variant] = {
 }
 TRIAL = "mnist-sweep trial (its defaults: XLA, steps_per_execution=16)"
 COMPILED = "mnist-sweep trial, train.loop = compiled (one XLA loop per epoch)"
+COMPILED_BF16 = "mnist-sweep trial, train.loop = compiled, train.precision = mixed_bfloat16 (AMX)"
 TARGETS = {128: 1.5, 64: 2.5}  # the compiled loop's epoch against the floor (issue 21)
 
 
@@ -206,9 +211,11 @@ def main() -> None:
         if name == TRIAL
         else fit_trial(split, bs, loop="compiled", epochs=args.epochs)
         if name == COMPILED
+        else fit_trial(split, bs, loop="compiled", epochs=args.epochs, precision="mixed_bfloat16")
+        if name == COMPILED_BF16
         else fit_variant(split, bs, VARIANTS[name])
     )
-    names = [TRIAL, COMPILED] if args.only_trial else [*VARIANTS, TRIAL, COMPILED]
+    names = [TRIAL, COMPILED, COMPILED_BF16] if args.only_trial else [*VARIANTS, TRIAL, COMPILED, COMPILED_BF16]
     # Each row's floor is measured just before it, in wall and in CPU seconds: on a shared machine the load
     # changes between rows, and CPU seconds (the process's own) hide most of it.
     floors: dict[tuple[int, str], tuple[float, float]] = {}
