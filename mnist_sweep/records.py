@@ -38,6 +38,9 @@ KERAS_TUNER_EPOCHS_ATTR = "keras_tuner_epochs"
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 ENGINE_ATTR = "engine"  # "optuna" or "keras-tuner/<oracle>": a rerun must use the same
+# "asha" or "in-trial" (any pruner that stops a trial inside its epochs): a rerun must use the same kind, since ASHA
+# reads every trial's rung (asha.py) and a pruner inside the epochs would compare its promotions' short segments.
+SCHEDULE_ATTR = "schedule"
 TEST_RESULT_ATTR = "test_result"
 REGISTERED_MODEL_ATTR = "registered_model"  # the chosen model's Model Registry version (Registration.to_dict)
 LECTURE_REFERENCE_ATTR = "lecture_reference"  # the lecture's network trained beside the trials (LectureReference)

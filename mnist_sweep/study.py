@@ -17,12 +17,13 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_sweep import databases
+from mnist_sweep.asha import RUNG_ATTR
 from mnist_sweep.config import StudyConfig, SweepConfig
 from mnist_sweep.errors import StorageError, StudyMismatchError, first_line
 from mnist_sweep.keras_tuner_engine import OracleSampler, check_engine, engine_label
 from mnist_sweep.outages import BeatThroughOutages
 from mnist_sweep.placement import THREADS_CPU_LIMIT, WORKER_VAR
-from mnist_sweep.records import ENGINE_ATTR, RUN_ID_ATTR
+from mnist_sweep.records import ENGINE_ATTR, RUN_ID_ATTR, SCHEDULE_ATTR
 from mnist_sweep.samplers import ENGINE_TRAITS, optuna_sampler, takes_constant_liar
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ def open_study(
     existing = load_existing_study(cfg, storage)
     if existing is not None:
         check_engine(existing, cfg)
+        check_schedule(existing, cfg)
     offset = len(existing.get_trials(deepcopy=False)) if existing is not None else 0
     policy = new_study_policy(cfg.study)  # a study that exists already: its record decides, below
     pruner = make_pruner(cfg.study)
@@ -174,6 +176,7 @@ def open_study(
         created = True
         study.set_user_attr(WORKER_POLICY_ATTR, policy.to_attr())  # before any worker can sample from it
         study.set_user_attr(ENGINE_ATTR, engine_label(cfg))
+        study.set_user_attr(SCHEDULE_ATTR, schedule_label(cfg.study))
         with warnings.catch_warnings():  # experimental since Optuna 3.2, and still so in 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([cfg.study.metric])  # optuna-dashboard's axes name the metric
@@ -194,6 +197,33 @@ def open_study(
             f"but the sweep file says study.direction = {cfg.study.direction!r}; use a new study.name"
         )
     return study, created
+
+
+def schedule_label(study: StudyConfig) -> str:
+    """How the study's trials are budgeted: ASHA's rungs, or every trial to train.epochs unless pruned inside."""
+    return "asha" if study.pruner == "asha" else "in-trial"
+
+
+def check_schedule(study: optuna.Study, cfg: SweepConfig) -> None:
+    """A study keeps ASHA, or keeps without it: ASHA reads each trial's rung, which other trials do not have."""
+    stored = study.user_attrs.get(SCHEDULE_ATTR)
+    if stored is None:  # a study from before the attribute: its trials say, and a study without trials takes any
+        trials = study.get_trials(deepcopy=False)
+        if not trials:
+            return
+        stored = "asha" if any(RUNG_ATTR in t.user_attrs for t in trials) else "in-trial"
+    wanted = schedule_label(cfg.study)
+    if stored == wanted:
+        return
+    name = cfg.study.name
+    if stored == "asha":
+        was, fix = "study.pruner = 'asha'", "--set study.pruner=asha to go on with it"
+    else:
+        was, fix = "a pruner inside each trial's epochs (not 'asha')", "--set study.pruner=median to go on with it"
+    raise StudyMismatchError(
+        f"study {name!r} in {cfg.study.storage} was run with {was} but the sweep file says study.pruner = "
+        f"{cfg.study.pruner!r}; use a new study name (--set study.name={name}-{cfg.study.pruner}) or {fix}"
+    )
 
 
 def _sampler(cfg: SweepConfig, policy: WorkerPolicy, *, seed_offset: int) -> optuna.samplers.BaseSampler:

@@ -415,6 +415,13 @@ MUTATIONS = (
         "        if True:",
         (f"{OUTAGES}::test_postgres_gone_mid_trial_ends_in_one_line_and_the_rerun_retries_the_trial_once_it_is_back",),
     ),
+    Mutation(
+        "schedule: a study keeps ASHA or keeps without it",
+        "mnist_sweep/study.py",
+        "        check_schedule(existing, cfg)\n",
+        "",
+        ("tests/test_asha.py::test_a_study_keeps_asha_or_keeps_without_it",),
+    ),
 )
 
 

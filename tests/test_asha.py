@@ -12,7 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 from mnist_sweep.asha import EPOCHS_ATTR, PROMOTED_FROM_ATTR, RUNG_ATTR, AshaScheduler, Rungs, claim, promotable
-from mnist_sweep.config import build_config
+from mnist_sweep.config import SweepConfig, build_config
 from mnist_sweep.keras_tuner_engine import SEED_FOR_ZERO
 from mnist_sweep.records import EPOCHS_TRAINED_ATTR, FIT_SECONDS_ATTR
 from mnist_sweep.scheduler import OraclePlanScheduler, PrunerScheduler, make_scheduler
@@ -151,7 +151,7 @@ def test_a_second_claim_on_the_same_trial_loses_and_leaves_no_claim(tmp_path: Pa
 WORKER = """
 import sys, optuna
 from mnist_sweep.asha import AshaScheduler, Rungs
-from mnist_sweep.config import build_config
+from mnist_sweep.config import SweepConfig, build_config
 from mnist_sweep.space import sample_params
 sampler = optuna.samplers.RandomSampler(seed=int(sys.argv[2]))
 study = optuna.load_study(study_name="asha", storage=sys.argv[1], sampler=sampler)
@@ -276,3 +276,35 @@ def test_the_asha_sweep_file_is_the_default_with_asha_and_bench_runs_it_as_the_n
     bench = load_sweep(REPO / "sweeps" / "fcn.toml", bench_module("search").NEW_DEFAULT)
     asha = make_scheduler(candidate)
     assert isinstance(asha, AshaScheduler) and make_scheduler(bench).__dict__ == asha.__dict__
+
+
+def test_a_study_keeps_asha_or_keeps_without_it(tmp_path: Path) -> None:
+    """Rerunning a study with ASHA switched on or off is refused with the fix: ASHA reads a rung on every trial, and a
+    pruner inside the epochs would judge a promotion by its short segment. A study from before the record: its trials
+    say which it was."""
+    from mnist_sweep.errors import StudyMismatchError
+    from mnist_sweep.study import open_study
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = optuna.storages.RDBStorage(url)
+
+    def sweep(name: str, pruner: str) -> SweepConfig:
+        return build_config({"study": {"name": name, "storage": url, "pruner": pruner}, "train": {"epochs": 9}})
+
+    assert open_study(sweep("fcn", "median"), storage)[1]
+    with pytest.raises(
+        StudyMismatchError,
+        match=r"'fcn' .* was run with a pruner inside each trial's epochs .* says "
+        r"study.pruner = 'asha'; use a new study name \(--set study.name=fcn-asha\) or --set study.pruner=median",
+    ):
+        open_study(sweep("fcn", "asha"), storage)
+    assert not open_study(sweep("fcn", "none"), storage)[1]  # pruning off: still every trial to train.epochs
+    assert open_study(sweep("fcn-asha", "asha"), storage)[1]
+    with pytest.raises(StudyMismatchError, match=r"run with study.pruner = 'asha' .* or --set study.pruner=asha"):
+        open_study(sweep("fcn-asha", "median"), storage)
+
+    older = optuna.create_study(study_name="older", storage=storage, direction="maximize")  # no record of it
+    assert not open_study(sweep("older", "asha"), storage)[1]  # no trials yet: it takes either
+    older.add_trial(optuna.trial.create_trial(value=0.9, user_attrs={RUNG_ATTR: 0}))
+    with pytest.raises(StudyMismatchError, match="'older' .* run with study.pruner = 'asha'"):
+        open_study(sweep("older", "median"), storage)
