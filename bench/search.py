@@ -13,8 +13,12 @@ with --trials, --epochs or --set: bench/search-reduced.html, results in bench/se
     python bench/search.py --trials 13 --epochs 9 --set data.train_limit=10000   # every variant, reduced
     python bench/search.py --trials 4 --epochs 2 --set data.train_limit=2000     # smoke
 
-Issue 21's benchmark: today's default, the new default (NEW_DEFAULT, or --new KEY=VALUE ...) and the peer
-(bench/peer_hyperband.py, the plain kt.Hyperband script) at each seed, interleaved, in one invocation:
+The variants are settings on top of sweeps/fcn.toml as it stands (since issue 21: ASHA and the compiled loop;
+the results saved before it, in bench/search_runs/*.json, were measured on the median pruner over model.fit).
+
+Issue 21's benchmark: today's default (sweeps/fcn-median.toml, the default before issue 21), the new default
+(sweeps/fcn.toml; --new KEY=VALUE ... adds settings on top) and the peer (bench/peer_hyperband.py, the plain
+kt.Hyperband script) at each seed, interleaved, in one invocation:
 
     python bench/search.py --seeds 42 7 1                 # ~1.5 h per seed on 2 idle cores
     python bench/search.py --seeds 42 --trials 3 --epochs 1 --set data.train_limit=1000   # smoke
@@ -41,11 +45,11 @@ from typing import Any
 from _common import REPO, data_dir, median, python_path, record, table
 
 SAVED = REPO / "bench" / "search_runs"
-# The ASHA candidate (sweeps/fcn-asha.toml): rungs of 3, 9 and 20 epochs, one trial in 3 goes on.
+# ASHA as sweeps/fcn.toml sets it: rungs of 3, 9 and 20 epochs, one trial in 3 goes on.
 ASHA = ["study.pruner='asha'", "study.pruner_warmup_epochs=3", "study.pruner_reduction_factor=3"]
 KERAS_TUNER = ["--set", "study.engine='keras-tuner'", "--set", "study.pruner='none'"]
 VARIANTS = {
-    "default (TPE + median pruner)": [],
+    "default (sweeps/fcn.toml)": [],
     "pruning off": ["--set", "study.pruner='none'"],
     "random sampler": ["--set", "study.sampler='random'"],
     # keras-tuner's oracles as keras-tuner runs them: no Optuna pruner. Hyperband trains each trial for the
@@ -73,10 +77,12 @@ VARIANTS = {
 }
 
 
-# Issue 21: the new default, to be chosen on validation only (never on test accuracy): the ASHA candidate for now
-# (it replaced the placeholder train.loop='compiled'; `--new` gives both, or any other set).
-NEW_DEFAULT = list(ASHA)
+# Issue 21: the new default is sweeps/fcn.toml as it stands (ASHA 3/9/20, compiled loop; chosen on validation only),
+# today's the default before it, kept as sweeps/fcn-median.toml (median pruner, model.fit). `--new KEY=VALUE` sets
+# more on top of the new default, to try a candidate.
+NEW_DEFAULT: list[str] = []
 TODAY, NEW, PEER = "today's default", "new default", "peer (kt.Hyperband script)"
+SWEEP_FILES = {TODAY: REPO / "sweeps" / "fcn-median.toml", NEW: REPO / "sweeps" / "fcn.toml"}
 SEED_SLUGS = {TODAY: "today", NEW: "new", PEER: "peer"}  # file names of the saved runs
 
 
@@ -107,7 +113,8 @@ def compare_seeds(seeds: list[int], overrides: list[str], new_default: list[str]
                     result = run_peer(overrides, seed, workdir)
                 else:
                     extra = new_default if name == NEW else []
-                    result = run_sweep([], [*overrides, f"study.seed={seed}", *extra], workdir)
+                    settings = [*overrides, f"study.seed={seed}", *extra]
+                    result = run_sweep([], settings, workdir, sweep_file=SWEEP_FILES[name])
                 result.update(name=name, seed=seed, backend=backend, overrides=overrides, new_default=new_default)
                 (saved / f"{workdir.name}-{backend}.json").write_text(json.dumps(result, indent=1))
                 results.append(result)
@@ -170,10 +177,12 @@ def run_variant(name: str, extra: list[str], overrides: list[str], folder: Path)
     return result
 
 
-def run_sweep(extra: list[str], overrides: list[str], workdir: Path) -> dict[str, Any]:
-    """`mnist-sweep run` on the default sweep file in `workdir`: its wall time and what the study recorded."""
+def run_sweep(
+    extra: list[str], overrides: list[str], workdir: Path, *, sweep_file: Path = REPO / "sweeps" / "fcn.toml"
+) -> dict[str, Any]:
+    """`mnist-sweep run` on a sweep file (the default's) in `workdir`: its wall time and what the study recorded."""
     workdir.mkdir()
-    command = [sys.executable, "-m", "mnist_sweep", "run", str(REPO / "sweeps" / "fcn.toml"), *extra]
+    command = [sys.executable, "-m", "mnist_sweep", "run", str(sweep_file), *extra]
     for assignment in overrides:
         command += ["--set", assignment]
     env = {**os.environ, "PYTHONPATH": str(REPO), "MNIST_SWEEP_DATA": data_dir()}
@@ -335,7 +344,7 @@ def main() -> None:
     ]
     body = table(["variant", "trials", "wall min", "epochs spent", "best val acc", "test acc (once)"], rows)
     by_name = {r["name"]: r for r in results}
-    default, unpruned = by_name.get("default (TPE + median pruner)"), by_name.get("pruning off")
+    default, unpruned = by_name.get("default (sweeps/fcn.toml)"), by_name.get("pruning off")
     if default:
         body += (
             f"\n\ndefault test accuracy {default['test']:.4f} (target ≥ 0.984) in {default['wall'] / 60:.1f} min "

@@ -85,6 +85,19 @@ class Rungs:
         return int(min(max(wanted, after + 1, 1), self.last))
 
 
+def one_rung_notice(cfg: SweepConfig) -> str | None:
+    """The line a sweep says when ASHA's first rung already reaches train.epochs (a sweep shrunk by `--epochs`,
+    say): one rung, so every trial trains train.epochs and none goes on. Accepted, not refused, so that a quick
+    `--epochs 1` run of an ASHA sweep file works; said, so that nobody takes it for successive halving."""
+    study = cfg.study
+    if study.pruner != "asha" or study.pruner_budget == "seconds" or study.pruner_warmup_epochs < cfg.train.epochs:
+        return None
+    return (
+        f"study.pruner = 'asha' with pruner_warmup_epochs = {study.pruner_warmup_epochs} and train.epochs = "
+        f"{cfg.train.epochs}: one rung, every trial trains {cfg.train.epochs} epoch(s) and none goes on"
+    )
+
+
 def seconds_per_epoch(trial: FrozenTrial) -> float | None:
     """What an epoch of `trial`'s own training cost (its first epoch's tracing included), where it recorded it."""
     seconds, epochs = trial.user_attrs.get(FIT_SECONDS_ATTR), trial.user_attrs.get(EPOCHS_TRAINED_ATTR)

@@ -555,11 +555,6 @@ class SweepConfig(_Section):
                 f"search.learning_rate ({lowest!r}): the plateau schedule could never lower that rate; "
                 "set a smaller plateau_min_lr"
             )
-        if self.study.pruner == "asha" and self.study.pruner_warmup_epochs >= self.train.epochs:
-            raise ValueError(
-                f"study.pruner_warmup_epochs = {self.study.pruner_warmup_epochs} is ASHA's first rung and leaves no "
-                f"rung above it within train.epochs = {self.train.epochs}; set it below train.epochs"
-            )
         if self.study.engine == "keras-tuner":
             check_keras_tuner_space(self.search.specs(), trials=self.study.trials, oracle=self.study.sampler)
         _check_path("tracking.reports", str(Path(self.tracking.reports) / self.study.name), shown=self.tracking.reports)

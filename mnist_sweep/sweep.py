@@ -8,6 +8,7 @@ import optuna
 
 from mnist_sweep import local_workers, preflight
 from mnist_sweep.artifacts import global_tracking_uri
+from mnist_sweep.asha import one_rung_notice
 from mnist_sweep.baseline import train_reference
 from mnist_sweep.config import SweepConfig
 from mnist_sweep.console import NO_PROGRESS, Echo, TrialProgress
@@ -128,6 +129,8 @@ def _join_study(
         f"study {cfg.study.name!r}: {count_finished(study)}/{cfg.study.trials} trials finished; "
         f"{len(split.y_train)} training and {len(split.y_val)} validation images; MLflow run {ledger.parent_run_id}"
     )
+    if notice := one_rung_notice(cfg):
+        echo(notice)
     ledger.set_status("RUNNING")  # a rerun after an interrupt: the study is running again
     return StudyContext(study, storage, ledger)
 

@@ -255,14 +255,14 @@ def test_a_real_asha_sweep_tracks_every_promotion_as_its_own_run(tmp_path: Path)
     assert "test accuracy 0." in sweep.first.stdout
 
 
-def test_the_asha_sweep_file_is_the_default_with_asha_and_bench_runs_it_as_the_new_default() -> None:
+def test_the_default_sweep_is_asha_and_the_median_file_is_the_old_default_and_bench_runs_both() -> None:
     from mnist_sweep.config import load_sweep
     from tests.test_bench_search import bench_module
 
-    default, candidate = load_sweep(REPO / "sweeps" / "fcn.toml"), load_sweep(REPO / "sweeps" / "fcn-asha.toml")
+    default, before = load_sweep(REPO / "sweeps" / "fcn.toml"), load_sweep(REPO / "sweeps" / "fcn-median.toml")
     differ = {
         (section, key)
-        for section, values in candidate.to_dict().items()
+        for section, values in before.to_dict().items()
         for key, value in values.items()
         if default.to_dict()[section][key] != value
     }
@@ -271,11 +271,19 @@ def test_the_asha_sweep_file_is_the_default_with_asha_and_bench_runs_it_as_the_n
         ("study", "name"),
         ("study", "pruner"),
         ("study", "pruner_warmup_epochs"),
+        ("train", "loop"),
         ("tracking", "registered_model"),
     }
-    bench = load_sweep(REPO / "sweeps" / "fcn.toml", bench_module("search").NEW_DEFAULT)
-    asha = make_scheduler(candidate)
-    assert isinstance(asha, AshaScheduler) and make_scheduler(bench).__dict__ == asha.__dict__
+    assert (default.train.loop, before.train.loop) == ("compiled", "fit")
+    asha = make_scheduler(default)
+    assert isinstance(asha, AshaScheduler) and [asha.rungs.epochs(r) for r in range(3)] == [3, 9, 20]
+    assert isinstance(make_scheduler(before), PrunerScheduler)
+    search = bench_module("search")
+    assert search.SWEEP_FILES == {
+        search.TODAY: REPO / "sweeps" / "fcn-median.toml",
+        search.NEW: REPO / "sweeps" / "fcn.toml",
+    }
+    assert search.NEW_DEFAULT == []  # the new default is sweeps/fcn.toml as it stands
 
 
 def test_a_study_keeps_asha_or_keeps_without_it(tmp_path: Path) -> None:
@@ -308,3 +316,22 @@ def test_a_study_keeps_asha_or_keeps_without_it(tmp_path: Path) -> None:
     older.add_trial(optuna.trial.create_trial(value=0.9, user_attrs={RUNG_ATTR: 0}))
     with pytest.raises(StudyMismatchError, match="'older' .* run with study.pruner = 'asha'"):
         open_study(sweep("older", "median"), storage)
+
+
+def test_a_first_rung_at_train_epochs_is_one_rung_said_and_nothing_goes_on() -> None:
+    """`--epochs 1` on an ASHA sweep file (the shrunk default sweep of the integration tests) runs, one rung."""
+    from mnist_sweep.asha import one_rung_notice
+
+    shrunk = build_config({"study": {"pruner": "asha", "pruner_warmup_epochs": 3}, "train": {"epochs": 1}})
+    assert one_rung_notice(shrunk) == (
+        "study.pruner = 'asha' with pruner_warmup_epochs = 3 and train.epochs = 1: one rung, every trial trains 1 "
+        "epoch(s) and none goes on"
+    )
+    assert one_rung_notice(build_config({"study": {"pruner": "asha", "pruner_warmup_epochs": 3}})) is None
+    assert one_rung_notice(build_config({"train": {"epochs": 1}})) is None  # the median pruner: nothing to say
+    study, asha = study_at(), make_scheduler(shrunk)
+    assert isinstance(asha, AshaScheduler) and asha.rungs.epochs_for(0, None) == 1
+    for value in (0.5, 0.9, 0.7, 0.8):
+        assert finish(study, asha, value).user_attrs[RUNG_ATTR] == 0
+    assert promotable(study.get_trials(), asha.rungs, maximize=True) == []
+    assert all(PROMOTED_FROM_ATTR not in t.user_attrs for t in study.get_trials())

@@ -236,13 +236,6 @@ CASES = [
         "keras-tuner",
     ),
     in_study("asha-first-rung-zero", 'pruner = "asha"\npruner_warmup_epochs = 0', "study.pruner_warmup_epochs", "0"),
-    in_study(
-        "asha-first-rung-at-last-epoch",
-        'pruner = "asha"\npruner_warmup_epochs = 1',
-        "study.pruner_warmup_epochs",
-        "1",
-        "train.epochs = 1",
-    ),
     setting("asha-unknown-budget", 'study.pruner_budget="minutes"'),
     in_study(
         "seconds-budget-without-asha",
