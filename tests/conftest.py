@@ -255,7 +255,15 @@ def start_cli(tmp_path: Path, mnist_dir: Path) -> CliStarter:
 # The end-to-end tests that apply to both engines run with each: Optuna's TPE, keras-tuner's bayesian oracle.
 ENGINE_ARGS: dict[str, tuple[str, ...]] = {
     "optuna": (),
-    "keras-tuner": ("--set", 'study.engine="keras-tuner"', "--set", 'study.sampler="bayesian"'),
+    # ASHA (the default file's pruner) is the Optuna engine's own: keras-tuner's oracle runs with the median pruner.
+    "keras-tuner": (
+        "--set",
+        'study.engine="keras-tuner"',
+        "--set",
+        'study.sampler="bayesian"',
+        "--set",
+        'study.pruner="median"',
+    ),
 }
 
 

@@ -222,7 +222,13 @@ def test_a_real_asha_sweep_tracks_every_promotion_as_its_own_run(tmp_path: Path)
     """`mnist-sweep run` with ASHA on 2,000 real images, rungs of 1, 2 and 4 epochs, read back from MLflow and
     Optuna: each promotion a COMPLETE trial and a FINISHED run with its model, going on from its source's epochs,
     its cosine decay down to 1 % at its own last epoch."""
-    settings = ("study.pruner='asha'", "study.pruner_reduction_factor=2", "model.hidden=[64]", "study.baseline=false")
+    settings = (
+        "study.pruner='asha'",
+        "study.pruner_warmup_epochs=1",
+        "study.pruner_reduction_factor=2",
+        "model.hidden=[64]",
+        "study.baseline=false",
+    )
     sweep = run_sweep(
         tmp_path, required_mnist(), "--trials", "8", "--epochs", "4", *[a for s in settings for a in ("--set", s)]
     )

@@ -221,6 +221,12 @@ def test_terminal_shows_live_progress_then_the_trial_lines(tmp_path: Path, data:
         "train.steps_per_execution=1",
         "--set",
         "study.baseline=false",  # no reference run: the screen holds the trials' progress lines alone
+        # model.fit's progress inside an epoch (the compiled loop shows an epoch's once it ends), and the median
+        # pruner: the default file's ASHA, shrunk to 2 epochs, would say its one-rung line first
+        "--set",
+        'train.loop="fit"',
+        "--set",
+        'study.pruner="median"',
         cwd=tmp_path,
         data=data,
     )
@@ -280,7 +286,7 @@ PIPED_ARGS = small_sweep_args(trials=3, train_limit=1000, validation=500)
 
 @pytest.fixture(scope="module")
 def run_into_head(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Iterator[PipedRun]:
-    """`mnist-sweep run ... | head -4`: the reader takes four lines (the first trial's last) and goes away while
+    """`mnist-sweep run ... | head -5`: the reader takes five lines (the first trial's last) and goes away while
     trials still run."""
     workdir = tmp_path_factory.mktemp("head")
     with (workdir / "stderr.txt").open("w+") as stderr:
@@ -293,8 +299,8 @@ def run_into_head(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Itera
             text=True,
         )
         assert process.stdout is not None
-        first_lines = [process.stdout.readline() for _ in range(4)]
-        process.stdout.close()  # as head does after its three lines
+        first_lines = [process.stdout.readline() for _ in range(5)]
+        process.stdout.close()  # as head does after its five lines
         returncode = process.wait(timeout=600)
         stderr.seek(0)
         yield PipedRun(workdir, data, first_lines, returncode, stderr.read())
@@ -306,8 +312,12 @@ def test_run_into_a_closed_pipe_finishes_every_trial_and_scores_the_test_set(run
     done = run_into_head
     assert done.first_lines[0].startswith("no GPU found, training on CPU")
     assert done.first_lines[1].startswith("study 'fcn': 0/3 trials finished")
-    assert done.first_lines[2].startswith("the lecture's network (reference, not a trial): ")
-    assert done.first_lines[3].startswith("trial    0  ")
+    # The default file's ASHA, shrunk to 1 epoch: one rung, said once
+    assert done.first_lines[2].startswith(
+        "study.pruner = 'asha' with pruner_warmup_epochs = 3 and train.epochs = 1: one rung"
+    )
+    assert done.first_lines[3].startswith("the lecture's network (reference, not a trial): ")
+    assert done.first_lines[4].startswith("trial    0  ")
     assert "\x1b" not in "".join(done.first_lines), "no cursor movement in a pipe"
     assert done.returncode == 0 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
     assert_no_native_noise(done.stderr)
