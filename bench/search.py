@@ -123,6 +123,16 @@ def compare_seeds(seeds: list[int], overrides: list[str], new_default: list[str]
     )
 
 
+def saved_seeds(folder: Path, backend: str) -> list[dict[str, Any]]:
+    """The per-variant results an earlier --seeds run saved (one file each, written as each variant ends), in the
+    order it ran them: a run cut short before its last variant still gives its table (--from-saved)."""
+    paths = sorted(folder.glob(f"*-{backend}.json"), key=lambda path: path.stat().st_mtime)
+    results = [json.loads(path.read_text()) for path in paths]
+    seeds = list(dict.fromkeys(r["seed"] for r in results))
+    order = [TODAY, NEW, PEER]
+    return sorted(results, key=lambda r: (seeds.index(r["seed"]), order.index(r["name"])))
+
+
 def seeds_report(results: list[dict[str, Any]], overrides: list[str], new_default: list[str]) -> str:
     """The per-seed rows, the medians per variant, and the issue's targets checked on the medians."""
 
@@ -311,6 +321,12 @@ def main() -> None:
     parser.add_argument("--replot", action="store_true", help="only redraw bench/search.html from bench/search_runs/")
     parser.add_argument("--seeds", type=int, nargs="+", help="issue 21: today's default, the new default, the peer")
     parser.add_argument("--new", action="append", metavar="KEY=VALUE", help=f"the new default (default {NEW_DEFAULT})")
+    parser.add_argument(
+        "--from-saved",
+        type=Path,
+        metavar="FOLDER",
+        help="the --seeds table again from what a run saved in FOLDER (bench/search_runs/seeds), e.g. one cut short",
+    )
     args = parser.parse_args()
     args.overrides += [f"study.trials={args.trials}"] if args.trials else []
     args.overrides += [f"train.epochs={args.epochs}"] if args.epochs else []
@@ -319,6 +335,15 @@ def main() -> None:
     plot_path = REPO / "bench" / ("search-reduced.html" if args.overrides else "search.html")
     if args.seeds:
         compare_seeds(args.seeds, args.overrides, args.new or NEW_DEFAULT)
+        return
+    if args.from_saved:
+        backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+        results = saved_seeds(args.from_saved, backend)
+        if not results:
+            sys.exit(f"no saved --seeds results for {backend} in {args.from_saved}")
+        seeds = " ".join(str(seed) for seed in dict.fromkeys(r["seed"] for r in results))
+        body = seeds_report(results, results[0]["overrides"], results[0]["new_default"])
+        record(f"bench/search --seeds {seeds} ({backend}), from the results saved in {args.from_saved}", body)
         return
     if args.replot:
         plot(saved_results(skip=set()), plot_path)

@@ -102,3 +102,17 @@ def test_a_promoted_winner_costs_the_fit_of_every_trial_it_went_on_from() -> Non
     lineage = bench_module("search").lineage_fit_seconds
     assert lineage(trials, trials[3]) == 10.0 + 30.0 + 90.0  # trial 1 (7 s) is not in its line
     assert lineage(trials, trials[1]) == 7.0
+
+
+def test_a_run_cut_short_gives_its_table_from_the_files_it_saved(tmp_path: Path) -> None:
+    """--from-saved: the variants in the order they ran (seed by seed, today, new, peer), whatever the file names."""
+    import os
+
+    search = bench_module("search")
+    ran = [(search.TODAY, 42), (search.NEW, 42), (search.PEER, 42), (search.TODAY, 7), (search.NEW, 7)]
+    for when, (name, seed) in enumerate(ran):
+        path = tmp_path / f"{search.SEED_SLUGS[name]}-{seed}-tensorflow.json"
+        path.write_text(json.dumps(result(name, seed, 100.0 + when, 0.98, 0.98, 10.0)))
+        os.utime(path, (1000.0 + when, 1000.0 + when))
+    (tmp_path / "today-1-jax.json").write_text("{}")  # another backend's: not read
+    assert [(r["name"], r["seed"]) for r in search.saved_seeds(tmp_path, "tensorflow")] == ran
