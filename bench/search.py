@@ -99,15 +99,18 @@ def run_peer(overrides: list[str], seed: int, workdir: Path) -> dict[str, Any]:
     return {**json.loads(saved.read_text()), "wall": time.perf_counter() - started}
 
 
-def compare_seeds(seeds: list[int], overrides: list[str], new_default: list[str]) -> None:
-    """Today's default, the new default and the peer at each seed, interleaved so a load change hits all three."""
+def compare_seeds(
+    seeds: list[int], overrides: list[str], new_default: list[str], variants: tuple[str, ...] = (TODAY, NEW, PEER)
+) -> None:
+    """Today's default, the new default and the peer at each seed, interleaved so a load change hits all three
+    (`variants`: fewer of them, in this order, e.g. to finish seeds that a run cut short left out)."""
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     saved = SAVED / "seeds"
     saved.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as folder:
         for seed in seeds:
-            for name in (TODAY, NEW, PEER):
+            for name in variants:
                 workdir = Path(folder) / f"{SEED_SLUGS[name]}-{seed}"
                 if name == PEER:
                     result = run_peer(overrides, seed, workdir)
@@ -322,6 +325,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="issue 21: today's default, the new default, the peer")
     parser.add_argument("--new", action="append", metavar="KEY=VALUE", help=f"the new default (default {NEW_DEFAULT})")
     parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(SEED_SLUGS.values()),
+        help="with --seeds: only these (today, new, peer), in this order at each seed",
+    )
+    parser.add_argument(
         "--from-saved",
         type=Path,
         metavar="FOLDER",
@@ -334,7 +343,9 @@ def main() -> None:
     SAVED = SAVED / "reduced" if args.overrides else SAVED
     plot_path = REPO / "bench" / ("search-reduced.html" if args.overrides else "search.html")
     if args.seeds:
-        compare_seeds(args.seeds, args.overrides, args.new or NEW_DEFAULT)
+        by_slug = {slug: name for name, slug in SEED_SLUGS.items()}
+        variants = tuple(by_slug[slug] for slug in args.variants) if args.variants else (TODAY, NEW, PEER)
+        compare_seeds(args.seeds, args.overrides, args.new or NEW_DEFAULT, variants)
         return
     if args.from_saved:
         backend = os.environ.get("KERAS_BACKEND", "tensorflow")
