@@ -264,16 +264,10 @@ def lineage_fit_seconds(trials: list[Any], chosen: Any) -> float:
     """The fit seconds that made the chosen model: its own, plus those of each earlier trial it went on from
     (an ASHA promotion continues from its source's weights), so a promoted winner is not counted by its last
     segment alone. bench/peer_hyperband.py counts the peer's Hyperband promotions the same way."""
-    from mnist_sweep.asha import PROMOTED_FROM_ATTR
+    from mnist_sweep.asha import lineage
     from mnist_sweep.records import FIT_SECONDS_ATTR
 
-    by_number = {t.number: t for t in trials}
-    seconds, trial = 0.0, chosen
-    while trial is not None:
-        seconds += float(trial.user_attrs.get(FIT_SECONDS_ATTR, 0.0))
-        source = trial.user_attrs.get(PROMOTED_FROM_ATTR)
-        trial = by_number.get(source) if source is not None else None
-    return seconds
+    return sum(float(t.user_attrs.get(FIT_SECONDS_ATTR, 0.0)) for t in lineage(trials, chosen))
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:

@@ -85,6 +85,25 @@ class Rungs:
         return int(min(max(wanted, after + 1, 1), self.last))
 
 
+def lineage(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> list[FrozenTrial]:
+    """`trial`, then the trial it went on from, and so on back to rung 0: every trial that trained its model."""
+    by_number = {t.number: t for t in trials}
+    chain: list[FrozenTrial] = []
+    current: FrozenTrial | None = trial
+    while current is not None and current not in chain:
+        chain.append(current)
+        source = current.user_attrs.get(PROMOTED_FROM_ATTR)
+        current = by_number.get(int(source)) if source is not None else None
+    return chain
+
+
+def model_epochs(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> int | None:
+    """The epochs `trial`'s model has trained: its own, and for a promotion those of the trials it went on from
+    (a promotion's own EPOCHS_TRAINED_ATTR counts its segment only, 11 for one from 9 to 20 epochs)."""
+    own = [t.user_attrs.get(EPOCHS_TRAINED_ATTR) for t in lineage(trials, trial)]
+    return sum(int(epochs) for epochs in own if epochs is not None) if own[0] is not None else None
+
+
 def one_rung_notice(cfg: SweepConfig) -> str | None:
     """The line a sweep says when ASHA's first rung already reaches train.epochs (a sweep shrunk by `--epochs`,
     say): one rung, so every trial trains train.epochs and none goes on. Accepted, not refused, so that a quick

@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep import interrupt, processes
 from mnist_sweep.artifacts import MODEL_FILE, global_tracking_uri
+from mnist_sweep.asha import model_epochs
 from mnist_sweep.config import SEAL_SUFFIX, metric_maximizes
 from mnist_sweep.data import DataSource, Images, Labels, file_sha256, load_test_split
 from mnist_sweep.dead_runs import upload_may_be_running
@@ -39,7 +40,6 @@ from mnist_sweep.records import (
     CLAIM_HEARTBEAT_ATTR,
     CLAIMED_AT_ATTR,
     CLAIMED_BY_ATTR,
-    EPOCHS_TRAINED_ATTR,
     MODEL_URI_KEY,
     RUN_ID_ATTR,
     TEST_RESULT_ATTR,
@@ -341,6 +341,7 @@ def score_test_set(
         result = _test_result(
             study.study_name,
             chosen,
+            epochs=model_epochs(study.get_trials(deepcopy=False), chosen),  # a promotion's earlier epochs too
             metric=metric,
             test_loss=test_loss,
             report=report,
@@ -413,6 +414,7 @@ def _test_result(
     study_name: str,
     chosen: FrozenTrial,
     *,
+    epochs: int | None,
     metric: str,
     test_loss: float,
     report: ClassificationReport,
@@ -430,7 +432,7 @@ def _test_result(
         metric=metric,
         val_loss=chosen.user_attrs.get(VAL_LOSS_ATTR),
         val_accuracy=chosen.user_attrs.get(VAL_ACCURACY_ATTR),
-        epochs_trained=chosen.user_attrs.get(EPOCHS_TRAINED_ATTR),
+        epochs_trained=epochs,
         test_images=images,
         test_loss=test_loss,
         test_accuracy=report.overall_accuracy,

@@ -23,6 +23,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from mnist_sweep import plots
+from mnist_sweep.asha import model_epochs
 from mnist_sweep.baseline import LECTURE_PARAMS, recorded_reference
 from mnist_sweep.config import METRIC_DIRECTIONS, metric_maximizes
 from mnist_sweep.environment import environment
@@ -30,7 +31,6 @@ from mnist_sweep.errors import UsageError
 from mnist_sweep.final import finished_trials, rank_trials
 from mnist_sweep.metrics import most_confused
 from mnist_sweep.records import (
-    EPOCHS_TRAINED_ATTR,
     REGISTERED_MODEL_ATTR,
     RUN_ID_ATTR,
     VAL_ACCURACY_ATTR,
@@ -70,7 +70,8 @@ def leaderboard_rows(study: optuna.Study, run_metrics: Mapping[str, Mapping[str,
         row: Row = {"trial": t.number, "state": t.state.name}
         row.update({name: t.params.get(name) for name in param_names})
         row.update({name: t.user_attrs.get(name, logged.get(name)) for name in LOGGED_METRICS})
-        row["epochs"] = t.user_attrs.get(EPOCHS_TRAINED_ATTR, len(t.intermediate_values) or None)
+        epochs = model_epochs(trials, t)  # a promotion's model counts its earlier trials' epochs too
+        row["epochs"] = epochs if epochs is not None else len(t.intermediate_values) or None
         row["duration_s"] = round(t.duration.total_seconds(), 1) if t.duration is not None else None
         row["run_id"] = run_id
         rows.append(row)
@@ -162,7 +163,7 @@ def lecture_rows(study: optuna.Study, gain: BaselineGain, result: TestResult | N
             {
                 "": f"trial {chosen.number} ({'chosen' if result is not None else 'best so far'})",
                 "run": chosen.user_attrs.get(RUN_ID_ATTR),
-                "epochs": chosen.user_attrs.get(EPOCHS_TRAINED_ATTR),
+                "epochs": model_epochs(study.get_trials(deepcopy=False), chosen),
                 "val_accuracy": chosen.user_attrs.get(VAL_ACCURACY_ATTR),
                 "val_loss": chosen.user_attrs.get(VAL_LOSS_ATTR),
                 "params": dict(chosen.params),

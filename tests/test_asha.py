@@ -341,3 +341,21 @@ def test_a_first_rung_at_train_epochs_is_one_rung_said_and_nothing_goes_on() -> 
         assert finish(study, asha, value).user_attrs[RUNG_ATTR] == 0
     assert promotable(study.get_trials(), asha.rungs, maximize=True) == []
     assert all(PROMOTED_FROM_ATTR not in t.user_attrs for t in study.get_trials())
+
+
+def test_a_promoted_models_epochs_count_the_trials_it_went_on_from_in_the_leaderboard() -> None:
+    """A promotion records its own segment (11 epochs from 9 to 20); its model, the report's epochs, has 20."""
+    from mnist_sweep.asha import lineage, model_epochs
+    from mnist_sweep.report import leaderboard_rows
+
+    study = study_at()
+    made = [(0.95, {RUNG_ATTR: 0, EPOCHS_TRAINED_ATTR: 3}), (0.97, {RUNG_ATTR: 1, EPOCHS_TRAINED_ATTR: 6})]
+    made += [(0.98, {RUNG_ATTR: 2, EPOCHS_TRAINED_ATTR: 11}), (0.90, {RUNG_ATTR: 0, EPOCHS_TRAINED_ATTR: 3})]
+    for number, (value, attrs) in enumerate(made):
+        source = {PROMOTED_FROM_ATTR: number - 1} if attrs[RUNG_ATTR] else {}
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={**attrs, **source}))
+    trials = study.get_trials()
+    assert [t.number for t in lineage(trials, trials[2])] == [2, 1, 0]
+    assert [model_epochs(trials, t) for t in trials] == [3, 9, 20, 3]
+    rows = leaderboard_rows(study, {}, metric="val_accuracy")
+    assert [(row["trial"], row["epochs"]) for row in rows] == [(2, 20), (1, 9), (0, 3), (3, 3)]
