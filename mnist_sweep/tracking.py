@@ -3,6 +3,8 @@ the study's parent run is the ledger's (ledger.py); runs left by dead workers, d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -24,15 +26,22 @@ def _make_local_folders(uri: str, artifacts: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
 
 
-def read_run(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
-    """A run's params and latest metrics, read without creating anything (no store, no experiment)."""
+@dataclass(frozen=True)
+class LoggedRun:
+    params: dict[str, str]
+    metrics: dict[str, float]  # the latest value of each
+    tags: dict[str, str]
+
+
+def read_run(uri: str, run_id: str) -> LoggedRun:
+    """A run's params, latest metrics and tags, read without creating anything (no store, no experiment)."""
     if databases.nothing_recorded(uri):
         raise TrackingError(f"tracking.uri = {uri!r}: no MLflow store there yet")
     try:
         run = MlflowClient(tracking_uri=uri).get_run(run_id)
     except MlflowException as exc:
         raise TrackingError(f"run {run_id!r} in tracking.uri = {uri!r}: {first_line(exc)}") from None
-    return dict(run.data.params), dict(run.data.metrics)
+    return LoggedRun(dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
 
 
 # tracking.background_uploads' default, the one place it is decided: the sweep file's.

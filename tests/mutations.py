@@ -422,6 +422,13 @@ MUTATIONS = (
         "",
         ("tests/test_asha.py::test_a_study_keeps_asha_or_keeps_without_it",),
     ),
+    Mutation(
+        "replay: an ASHA promotion goes on from its source run's model",
+        "mnist_sweep/replay.py",
+        "            warm_start=warm_start,\n",
+        "            warm_start=None,\n",
+        ("tests/test_asha.py::test_a_real_asha_sweep_tracks_every_promotion_as_its_own_run",),
+    ),
 )
 
 

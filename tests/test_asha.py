@@ -3,6 +3,7 @@ the scheduler the sweep file chooses."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from mnist_sweep.records import EPOCHS_TRAINED_ATTR, FIT_SECONDS_ATTR
 from mnist_sweep.scheduler import OraclePlanScheduler, PrunerScheduler, make_scheduler
 from mnist_sweep.space import sample_params
 from tests.conftest import REPO, required_mnist
-from tests.finished_sweep import run_sweep
+from tests.finished_sweep import ARGS, SWEEP, run_sweep
 
 SPACE = {"search": {"optimizer": ["adam", "nadam"], "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}}
 assert SEED_FOR_ZERO  # keras-tuner's engine imports cleanly beside the schedulers
@@ -229,9 +230,8 @@ def test_a_real_asha_sweep_tracks_every_promotion_as_its_own_run(tmp_path: Path)
         "model.hidden=[64]",
         "study.baseline=false",
     )
-    sweep = run_sweep(
-        tmp_path, required_mnist(), "--trials", "8", "--epochs", "4", *[a for s in settings for a in ("--set", s)]
-    )
+    extra = ["--trials", "8", "--epochs", "4", *[a for s in settings for a in ("--set", s)]]
+    sweep = run_sweep(tmp_path, required_mnist(), *extra)
     trials = sweep.study().get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 8
     runs = {run.info.run_id: run for run in sweep.trial_runs()}
@@ -259,6 +259,15 @@ def test_a_real_asha_sweep_tracks_every_promotion_as_its_own_run(tmp_path: Path)
         assert rates[-1].value == pytest.approx(0.01 * trial.params["learning_rate"], rel=1e-4)
     assert promotions >= 2
     assert "test accuracy 0." in sweep.first.stdout
+
+    # `replay` of the highest promotion goes on from its source run's model, as the sweep did: the same numbers.
+    top = max((t for t in trials if PROMOTED_FROM_ATTR in t.user_attrs), key=lambda t: t.user_attrs[RUNG_ATTR])
+    source_run = by_number[top.user_attrs[PROMOTED_FROM_ATTR]].user_attrs["mlflow_run_id"]
+    replayed = sweep.run("replay", SWEEP, *ARGS, *extra, top.user_attrs["mlflow_run_id"])
+    assert replayed.returncode == 0, replayed.stderr
+    assert f"went on from run {source_run!r} (an ASHA promotion)" in replayed.stdout
+    differences = [float(d) for d in re.findall(r"difference ([-+0-9.e]+)", replayed.stdout)]
+    assert len(differences) == 2 and all(abs(d) < 1e-5 for d in differences), replayed.stdout
 
 
 def test_the_default_sweep_is_asha_and_the_median_file_is_the_old_default_and_bench_runs_both() -> None:
