@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from mnist_sweep.asha import EPOCHS_ATTR, PROMOTED_FROM_ATTR
 from mnist_sweep.console import TrialProgress
 from mnist_sweep.errors import TooManyFailures
 from mnist_sweep.heartbeat import beating
@@ -176,7 +177,11 @@ class TrialLines:
                 trial.user_attrs.get(FIT_SECONDS_ATTR, 0.0),
                 trial.user_attrs.get(TRACKING_SECONDS_ATTR, 0.0),
             )
-            return f"{self.metric} = {trial.value:.4f}  (fit {fit:.1f} s, tracking {tracking:.2f} s)"
+            line = f"{self.metric} = {trial.value:.4f}  (fit {fit:.1f} s, tracking {tracking:.2f} s)"
+            source = trial.user_attrs.get(PROMOTED_FROM_ATTR)  # an ASHA promotion: whose weights it went on from
+            return (
+                line if source is None else f"{line}  on from trial {source} to {trial.user_attrs[EPOCHS_ATTR]} epochs"
+            )
         if trial.state == TrialState.PRUNED and trial.last_step is not None and trial.value is not None:
             return pruned_reason(trial.last_step, self.metric, trial.value)
         return str(trial.user_attrs.get(FAIL_REASON_ATTR, trial.state.name.lower()))
